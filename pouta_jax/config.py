@@ -1,0 +1,140 @@
+"""Defaults shared by every model's config file, size presets, and start-up validation.
+
+A config file in configs/ calls `base_config(model)` and `apply_args(config, arg)`; absl flags
+override any key afterwards (`--config.optim.lr=2e-4`). `validate` runs before anything is read
+or written, so a config that cannot work fails at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from absl import flags
+
+# Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
+PRESETS = {
+    "full": {},
+    "tiny": {
+        "model.base_width": 16,
+        "data.image_size": 64,
+        "data.num_workers": 1,
+        "optim.lr": 5e-4,  # a short schedule needs a larger step than the paper's 1e-4
+        "train.num_steps": 300,
+        "train.log_every": 25,
+        "train.checkpoint_every": 100,
+        "eval.score_filter_size": 5,
+    },
+}
+
+# Downsampling of the deepest network: the discriminative U-Net pools 5 times.
+SIZE_MULTIPLE = 32
+
+
+def base_config(model: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = dict(name=model, base_width=128)
+  config.data = dict(
+      root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
+      embedded_dir="outputs/data/embedded",
+      category="weave",
+      image_size=256,
+      anomaly_source="",  # a DTD-layout texture folder; empty: procedural textures
+      anomaly_prob=0.5,
+      rotate_prob=0.3,
+      beta_max=0.8,
+      perlin_max_scale_log2=5,
+      num_augmenters=3,
+      batch_size=8,
+      num_workers=2,
+  )
+  config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2)
+  config.train = dict(
+      seed=0,
+      num_steps=0,  # 0: num_epochs epochs of ceil(#train images / batch) steps
+      num_epochs=700,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
+  )
+  config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
+  return config
+
+
+def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies `category[,preset]` from `--config=configs/<model>.py:category,preset`."""
+  parts = [p for p in (arg or "").split(",") if p]
+  for part in parts:
+    if part in PRESETS:
+      for key, value in PRESETS[part].items():
+        section, name = key.split(".")
+        config[section][name] = value
+    else:
+      config.data.category = part
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key when a setting cannot work."""
+
+  def check(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+      section, name = key.split(".")
+      raise ValueError(f"config.{key}={config[section][name]!r}: expected {expected}")
+
+  size = config.data.image_size
+  check(size > 0 and size % SIZE_MULTIPLE == 0, "data.image_size",
+        f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)")
+  check(config.model.base_width >= 2 and config.model.base_width % 2 == 0, "model.base_width",
+        "an even number >= 2 (the discriminative width is half of it)")
+  check(config.data.batch_size > 0, "data.batch_size", "a positive batch size")
+  check(config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
+  check(0 <= config.data.anomaly_prob <= 1, "data.anomaly_prob", "a probability in [0, 1]")
+  check(0 <= config.data.rotate_prob <= 1, "data.rotate_prob", "a probability in [0, 1]")
+  check(0 <= config.data.beta_max <= 1, "data.beta_max", "an opacity in [0, 1]")
+  check(0 <= config.data.perlin_max_scale_log2 <= 8, "data.perlin_max_scale_log2",
+        "an integer in [0, 8]")
+  check(0 <= config.data.num_augmenters <= 10, "data.num_augmenters", "0 to 10 augmenters")
+  check(config.optim.lr > 0, "optim.lr", "a positive learning rate")
+  milestones = tuple(config.optim.milestones)
+  check(all(0 < m < 1 for m in milestones) and list(milestones) == sorted(milestones),
+        "optim.milestones", "increasing fractions of training in (0, 1)")
+  check(config.train.num_steps > 0 or config.train.num_epochs > 0, "train.num_steps",
+        "a positive number of steps (or train.num_epochs > 0)")
+  check(config.train.log_every > 0, "train.log_every", "a positive interval")
+  check(config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval")
+  check(config.train.keep_checkpoints > 0, "train.keep_checkpoints", "at least 1")
+  check(config.eval.score_filter_size % 2 == 1, "eval.score_filter_size",
+        "an odd filter size (centred mean filter)")
+
+
+class UnknownConfigKeyError(ValueError):
+  """A `--config.<key>=...` flag names a key the config does not have."""
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS,
+                name: str = "config") -> list[str]:
+  """absl's flag parsing, but an unknown config key is reported by its full name.
+
+  ml_collections raises a bare AttributeError/KeyError for `--config.optim.learning_rate=1`;
+  this finds the flag and says which section lacks which key.
+  """
+  try:
+    return flag_values(argv)
+  except (AttributeError, KeyError):
+    # The config flag failed while applying overrides: load the file again to find the key.
+    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    if not files:
+      raise
+    config = flag_values[name].parser.parse(files[-1])
+    prefix = f"--{name}."
+    for arg in argv[1:]:
+      if not arg.startswith(prefix):
+        continue
+      path = arg[len(prefix):].split("=", 1)[0].split(".")
+      node, seen = config, name
+      for part in path:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+          known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+          raise UnknownConfigKeyError(
+              f"{arg}: {seen} has no key {part!r} (its keys: {', '.join(known)})") from None
+        node, seen = node[part], f"{seen}.{part}"
+    raise

@@ -1,0 +1,163 @@
+"""Reader for MVTec-AD-layout folders (the real dataset and the embedded one alike).
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png                       (no masks: all normal)
+    <root>/<category>/test/<defect>/<name>.png
+    <root>/<category>/ground_truth/<defect>/<name>_mask.png  (or <name>.png)
+
+`scan` checks the layout and every file's header up front, so a broken copy fails before any
+training starts, with the offending path in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+  """A dataset on disk is not what the code expects; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSample:
+  image: Path
+  mask: Path | None  # None for `good` images
+  defect: str
+
+  @property
+  def label(self) -> int:
+    return int(self.defect != "good")
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryFolder:
+  root: Path
+  category: str
+  train: tuple[Path, ...]
+  test: tuple[TestSample, ...]
+
+
+def _images_in(folder: Path) -> list[Path]:
+  """Image files of `folder`, sorted; other files are skipped with a warning."""
+  images = []
+  for path in sorted(folder.iterdir()):
+    if path.name.startswith("."):
+      continue
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+      images.append(path)
+    else:
+      logging.warning("Skipping %s: not an image file (expected one of %s).", path,
+                      ", ".join(IMAGE_SUFFIXES))
+  return images
+
+
+def _check_readable(path: Path) -> None:
+  try:
+    with Image.open(path) as image:
+      image.verify()
+  except Exception as e:  # PIL raises many types for broken files
+    raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _find_mask(category_dir: Path, defect: str, image: Path) -> Path:
+  masks = category_dir / "ground_truth" / defect
+  for name in (f"{image.stem}_mask{image.suffix}", f"{image.stem}_mask.png", image.name):
+    if (masks / name).is_file():
+      return masks / name
+  raise DataError(f"{image}: defect image without its mask; expected "
+                  f"{masks / (image.stem + '_mask.png')}")
+
+
+def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryFolder:
+  """Lists a category's files and checks the layout (and, by default, each file's header)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(f"dataset root {root} does not exist or is not a folder")
+  category_dir = root / category
+  if not category_dir.is_dir():
+    if (root / "train").is_dir():
+      raise DataError(f"{root} looks like a category folder itself; pass its parent as the "
+                      f"dataset root")
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    raise DataError(f"no category {category!r} under {root} (categories found: "
+                    f"{', '.join(found) or 'none'})")
+  train_dir, test_dir = category_dir / "train" / "good", category_dir / "test"
+  if not train_dir.is_dir():
+    raise DataError(f"{category_dir}: missing train/good folder of defect-free images")
+  train = tuple(_images_in(train_dir))
+  if not train:
+    raise DataError(f"{train_dir}: no training images")
+  if not test_dir.is_dir():
+    raise DataError(f"{category_dir}: missing test folder")
+
+  test = []
+  for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    defect = defect_dir.name
+    for image in _images_in(defect_dir):
+      mask = None if defect == "good" else _find_mask(category_dir, defect, image)
+      test.append(TestSample(image, mask, defect))
+  if not test:
+    raise DataError(f"{test_dir}: no test images")
+
+  if check_files:
+    for path in train + tuple(p for s in test for p in (s.image, s.mask) if p is not None):
+      _check_readable(path)
+  return CategoryFolder(root, category, train, tuple(test))
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return image.convert(mode)
+  except Exception as e:
+    raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+  """An image as uint8 RGB (size, size, 3); grayscale is repeated over 3 channels."""
+  image = _open(Path(path), "RGB")
+  return np.asarray(image.resize((size, size), Image.BILINEAR))
+
+
+@functools.lru_cache(maxsize=2048)
+def load_image_cached(path: str, size: int) -> np.ndarray:
+  """`load_image`, remembered per process: training reads each image many times."""
+  return load_image(path, size)
+
+
+def load_mask(path: Path, size: int, image_size: tuple[int, int]) -> np.ndarray:
+  """A binary mask (size, size) bool; it must have the size of its image."""
+  mask = _open(path, "L")
+  if mask.size != image_size:
+    raise DataError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]}")
+  resized = mask.resize((size, size), Image.BILINEAR)
+  return np.asarray(resized, np.float32) >= 127.5
+
+
+def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
+  """All test images (uint8), masks (bool), labels, defect names and file names, in order."""
+  images, masks = [], []
+  for sample in folder.test:
+    images.append(load_image(sample.image, size))
+    if sample.mask is None:
+      masks.append(np.zeros((size, size), bool))
+    else:
+      with Image.open(sample.image) as header:
+        masks.append(load_mask(sample.mask, size, header.size))
+  return {
+      "image": np.stack(images),
+      "mask": np.stack(masks),
+      "label": np.array([s.label for s in folder.test], np.int32),
+      "defect": np.array([s.defect for s in folder.test]),
+      "name": np.array([f"{s.defect}/{s.image.stem}" for s in folder.test]),
+  }

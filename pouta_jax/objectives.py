@@ -1,0 +1,75 @@
+"""Losses, and each model's total objective.
+
+An objective maps (model outputs, batch) to (scalar loss, dict of named scalar terms); the train
+loop only ever sees that signature, so it never branches on the model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(prediction - target))
+
+
+@functools.lru_cache(maxsize=None)
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """Normalised 2-D Gaussian window (size x size)."""
+  g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2.0 * sigma**2))
+  g /= g.sum()
+  return np.outer(g, g).astype(np.float32)
+
+
+def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
+         data_range: float = 1.0) -> jax.Array:
+  """Mean SSIM of NHWC images, per channel with a Gaussian window and zero 'same' padding.
+
+  This is the official DRAEM SSIM with its dynamic range fixed to `data_range` (the official code
+  infers 1 for images in [0, 1], which ours always are).
+  """
+  channels = x.shape[-1]
+  kernel = jnp.asarray(gaussian_window(size, sigma))[:, :, None, None]
+  kernel = jnp.tile(kernel, (1, 1, 1, channels))
+
+  def blur(z: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        z, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels)
+
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  mu_x, mu_y = blur(x), blur(y)
+  var_x = blur(x * x) - mu_x**2
+  var_y = blur(y * y) - mu_y**2
+  cov = blur(x * y) - mu_x * mu_y
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+      (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+  return jnp.mean(ssim_map)
+
+
+def focal_loss(probs: jax.Array, mask: jax.Array, gamma: float = 2.0,
+               smooth: float = 1e-5) -> jax.Array:
+  """Focal loss on 2-class softmax probabilities (..., 2) against a binary mask (...).
+
+  As in the official DRAEM: the one-hot target is clamped to [smooth, 1 - smooth], the true-class
+  probability is pt = <target, p> + smooth, loss = -(1 - pt)^gamma log(pt), mean over pixels.
+  """
+  target = jnp.stack([1.0 - mask, mask], axis=-1)
+  target = jnp.clip(target, smooth, 1.0 - smooth)
+  pt = jnp.sum(target * probs, axis=-1) + smooth
+  return jnp.mean(-jnp.power(1.0 - pt, gamma) * jnp.log(pt))
+
+
+def draem_objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
+  """L2 + (1 - SSIM) on the reconstruction of the clean image, focal on the segmentation."""
+  recon, clean = outputs["reconstruction"], batch["image"]
+  terms = {
+      "l2": mse(recon, clean),
+      "ssim": 1.0 - ssim(recon, clean),
+      "focal": focal_loss(jax.nn.softmax(outputs["logits"], axis=-1), batch["mask"]),
+  }
+  return sum(terms.values()), terms

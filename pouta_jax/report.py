@@ -1,0 +1,122 @@
+"""Outputs: scalar logs, metrics.json, results tables and heatmap panels.
+
+Every file is written to a temporary name and renamed into place, so a crash never leaves a
+half-written results file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+# Panels of small test images are enlarged (nearest neighbour) to at least this height.
+MIN_PANEL_HEIGHT = 256
+METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max",
+                  "pixel_f1_max")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_json(path: str | Path, obj) -> None:
+  write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class ScalarWriter:
+  """Training scalars as `scalars.jsonl` (one JSON object per line) and TensorBoard events."""
+
+  def __init__(self, workdir: str | Path):
+    self._jsonl = open(Path(workdir) / "scalars.jsonl", "a")
+    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(f"train/{name}", value, step)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    self._tensorboard.close()
+
+
+def _fmt(value: float) -> str:
+  return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def results_table(results: dict[str, dict[str, dict[str, float]]], caption: str = "") -> str:
+  """Markdown: one section per metric, a row per model, a column per category and the mean.
+
+  `results` is metrics.json's content: model -> category (and "mean") -> metric -> value.
+  """
+  lines = [caption, ""] if caption else []
+  for metric in METRIC_COLUMNS:
+    categories = list(next(iter(results.values())).keys())
+    lines += [f"**{metric}** (%)", "",
+              "| model | " + " | ".join(categories) + " |",
+              "|---" * (len(categories) + 1) + "|"]
+    for model, per_category in results.items():
+      lines.append(f"| {model} | " + " | ".join(
+          _fmt(per_category.get(c, {}).get(metric)) for c in categories) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+  """A perceptually ordered dark-blue -> red -> yellow map of values in [0, 1] (uint8 RGB)."""
+  anchors = np.array([[0, 0, 0.3], [0.3, 0, 0.6], [0.85, 0.1, 0.3], [1, 0.6, 0], [1, 1, 0.6]])
+  grid = np.linspace(0, 1, len(anchors))
+  v = np.clip(values, 0, 1)
+  rgb = np.stack([np.interp(v, grid, anchors[:, c]) for c in range(3)], axis=-1)
+  return np.round(255 * rgb).astype(np.uint8)
+
+
+def heatmap_panel(image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray,
+                  threshold: float) -> np.ndarray:
+  """image | ground truth | anomaly map over the image | map >= threshold, side by side."""
+  gray = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
+  overlay = np.round(0.5 * image + 0.5 * _colormap(anomaly_map)).astype(np.uint8)
+  predicted = np.repeat((anomaly_map >= threshold)[..., None].astype(np.uint8) * 255, 3, -1)
+  gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
+  return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)
+
+
+def write_heatmaps(folder: str | Path, test_set: dict, maps: np.ndarray, threshold: float,
+                   count: int) -> list[Path]:
+  """Panels of up to `count` test images, defective ones first, as `<defect>_<name>.png`."""
+  # Defective first, grouped by defect type; stepping through spreads the picks over the types.
+  order = np.lexsort((test_set["defect"], -test_set["label"]))
+  step = max(1, len(order) // max(count, 1))
+  written = []
+  for i in order[::step][:count]:
+    panel = heatmap_panel(test_set["image"][i], test_set["mask"][i], maps[i], threshold)
+    scale = max(1, MIN_PANEL_HEIGHT // panel.shape[0])
+    panel = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
+    path = Path(folder) / (str(test_set["name"][i]).replace("/", "_") + ".png")
+    write_atomic(path, _png_bytes(panel))
+    written.append(path)
+  return written
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format="PNG")
+  return out.getvalue()

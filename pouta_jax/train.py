@@ -1,0 +1,155 @@
+"""Train state, the jit-compiled train step and the train loop; model-agnostic.
+
+The model and its objective come from the registry; the loop never branches on the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from pouta_jax import checkpoint, models, report
+from pouta_jax.data import pipeline
+from pouta_jax.data.folder import CategoryFolder
+from pouta_jax.data.synthesis import SynthesisConfig
+from pouta_jax.data.textures import texture_source
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
+  """`train.num_steps`, or `train.num_epochs` epochs of ceil(N / batch) steps (as DRAEM)."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(config.train.num_epochs * math.ceil(num_train_images / config.data.batch_size))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """Adam with DRAEM's step schedule: lr x decay at each milestone fraction of training."""
+  boundaries = {int(m * num_steps): config.optim.decay for m in config.optim.milestones}
+  return optax.adam(optax.piecewise_constant_schedule(config.optim.lr, boundaries))
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
+               seed: int) -> TrainState:
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(seed))
+  return TrainState(step=jnp.array(0, jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(variables["params"]))
+
+
+def make_train_step(model: nn.Module, objective: Callable,
+                    tx: optax.GradientTransformation) -> Callable:
+  """One jit-compiled step: forward in train mode, objective, gradients, Adam update."""
+
+  def loss_fn(params, state: TrainState, batch: dict):
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                   batch["augmented"], train=True, mutable=["batch_stats"])
+    loss, terms = objective(outputs, batch)
+    return loss, (terms, updates["batch_stats"])
+
+  @jax.jit
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    # The gradient norm is checked with the loss: a non-finite one must never be saved.
+    return new_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+
+  return train_step
+
+
+def training_batches(config: ml_collections.ConfigDict, folder: CategoryFolder,
+                     num_steps: int, start_step: int):
+  sample_fn = pipeline.SynthesizedSample(
+      train_paths=tuple(str(p) for p in folder.train),
+      textures=texture_source(config.data.anomaly_source or None),
+      image_size=config.data.image_size,
+      synthesis=SynthesisConfig(
+          anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
+          beta_max=config.data.beta_max,
+          perlin_max_scale_log2=config.data.perlin_max_scale_log2,
+          num_augmenters=config.data.num_augmenters),
+      seed=config.train.seed)
+  return pipeline.train_batches(sample_fn, config.data.batch_size, num_steps, start_step,
+                                config.data.num_workers)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path,
+          folder: CategoryFolder) -> TrainState:
+  """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
+
+  A non-finite loss stops training with FloatingPointError before anything is saved, so the
+  newest checkpoint on disk is always a good one.
+  """
+  spec = models.get(config.model.name)
+  model = spec.build(config)
+  num_steps = num_train_steps(config, len(folder.train))
+  tx = make_optimizer(config, num_steps)
+  state = init_state(model, tx, config.data.image_size, config.train.seed)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  start = int(state.step)
+  if start >= num_steps:
+    mngr.close()
+    return state
+
+  train_step = make_train_step(model, spec.objective, tx)
+  writer = report.ScalarWriter(workdir)
+  last_time, last_step = time.perf_counter(), start
+  try:
+    with tqdm(total=num_steps, initial=start, desc=f"train {config.data.category}",
+              unit="step", dynamic_ncols=True) as bar:
+      for batch in training_batches(config, folder, num_steps, start):
+        state, step_metrics = train_step(state, {k: np.asarray(v) for k, v in batch.items()})
+        step = int(state.step)
+        bar.update(1)
+        log_now = step % config.train.log_every == 0 or step == num_steps
+        save_now = step % config.train.checkpoint_every == 0 or step == num_steps
+        if not (log_now or save_now):
+          continue
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not all(math.isfinite(v) for v in scalars.values()):
+          raise FloatingPointError(
+              f"non-finite training metrics at step {step} ({scalars}); training stopped. The "
+              f"newest good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints")
+        if log_now:
+          now = time.perf_counter()
+          scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          writer.write(step, scalars)
+        if save_now:
+          checkpoint.save(mngr, step, state)
+  finally:
+    writer.close()
+    mngr.close()
+  return state

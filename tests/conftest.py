@@ -1,0 +1,41 @@
+"""Shared fixtures: a small embedded dataset built once, and a tiny config that trains in seconds."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from absl import flags
+
+from pouta_jax import config as config_lib
+from pouta_jax.data import embedded
+
+# grain reads absl flags; outside app.run they must be marked parsed.
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS(sys.argv[:1])
+
+SMALL = embedded.BuildSpec(seed=0, image_size=64, num_train=8, num_test_good=4,
+                           num_test_per_defect=2)
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory):
+  return embedded.build(tmp_path_factory.mktemp("embedded"), SMALL)
+
+
+@pytest.fixture
+def tiny_config(dataset_root):
+  """DRAEM at width 4 (discriminative 2), 32 px, batch 4, 6 steps, synthesis in-process."""
+  config = config_lib.apply_args(config_lib.base_config("draem"), "weave,tiny")
+  config.data.root = str(dataset_root)
+  config.model.base_width = 4
+  config.data.image_size = 32
+  config.data.batch_size = 4
+  config.data.num_workers = 0
+  config.train.num_steps = 6
+  config.train.log_every = 2
+  config.train.checkpoint_every = 3
+  config.eval.batch_size = 8
+  config.eval.score_filter_size = 3
+  config.eval.num_heatmaps = 2
+  return config

@@ -1,0 +1,120 @@
+"""End to end: the command line, outputs, resume/eval, and every bad input named by the issue."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pouta_jax import experiment, report
+from pouta_jax.data import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "pouta_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _tiny_flags(dataset_root, workdir):
+  return [f"--config={REPO}/configs/draem.py:pill,tiny", f"--workdir={workdir}",
+          f"--config.data.root={dataset_root}", "--config.model.base_width=4",
+          "--config.data.image_size=32", "--config.data.batch_size=4",
+          "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+          "--config.eval.score_filter_size=3", "--config.eval.num_heatmaps=3"]
+
+
+def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
+  workdir = tmp_path / "run"
+  result = _cli(*_tiny_flags(dataset_root, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert set(metrics) == {"draem"} and set(metrics["draem"]) == {"pill", "mean"}
+  assert set(metrics["draem"]["pill"]) == set(report.METRIC_COLUMNS)
+  assert all(0 <= v <= 1 for v in metrics["draem"]["pill"].values())
+  assert json.loads((workdir / "config.json").read_text())["data"]["category"] == "pill"
+  assert "| draem |" in (workdir / "results.md").read_text()
+  assert len(list((workdir / "heatmaps").glob("*.png"))) == 3
+  assert (workdir / "checkpoints" / "4").is_dir()
+
+  (workdir / "metrics.json").unlink()
+  result = _cli(*_tiny_flags(dataset_root, workdir), "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((workdir / "metrics.json").read_text()) == metrics
+
+
+def test_command_line_rejects_unknown_config_key(dataset_root, tmp_path):
+  result = _cli(*_tiny_flags(dataset_root, tmp_path / "run"), "--config.train.nope=1")
+  assert result.returncode != 0
+  assert "--config.train.nope=1: config.train has no key 'nope'" in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def _assert_nothing_written(workdir):
+  assert not workdir.exists() or not any(
+      (workdir / name).exists() for name in ("metrics.json", "results.md", "checkpoints"))
+
+
+def test_missing_dataset_path(tiny_config, tmp_path):
+  tiny_config.data.root = str(tmp_path / "no_such_dataset")
+  with pytest.raises(DataError, match="no_such_dataset does not exist"):
+    experiment.run(tiny_config, tmp_path / "run")
+  _assert_nothing_written(tmp_path / "run")
+
+
+def test_corrupt_training_image_and_missing_mask(tiny_config, dataset_root, tmp_path):
+  root = tmp_path / "data"
+  shutil.copytree(dataset_root / "weave", root / "weave")
+  tiny_config.data.root = str(root)
+  bad = root / "weave" / "train" / "good" / "002.png"
+  bad.write_bytes(bad.read_bytes()[:100])
+  with pytest.raises(DataError, match="002.png"):
+    experiment.run(tiny_config, tmp_path / "run")
+  shutil.copy(root / "weave" / "train" / "good" / "001.png", bad)
+  (root / "weave" / "ground_truth" / "stain" / "000_mask.png").unlink()
+  with pytest.raises(DataError, match="stain/000.png: defect image without its mask"):
+    experiment.run(tiny_config, tmp_path / "run")
+  _assert_nothing_written(tmp_path / "run")
+
+
+def test_image_size_not_divisible(tiny_config, tmp_path):
+  tiny_config.data.image_size = 40
+  with pytest.raises(ValueError, match="config.data.image_size=40"):
+    experiment.run(tiny_config, tmp_path / "run")
+  _assert_nothing_written(tmp_path / "run")
+
+
+def test_unwritable_workdir(tiny_config, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match="not writable"):
+    experiment.run(tiny_config, blocker / "run")
+
+
+def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
+  experiment.prepare_workdir(tmp_path, tiny_config)
+  stored = (tmp_path / "config.json").read_text()
+  other = tiny_config.copy_and_resolve_references()
+  other.model.base_width = 8
+  with pytest.raises(ValueError, match="config.model.base_width=4, not 8"):
+    experiment.run(other, tmp_path)
+  assert (tmp_path / "config.json").read_text() == stored
+
+
+def test_eval_without_checkpoint(tiny_config, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    experiment.run(tiny_config, tmp_path, mode="eval")
+  assert not (tmp_path / "metrics.json").exists()
+
+
+def test_untrained_baseline_is_reported(tiny_config, tmp_path):
+  tiny_config.train.num_steps = 2
+  results = experiment.run(tiny_config, tmp_path, include_untrained=True)
+  assert set(results) == {"draem", "draem_untrained"}
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert set(metrics["draem_untrained"]) == {"weave", "mean"}

@@ -1,0 +1,88 @@
+import shutil
+
+import numpy as np
+import pytest
+from absl import logging
+from PIL import Image
+
+from pouta_jax.data.folder import DataError, load_image, load_test_set, scan
+
+
+@pytest.fixture
+def copy(dataset_root, tmp_path):
+  """A private copy of two categories to break."""
+  for name in ("weave", "granite"):
+    shutil.copytree(dataset_root / name, tmp_path / name)
+  return tmp_path
+
+
+def test_scan_lists_train_and_test(copy):
+  folder = scan(copy, "weave")
+  assert len(folder.train) == 8
+  defects = {s.defect for s in folder.test}
+  assert defects == {"good", "scratch", "hole", "stain"}
+  assert all((s.mask is None) == (s.defect == "good") for s in folder.test)
+  assert all(s.label == int(s.defect != "good") for s in folder.test)
+
+
+def test_test_set_is_rgb_resized_and_binarised(copy):
+  test = load_test_set(scan(copy, "granite"), 32)  # granite is stored grayscale
+  assert test["image"].shape[1:] == (32, 32, 3) and test["image"].dtype == np.uint8
+  np.testing.assert_array_equal(test["image"][..., 0], test["image"][..., 2])
+  assert test["mask"].dtype == bool and test["mask"].shape[1:] == (32, 32)
+  good = test["label"] == 0
+  assert not test["mask"][good].any() and test["mask"][~good].any(axis=(1, 2)).all()
+
+
+def test_missing_root(tmp_path):
+  with pytest.raises(DataError, match="does not exist"):
+    scan(tmp_path / "nowhere", "weave")
+
+
+def test_category_folder_given_as_root(copy):
+  with pytest.raises(DataError, match="looks like a category folder"):
+    scan(copy / "weave", "weave")
+
+
+def test_unknown_category_lists_what_is_there(copy):
+  with pytest.raises(DataError, match="granite, weave"):
+    scan(copy, "bottle")
+
+
+def test_missing_or_empty_train_good(copy):
+  for path in (copy / "weave" / "train" / "good").iterdir():
+    path.unlink()
+  with pytest.raises(DataError, match="no training images"):
+    scan(copy, "weave")
+  shutil.rmtree(copy / "weave" / "train")
+  with pytest.raises(DataError, match="missing train/good"):
+    scan(copy, "weave")
+
+
+def test_defect_image_without_mask(copy):
+  (copy / "weave" / "ground_truth" / "hole" / "001_mask.png").unlink()
+  with pytest.raises(DataError, match=r"hole/001\.png: defect image without its mask"):
+    scan(copy, "weave")
+
+
+def test_mask_of_another_size(copy):
+  Image.new("L", (10, 10)).save(copy / "weave" / "ground_truth" / "hole" / "000_mask.png")
+  with pytest.raises(DataError, match="000_mask.png: mask is 10x10 but its image is 64x64"):
+    load_test_set(scan(copy, "weave"), 32)
+
+
+def test_truncated_image_is_named(copy):
+  path = copy / "weave" / "train" / "good" / "003.png"
+  path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(DataError, match="003.png: not a readable image"):
+    scan(copy, "weave")
+  with pytest.raises(DataError, match="003.png: cannot decode image"):
+    load_image(path, 32)
+
+
+def test_non_image_file_is_skipped_with_warning(copy, monkeypatch):
+  (copy / "weave" / "train" / "good" / "notes.txt").write_text("hello")
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  assert len(scan(copy, "weave").train) == 8
+  assert any("notes.txt" in w for w in warnings)

@@ -1,0 +1,46 @@
+import numpy as np
+
+from pouta_jax.data import folder, pipeline, synthesis, textures
+
+
+def _sample_fn(dataset_root, seed=0):
+  train = folder.scan(dataset_root, "pill").train
+  return pipeline.SynthesizedSample(tuple(map(str, train)), textures.ProceduralTextures(), 32,
+                                    synthesis.SynthesisConfig(), seed)
+
+
+def _collect(iterable):
+  return [{k: np.array(v) for k, v in batch.items()} for batch in iterable]
+
+
+def test_batches_do_not_depend_on_workers_and_resume_by_slicing(dataset_root):
+  fn = _sample_fn(dataset_root)
+  in_process = _collect(pipeline.train_batches(fn, 4, 5, num_workers=0))
+  workers = _collect(pipeline.train_batches(fn, 4, 5, num_workers=2))
+  resumed = _collect(pipeline.train_batches(fn, 4, 5, start_step=3, num_workers=0))
+  assert len(in_process) == len(workers) == 5 and len(resumed) == 2
+  for a, b in zip(in_process, workers):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  for a, b in zip(in_process[3:], resumed):
+    np.testing.assert_array_equal(a["augmented"], b["augmented"])
+
+
+def test_batch_shapes_and_dtypes(dataset_root):
+  batch = _collect(pipeline.train_batches(_sample_fn(dataset_root), 4, 1))[0]
+  assert batch["image"].shape == batch["augmented"].shape == (4, 32, 32, 3)
+  assert batch["mask"].shape == (4, 32, 32) and batch["has_anomaly"].shape == (4,)
+  assert all(v.dtype == np.float32 for v in batch.values())
+
+
+def test_epochs_visit_every_image_and_seed_changes_data(dataset_root):
+  fn = _sample_fn(dataset_root)
+  n = len(fn.train_paths)
+  # A sample is a pure function of (seed, epoch, index).
+  np.testing.assert_array_equal(fn(n + 2)["augmented"], fn(n + 2)["augmented"])
+  assert not np.array_equal(fn(3)["augmented"], _sample_fn(dataset_root, seed=1)(3)["augmented"])
+  # Within one epoch every training image is used exactly once (un-rotated clean targets).
+  no_rotation = pipeline.SynthesizedSample(
+      fn.train_paths, fn.textures, 32, synthesis.SynthesisConfig(rotate_prob=0.0), 0)
+  targets = {no_rotation(i)["image"].tobytes() for i in range(n)}
+  assert len(targets) == n

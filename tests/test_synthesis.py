@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from pouta_jax.data import synthesis, textures
+
+
+def test_perlin_noise_is_smooth_and_bounded():
+  noise = synthesis.perlin_noise(np.random.default_rng(0), 64, (4, 8))
+  assert noise.shape == (64, 64)
+  assert np.abs(noise).max() <= np.sqrt(2) * 1.0001
+  # Zero on the lattice points (gradient noise), smooth in between.
+  np.testing.assert_allclose(noise[::16, ::8], 0.0, atol=1e-12)
+  assert np.abs(np.diff(noise, axis=1)).max() < 0.5
+
+
+def test_perlin_mask_scales_cover_the_configured_range():
+  rng = np.random.default_rng(0)
+  coverage = [synthesis.perlin_mask(rng, 64, 5).mean() for _ in range(50)]
+  assert 0 < np.mean(coverage) < 0.5
+  assert min(coverage) < max(coverage)  # different scales and thresholds
+
+
+@pytest.mark.parametrize("index", range(len(synthesis.AUGMENTERS)))
+def test_each_augmenter_keeps_shape_and_dtype(index):
+  rng = np.random.default_rng(index)
+  texture = textures.ProceduralTextures().sample(rng, 32)
+  out = synthesis.AUGMENTERS[index](rng, texture)
+  assert out.shape == texture.shape and out.dtype == np.uint8
+
+
+def test_blend_follows_draem():
+  rng = np.random.default_rng(3)
+  image = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+  texture = textures.ProceduralTextures().sample(rng, 32)
+  config = synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0, num_augmenters=0)
+  for seed in range(5):
+    sample = synthesis.synthesize(np.random.default_rng(seed), image, texture, config)
+    clean, aug, mask = sample["image"], sample["augmented"], sample["mask"][..., None]
+    np.testing.assert_allclose(clean, image / 255.0, atol=1e-6)
+    np.testing.assert_allclose(aug * (1 - mask), clean * (1 - mask), atol=1e-6)
+    # Inside the mask: (1 - beta) * texture + beta * image for one beta in [0, 0.8).
+    inside = mask[..., 0] > 0
+    if inside.any():
+      t, c, a = texture[inside] / 255.0, clean[inside], aug[inside]
+      beta = np.sum((a - t) * (c - t)) / np.sum((c - t) ** 2)
+      assert 0 <= beta < 0.8
+      np.testing.assert_allclose(a, (1 - beta) * t + beta * c, atol=1e-4)
+    assert sample["has_anomaly"] == float(inside.any())
+
+
+def test_normal_samples_are_unchanged():
+  image = np.full((32, 32, 3), 100, np.uint8)
+  config = synthesis.SynthesisConfig(anomaly_prob=0.0, rotate_prob=0.0)
+  sample = synthesis.synthesize(np.random.default_rng(0), image, image, config)
+  np.testing.assert_array_equal(sample["augmented"], sample["image"])
+  assert sample["mask"].sum() == 0 and sample["has_anomaly"] == 0
+
+
+def test_synthesis_is_a_function_of_the_generator():
+  rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+  image = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+  texture = textures.ProceduralTextures().sample(np.random.default_rng(2), 32)
+  a = synthesis.synthesize(rng_a, image, texture, synthesis.SynthesisConfig(anomaly_prob=1.0))
+  b = synthesis.synthesize(rng_b, image, texture, synthesis.SynthesisConfig(anomaly_prob=1.0))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_folder_textures_in_dtd_layout(tmp_path):
+  from PIL import Image
+  for cls in ("banded", "dotted"):
+    (tmp_path / "images" / cls).mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "images" / cls / "a.jpg")
+  source = textures.texture_source(str(tmp_path))
+  assert len(source.paths) == 2
+  sample = source.sample(np.random.default_rng(0), 16)
+  assert sample.shape == (16, 16, 3) and sample.dtype == np.uint8
+
+
+def test_folder_textures_errors(tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    textures.texture_source(str(tmp_path / "dtd"))
+  (tmp_path / "images").mkdir()
+  with pytest.raises(ValueError, match="no texture images"):
+    textures.texture_source(str(tmp_path))
+
+
+def test_procedural_textures_vary():
+  source = textures.texture_source(None)
+  a, b = (source.sample(np.random.default_rng(s), 32) for s in (0, 1))
+  assert a.shape == (32, 32, 3) and not np.array_equal(a, b)

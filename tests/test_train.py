@@ -1,0 +1,73 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from pouta_jax import checkpoint, models, objectives, train
+from pouta_jax.data import category_folder
+
+
+def test_schedule_decays_at_milestones(tiny_config):
+  tiny_config.optim.lr = 1.0
+  tx = train.make_optimizer(tiny_config, 100)
+  # Recover the schedule through Adam's state-free first step: update = -lr * sign(grad).
+  params = {"w": np.zeros(())}
+  lrs = []
+  state = tx.init(params)
+  for step in range(100):
+    updates, state = tx.update({"w": np.ones(())}, state, params)
+    lrs.append(-float(updates["w"]))
+  np.testing.assert_allclose(lrs[79], 1.0, rtol=1e-4)
+  np.testing.assert_allclose(lrs[80], 0.2, rtol=1e-4)
+  np.testing.assert_allclose(lrs[90], 0.04, rtol=1e-4)
+
+
+def test_steps_from_epochs(tiny_config):
+  tiny_config.train.num_steps = 0
+  tiny_config.train.num_epochs = 3
+  assert train.num_train_steps(tiny_config, 10) == 3 * 3  # ceil(10 / 4) steps an epoch
+
+
+def test_training_lowers_the_loss(tiny_config, tmp_path):
+  tiny_config.train.num_steps = 40
+  tiny_config.train.log_every = 10
+  tiny_config.train.checkpoint_every = 40
+  tiny_config.optim.lr = 1e-3
+  train.train(tiny_config, tmp_path, category_folder(tiny_config))
+  logged = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [10, 20, 30, 40]
+  assert logged[-1]["loss"] < 0.8 * logged[0]["loss"]
+  assert {"l2", "ssim", "focal", "grad_norm", "steps_per_second"} <= logged[0].keys()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
+  folder = category_folder(tiny_config)  # 6 steps, checkpoints at 3 and 6
+  straight = train.train(tiny_config, tmp_path / "a", folder)
+  train.train(tiny_config, tmp_path / "b", folder)
+  mngr = checkpoint.manager(tmp_path / "b", 2)
+  assert mngr.all_steps() == [3, 6]
+  mngr.delete(6)  # as if killed after the checkpoint at step 3
+  mngr.close()
+  resumed = train.train(tiny_config, tmp_path / "b", folder)
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+  folder = category_folder(tiny_config)
+  tiny_config.train.num_steps = 3
+  train.train(tiny_config, tmp_path, folder)
+  tiny_config.train.num_steps = 6
+  spec = models.REGISTRY["draem"]
+
+  def broken(outputs, batch):
+    loss, terms = objectives.draem_objective(outputs, batch)
+    return loss * np.nan, terms
+
+  monkeypatch.setitem(models.REGISTRY, "draem", models.ModelSpec(spec.build, broken))
+  with pytest.raises(FloatingPointError, match="newest good checkpoint is step 3"):
+    train.train(tiny_config, tmp_path, folder)
+  assert checkpoint.manager(tmp_path, 2).all_steps() == [3]
