@@ -7,6 +7,8 @@ or written, so a config that cannot work fails at once, naming the key.
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
 from absl import flags
 
@@ -138,3 +140,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS,
               f"{arg}: {seen} has no key {part!r} (its keys: {', '.join(known)})") from None
         node, seen = node[part], f"{seen}.{part}"
     raise
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """`parse_flags` for `app.run(main, flags_parser=...)`: a clear one-line error, no traceback."""
+  try:
+    return parse_flags(argv)
+  except UnknownConfigKeyError as e:
+    sys.exit(f"FATAL: {e}")

@@ -13,8 +13,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pouta_jax import experiment
-from pouta_jax.main import parse_flags
+from pouta_jax import config as config_lib, experiment
 from pouta_jax.data import embedded
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,4 +49,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags_or_exit)

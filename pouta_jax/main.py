@@ -11,8 +11,6 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-import sys
-
 from pouta_jax import config as config_lib, experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,13 +19,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", experiment.MODES, "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return config_lib.parse_flags(argv)
-  except config_lib.UnknownConfigKeyError as e:
-    sys.exit(f"FATAL: {e}")
 
 
 def main(argv: list[str]) -> None:
@@ -39,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags_or_exit)
