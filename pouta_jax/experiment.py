@@ -55,18 +55,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
-  spec = models.get(config.model.name)
+  models.get(config.model.name)  # an unknown model name fails before any data is read
   folder = category_folder(config)
   test_set = load_test_set(folder, config.data.image_size)
   workdir = prepare_workdir(workdir, config)
-  model = spec.build(config)
+  model, _, initial, _ = train.initial_state(config, len(folder.train))
 
   if mode == "eval":
-    num_steps = train.num_train_steps(config, len(folder.train))
-    template = train.init_state(model, train.make_optimizer(config, num_steps),
-                                config.data.image_size, config.train.seed)
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    state = checkpoint.restore_latest(mngr, template)
+    state = checkpoint.restore_latest(mngr, initial)
     mngr.close()
     if state is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
@@ -77,8 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
 
   variants = {config.model.name: state}
   if include_untrained:
-    variants[f"{config.model.name}_untrained"] = train.init_state(
-        model, train.make_optimizer(config, 1), config.data.image_size, config.train.seed)
+    variants[f"{config.model.name}_untrained"] = initial
   results = {}
   category = config.data.category
   for name, variant in variants.items():

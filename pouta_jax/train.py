@@ -60,6 +60,16 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: i
                     opt_state=tx.init(variables["params"]))
 
 
+def initial_state(config: ml_collections.ConfigDict,
+                  num_train_images: int) -> tuple[nn.Module, optax.GradientTransformation,
+                                                  TrainState, int]:
+  """The model, its optimizer, the step-0 state and the number of steps of this config."""
+  model = models.get(config.model.name).build(config)
+  num_steps = num_train_steps(config, num_train_images)
+  tx = make_optimizer(config, num_steps)
+  return model, tx, init_state(model, tx, config.data.image_size, config.train.seed), num_steps
+
+
 def make_train_step(model: nn.Module, objective: Callable,
                     tx: optax.GradientTransformation) -> Callable:
   """One jit-compiled step: forward in train mode, objective, gradients, Adam update."""
@@ -107,11 +117,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
   A non-finite loss stops training with FloatingPointError before anything is saved, so the
   newest checkpoint on disk is always a good one.
   """
-  spec = models.get(config.model.name)
-  model = spec.build(config)
-  num_steps = num_train_steps(config, len(folder.train))
-  tx = make_optimizer(config, num_steps)
-  state = init_state(model, tx, config.data.image_size, config.train.seed)
+  model, tx, state, num_steps = initial_state(config, len(folder.train))
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, state)
   if restored is not None:
@@ -122,15 +128,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
     mngr.close()
     return state
 
-  train_step = make_train_step(model, spec.objective, tx)
+  train_step = make_train_step(model, models.get(config.model.name).objective, tx)
   writer = report.ScalarWriter(workdir)
   last_time, last_step = time.perf_counter(), start
   try:
     with tqdm(total=num_steps, initial=start, desc=f"train {config.data.category}",
               unit="step", dynamic_ncols=True) as bar:
-      for batch in training_batches(config, folder, num_steps, start):
+      batches = training_batches(config, folder, num_steps, start)
+      for step, batch in enumerate(batches, start + 1):  # counted on the host: no device sync
         state, step_metrics = train_step(state, {k: np.asarray(v) for k, v in batch.items()})
-        step = int(state.step)
         bar.update(1)
         log_now = step % config.train.log_every == 0 or step == num_steps
         save_now = step % config.train.checkpoint_every == 0 or step == num_steps

@@ -64,7 +64,7 @@ def test_draem_outputs_and_batchnorm_modes():
 
 def test_initialisers_follow_the_official_code():
   variables = DRAEM(16).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  block = variables["params"]["reconstructive"]["encoder_1"]["ConvBNReLU_0"]
+  block = variables["params"]["reconstructive"]["encoder"]["block_1"]["ConvBNReLU_0"]
   kernel = np.asarray(block["Conv3x3_0"]["Conv_0"]["kernel"])
   assert abs(kernel.std() - 0.02) < 0.002 and abs(kernel.mean()) < 0.002
   scale = np.asarray(block["BatchNorm_0"]["scale"])

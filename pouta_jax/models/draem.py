@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pouta_jax.models.layers import Conv3x3, DoubleConv, UpConv, max_pool2
+from pouta_jax.models.layers import Conv3x3, DoubleConv, Encoder, UpConv
 from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
 # Channel multipliers (x base width) of the encoder blocks, finest first, and of the decoder
@@ -29,12 +29,8 @@ class DiscriminativeNetwork(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     w = self.base_width
-    skips = []
-    for level, mult in enumerate(DISCRIMINATIVE_MULTIPLIERS):
-      if level:
-        x = max_pool2(x)
-      x = DoubleConv(mult * w, name=f"encoder_{level}")(x, train)
-      skips.append(x)
+    skips = Encoder(tuple(m * w for m in DISCRIMINATIVE_MULTIPLIERS), name="encoder")(x, train)
+    x = skips[-1]
 
     for level in reversed(range(len(DISCRIMINATIVE_DECODER_MULTIPLIERS))):
       width = DISCRIMINATIVE_DECODER_MULTIPLIERS[level] * w

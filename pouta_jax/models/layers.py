@@ -91,6 +91,25 @@ def max_pool2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
+class Encoder(nn.Module):
+  """DoubleConv blocks of the given widths, a 2x2 max-pool before each but the first.
+
+  Returns every block's output, finest first: the skips of a U-Net, the features POUTA reuses.
+  """
+
+  widths: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
+    features = []
+    for level, width in enumerate(self.widths):
+      if level:
+        x = max_pool2(x)
+      x = DoubleConv(width, name=f"block_{level}")(x, train)
+      features.append(x)
+    return features
+
+
 @functools.lru_cache(maxsize=None)
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) linear-interpolation weights with the corner pixels aligned."""

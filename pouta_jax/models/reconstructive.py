@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from pouta_jax.models.layers import Conv3x3, DoubleConv, UpConv, max_pool2
+from pouta_jax.models.layers import Conv3x3, DoubleConv, Encoder, UpConv
 
 # Channel multipliers (x base width) of the encoder blocks, finest first, and of the decoder
 # stages, deepest first: (width of the upsampling conv and first conv, output width).
@@ -32,12 +32,8 @@ class ReconstructiveNetwork(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
     w = self.base_width
-    encoder = []
-    for level, mult in enumerate(ENCODER_MULTIPLIERS):
-      if level:
-        x = max_pool2(x)
-      x = DoubleConv(mult * w, name=f"encoder_{level}")(x, train)
-      encoder.append(x)
+    encoder = Encoder(tuple(m * w for m in ENCODER_MULTIPLIERS), name="encoder")(x, train)
+    x = encoder[-1]
 
     decoder = []
     for stage, (mult, out_mult) in enumerate(DECODER_MULTIPLIERS):
