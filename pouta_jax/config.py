@@ -7,7 +7,9 @@ or written, so a config that cannot work fails at once, naming the key.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import ml_collections
 from absl import flags
@@ -20,7 +22,7 @@ PRESETS = {
         "data.image_size": 64,
         "data.num_workers": 1,
         "optim.lr": 5e-4,  # a short schedule needs a larger step than the paper's 1e-4
-        "train.num_steps": 300,
+        "train.num_steps": 220,
         "train.log_every": 25,
         "train.checkpoint_every": 100,
         "eval.score_filter_size": 5,
@@ -38,6 +40,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
       embedded_dir="outputs/data/embedded",
       category="weave",
+      few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
       image_size=256,
       anomaly_source="",  # a DTD-layout texture folder; empty: procedural textures
       anomaly_prob=0.5,
@@ -74,6 +77,20 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collect
   return config
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`configs/<model>.py`'s get_config(arg), as `--config=configs/<model>.py:arg` would give."""
+  path = CONFIG_DIR / f"{model}.py"
+  if not path.is_file():
+    raise ValueError(f"no config file {path} for model {model!r}")
+  spec = importlib.util.spec_from_file_location(f"pouta_jax_config_{model}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key when a setting cannot work."""
 
@@ -87,6 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)")
   check(config.model.base_width >= 2 and config.model.base_width % 2 == 0, "model.base_width",
         "an even number >= 2 (the discriminative width is half of it)")
+  check(config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count")
   check(config.data.batch_size > 0, "data.batch_size", "a positive batch size")
   check(config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
   check(0 <= config.data.anomaly_prob <= 1, "data.anomaly_prob", "a probability in [0, 1]")

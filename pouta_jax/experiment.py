@@ -17,9 +17,10 @@ from pouta_jax.data import category_folder
 from pouta_jax.data.folder import load_test_set
 
 MODES = ("train", "eval", "train_and_eval")
-# Keys that must match between a workdir's stored config and a run that resumes in it.
-IDENTITY_KEYS = (("model", "name"), ("model", "base_width"), ("data", "image_size"),
-                 ("data", "category"))
+# What must match between a workdir's stored config and a run that resumes in it: the whole
+# model section, and the data that defines the task.
+IDENTITY_KEYS = (("model", None), ("data", "image_size"), ("data", "category"),
+                 ("data", "few_shot"))
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
@@ -35,19 +36,23 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
   stored_path = workdir / "config.json"
   if stored_path.exists():
     stored = json.loads(stored_path.read_text())
+    current = json.loads(config.to_json_best_effort())
     for section, key in IDENTITY_KEYS:
-      if stored.get(section, {}).get(key) != config[section][key]:
-        raise ValueError(
-            f"workdir {workdir} holds a run with config.{section}.{key}="
-            f"{stored.get(section, {}).get(key)!r}, not {config[section][key]!r}; use another "
-            f"--workdir")
+      old, new = stored.get(section, {}), current[section]
+      if key is not None:
+        old, new = old.get(key), new[key]
+      if old != new:
+        name = f"config.{section}" + (f".{key}" if key else "")
+        raise ValueError(f"workdir {workdir} holds a run with {name}={old!r}, not {new!r}; use "
+                         f"another --workdir")
   report.write_atomic(stored_path, config.to_json_best_effort(indent=2) + "\n")
   return workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_eval",
         include_untrained: bool = False) -> dict:
-  """Runs `mode` for `config.data.category`; returns metrics.json's content for this run.
+  """Runs `mode` for `config.data.category`; returns {"metrics": model -> category -> metric,
+  "profiles": model -> parameters, FLOPs and latency} ({} in train mode).
 
   With `include_untrained`, the freshly initialised model is evaluated too (as
   `<model>_untrained`): a near-chance score there shows the benchmark is not trivial.
@@ -55,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
-  models.get(config.model.name)  # an unknown model name fails before any data is read
+  models.get(config.model.name).validate(config)  # before any data is read
   folder = category_folder(config)
   test_set = load_test_set(folder, config.data.image_size)
   workdir = prepare_workdir(workdir, config)
@@ -87,15 +92,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
       _, threshold = metrics.f1_max(test_set["mask"].ravel(), maps.ravel())
       report.write_heatmaps(workdir / "heatmaps", test_set, maps, threshold,
                             config.eval.num_heatmaps)
-  write_results(workdir, results)
-  return results
+  profiles = {config.model.name: evaluate.profile(
+      model, state.variables, config.data.image_size, config.eval.score_filter_size)}
+  write_results(workdir, results, profiles)
+  return {"metrics": results, "profiles": profiles}
 
 
-def write_results(workdir: str | Path, results: dict, caption: str = "") -> None:
-  """metrics.json (with each model's mean over categories) and results.md."""
+def write_results(workdir: str | Path, results: dict, profiles: dict, caption: str = "") -> None:
+  """metrics.json and results.md.
+
+  metrics.json: model -> category (and "mean") -> metric, plus, for models with a profile,
+  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`.
+  """
   with_means = {
       model: {**per_category, "mean": metrics.mean_over_categories(per_category)}
       for model, per_category in results.items()
   }
-  report.write_json(Path(workdir) / "metrics.json", with_means)
-  report.write_atomic(Path(workdir) / "results.md", report.results_table(with_means, caption))
+  document = {model: {**per_category, **profiles.get(model, {})}
+              for model, per_category in with_means.items()}
+  report.write_json(Path(workdir) / "metrics.json", document)
+  report.write_atomic(Path(workdir) / "results.md",
+                      report.results_table(with_means, profiles, caption))

@@ -64,12 +64,47 @@ def focal_loss(probs: jax.Array, mask: jax.Array, gamma: float = 2.0,
   return jnp.mean(-jnp.power(1.0 - pt, gamma) * jnp.log(pt))
 
 
+def reconstruction_terms(outputs: dict, batch: dict) -> dict[str, jax.Array]:
+  """L2 and 1 - SSIM of the reconstruction against the clean (pre-synthesis) image."""
+  recon, clean = outputs["reconstruction"], batch["image"]
+  return {"l2": mse(recon, clean), "ssim": 1.0 - ssim(recon, clean)}
+
+
+def segmentation_focal(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Focal loss of 2-class logits (B, h, w, 2) against a mask (B, H, W) max-pooled to h x w.
+
+  Max pooling keeps a small defect visible at coarse levels: a cell is anomalous if any of its
+  pixels is.
+  """
+  factor = mask.shape[1] // logits.shape[1]
+  if factor > 1:
+    mask = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, (1, factor, factor),
+                                 (1, factor, factor), "VALID")
+  return focal_loss(jax.nn.softmax(logits, axis=-1), mask)
+
+
 def draem_objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
   """L2 + (1 - SSIM) on the reconstruction of the clean image, focal on the segmentation."""
-  recon, clean = outputs["reconstruction"], batch["image"]
-  terms = {
-      "l2": mse(recon, clean),
-      "ssim": 1.0 - ssim(recon, clean),
-      "focal": focal_loss(jax.nn.softmax(outputs["logits"], axis=-1), batch["mask"]),
-  }
+  terms = {**reconstruction_terms(outputs, batch),
+           "focal": segmentation_focal(outputs["logits"], batch["mask"])}
   return sum(terms.values()), terms
+
+
+@functools.lru_cache(maxsize=None)  # one function per setting: a stable jit cache key
+def pouta_objective(level_weights: tuple[float, ...], final_weight: float,
+                    deep_supervision: bool):
+  """POUTA's loss: reconstruction terms, focal on the final map and (MSS) on every level.
+
+  `level_weights` are per level, finest first; with `deep_supervision` off only the final map
+  is supervised.
+  """
+
+  def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
+    terms = {**reconstruction_terms(outputs, batch),
+             "focal": final_weight * segmentation_focal(outputs["logits"], batch["mask"])}
+    if deep_supervision:
+      for level, (weight, logits) in enumerate(zip(level_weights, outputs["level_logits"])):
+        terms[f"focal_level{level}"] = weight * segmentation_focal(logits, batch["mask"])
+    return sum(terms.values()), terms
+
+  return objective

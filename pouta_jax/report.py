@@ -62,14 +62,38 @@ def _fmt(value: float) -> str:
   return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def results_table(results: dict[str, dict[str, dict[str, float]]], caption: str = "") -> str:
-  """Markdown: one section per metric, a row per model, a column per category and the mean.
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
-  `results` is metrics.json's content: model -> category (and "mean") -> metric -> value.
+
+def _summary(results: dict, profiles: dict) -> list[str]:
+  """One row per model: size, cost and the mean of the main metrics."""
+  lines = ["| model | params recon. | params discr. | params total | GFLOPs / image | "
+           "latency (ms) | " + " | ".join(f"mean {m}" for m in SUMMARY_METRICS) + " |",
+           "|---" * (6 + len(SUMMARY_METRICS)) + "|"]
+  for model, per_category in results.items():
+    profile = profiles.get(model)
+    if profile:
+      p = profile["params"]
+      cost = [f"{p['reconstructive'] / 1e6:.3f}M", f"{p['discriminative'] / 1e6:.3f}M",
+              f"{p['total'] / 1e6:.3f}M", f"{profile['flops_per_image'] / 1e9:.3f}",
+              f"{profile['latency_ms']:.2f}"]
+    else:
+      cost = ["–"] * 5
+    means = [_fmt(per_category["mean"][m]) for m in SUMMARY_METRICS]
+    lines.append(f"| {model} | " + " | ".join(cost + means) + " |")
+  return lines + [""]
+
+
+def results_table(results: dict[str, dict[str, dict[str, float]]], profiles: dict,
+                  caption: str = "") -> str:
+  """Markdown: a summary row per model, then per metric a row per model and a column per
+  category and the mean. `results`: model -> category (and "mean") -> metric -> value;
+  `profiles`: model -> `evaluate.profile` output (models without one show dashes).
   """
   lines = [caption, ""] if caption else []
+  lines += _summary(results, profiles)
+  categories = list(next(iter(results.values())).keys())
   for metric in METRIC_COLUMNS:
-    categories = list(next(iter(results.values())).keys())
     lines += [f"**{metric}** (%)", "",
               "| model | " + " | ".join(categories) + " |",
               "|---" * (len(categories) + 1) + "|"]

@@ -5,6 +5,7 @@ The model and its objective come from the registry; the loop never branches on t
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -47,14 +48,28 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
   """Adam with DRAEM's step schedule: lr x decay at each milestone fraction of training."""
-  boundaries = {int(m * num_steps): config.optim.decay for m in config.optim.milestones}
-  return optax.adam(optax.piecewise_constant_schedule(config.optim.lr, boundaries))
+  return _adam_with_milestones(config.optim.lr, tuple(config.optim.milestones),
+                               config.optim.decay, num_steps)
+
+
+# The caches below return the same objects for the same settings, so jax.jit reuses its
+# compilations when one process runs several categories (the demo, the tests).
+@functools.lru_cache(maxsize=16)
+def _adam_with_milestones(lr: float, milestones: tuple[float, ...], decay: float,
+                          num_steps: int) -> optax.GradientTransformation:
+  boundaries = {int(m * num_steps): decay for m in milestones}
+  return optax.adam(optax.piecewise_constant_schedule(lr, boundaries))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: nn.Module, image_size: int) -> Callable:
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda key: model.init(key, dummy, train=False))
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
                seed: int) -> TrainState:
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(seed))
+  variables = _jitted_init(model, image_size)(jax.random.key(seed))
   return TrainState(step=jnp.array(0, jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"],
                     opt_state=tx.init(variables["params"]))
@@ -70,6 +85,7 @@ def initial_state(config: ml_collections.ConfigDict,
   return model, tx, init_state(model, tx, config.data.image_size, config.train.seed), num_steps
 
 
+@functools.lru_cache(maxsize=16)
 def make_train_step(model: nn.Module, objective: Callable,
                     tx: optax.GradientTransformation) -> Callable:
   """One jit-compiled step: forward in train mode, objective, gradients, Adam update."""
@@ -128,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
     mngr.close()
     return state
 
-  train_step = make_train_step(model, models.get(config.model.name).objective, tx)
+  train_step = make_train_step(model, models.get(config.model.name).objective(config), tx)
   writer = report.ScalarWriter(workdir)
   last_time, last_step = time.perf_counter(), start
   try:

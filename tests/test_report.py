@@ -18,10 +18,15 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 def test_results_table_lists_models_categories_and_mean():
   row = {m: 0.5 for m in report.METRIC_COLUMNS}
+  profile = {"params": {"reconstructive": 2_000_000, "discriminative": 500_000,
+                        "total": 2_500_000}, "flops_per_image": 3.5e9, "latency_ms": 12.345}
   table = report.results_table({"draem": {"weave": row, "mean": row},
                                 "draem_untrained": {"weave": {**row, "pixel_ap": float("nan")},
-                                                    "mean": row}}, caption="cap")
+                                                    "mean": row}},
+                               {"draem": profile}, caption="cap")
   assert table.startswith("cap")
+  assert "| draem | 2.000M | 0.500M | 2.500M | 3.500 | 12.35 | 50.0 | 50.0 | 50.0 | 50.0 |" in table
+  assert "| draem_untrained | – | – | – | – | – | 50.0 |" in table
   assert "| model | weave | mean |" in table
   assert "| draem | 50.0 | 50.0 |" in table and "| draem_untrained | – | 50.0 |" in table
   assert all(f"**{m}**" in table for m in report.METRIC_COLUMNS)

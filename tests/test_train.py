@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     loss, terms = objectives.draem_objective(outputs, batch)
     return loss * np.nan, terms
 
-  monkeypatch.setitem(models.REGISTRY, "draem", models.ModelSpec(spec.build, broken))
+  monkeypatch.setitem(models.REGISTRY, "draem", models.ModelSpec(spec.build, lambda c: broken))
   with pytest.raises(FloatingPointError, match="newest good checkpoint is step 3"):
     train.train(tiny_config, tmp_path, folder)
   assert checkpoint.manager(tmp_path, 2).all_steps() == [3]

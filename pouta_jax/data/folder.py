@@ -113,6 +113,15 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   return CategoryFolder(root, category, train, tuple(test))
 
 
+def few_shot(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
+  """The same category with `count` training images chosen by `seed` (kept in file order)."""
+  if count > len(folder.train):
+    raise DataError(f"config.data.few_shot={count}: only {len(folder.train)} training images "
+                    f"in {folder.root / folder.category / 'train' / 'good'}")
+  chosen = np.random.default_rng(seed).choice(len(folder.train), count, replace=False)
+  return dataclasses.replace(folder, train=tuple(folder.train[i] for i in sorted(chosen)))
+
+
 def _open(path: Path, mode: str) -> Image.Image:
   try:
     with Image.open(path) as image:

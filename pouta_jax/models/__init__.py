@@ -1,4 +1,4 @@
-"""Model registry: a config's `model.name` -> the network and the objective that trains it.
+"""Model registry: a config's `model.name` -> its network, its objective and its config checks.
 
 The train loop and evaluation only use this registry, so adding a model touches models/,
 objectives.py and configs/ alone. Every network returns a dict with at least `anomaly_map`
@@ -15,16 +15,45 @@ import ml_collections
 
 from pouta_jax import objectives
 from pouta_jax.models.draem import DRAEM
+from pouta_jax.models.pouta import COMPARE_MODES, LEVEL_MULTIPLIERS, POUTA
+
+Config = ml_collections.ConfigDict
+
+
+def _no_checks(config: Config) -> None:
+  del config
+
+
+def _check_pouta(config: Config) -> None:
+  if config.model.compare not in COMPARE_MODES:
+    raise ValueError(f"config.model.compare={config.model.compare!r}: expected one of "
+                     f"{COMPARE_MODES}")
+  if not isinstance(config.model.guidance, bool):
+    raise ValueError(f"config.model.guidance={config.model.guidance!r}: expected True or False")
+  weights = tuple(config.loss.level_weights)
+  if len(weights) != len(LEVEL_MULTIPLIERS) or any(w < 0 for w in weights):
+    raise ValueError(f"config.loss.level_weights={weights!r}: expected "
+                     f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first")
+  if config.loss.final_weight < 0:
+    raise ValueError(f"config.loss.final_weight={config.loss.final_weight!r}: expected >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  build: Callable[[ml_collections.ConfigDict], nn.Module]
-  objective: Callable[[dict, dict], tuple]
+  build: Callable[[Config], nn.Module]
+  objective: Callable[[Config], Callable[[dict, dict], tuple]]
+  validate: Callable[[Config], None] = _no_checks
 
 
 REGISTRY = {
-    "draem": ModelSpec(lambda c: DRAEM(c.model.base_width), objectives.draem_objective),
+    "draem": ModelSpec(
+        build=lambda c: DRAEM(c.model.base_width),
+        objective=lambda c: objectives.draem_objective),
+    "pouta": ModelSpec(
+        build=lambda c: POUTA(c.model.base_width, c.model.compare, c.model.guidance),
+        objective=lambda c: objectives.pouta_objective(
+            tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision),
+        validate=_check_pouta),
 }
 
 

@@ -1,0 +1,65 @@
+"""POUTA against DRAEM at the same base width and image size, measured in one run.
+
+    .venv/bin/python bench/pouta_vs_draem.py [--base_width=128] [--image_size=256] [--repeats=5]
+
+Prints parameters (reconstructive / discriminative / total), XLA FLOPs per image and the median
+inference latency at batch 1 (the two models timed interleaved, A/B/A/B, after warm-up), then
+the ratios POUTA / DRAEM as `name=value` lines. Issue #4's targets: discriminative params <= 0.25,
+total params <= 0.75, latency <= 0.75.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from pouta_jax import config as config_lib, evaluate, models, train
+
+_WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width of both models.")
+_SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed inferences per model.")
+_FILTER = 21
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  setups = {}
+  for name in ("draem", "pouta"):
+    config = config_lib.load(name)
+    config.model.base_width = _WIDTH.value
+    model = models.get(name).build(config)
+    state = train.init_state(model, optax.identity(), _SIZE.value, seed=0)
+    profile = evaluate.profile(model, state.variables, _SIZE.value, _FILTER, repeats=1)
+    setups[name] = (evaluate.make_predict_fn(model, _FILTER), state.variables, profile)
+
+  image = jnp.zeros((1, _SIZE.value, _SIZE.value, 3), jnp.float32)
+  times = {name: [] for name in setups}
+  for _ in range(_REPEATS.value):  # interleaved, so drifts in machine load hit both alike
+    for name, (predict_fn, variables, _) in setups.items():
+      start = time.perf_counter()
+      jax.block_until_ready(predict_fn(variables, image))
+      times[name].append(time.perf_counter() - start)
+
+  print(f"base width {_WIDTH.value}, {_SIZE.value} px, batch 1, {_REPEATS.value} repeats")
+  print("| model | params recon. | params discr. | params total | GFLOPs | latency ms |")
+  print("|---|---|---|---|---|---|")
+  latency = {name: 1000 * float(np.median(t)) for name, t in times.items()}
+  for name, (_, _, profile) in setups.items():
+    p = profile["params"]
+    print(f"| {name} | {p['reconstructive']:,} | {p['discriminative']:,} | {p['total']:,} | "
+          f"{profile['flops_per_image'] / 1e9:.2f} | {latency[name]:.1f} |")
+  draem, pouta = setups["draem"][2], setups["pouta"][2]
+  print(f"discriminative_param_ratio="
+        f"{pouta['params']['discriminative'] / draem['params']['discriminative']:.4f}")
+  print(f"total_param_ratio={pouta['params']['total'] / draem['params']['total']:.4f}")
+  print(f"flops_ratio={pouta['flops_per_image'] / draem['flops_per_image']:.4f}")
+  print(f"latency_ratio={latency['pouta'] / latency['draem']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

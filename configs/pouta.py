@@ -1,0 +1,21 @@
+"""POUTA: DRAEM's reconstructive network, its features reused by coarse-to-fine discriminative
+layers with deep supervision.
+
+    --config=configs/pouta.py:<category>[,tiny]   few-shot: --config.data.few_shot=K
+    Ablations (one idea off each):  --config.model.compare=encoder|decoder
+        --config.model.guidance=False  --config.loss.deep_supervision=False
+"""
+
+from pouta_jax import config as base
+
+
+def get_config(arg: str | None = None):
+  config = base.base_config("pouta")
+  config.model.compare = "both"  # FCM inputs: both (with |E - D|), encoder only, decoder only
+  config.model.guidance = True  # HSG: calibrate each level by the refined coarser level
+  config.loss = dict(
+      level_weights=(1.0, 1.0, 1.0, 1.0),  # MSS focal weight per level, finest (H) first
+      final_weight=1.0,  # focal weight of the final map
+      deep_supervision=True,
+  )
+  return base.apply_args(config, arg)

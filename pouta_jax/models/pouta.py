@@ -1,0 +1,110 @@
+"""POUTA (Produce Once, Utilize Twice; Wang et al., TCSVT 2024): our reading of the paper.
+
+The reconstructive network is DRAEM's. Its encoder features stand for the input image and the
+same-resolution decoder features for its reconstruction, so the discriminative part needs no
+encoder of its own. For each decoder level, deepest first:
+  FCM  (feature comparison): 1x1 projections P(E_i), P(D_i) to the level's width, then a
+       ConvBNReLU over [P(E_i), P(D_i), |P(E_i) - P(D_i)|];
+  HSG  (high-level semantic guidance): the refined feature of the coarser level, upsampled,
+       gates the compared feature (sigmoid of a 1x1 conv) and is concatenated to it before a
+       ConvBNReLU: semantics flow coarse to fine;
+  MSS  (multi-scale supervision): a 1x1 head per level predicts 2-class logits at that level's
+       resolution; a 3x3 head on the finest refined feature gives the final map.
+No public code exists; module contents beyond the paper's description are our design.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pouta_jax.models.layers import Conv3x3, ConvBNReLU, conv_kernel_init, upsample_bilinear
+from pouta_jax.models.reconstructive import ReconstructiveNetwork
+
+# Width of each supervised level (x the discriminative base width), finest first; the four
+# levels are the resolutions of the reconstructive decoder's four stages (H, H/2, H/4, H/8).
+LEVEL_MULTIPLIERS = (1, 1, 2, 4)
+COMPARE_MODES = ("both", "encoder", "decoder")
+
+
+def _conv1x1(features: int, name: str) -> nn.Conv:
+  return nn.Conv(features, (1, 1), kernel_init=conv_kernel_init, name=name)
+
+
+class FeatureComparison(nn.Module):
+  """FCM: compares encoder (input) and decoder (reconstruction) features of one level."""
+
+  features: int
+  compare: str = "both"
+
+  @nn.compact
+  def __call__(self, encoder: jax.Array, decoder: jax.Array, train: bool) -> jax.Array:
+    parts = []
+    if self.compare in ("both", "encoder"):
+      e = _conv1x1(self.features, "project_encoder")(encoder)
+      parts.append(e)
+    if self.compare in ("both", "decoder"):
+      d = _conv1x1(self.features, "project_decoder")(decoder)
+      parts.append(d)
+    if self.compare == "both":
+      parts.append(jnp.abs(e - d))
+    return ConvBNReLU(self.features, name="fuse")(jnp.concatenate(parts, -1), train)
+
+
+class HighLevelGuidance(nn.Module):
+  """HSG: calibrates a level's feature by the refined feature of the coarser level."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, feature: jax.Array, coarser: jax.Array, train: bool) -> jax.Array:
+    guide = upsample_bilinear(coarser, feature.shape[1] // coarser.shape[1])
+    gate = jax.nn.sigmoid(_conv1x1(self.features, "gate")(guide))
+    return ConvBNReLU(self.features, name="refine")(
+        jnp.concatenate([feature * gate, guide], -1), train)
+
+
+class POUTADiscriminative(nn.Module):
+  """Coarse-to-fine discriminative layers over the reconstructive network's features."""
+
+  base_width: int = 64
+  compare: str = "both"
+  guidance: bool = True
+
+  @nn.compact
+  def __call__(self, encoder: list, decoder: list, train: bool) -> dict:
+    level_logits = []
+    refined = None
+    for level in reversed(range(len(LEVEL_MULTIPLIERS))):
+      width = LEVEL_MULTIPLIERS[level] * self.base_width
+      feature = FeatureComparison(width, self.compare, name=f"compare_{level}")(
+          encoder[level], decoder[level], train)
+      if self.guidance and refined is not None:
+        feature = HighLevelGuidance(width, name=f"guide_{level}")(feature, refined, train)
+      refined = feature
+      level_logits.insert(0, _conv1x1(2, f"head_{level}")(refined))
+    return {"logits": Conv3x3(2, name="head")(refined), "level_logits": level_logits}
+
+
+class POUTA(nn.Module):
+  """DRAEM's reconstructive network whose features are reused, produced once, by POUTA's layers.
+
+  `level_logits` (finest first) are returned for deep supervision; `logits` is the final map.
+  """
+
+  base_width: int = 128
+  compare: str = "both"
+  guidance: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
+    seg = POUTADiscriminative(self.base_width // 2, self.compare, self.guidance,
+                              name="discriminative")(recon["encoder"], recon["decoder"], train)
+    return {
+        "reconstruction": recon["reconstruction"],
+        "logits": seg["logits"],
+        "level_logits": seg["level_logits"],
+        "anomaly_map": jax.nn.softmax(seg["logits"], axis=-1)[..., 1],
+    }

@@ -1,0 +1,172 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pouta_jax import config as config_lib, experiment, models, train
+from pouta_jax.data import DataError, category_folder
+from pouta_jax.models.pouta import POUTA
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _pouta_config(tiny_config, **model):
+  config = tiny_config.copy_and_resolve_references()
+  config.model.name = "pouta"
+  config.model.compare = model.get("compare", "both")
+  config.model.guidance = model.get("guidance", True)
+  config.loss = dict(level_weights=(1.0, 1.0, 1.0, 1.0), final_weight=1.0,
+                     deep_supervision=model.get("deep_supervision", True))
+  return config
+
+
+def test_config_file_matches_the_registry():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pouta_config", "configs/pouta.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("pill,tiny")
+  assert config.model.name == "pouta" and config.data.category == "pill"
+  config_lib.validate(config)
+  models.get("pouta").validate(config)
+
+
+def test_full_size_parameters_against_draem():
+  shapes = jax.eval_shape(lambda: POUTA(128).init(
+      jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))["params"]
+  assert _count(shapes["reconstructive"]) == 69_048_579  # DRAEM's, shared
+  disc = _count(shapes["discriminative"])
+  assert disc == 3_643_018
+  assert disc <= 0.25 * 28_374_146
+  assert disc + 69_048_579 <= 0.75 * (69_048_579 + 28_374_146)
+
+
+def test_shapes_at_every_level():
+  out, _ = POUTA(8).init_with_output(jax.random.key(0), jnp.ones((2, 64, 64, 3)), train=False)
+  assert [l.shape for l in out["level_logits"]] == [
+      (2, 64, 64, 2), (2, 32, 32, 2), (2, 16, 16, 2), (2, 8, 8, 2)]
+  assert out["logits"].shape == (2, 64, 64, 2) and out["anomaly_map"].shape == (2, 64, 64)
+  assert out["reconstruction"].shape == (2, 64, 64, 3)
+
+
+def _grads(config, batch):
+  spec = models.get("pouta")
+  model = spec.build(config)
+  variables = model.init(jax.random.key(0), batch["augmented"], train=False)
+
+  def loss(params):
+    outputs, _ = model.apply({**variables, "params": params}, batch["augmented"], train=True,
+                             mutable=["batch_stats"])
+    return spec.objective(config)(outputs, batch)[0]
+
+  return jax.grad(loss)(variables["params"])
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  mask = np.zeros((2, 32, 32), np.float32)
+  mask[:, 8:20, 10:18] = 1
+  image = rng.random((2, 32, 32, 3)).astype(np.float32)
+  return {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask}
+
+
+def _norm(tree) -> float:
+  return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_gradients_reach_every_level_head_only_with_deep_supervision(tiny_config,
+                                                                     deep_supervision):
+  grads = _grads(_pouta_config(tiny_config, deep_supervision=deep_supervision), _batch())
+  disc = grads["discriminative"]
+  for level in range(4):
+    assert (_norm(disc[f"head_{level}"]) > 0) == deep_supervision
+    assert _norm(disc[f"compare_{level}"]) > 0  # reached through the final map either way
+  assert _norm(disc["head"]) > 0 and _norm(grads["reconstructive"]) > 0
+
+
+def _param_paths(config):
+  model = models.get("pouta").build(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))["params"]["discriminative"]
+  return {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def test_each_ablation_changes_only_what_it_names(tiny_config):
+  full = _param_paths(_pouta_config(tiny_config))
+  no_guidance = _param_paths(_pouta_config(tiny_config, guidance=False))
+  assert set(full) - set(no_guidance) == {p for p in full if "guide_" in p}
+  assert all(no_guidance[p] == full[p] for p in no_guidance)
+
+  for kept, dropped in (("encoder", "decoder"), ("decoder", "encoder")):
+    paths = _param_paths(_pouta_config(tiny_config, compare=kept))
+    assert set(full) - set(paths) == {p for p in full if f"project_{dropped}" in p}
+    for p, shape in paths.items():
+      if "fuse" in p and "kernel" in p:  # one projected input instead of [E, D, |E - D|]
+        assert shape[2] * 3 == full[p][2]
+      else:
+        assert shape == full[p], p
+
+  # Deep supervision is a loss switch: same network, the level terms dropped.
+  assert _param_paths(_pouta_config(tiny_config, deep_supervision=False)) == full
+  spec = models.get("pouta")
+  config = _pouta_config(tiny_config)
+  model = spec.build(config)
+  batch = _batch()
+  variables = model.init(jax.random.key(0), batch["augmented"], train=False)
+  outputs = model.apply(variables, batch["augmented"], train=False)
+  _, with_ds = spec.objective(config)(outputs, batch)
+  _, without = spec.objective(_pouta_config(tiny_config, deep_supervision=False))(outputs, batch)
+  assert set(with_ds) - set(without) == {f"focal_level{i}" for i in range(4)}
+  assert all(np.allclose(with_ds[k], without[k]) for k in without)
+
+
+def test_guidance_changes_the_map():
+  x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
+  a = POUTA(4, guidance=True).init_with_output(jax.random.key(0), x, train=False)[0]
+  b = POUTA(4, guidance=False).init_with_output(jax.random.key(0), x, train=False)[0]
+  np.testing.assert_allclose(a["reconstruction"], b["reconstruction"], atol=1e-6)
+  assert not np.allclose(a["anomaly_map"], b["anomaly_map"])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.compare", "difference", "config.model.compare='difference': expected one of"),
+    ("loss.level_weights", (1.0, 1.0), r"config.loss.level_weights=\(1.0, 1.0\): expected 4"),
+    ("loss.final_weight", -1.0, "config.loss.final_weight=-1.0"),
+])
+def test_bad_pouta_config_fails_before_any_work(tiny_config, tmp_path, key, value, message):
+  config = _pouta_config(tiny_config)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_few_shot_selection_is_seeded(tiny_config):
+  tiny_config.data.few_shot = 3
+  a = category_folder(tiny_config).train
+  b = category_folder(tiny_config).train
+  tiny_config.train.seed = 1
+  c = category_folder(tiny_config).train
+  assert len(a) == 3 and a == b and a != c
+  assert list(a) == sorted(a)
+  tiny_config.data.few_shot = 100
+  with pytest.raises(DataError, match="config.data.few_shot=100: only 8 training images"):
+    category_folder(tiny_config)
+
+
+def test_tiny_pouta_run_lowers_the_loss(tiny_config, tmp_path):
+  import json
+  config = _pouta_config(tiny_config)
+  config.train.num_steps = 40
+  config.train.log_every = 10
+  config.train.checkpoint_every = 40
+  config.optim.lr = 1e-3
+  train.train(config, tmp_path, category_folder(config))
+  logged = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+  assert logged[-1]["loss"] < 0.8 * logged[0]["loss"]
+  assert {f"focal_level{i}" for i in range(4)} <= logged[0].keys()
