@@ -82,10 +82,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 def load(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`configs/<model>.py`'s get_config(arg), as `--config=configs/<model>.py:arg` would give."""
-  path = CONFIG_DIR / f"{model}.py"
+  return load_file(CONFIG_DIR / f"{model}.py", arg)
+
+
+def load_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """A config file's get_config(arg)."""
+  path = Path(path)
   if not path.is_file():
-    raise ValueError(f"no config file {path} for model {model!r}")
-  spec = importlib.util.spec_from_file_location(f"pouta_jax_config_{model}", path)
+    raise ValueError(f"no config file {path}")
+  spec = importlib.util.spec_from_file_location(f"pouta_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)

@@ -23,11 +23,10 @@ def dataset_root(tmp_path_factory):
   return embedded.build(tmp_path_factory.mktemp("embedded"), SMALL)
 
 
-@pytest.fixture
-def tiny_config(dataset_root):
-  """DRAEM at width 4 (discriminative 2), 32 px, batch 4, 6 steps, synthesis in-process."""
-  config = config_lib.apply_args(config_lib.base_config("draem"), "weave,tiny")
-  config.data.root = str(dataset_root)
+def make_tiny_config(model: str, root):
+  """`model` at width 4 (discriminative 2), 32 px, batch 4, 6 steps, synthesis in-process."""
+  config = config_lib.load(model, "weave,tiny")
+  config.data.root = str(root)
   config.model.base_width = 4
   config.data.image_size = 32
   config.data.batch_size = 4
@@ -39,3 +38,8 @@ def tiny_config(dataset_root):
   config.eval.score_filter_size = 3
   config.eval.num_heatmaps = 2
   return config
+
+
+@pytest.fixture
+def tiny_config(dataset_root):
+  return make_tiny_config("draem", dataset_root)

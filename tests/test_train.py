@@ -6,6 +6,7 @@ import pytest
 
 from pouta_jax import checkpoint, models, objectives, train
 from pouta_jax.data import category_folder
+from tests.conftest import make_tiny_config
 
 
 def test_schedule_decays_at_milestones(tiny_config):
@@ -29,16 +30,21 @@ def test_steps_from_epochs(tiny_config):
   assert train.num_train_steps(tiny_config, 10) == 3 * 3  # ceil(10 / 4) steps an epoch
 
 
-def test_training_lowers_the_loss(tiny_config, tmp_path):
-  tiny_config.train.num_steps = 40
-  tiny_config.train.log_every = 10
-  tiny_config.train.checkpoint_every = 40
-  tiny_config.optim.lr = 1e-3
-  train.train(tiny_config, tmp_path, category_folder(tiny_config))
+@pytest.mark.parametrize("model,terms", [
+    ("draem", {"l2", "ssim", "focal"}),
+    ("pouta", {"l2", "ssim", "focal"} | {f"focal_level{i}" for i in range(4)}),
+])
+def test_training_lowers_the_loss(dataset_root, tmp_path, model, terms):
+  config = make_tiny_config(model, dataset_root)
+  config.train.num_steps = 40
+  config.train.log_every = 10
+  config.train.checkpoint_every = 40
+  config.optim.lr = 1e-3
+  train.train(config, tmp_path, category_folder(config))
   logged = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
   assert [r["step"] for r in logged] == [10, 20, 30, 40]
   assert logged[-1]["loss"] < 0.8 * logged[0]["loss"]
-  assert {"l2", "ssim", "focal", "grad_norm", "steps_per_second"} <= logged[0].keys()
+  assert terms | {"loss", "grad_norm", "steps_per_second"} == logged[0].keys() - {"step"}
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 

@@ -1,0 +1,140 @@
+"""Hyperparameter sweeps from flags, and the table that gathers their results.
+
+A sweep is a product of axes. `--sweep=optim.lr=1e-4,3e-4` is one axis; several `--zip=` flags
+form one axis together (their i-th values go together, so they must have equal lengths);
+`--seeds=N` adds `train.seed=0..N-1`. Each point is a set of `--config.<key>=<value>` overrides
+with a workdir named after it. `aggregate` reads every run's config.json and metrics.json under a
+root and writes one row per setting, one column per category, mean ± std over seeds.
+
+    python -m pouta_jax.sweep --root=runs/ablation [--metric=pixel_ap]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from pouta_jax import report
+
+
+class SweepError(ValueError):
+  """A sweep flag that cannot be expanded; the message names it."""
+
+
+def _parse_axis(flag: str, spec: str, config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
+  key, sep, values = spec.partition("=")
+  if not sep or not values:
+    raise SweepError(f"--{flag}={spec}: expected key=value1,value2,...")
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise SweepError(f"--{flag}={spec}: the config has no key {key!r}")
+    node = node[part]
+  return key, values.split(",")
+
+
+def expand(config: ml_collections.ConfigDict, sweeps: list[str], zips: list[str],
+           seeds: int = 1) -> list[dict[str, str]]:
+  """Every point of the sweep as {config key: value string}, in a fixed order."""
+  axes = [[{key: v} for v in values] for key, values in
+          (_parse_axis("sweep", s, config) for s in sweeps)]
+  if zips:
+    zipped = [_parse_axis("zip", z, config) for z in zips]
+    lengths = {len(values) for _, values in zipped}
+    if len(lengths) != 1:
+      raise SweepError(f"--zip lists have different lengths: "
+                       f"{', '.join(f'{k} ({len(v)})' for k, v in zipped)}")
+    axes.append([dict(zip([k for k, _ in zipped], point))
+                 for point in zip(*[values for _, values in zipped])])
+  if seeds > 1:
+    axes.append([{"train.seed": str(s)} for s in range(seeds)])
+  points = [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+  return points or [{}]
+
+
+def point_name(point: dict[str, str]) -> str:
+  """A folder name for a sweep point, e.g. `optim.lr=3e-4,train.seed=1`."""
+  return ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_") or "default"
+
+
+def _get(config: dict, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
+def aggregate(root: str | Path, swept: list[str] | None = None,
+              metric: str = "pixel_ap") -> tuple[str, str]:
+  """Markdown and CSV: a row per setting of the `swept` keys, a column per category and the mean,
+  each cell mean ± std over seeds. `swept` defaults to every key that varies between runs."""
+  runs = []
+  for metrics_path in sorted(Path(root).rglob("metrics.json")):
+    config_path = metrics_path.parent / "config.json"
+    if not config_path.is_file():
+      continue  # e.g. the demo's combined metrics.json
+    config = json.loads(config_path.read_text())
+    model = config["model"]["name"]
+    results = json.loads(metrics_path.read_text())[model]
+    runs.append((config, config["data"]["category"], results[config["data"]["category"]][metric]))
+  if not runs:
+    raise SweepError(f"no run with metrics.json and config.json under {root}")
+  if swept is None:
+    flat = [{k: json.dumps(v) for k, v in _flatten(c).items()} for c, _, _ in runs]
+    swept = sorted(k for k in flat[0] if k not in ("train.seed", "data.category")
+                   and len({f.get(k) for f in flat}) > 1)
+  table: dict[tuple, dict[str, list[float]]] = {}
+  for config, category, value in runs:
+    setting = tuple(json.dumps(_get(config, k)) for k in swept)
+    table.setdefault(setting, {}).setdefault(category, []).append(value)
+  categories = sorted({c for _, c, _ in runs})
+
+  def cell(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}" if values else "–"
+
+  header = (swept or ["setting"]) + categories + ["mean"]
+  rows = []
+  for setting, per_category in table.items():
+    means = [np.mean(per_category[c]) for c in categories if c in per_category]
+    rows.append(list(setting or ("default",)) +
+                [cell(per_category.get(c, [])) for c in categories] +
+                [f"{100 * np.mean(means):.1f}"])
+  markdown = "\n".join(
+      [f"**{metric}** (%, mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
+       "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+  out = io.StringIO()
+  csv.writer(out).writerows([header] + rows)
+  return markdown, out.getvalue()
+
+
+_ROOT = flags.DEFINE_string("root", None, "Folder holding the sweep's runs.")
+_METRIC = flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  markdown, table_csv = aggregate(_ROOT.value, metric=_METRIC.value)
+  report.write_atomic(Path(_ROOT.value) / f"sweep_{_METRIC.value}.md", markdown)
+  report.write_atomic(Path(_ROOT.value) / f"sweep_{_METRIC.value}.csv", table_csv)
+  print(markdown)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("root")
+  app.run(main)

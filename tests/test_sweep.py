@@ -1,0 +1,61 @@
+import csv
+import io
+import json
+
+import pytest
+
+from pouta_jax import config as config_lib, sweep
+
+
+@pytest.fixture
+def config():
+  return config_lib.load("pouta", "weave,tiny")
+
+
+def test_product_zip_and_seeds(config):
+  points = sweep.expand(config, ["optim.lr=1e-4,3e-4"],
+                        ["model.compare=both,encoder", "model.guidance=True,False"], seeds=2)
+  assert len(points) == 2 * 2 * 2
+  assert points[0] == {"optim.lr": "1e-4", "model.compare": "both", "model.guidance": "True",
+                       "train.seed": "0"}
+  assert {(p["model.compare"], p["model.guidance"]) for p in points} == {
+      ("both", "True"), ("encoder", "False")}
+  assert sweep.point_name(points[-1]) == (
+      "optim.lr=3e-4,model.compare=encoder,model.guidance=False,train.seed=1")
+  assert sweep.expand(config, [], []) == [{}]
+
+
+def test_bad_sweeps_name_the_flag(config):
+  with pytest.raises(sweep.SweepError, match="no key 'optim.learning_rate'"):
+    sweep.expand(config, ["optim.learning_rate=1,2"], [])
+  with pytest.raises(sweep.SweepError, match="expected key=value1,value2"):
+    sweep.expand(config, ["optim.lr"], [])
+  with pytest.raises(sweep.SweepError, match=r"different lengths: optim.lr \(2\), model.compare"):
+    sweep.expand(config, [], ["optim.lr=1,2", "model.compare=both"])
+
+
+def _fake_run(root, name, compare, seed, category, value):
+  folder = root / name / category
+  folder.mkdir(parents=True)
+  config = {"model": {"name": "pouta", "compare": compare}, "data": {"category": category},
+            "train": {"seed": seed}}
+  (folder / "config.json").write_text(json.dumps(config))
+  (folder / "metrics.json").write_text(json.dumps({"pouta": {category: {"pixel_ap": value}}}))
+
+
+def test_aggregate_mean_and_std_over_seeds(tmp_path):
+  for seed, (a, b) in enumerate([(0.4, 0.6), (0.6, 0.8)]):
+    _fake_run(tmp_path, f"both{seed}", "both", seed, "weave", a)
+    _fake_run(tmp_path, f"both{seed}", "both", seed, "pill", b)
+    _fake_run(tmp_path, f"enc{seed}", "encoder", seed, "weave", a / 2)
+  markdown, table = sweep.aggregate(tmp_path)
+  rows = list(csv.reader(io.StringIO(table)))
+  assert rows[0] == ["model.compare", "pill", "weave", "mean"]
+  assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
+  assert rows[2] == ['"encoder"', "–", "25.0 ± 5.0", "25.0"]
+  assert "| model.compare | pill | weave | mean |" in markdown
+
+
+def test_aggregate_without_runs(tmp_path):
+  with pytest.raises(sweep.SweepError, match="no run"):
+    sweep.aggregate(tmp_path)
