@@ -51,6 +51,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       batch_size=8,
       num_workers=2,
   )
+  # Device mesh: (axis name, size) pairs, one size may be -1 ("the rest"). The batch is split
+  # over "data"; parameters are replicated.
+  config.mesh = dict(axes=(("data", -1),))
   config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2)
   config.train = dict(
       seed=0,

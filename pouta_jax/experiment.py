@@ -12,7 +12,8 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from pouta_jax import checkpoint, config as config_lib, evaluate, metrics, models, report, train
+from pouta_jax import (checkpoint, config as config_lib, evaluate, metrics, models, report,
+                       sharding, train)
 from pouta_jax.data import category_folder
 from pouta_jax.data.folder import load_test_set
 
@@ -61,6 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
+  sharding.make_mesh(config)  # the mesh must fit the devices and the batch
   folder = category_folder(config)
   test_set = load_test_set(folder, config.data.image_size)
   workdir = prepare_workdir(workdir, config)

@@ -33,7 +33,7 @@ def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
   infers 1 for images in [0, 1], which ours always are).
   """
   channels = x.shape[-1]
-  kernel = jnp.asarray(gaussian_window(size, sigma))[:, :, None, None]
+  kernel = jnp.asarray(gaussian_window(size, sigma), x.dtype)[:, :, None, None]
   kernel = jnp.tile(kernel, (1, 1, 1, channels))
 
   def blur(z: jax.Array) -> jax.Array:

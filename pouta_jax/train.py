@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from pouta_jax import checkpoint, models, report
+from pouta_jax import checkpoint, models, report, sharding
 from pouta_jax.data import pipeline
 from pouta_jax.data.folder import CategoryFolder
 from pouta_jax.data.synthesis import SynthesisConfig
@@ -86,9 +87,13 @@ def initial_state(config: ml_collections.ConfigDict,
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(model: nn.Module, objective: Callable,
-                    tx: optax.GradientTransformation) -> Callable:
-  """One jit-compiled step: forward in train mode, objective, gradients, Adam update."""
+def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> Callable:
+  """One jit-compiled step: forward in train mode, objective, gradients, Adam update.
+
+  The state is replicated over `mesh` and the batch split over its data axis; the loss, the
+  BatchNorm statistics and the gradients are over the global batch.
+  """
 
   def loss_fn(params, state: TrainState, batch: dict):
     outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
@@ -96,7 +101,10 @@ def make_train_step(model: nn.Module, objective: Callable,
     loss, terms = objective(outputs, batch)
     return loss, (terms, updates["batch_stats"])
 
-  @jax.jit
+  replicated = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(replicated, sharding.batch_split(mesh)),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state, batch)
@@ -133,7 +141,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
   A non-finite loss stops training with FloatingPointError before anything is saved, so the
   newest checkpoint on disk is always a good one.
   """
+  mesh = sharding.make_mesh(config)
   model, tx, state, num_steps = initial_state(config, len(folder.train))
+  state = jax.device_put(state, sharding.replicated(mesh))
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, state)
   if restored is not None:
@@ -144,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
     mngr.close()
     return state
 
-  train_step = make_train_step(model, models.get(config.model.name).objective(config), tx)
+  train_step = make_train_step(model, models.get(config.model.name).objective(config), tx, mesh)
   writer = report.ScalarWriter(workdir)
   last_time, last_step = time.perf_counter(), start
   try:

@@ -1,0 +1,85 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pouta_jax import sharding
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mesh_shape_resolves_the_rest():
+  assert sharding.mesh_shape((("data", -1),), 8) == {"data": 8}
+  assert sharding.mesh_shape((("data", -1), ("model", 2)), 8) == {"data": 4, "model": 2}
+
+
+@pytest.mark.parametrize("axes,message", [
+    ((("data", 2),), "uses 2 of the 8 devices"),
+    ((("data", -1), ("model", 3)), "3 does not divide the 8 devices"),
+    ((("data", -1), ("model", -1)), "at most one -1"),
+    ((("model", -1),), "needs a 'data' axis"),
+])
+def test_bad_meshes_are_named(axes, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.mesh_shape(axes, 8)
+
+
+def test_batch_must_split_over_the_data_axis(tiny_config):
+  tiny_config.mesh.axes = (("data", 1),)
+  tiny_config.data.batch_size = 3
+  sharding.make_mesh(tiny_config)  # one device: any batch
+  tiny_config.mesh.axes = (("data", 2),)
+  with pytest.raises(ValueError):
+    sharding.make_mesh(tiny_config)
+
+
+SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, optax
+    # float64: the sharded step must compute the same function. In float32 the two differ by
+    # rounding that BatchNorm's backward pass amplifies at this tiny width (~1e-2 relative).
+    jax.config.update("jax_enable_x64", True)
+    from jax.sharding import Mesh
+    from pouta_jax import config as config_lib, models, sharding, train
+    assert jax.device_count() == 8, jax.devices()
+    config = config_lib.load("draem", "weave,tiny")
+    config.model.base_width = 4
+    config.data.image_size = 32
+    model = models.get("draem").build(config)
+    # Plain SGD: parameter differences are gradient differences as they are (Adam's first step
+    # is lr * sign(g): noise on the zero gradients of pre-BatchNorm conv biases becomes a step).
+    tx = optax.sgd(1e-2)
+    objective = models.get("draem").objective(config)
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 32, 32, 3))
+    mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
+    batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
+             "has_anomaly": mask.max(axis=(1, 2))}
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = Mesh(np.asarray(devices), ("data",))
+      state = train.init_state(model, tx, 32, seed=0)
+      state = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, state)
+      state = jax.device_put(state, sharding.replicated(mesh))
+      step = train.make_train_step(model, objective, tx, mesh)
+      state, metrics = step(state, batch)
+      results.append((float(metrics["loss"]), jax.device_get(state)))
+      assert state.params["reconstructive"]["head"]["Conv_0"]["kernel"].sharding.is_fully_replicated
+    (loss1, state1), (loss8, state8) = results
+    np.testing.assert_allclose(loss1, loss8, rtol=1e-10)
+    # Parameters after the update, and BatchNorm's running statistics: over the global batch.
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    print("EQUAL")
+""")
+
+
+def test_eight_devices_match_one_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "EQUAL" in result.stdout
