@@ -65,7 +65,10 @@ def point_name(point: dict[str, str]) -> str:
 
 
 def _get(config: dict, key: str):
+  """The value at a dotted key, or None where a run's config lacks it (an older run)."""
   for part in key.split("."):
+    if not isinstance(config, dict) or part not in config:
+      return None
     config = config[part]
   return config
 
@@ -97,8 +100,8 @@ def aggregate(root: str | Path, swept: list[str] | None = None,
     raise SweepError(f"no run with metrics.json and config.json under {root}")
   if swept is None:
     flat = [{k: json.dumps(v) for k, v in _flatten(c).items()} for c, _, _ in runs]
-    swept = sorted(k for k in flat[0] if k not in ("train.seed", "data.category")
-                   and len({f.get(k) for f in flat}) > 1)
+    keys = set().union(*flat) - {"train.seed", "data.category"}
+    swept = sorted(k for k in keys if len({f.get(k) for f in flat}) > 1)
   table: dict[tuple, dict[str, list[float]]] = {}
   for config, category, value in runs:
     setting = tuple(json.dumps(_get(config, k)) for k in swept)

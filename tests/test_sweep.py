@@ -54,6 +54,14 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
   assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
   assert rows[2] == ['"encoder"', "–", "25.0 ± 5.0", "25.0"]
   assert "| model.compare | pill | weave | mean |" in markdown
+  # A run whose config lacks a key (written by an older version) still counts, as null.
+  _fake_run(tmp_path, "old", "both", 0, "pill", 0.5)
+  config_path = tmp_path / "old" / "pill" / "config.json"
+  config = json.loads(config_path.read_text())
+  config["model"]["extra"] = 1
+  config_path.write_text(json.dumps(config))
+  rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
+  assert rows[0] == ["model.compare", "model.extra", "pill", "weave", "mean"]
 
 
 def test_aggregate_without_runs(tmp_path):
