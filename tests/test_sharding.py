@@ -27,12 +27,11 @@ def test_bad_meshes_are_named(axes, message):
     sharding.mesh_shape(axes, 8)
 
 
-def test_batch_must_split_over_the_data_axis(tiny_config):
-  tiny_config.mesh.axes = (("data", 1),)
+def test_config_mesh_on_this_process(tiny_config):
   tiny_config.data.batch_size = 3
-  sharding.make_mesh(tiny_config)  # one device: any batch
+  assert dict(sharding.make_mesh(tiny_config).shape) == {"data": 1}  # one device: any batch
   tiny_config.mesh.axes = (("data", 2),)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"config.mesh.axes=.*2 does not divide the 1 devices"):
     sharding.make_mesh(tiny_config)
 
 
@@ -45,6 +44,14 @@ SCRIPT = textwrap.dedent("""
     from pouta_jax import config as config_lib, models, sharding, train
     assert jax.device_count() == 8, jax.devices()
     config = config_lib.load("draem", "weave,tiny")
+    config.data.batch_size = 12
+    try:
+      sharding.make_mesh(config)
+      raise AssertionError("a batch of 12 cannot split over 8 devices")
+    except ValueError as e:
+      assert "config.data.batch_size=12 does not split over the 8 devices" in str(e), e
+    config.data.batch_size = 8
+    assert dict(sharding.make_mesh(config).shape) == {"data": 8}
     config.model.base_width = 4
     config.data.image_size = 32
     model = models.get("draem").build(config)
