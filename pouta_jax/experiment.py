@@ -35,9 +35,10 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
   except OSError as e:
     raise PermissionError(f"workdir {workdir} is not writable ({e.strerror})") from e
   stored_path = workdir / "config.json"
+  serialised = config.to_json_best_effort(indent=2) + "\n"
   if stored_path.exists():
     stored = json.loads(stored_path.read_text())
-    current = json.loads(config.to_json_best_effort())
+    current = json.loads(serialised)
     for section, key in IDENTITY_KEYS:
       old, new = stored.get(section, {}), current[section]
       if key is not None:
@@ -46,7 +47,7 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
         name = f"config.{section}" + (f".{key}" if key else "")
         raise ValueError(f"workdir {workdir} holds a run with {name}={old!r}, not {new!r}; use "
                          f"another --workdir")
-  report.write_atomic(stored_path, config.to_json_best_effort(indent=2) + "\n")
+  report.write_atomic(stored_path, serialised)
   return workdir
 
 

@@ -3,7 +3,8 @@
     python -m pouta_jax.main --config=configs/draem.py:weave,tiny --workdir=outputs/weave \
         [--mode=train|eval|train_and_eval] [--config.optim.lr=2e-4 ...]
 
-The only module besides demo.py that reads flags.
+Flags are read by the entry points only: this module, demo.py, sweep.py's command line and
+launch/.
 """
 
 from __future__ import annotations

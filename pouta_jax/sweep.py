@@ -126,18 +126,17 @@ def aggregate(root: str | Path, swept: list[str] | None = None,
   return markdown, out.getvalue()
 
 
-_ROOT = flags.DEFINE_string("root", None, "Folder holding the sweep's runs.")
-_METRIC = flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
-
-
 def main(argv: list[str]) -> None:
   del argv
-  markdown, table_csv = aggregate(_ROOT.value, metric=_METRIC.value)
-  report.write_atomic(Path(_ROOT.value) / f"sweep_{_METRIC.value}.md", markdown)
-  report.write_atomic(Path(_ROOT.value) / f"sweep_{_METRIC.value}.csv", table_csv)
+  root, metric = flags.FLAGS.root, flags.FLAGS.metric
+  markdown, table_csv = aggregate(root, metric=metric)
+  report.write_atomic(Path(root) / f"sweep_{metric}.md", markdown)
+  report.write_atomic(Path(root) / f"sweep_{metric}.csv", table_csv)
   print(markdown)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("root")
+  # Defined here, not at import: the launcher imports this module and must not get these flags.
+  flags.DEFINE_string("root", None, "Folder holding the sweep's runs.", required=True)
+  flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
   app.run(main)
