@@ -4,6 +4,7 @@ layers with deep supervision.
     --config=configs/pouta.py:<category>[,tiny]   few-shot: --config.data.few_shot=K
     Ablations (one idea off each):  --config.model.compare=encoder|decoder
         --config.model.guidance=False  --config.loss.deep_supervision=False
+    All of them: python launch/local.py --config=configs/pouta.py --config_sweep ...
 """
 
 from pouta_jax import config as base
@@ -19,3 +20,13 @@ def get_config(arg: str | None = None):
       deep_supervision=True,
   )
   return base.apply_args(config, arg)
+
+
+def get_sweep(arg: str | None = None) -> dict:
+  """The ablation study: the full model, then each idea switched off alone."""
+  del arg
+  return {"zip": {
+      "model.compare": ["both", "encoder", "decoder", "both", "both"],
+      "model.guidance": [True, True, True, False, True],
+      "loss.deep_supervision": [True, True, True, True, False],
+  }}

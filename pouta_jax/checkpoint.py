@@ -1,7 +1,10 @@
-"""orbax checkpoints of the train state in `<workdir>/checkpoints`, with resume.
+"""orbax checkpoints in `<workdir>/checkpoints`: the train state and the data iterator together.
 
-orbax writes each step into a temporary folder and renames it when complete, so an interrupted
-save never leaves a checkpoint that looks valid.
+Each step holds two items: `state` (the TrainState pytree) and `data` (the grain iterator's
+state, one JSON file per process, written by grain's orbax handler). Restoring both resumes
+training on exactly the batch that followed the checkpoint. orbax writes each step into a
+temporary folder and renames it when complete, so an interrupted save never leaves a
+checkpoint that looks valid.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import grain
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
@@ -28,15 +33,31 @@ def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
   )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state: Any,
+         data_iterator: grain.DatasetIterator | None = None) -> None:
+  """Saves `state` (and the iterator that produced its batches) as step `step`; blocks."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
   mngr.wait_until_finished()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:
-  """The newest checkpoint restored into the structure of `template`, or None if there is none."""
+  """The newest checkpoint's state in the structure (and shardings) of `template`, or None."""
   step = mngr.latest_step()
   if step is None:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+      "state"]
+
+
+def restore_data_iterator(mngr: ocp.CheckpointManager, step: int,
+                          iterator: grain.DatasetIterator) -> bool:
+  """Sets `iterator` to its state at checkpoint `step`; False if the step holds no data state
+  (a checkpoint converted from another framework, say)."""
+  if not (Path(mngr.directory) / str(step) / "data").is_dir():
+    return False
+  mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+  return True

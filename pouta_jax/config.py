@@ -8,6 +8,7 @@ or written, so a config that cannot work fails at once, naming the key.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -88,15 +89,40 @@ def load(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return load_file(CONFIG_DIR / f"{model}.py", arg)
 
 
-def load_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """A config file's get_config(arg)."""
+def _config_module(path: str | Path):
   path = Path(path)
   if not path.is_file():
     raise ValueError(f"no config file {path}")
   spec = importlib.util.spec_from_file_location(f"pouta_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """A config file's get_config(arg)."""
+  return _config_module(path).get_config(arg)
+
+
+def load_sweep(path: str | Path, arg: str | None = None) -> dict[str, dict[str, list]]:
+  """A config file's get_sweep(arg): {"product": {key: values}, "zip": {key: values}}."""
+  module = _config_module(path)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"config file {path} defines no get_sweep(arg)")
+  sweep = module.get_sweep(arg)
+  unknown = set(sweep) - {"product", "zip"}
+  if unknown:
+    raise ValueError(f"{path}: get_sweep returned {sorted(unknown)}; expected the keys "
+                     f"'product' and/or 'zip'")
+  return sweep
+
+
+def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The config a run stored in its workdir (`config.json`)."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -36,31 +36,48 @@ def make_predict_fn(model: nn.Module, filter_size: int) -> Callable:
   return predict
 
 
-def predict(model: nn.Module, variables: dict, images: np.ndarray, batch_size: int,
-            filter_size: int) -> tuple[np.ndarray, np.ndarray]:
+# Maps float32 images (B, H, W, 3) in [0, 1] to anomaly maps (B, H, W) and image scores (B,):
+# a trained model with its variables bound, or an exported artifact.
+PredictFn = Callable[[np.ndarray], tuple[jax.Array, jax.Array]]
+
+
+def model_predict_fn(model: nn.Module, variables: dict, filter_size: int) -> PredictFn:
+  return functools.partial(make_predict_fn(model, filter_size), variables)
+
+
+def predict(predict_fn: PredictFn, images: np.ndarray,
+            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Anomaly maps (N, H, W) and image scores (N,) of uint8 images (N, H, W, 3).
 
   The last batch is padded to `batch_size`, so one compilation serves every batch.
   """
-  predict_fn = make_predict_fn(model, filter_size)
   maps, scores = [], []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size].astype(np.float32) / 255.0
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-    batch_maps, batch_scores = jax.device_get(predict_fn(variables, chunk))
+    batch_maps, batch_scores = jax.device_get(predict_fn(chunk))
     maps.append(batch_maps[:n])
     scores.append(batch_scores[:n])
   return np.concatenate(maps), np.concatenate(scores)
 
 
-def evaluate(model: nn.Module, variables: dict, test_set: dict, batch_size: int,
-             filter_size: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def evaluate(predict_fn: PredictFn, test_set: dict,
+             batch_size: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """Metrics of one category, with the maps and scores they came from."""
-  maps, scores = predict(model, variables, test_set["image"], batch_size, filter_size)
+  maps, scores = predict(predict_fn, test_set["image"], batch_size)
   return (metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps), maps,
           scores)
+
+
+def thresholds(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+  """The image-score and pixel thresholds that maximise F1 on `test_set` (anomalib's adaptive
+  F1 threshold; MVTec AD has no validation split, so it is tuned on the test set). None where
+  the test set lacks normal or defective examples."""
+  found = {"image": metrics.f1_max(test_set["label"], scores)[1],
+           "pixel": metrics.f1_max(test_set["mask"].ravel(), maps.ravel())[1]}
+  return {k: None if np.isnan(v) else v for k, v in found.items()}
 
 
 def profile(model: nn.Module, variables: dict, image_size: int, filter_size: int,

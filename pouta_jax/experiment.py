@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import ml_collections
 from absl import logging
 
-from pouta_jax import (checkpoint, config as config_lib, evaluate, metrics, models, report,
-                       sharding, train)
+from pouta_jax import (artifact, checkpoint, config as config_lib, evaluate, metrics, models,
+                       report, sharding, train)
 from pouta_jax.data import category_folder
 from pouta_jax.data.folder import load_test_set
 
@@ -25,11 +26,12 @@ IDENTITY_KEYS = (("model", None), ("data", "image_size"), ("data", "category"),
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
-  """Creates `workdir`, checks it is writable and belongs to this model, stores the config."""
+  """Creates `workdir`, checks it is writable and belongs to this model, stores the config
+  (process 0 writes; every process checks)."""
   workdir = Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_probe"
+    probe = workdir / f".write_probe_{jax.process_index()}"
     probe.write_text("")
     probe.unlink()
   except OSError as e:
@@ -47,28 +49,69 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
         name = f"config.{section}" + (f".{key}" if key else "")
         raise ValueError(f"workdir {workdir} holds a run with {name}={old!r}, not {new!r}; use "
                          f"another --workdir")
-  report.write_atomic(stored_path, serialised)
+  if sharding.is_primary():
+    report.write_atomic(stored_path, serialised)
   return workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_eval",
-        include_untrained: bool = False) -> dict:
+        include_untrained: bool = False, artifact_path: str | Path | None = None) -> dict:
   """Runs `mode` for `config.data.category`; returns {"metrics": model -> category -> metric,
   "profiles": model -> parameters, FLOPs and latency} ({} in train mode).
 
   With `include_untrained`, the freshly initialised model is evaluated too (as
-  `<model>_untrained`): a near-chance score there shows the benchmark is not trivial.
+  `<model>_untrained`): a near-chance score there shows the benchmark is not trivial. With
+  `artifact_path` (eval mode only), an exported artifact is evaluated instead of the workdir's
+  checkpoint, on the config's data.
   """
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
   sharding.make_mesh(config)  # the mesh must fit the devices and the batch
+  sharding.process_rows(config.data.batch_size)  # and the batch the processes
+  exported = None
+  if artifact_path is not None:
+    if mode != "eval":
+      raise ValueError(f"--artifact evaluates an exported model: use --mode=eval, not {mode!r}")
+    exported = artifact.load(artifact_path)
+    if config.data.image_size not in exported.image_sizes:
+      raise ValueError(f"config.data.image_size={config.data.image_size}: the artifact "
+                       f"{artifact_path} has programs for {exported.image_sizes} only")
   folder = category_folder(config)
   test_set = load_test_set(folder, config.data.image_size)
   workdir = prepare_workdir(workdir, config)
-  model, _, initial, _ = train.initial_state(config, len(folder.train))
 
+  if exported is not None:
+    predictors, profiles = {exported.manifest["model"]: exported.predict}, {}
+  else:
+    predictors, profiles = _trained_predictors(config, workdir, mode, folder, include_untrained)
+    if mode == "train":
+      return {}
+
+  results = {}
+  category = config.data.category
+  main_name = next(iter(predictors))
+  for name, predict_fn in predictors.items():
+    category_metrics, maps, scores = evaluate.evaluate(predict_fn, test_set,
+                                                       config.eval.batch_size)
+    results[name] = {category: category_metrics}
+    logging.info("%s %s: %s", name, category, category_metrics)
+    if name == main_name and sharding.is_primary():
+      found = evaluate.thresholds(test_set, maps, scores)
+      report.write_json(workdir / "thresholds.json", {category: found})
+      pixel_threshold = float("nan") if found["pixel"] is None else found["pixel"]
+      report.write_heatmaps(workdir / "heatmaps", test_set, maps, pixel_threshold,
+                            config.eval.num_heatmaps)
+  if sharding.is_primary():
+    write_results(workdir, results, profiles)
+  return {"metrics": results, "profiles": profiles}
+
+
+def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: str,
+                        folder, include_untrained: bool) -> tuple[dict, dict]:
+  """Trains (unless mode is eval) or restores; the model's predict function(s) and profile."""
+  model, _, initial, _ = train.initial_state(config, len(folder.train))
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     state = checkpoint.restore_latest(mngr, initial)
@@ -78,27 +121,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   else:
     state = train.train(config, workdir, folder)
     if mode == "train":
-      return {}
-
-  variants = {config.model.name: state}
+      return {}, {}
+  # Every process evaluates on its own devices, from host copies of the (replicated) state.
+  state = jax.device_get(state)
+  filter_size = config.eval.score_filter_size
+  predictors = {config.model.name: evaluate.model_predict_fn(model, state.variables, filter_size)}
   if include_untrained:
-    variants[f"{config.model.name}_untrained"] = initial
-  results = {}
-  category = config.data.category
-  for name, variant in variants.items():
-    category_metrics, maps, _ = evaluate.evaluate(
-        model, variant.variables, test_set, config.eval.batch_size,
-        config.eval.score_filter_size)
-    results[name] = {category: category_metrics}
-    logging.info("%s %s: %s", name, category, category_metrics)
-    if name == config.model.name:
-      _, threshold = metrics.f1_max(test_set["mask"].ravel(), maps.ravel())
-      report.write_heatmaps(workdir / "heatmaps", test_set, maps, threshold,
-                            config.eval.num_heatmaps)
-  profiles = {config.model.name: evaluate.profile(
-      model, state.variables, config.data.image_size, config.eval.score_filter_size)}
-  write_results(workdir, results, profiles)
-  return {"metrics": results, "profiles": profiles}
+    predictors[f"{config.model.name}_untrained"] = evaluate.model_predict_fn(
+        model, initial.variables, filter_size)
+  profiles = {config.model.name: evaluate.profile(model, state.variables,
+                                                  config.data.image_size, filter_size)}
+  return predictors, profiles
 
 
 def write_results(workdir: str | Path, results: dict, profiles: dict, caption: str = "") -> None:

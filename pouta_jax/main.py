@@ -1,32 +1,53 @@
 """Command line: train and/or evaluate one model on one category.
 
     python -m pouta_jax.main --config=configs/draem.py:weave,tiny --workdir=outputs/weave \
-        [--mode=train|eval|train_and_eval] [--config.optim.lr=2e-4 ...]
+        [--mode=train|eval|train_and_eval] [--artifact=PATH] [--config.optim.lr=2e-4 ...]
 
-Flags are read by the entry points only: this module, demo.py, sweep.py's command line and
-launch/.
+A SIGTERM (preemption) saves a checkpoint and exits with 143; the same command resumes.
+Several processes form one program with --distributed (TPU VM, SLURM) or with
+--coordinator_address=host:port --num_processes=N --process_id=i.
+
+Flags are read by the entry points only: this module, demo.py, the command lines of sweep.py and
+export.py, and launch/.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, experiment
+from pouta_jax import config as config_lib, experiment, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and argument, e.g. configs/draem.py:bottle,tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", experiment.MODES, "What to run.")
+_ARTIFACT = flags.DEFINE_string("artifact", None, "With --mode=eval: evaluate this exported "
+                                "artifact (python -m pouta_jax.export) instead of a checkpoint.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process program that "
+                                 "jax.distributed detects (TPU VM slice, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
+                                   "multi-process program set up by hand.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  results = experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  if results:
+  sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
+  try:
+    results = experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value,
+                             artifact_path=_ARTIFACT.value)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
+  if results and sharding.is_primary():
     print(f"Outputs in {_WORKDIR.value}: metrics.json, results.md, heatmaps/")
 
 

@@ -1,9 +1,10 @@
-"""Device mesh and shardings for data-parallel training (jax.sharding, no pmap).
+"""Device mesh and shardings for data-parallel training (jax.sharding, no pmap), multi-host.
 
 The mesh comes from `config.mesh.axes`: (name, size) pairs where one size may be -1 for "all
 remaining devices". The batch is split over the `data` axis, parameters and optimizer state are
 replicated, and the jit-compiled step computes BatchNorm statistics and gradients over the global
-batch: XLA inserts the collectives.
+batch: XLA inserts the collectives. With several processes (jax.distributed), each process
+synthesises only its rows of every global batch and process 0 alone writes outputs.
 """
 
 from __future__ import annotations
@@ -54,3 +55,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_split(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over the data axis, the rest whole."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def initialize_distributed(detect: bool, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process JAX program: explicit coordinator flags, or, with `detect`, what
+  jax.distributed finds in the environment (TPU VM, SLURM, Open MPI). Must run before any
+  other JAX call; does nothing for a single process."""
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif detect:
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Whether this process writes the outputs (logs, metrics, heatmaps, config)."""
+  return jax.process_index() == 0
+
+
+def process_rows(batch_size: int) -> tuple[int, int]:
+  """(first row, number of rows) of each global batch that this process synthesises."""
+  count = jax.process_count()
+  if batch_size % count:
+    raise ValueError(f"config.data.batch_size={batch_size} does not split over the {count} "
+                     f"processes")
+  local = batch_size // count
+  return jax.process_index() * local, local
+
+
+def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows of a batch as one global array per key, split over the data axis."""
+  split = batch_split(mesh)
+  return {k: jax.make_array_from_process_local_data(split, np.asarray(v))
+          for k, v in local_batch.items()}

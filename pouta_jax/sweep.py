@@ -12,16 +12,20 @@ root and writes one row per setting, one column per category, mean ± std over s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
+import os
+import sys
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from pouta_jax import report
+from pouta_jax import config as config_lib, report
+from pouta_jax.data import embedded
 
 
 class SweepError(ValueError):
@@ -62,6 +66,75 @@ def expand(config: ml_collections.ConfigDict, sweeps: list[str], zips: list[str]
 def point_name(point: dict[str, str]) -> str:
   """A folder name for a sweep point, e.g. `optim.lr=3e-4,train.seed=1`."""
   return ",".join(f"{k}={v}" for k, v in point.items()).replace("/", "_") or "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One run of `python -m pouta_jax.main`: a category at a sweep point, in its own workdir."""
+
+  category: str
+  workdir: str
+  args: tuple[str, ...]  # pouta_jax.main's arguments
+
+  def command(self, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "pouta_jax.main", *self.args]
+
+
+def jobs(config_path: str, preset: str, categories: list[str], workdir: str,
+         points: list[dict[str, str]], extra: list[str]) -> list[Job]:
+  """Every (sweep point, category) run: `<workdir>/<point>/<category>` (no point folder without
+  a sweep), the point's overrides and then `extra` appended to each command."""
+  runs = []
+  for point in points:
+    for category in categories:
+      arg = ",".join(p for p in (category, preset) if p)
+      folder = os.path.join(workdir, point_name(point), category) if point else (
+          os.path.join(workdir, category))
+      runs.append(Job(category, folder, (f"--config={config_path}:{arg}", f"--workdir={folder}",
+                                         *(f"--config.{k}={v}" for k, v in point.items()),
+                                         *extra)))
+  return runs
+
+
+def check_categories(categories: list[str], root: str) -> None:
+  """Unknown category names fail before any job starts: the subfolders of `root`, or the
+  embedded dataset's categories when there is no root."""
+  known = (sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir()
+           else []) if root else sorted(embedded.CATEGORIES)
+  unknown = [c for c in categories if c not in known]
+  if unknown:
+    where = f"folders of {root}" if root else "embedded categories (set config.data.root)"
+    raise SweepError(f"--categories: {unknown} not among the {where}: {known}")
+
+
+def define_launch_flags() -> None:
+  """The flags every launcher in launch/ shares: what to run, and where its workdirs go."""
+  flags.DEFINE_string("config", "configs/draem.py", "Config file (without argument).")
+  flags.DEFINE_string("preset", "", "Size preset appended to each category, e.g. tiny.")
+  flags.DEFINE_list("categories", None, "Categories, one run each.", required=True)
+  flags.DEFINE_string("workdir", None, "Parent of the per-run workdirs.", required=True)
+  flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one product axis each.")
+  flags.DEFINE_multi_string("zip", [], "key=v1,v2,...: all --zip flags form one axis.")
+  flags.DEFINE_bool("config_sweep", False, "Also sweep the config file's get_sweep(arg).")
+  flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 per setting.", lower_bound=1)
+
+
+def jobs_from_flags(extra: list[str]) -> list[Job]:
+  """The launch flags' jobs, checked (keys, categories) before anything runs; `extra` are
+  pouta_jax.main arguments given after `--`."""
+  f = flags.FLAGS
+  arg = ",".join(p for p in (f.categories[0], f.preset) if p)
+  base = config_lib.load_file(f.config, arg)
+  sweeps, zips = list(f.sweep), list(f.zip)
+  if f.config_sweep:
+    spec = config_lib.load_sweep(f.config, arg)
+    sweeps += [f"{k}={','.join(map(str, v))}" for k, v in spec.get("product", {}).items()]
+    zips += [f"{k}={','.join(map(str, v))}" for k, v in spec.get("zip", {}).items()]
+  root = next((a.split("=", 1)[1] for a in reversed(extra)
+               if a.startswith("--config.data.root=")), base.data.root)
+  check_categories(f.categories, root)
+  points = expand(base, sweeps, zips, f.seeds)
+  return jobs(f.config, f.preset, f.categories, f.workdir, points, extra)
 
 
 def _get(config: dict, key: str):

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -119,7 +122,7 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
 
 
 def training_batches(config: ml_collections.ConfigDict, folder: CategoryFolder,
-                     num_steps: int, start_step: int):
+                     num_steps: int, start_step: int = 0) -> grain.IterDataset:
   sample_fn = pipeline.SynthesizedSample(
       train_paths=tuple(str(p) for p in folder.train),
       textures=texture_source(config.data.anomaly_source or None),
@@ -131,16 +134,63 @@ def training_batches(config: ml_collections.ConfigDict, folder: CategoryFolder,
           num_augmenters=config.data.num_augmenters),
       seed=config.train.seed)
   return pipeline.train_batches(sample_fn, config.data.batch_size, num_steps, start_step,
-                                config.data.num_workers)
+                                config.data.num_workers,
+                                sharding.process_rows(config.data.batch_size))
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
+
+
+# The exit status of a preempted run: what a process killed by SIGTERM returns, so schedulers
+# that requeue on it see the usual code.
+PREEMPTED_EXIT_CODE = 128 + 15
+
+
+class PreemptionNotice:
+  """Whether the scheduler asked this job to stop, checked once per step.
+
+  With several processes, JAX's preemption service (started by jax.distributed) takes the
+  SIGTERM and agrees on a step all processes reach; alone, a SIGTERM handler sets a flag.
+  """
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._requested.set())
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checked_scalars(step_metrics: dict, step: int, newest_checkpoint: int | None,
+                     workdir: Path) -> dict[str, float]:
+  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  if not all(math.isfinite(v) for v in scalars.values()):
+    raise FloatingPointError(
+        f"non-finite training metrics at step {step} ({scalars}); training stopped. The "
+        f"newest good checkpoint is step {newest_checkpoint} in {workdir}/checkpoints")
+  return scalars
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path,
           folder: CategoryFolder) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
-  A non-finite loss stops training with FloatingPointError before anything is saved, so the
-  newest checkpoint on disk is always a good one.
+  Checkpoints hold the train state and the data iterator, so a restarted run continues with
+  the batch that followed the checkpoint and ends bitwise equal to an uninterrupted one. A
+  non-finite loss stops training with FloatingPointError before anything is saved, so the
+  newest checkpoint on disk is always a good one; a SIGTERM saves a checkpoint and raises
+  Preempted.
   """
+  workdir = Path(workdir)
   mesh = sharding.make_mesh(config)
   model, tx, state, num_steps = initial_state(config, len(folder.train))
   state = jax.device_put(state, sharding.replicated(mesh))
@@ -155,33 +205,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
     return state
 
   train_step = make_train_step(model, models.get(config.model.name).objective(config), tx, mesh)
-  writer = report.ScalarWriter(workdir)
+  batches = iter(training_batches(config, folder, num_steps))
+  if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
+    batches = iter(training_batches(config, folder, num_steps, start))
+  writer = report.ScalarWriter(workdir) if sharding.is_primary() else None
+  notice = PreemptionNotice()
   last_time, last_step = time.perf_counter(), start
   try:
     with tqdm(total=num_steps, initial=start, desc=f"train {config.data.category}",
-              unit="step", dynamic_ncols=True) as bar:
-      batches = training_batches(config, folder, num_steps, start)
+              unit="step", dynamic_ncols=True, disable=not sharding.is_primary()) as bar:
       for step, batch in enumerate(batches, start + 1):  # counted on the host: no device sync
-        state, step_metrics = train_step(state, {k: np.asarray(v) for k, v in batch.items()})
+        state, step_metrics = train_step(state, sharding.global_batch(mesh, batch))
         bar.update(1)
+        preempted = notice.reached(step)
         log_now = step % config.train.log_every == 0 or step == num_steps
-        save_now = step % config.train.checkpoint_every == 0 or step == num_steps
+        save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
         if not (log_now or save_now):
           continue
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not all(math.isfinite(v) for v in scalars.values()):
-          raise FloatingPointError(
-              f"non-finite training metrics at step {step} ({scalars}); training stopped. The "
-              f"newest good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints")
+        scalars = _checked_scalars(step_metrics, step, mngr.latest_step(), workdir)
         if log_now:
           now = time.perf_counter()
           scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
           last_time, last_step = now, step
           bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-          writer.write(step, scalars)
+          logging.info("process %d step %d loss %.9g", jax.process_index(), step, scalars["loss"])
+          if writer is not None:
+            writer.write(step, scalars)
         if save_now:
-          checkpoint.save(mngr, step, state)
+          checkpoint.save(mngr, step, state, batches)
+        if preempted:
+          raise Preempted(f"preempted: saved step {step} of {num_steps} in {workdir}/checkpoints;"
+                          f" run the same command again to resume")
   finally:
-    writer.close()
+    notice.close()
+    if writer is not None:
+      writer.close()
     mngr.close()
   return state

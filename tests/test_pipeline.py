@@ -44,3 +44,13 @@ def test_epochs_visit_every_image_and_seed_changes_data(dataset_root):
       fn.train_paths, fn.textures, 32, synthesis.SynthesisConfig(rotate_prob=0.0), 0)
   targets = {no_rotation(i)["image"].tobytes() for i in range(n)}
   assert len(targets) == n
+
+
+def test_process_rows_partition_the_global_batch(dataset_root):
+  fn = _sample_fn(dataset_root)
+  whole = _collect(pipeline.train_batches(fn, 4, 3))
+  halves = [_collect(pipeline.train_batches(fn, 4, 3, rows=(first, 2))) for first in (0, 2)]
+  for step, batch in enumerate(whole):
+    for key in batch:
+      joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+      np.testing.assert_array_equal(joined, batch[key])

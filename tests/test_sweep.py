@@ -67,3 +67,36 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
 def test_aggregate_without_runs(tmp_path):
   with pytest.raises(sweep.SweepError, match="no run"):
     sweep.aggregate(tmp_path)
+
+
+def test_config_get_sweep_is_the_ablation_study():
+  spec = config_lib.load_sweep(config_lib.CONFIG_DIR / "pouta.py", "weave,tiny")
+  zipped = [f"{k}={','.join(map(str, v))}" for k, v in spec["zip"].items()]
+  points = sweep.expand(config_lib.load("pouta", "weave,tiny"), [], zipped)
+  assert points[0] == {"model.compare": "both", "model.guidance": "True",
+                       "loss.deep_supervision": "True"}
+  # The full model, then one idea off at a time.
+  off = [sum(v not in ("both", "True") for v in p.values()) for p in points]
+  assert off == [0, 1, 1, 1, 1]
+  with pytest.raises(ValueError, match="defines no get_sweep"):
+    config_lib.load_sweep(config_lib.CONFIG_DIR / "draem.py")
+
+
+def test_jobs_name_workdirs_by_point_and_category():
+  jobs = sweep.jobs("configs/pouta.py", "tiny", ["weave", "pill"], "runs",
+                    [{"optim.lr": "1e-4"}], ["--mode=train"])
+  assert [(j.category, j.workdir) for j in jobs] == [
+      ("weave", "runs/optim.lr=1e-4/weave"), ("pill", "runs/optim.lr=1e-4/pill")]
+  assert jobs[1].command("python")[3:] == [
+      "--config=configs/pouta.py:pill,tiny", "--workdir=runs/optim.lr=1e-4/pill",
+      "--config.optim.lr=1e-4", "--mode=train"]
+
+
+def test_unknown_categories_are_named(tmp_path):
+  sweep.check_categories(["weave", "pill"], "")
+  with pytest.raises(sweep.SweepError, match=r"\['bottle'\] not among the embedded"):
+    sweep.check_categories(["weave", "bottle"], "")
+  (tmp_path / "bottle").mkdir()
+  sweep.check_categories(["bottle"], str(tmp_path))
+  with pytest.raises(sweep.SweepError, match=r"\['weave'\] not among the folders of"):
+    sweep.check_categories(["weave"], str(tmp_path))

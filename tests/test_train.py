@@ -77,3 +77,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
   with pytest.raises(FloatingPointError, match="newest good checkpoint is step 3"):
     train.train(tiny_config, tmp_path, folder)
   assert checkpoint.manager(tmp_path, 2).all_steps() == [3]
+
+
+def test_checkpoint_holds_the_data_iterator(tiny_config, tmp_path):
+  folder = category_folder(tiny_config)
+  tiny_config.train.num_steps = 3
+  state = train.train(tiny_config, tmp_path, folder)
+  mngr = checkpoint.manager(tmp_path, 2)
+  batches = iter(train.training_batches(tiny_config, folder, 6))
+  assert checkpoint.restore_data_iterator(mngr, 3, batches)
+  expected = next(iter(train.training_batches(tiny_config, folder, 6, start_step=3)))
+  restored = next(batches)
+  for key in expected:
+    np.testing.assert_array_equal(restored[key], expected[key])
+  # A checkpoint of the state alone (as a converter writes) has no data state to restore.
+  checkpoint.save(mngr, 4, state)
+  assert not checkpoint.restore_data_iterator(mngr, 4, batches)
+  mngr.close()

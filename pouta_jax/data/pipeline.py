@@ -4,7 +4,9 @@ The training stream is a grain MapDataset over global sample indices g = step * 
 Sample g belongs to epoch g // N (N training images); its image is that epoch's seeded
 permutation at g % N and its randomness comes from np.random.default_rng((seed, epoch, g % N)),
 so a batch is a pure function of (seed, step): the number of worker processes never changes the
-data, and resuming at step s is slicing the dataset at s.
+data. With several JAX processes, each synthesises only its rows of every global batch, so the
+global batch is the same for any number of processes. The iterator's state is checkpointed with
+the model; a checkpoint without it resumes by slicing the dataset at its step.
 """
 
 from __future__ import annotations
@@ -39,12 +41,31 @@ class SynthesizedSample:
     return synthesize(rng, image, texture, self.synthesis)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+  """Local sample index -> global sample index, for rows [first, first + count) of each batch."""
+
+  batch_size: int
+  first: int
+  count: int
+
+  def __call__(self, index: int) -> int:
+    step, row = divmod(int(index), self.count)
+    return step * self.batch_size + self.first + row
+
+
 def train_batches(sample_fn: SynthesizedSample, batch_size: int, num_steps: int,
-                  start_step: int = 0, num_workers: int = 0) -> grain.IterDataset:
-  """Batches for steps [start_step, num_steps), synthesised in `num_workers` processes."""
-  dataset = (grain.MapDataset.range(0, num_steps * batch_size)
+                  start_step: int = 0, num_workers: int = 0,
+                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
+  """Batches for steps [start_step, num_steps), synthesised in `num_workers` processes.
+
+  `rows` = (first, count): only those rows of each global batch (this JAX process's share).
+  """
+  first, count = rows or (0, batch_size)
+  dataset = (grain.MapDataset.range(0, num_steps * count)
+             .map(ProcessRows(batch_size, first, count))
              .map(sample_fn)
-             .batch(batch_size, drop_remainder=True))[start_step:]
+             .batch(count, drop_remainder=True))[start_step:]
   iterable = dataset.to_iter_dataset()
   if num_workers > 0:
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

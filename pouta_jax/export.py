@@ -1,0 +1,131 @@
+"""Exports a trained workdir as a self-contained artifact for downstream evaluation.
+
+    python -m pouta_jax.export --workdir=outputs/bottle --out=exported/bottle \
+        [--image_sizes=256,512] [--batch_size=0]
+
+The artifact (read by `pouta_jax.artifact` with jax alone) holds one serialized jax.export
+program per image size, lowered for CPU, CUDA and TPU, with the batch dimension symbolic unless
+--batch_size fixes it; the weights; the preprocessing and image-score rule; suggested thresholds;
+the config and the metrics of the run. It is written to a temporary folder and renamed, and an
+existing --out is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pouta_jax import artifact, checkpoint, config as config_lib, evaluate, models, report, train
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def _state_of(workdir: Path, config) -> train.TrainState:
+  """The newest checkpoint's train state; FileNotFoundError before any work if there is none."""
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  try:
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
+    _, _, template, _ = train.initial_state(config, config.data.batch_size)
+    return checkpoint.restore_latest(mngr, template)
+  finally:
+    mngr.close()
+
+
+def _read_json(path: Path) -> dict | None:
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = (),
+           batch_size: int = 0) -> Path:
+  """Writes the artifact of `workdir`'s newest checkpoint to `out`; returns `out`.
+
+  `image_sizes`: the sizes to compile for (default: the training size); `batch_size` 0 leaves
+  the batch dimension symbolic, so one program serves every batch size.
+  """
+  workdir, out = Path(workdir), Path(out)
+  if out.exists():
+    raise FileExistsError(f"--out={out} exists; choose another path or delete it")
+  config = config_lib.from_workdir(workdir)
+  sizes = tuple(image_sizes) or (config.data.image_size,)
+  bad = [s for s in sizes if s <= 0 or s % config_lib.SIZE_MULTIPLE]
+  if bad:
+    raise ValueError(f"--image_sizes={list(sizes)}: {bad} not positive multiples of "
+                     f"{config_lib.SIZE_MULTIPLE}")
+  if batch_size < 0:
+    raise ValueError(f"--batch_size={batch_size}: expected 0 (any) or a positive batch size")
+  model = models.get(config.model.name).build(config)
+  state = _state_of(workdir, config)
+  variables = jax.device_get(state.variables)
+
+  predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
+  variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+  batch = batch_size or jax.export.symbolic_shape("batch")[0]
+  programs = {}
+  for size in sizes:
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    programs[size] = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
+
+  metrics = _read_json(workdir / "metrics.json") or {}
+  thresholds = (_read_json(workdir / "thresholds.json") or {}).get(config.data.category)
+  manifest = {
+      "format": artifact.FORMAT,
+      "model": config.model.name,
+      "category": config.data.category,
+      "step": int(state.step),
+      "image_sizes": list(sizes),
+      "batch_size": batch_size or "any",
+      "platforms": list(PLATFORMS),
+      "inputs": "float32 images (B, S, S, 3), NHWC, RGB, values in [0, 1]",
+      "preprocessing": {"color": "RGB; grayscale repeated over 3 channels",
+                        "resize": "Pillow bilinear to S x S (the training size: "
+                                  f"{config.data.image_size})",
+                        "scale": "uint8 / 255"},
+      "outputs": {"anomaly_map": "float32 (B, S, S) in [0, 1]: per-pixel anomaly probability",
+                  "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
+                                 f"{config.eval.score_filter_size} mean-filtered map (zero "
+                                 "padding)"},
+      "thresholds": thresholds or {"image": None, "pixel": None},
+      "thresholds_rule": "F1-max on the run's test set (null: the run was never evaluated)",
+      "metrics": metrics.get(config.model.name, {}).get(config.data.category),
+      "config": config.to_dict(),
+      "versions": {"jax": jax.__version__},
+  }
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+  try:
+    np.savez(staging / artifact.WEIGHTS, **artifact.flatten(variables))
+    for size, exported in programs.items():
+      (staging / artifact.program_name(size)).write_bytes(exported.serialize())
+    report.write_json(staging / artifact.MANIFEST, manifest)
+    staging.rename(out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return out
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size)
+  print(f"Artifact in {out}: load it with pouta_jax.artifact.load({str(out)!r})")
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: main.py has its own --workdir.
+  flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
+  flags.DEFINE_string("out", None, "Folder to write the artifact to (must not exist).",
+                      required=True)
+  flags.DEFINE_list("image_sizes", [], "Image sizes to compile for (default: the training size).")
+  flags.DEFINE_integer("batch_size", 0, "Fixed batch size; 0: any batch size.")
+  app.run(main)

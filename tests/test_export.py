@@ -1,0 +1,135 @@
+"""Exported artifacts: equal to the in-process model, loadable without flax or the model code,
+evaluable like a checkpoint, and never written from bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pouta_jax import artifact, evaluate, experiment, export, models
+from tests.conftest import make_tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_root, tmp_path_factory):
+  """A tiny POUTA run, trained and evaluated: (config, workdir, final variables, results)."""
+  config = make_tiny_config("pouta", dataset_root)
+  workdir = tmp_path_factory.mktemp("run")
+  results = experiment.run(config, workdir)
+  state = export._state_of(workdir, config)
+  return config, workdir, state.variables, results
+
+
+def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):
+  config, workdir, variables, results = trained
+  out = export.export(workdir, tmp_path / "art", image_sizes=(32, 64))
+  art = artifact.load(out)
+  model = models.get("pouta").build(config)
+  predict_fn = evaluate.model_predict_fn(model, variables, config.eval.score_filter_size)
+  rng = np.random.default_rng(0)
+  for batch, size in ((3, 32), (5, 32), (2, 64)):  # one program per size serves every batch
+    images = rng.random((batch, size, size, 3), dtype=np.float32)
+    maps, scores = art.predict(images)
+    want_maps, want_scores = jax.device_get(predict_fn(images))
+    assert maps.shape == (batch, size, size) and scores.shape == (batch,)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-6)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+
+  manifest = art.manifest
+  assert manifest["model"] == "pouta" and manifest["step"] == config.train.num_steps
+  assert manifest["image_sizes"] == [32, 64] and manifest["batch_size"] == "any"
+  assert set(manifest["platforms"]) == {"cpu", "cuda", "tpu"}
+  assert manifest["thresholds"] == json.loads((workdir / "thresholds.json").read_text())["weave"]
+  assert manifest["metrics"] == pytest.approx(results["metrics"]["pouta"]["weave"], nan_ok=True)
+  assert manifest["config"]["model"] == config.model.to_dict()
+  with pytest.raises(ValueError, match=r"S in \(32, 64\)"):
+    art.predict(np.zeros((1, 48, 48, 3), np.float32))
+
+
+def test_preprocess_matches_the_training_reader(trained, tmp_path):
+  _, workdir, _, _ = trained
+  art = artifact.load(export.export(workdir, tmp_path / "art"))
+  rng = np.random.default_rng(1)
+  gray = rng.integers(0, 256, (2, 50, 70), dtype=np.uint8)
+  from PIL import Image
+  want = np.stack([np.asarray(Image.fromarray(g).convert("RGB").resize((32, 32), Image.BILINEAR))
+                   for g in gray]).astype(np.float32) / 255
+  np.testing.assert_allclose(art.preprocess(gray), want)
+  with pytest.raises(ValueError, match="expected uint8 images"):
+    art.preprocess(gray.astype(np.float32))
+
+
+def test_cli_export_loads_without_flax_or_model_code(trained, tmp_path):
+  _, workdir, _, _ = trained
+  out = tmp_path / "art"
+  subprocess.run([sys.executable, "-m", "pouta_jax.export", f"--workdir={workdir}",
+                  f"--out={out}", "--batch_size=2"], cwd=REPO, check=True, capture_output=True)
+  images = np.random.default_rng(2).random((2, 32, 32, 3), dtype=np.float32)
+  np.save(tmp_path / "images.npy", images)
+  # A fresh interpreter where flax and every pouta_jax module are unimportable; the reader
+  # file is loaded by path, as a user who copied it would.
+  script = f"""
+import importlib.util, sys
+import numpy as np
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("flax", "pouta_jax", "optax", "orbax", "grain"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+spec = importlib.util.spec_from_file_location("reader", {str(REPO / "pouta_jax" / "artifact.py")!r})
+reader = sys.modules["reader"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reader)
+art = reader.load({str(out)!r})
+maps, scores = art.predict(np.load({str(tmp_path / "images.npy")!r}))
+np.savez({str(tmp_path / "standalone.npz")!r}, maps=maps, scores=scores)
+"""
+  subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True)
+  standalone = np.load(tmp_path / "standalone.npz")
+  maps, scores = artifact.load(out).predict(images)
+  np.testing.assert_array_equal(standalone["maps"], maps)
+  np.testing.assert_array_equal(standalone["scores"], scores)
+  with pytest.raises(ValueError, match="exported for batches of 2 images"):
+    artifact.load(out).predict(images[:1])
+
+
+def test_evaluation_runs_from_an_artifact(trained, tmp_path):
+  config, workdir, _, results = trained
+  out = export.export(workdir, tmp_path / "art")
+  evaluated = experiment.run(config, tmp_path / "eval", "eval", artifact_path=out)
+  assert evaluated["metrics"]["pouta"]["weave"] == pytest.approx(
+      results["metrics"]["pouta"]["weave"], abs=1e-6, nan_ok=True)
+  assert (tmp_path / "eval" / "metrics.json").is_file()
+  assert list((tmp_path / "eval" / "heatmaps").glob("*.png"))
+  with pytest.raises(ValueError, match="use --mode=eval"):
+    experiment.run(config, tmp_path / "eval", "train_and_eval", artifact_path=out)
+  config.data.image_size = 64
+  with pytest.raises(ValueError, match=r"programs for \(32,\) only"):
+    experiment.run(config, tmp_path / "eval", "eval", artifact_path=out)
+
+
+def test_bad_exports_fail_before_writing(trained, tmp_path):
+  config, workdir, _, _ = trained
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="exists"):
+    export.export(workdir, existing)
+  assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+  untrained = tmp_path / "untrained"
+  experiment.prepare_workdir(untrained, config)
+  with pytest.raises(FileNotFoundError, match="no checkpoint to export"):
+    export.export(untrained, tmp_path / "out1")
+  with pytest.raises(FileNotFoundError, match="not a pouta_jax workdir"):
+    export.export(tmp_path / "nowhere", tmp_path / "out2")
+  with pytest.raises(ValueError, match="--image_sizes"):
+    export.export(workdir, tmp_path / "out3", image_sizes=(48,))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "untrained"]
+  with pytest.raises(FileNotFoundError, match="not an exported artifact"):
+    artifact.load(workdir)

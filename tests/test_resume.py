@@ -1,0 +1,96 @@
+"""Exact resume across real process deaths: SIGTERM saves first, SIGKILL loses only the steps
+since the newest checkpoint; either way the restarted run ends bitwise equal to a straight one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pouta_jax import checkpoint, train
+from tests.conftest import make_tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_STEPS = 30
+
+
+def _command(root: Path, workdir: Path) -> list[str]:
+  config = make_tiny_config("draem", root)
+  overrides = {
+      "data.root": root, "model.base_width": config.model.base_width,
+      "data.image_size": config.data.image_size, "data.batch_size": config.data.batch_size,
+      "data.num_workers": 1,  # the worker process must die with its parent and restart
+      "train.num_steps": NUM_STEPS, "train.checkpoint_every": 5, "train.log_every": 1,
+  }
+  return [sys.executable, "-m", "pouta_jax.main", "--config=configs/draem.py:weave,tiny",
+          f"--workdir={workdir}", "--mode=train",
+          *(f"--config.{key}={value}" for key, value in overrides.items())]
+
+
+def _start(command: list[str], env: dict) -> subprocess.Popen:
+  # A session of its own, so a signal reaches the grain worker too, as a scheduler's would.
+  return subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _logged_steps(workdir: Path) -> int:
+  path = workdir / "scalars.jsonl"
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _signal_after(process: subprocess.Popen, workdir: Path, step: int, sig: int) -> str:
+  while _logged_steps(workdir) < step:
+    assert process.poll() is None, process.stderr.read()
+    time.sleep(0.05)
+  os.killpg(process.pid, sig)
+  _, stderr = process.communicate(timeout=120)
+  return stderr
+
+
+def _final_state(config, workdir: Path) -> train.TrainState:
+  _, _, template, _ = train.initial_state(config, 8)
+  mngr = checkpoint.manager(workdir, 2)
+  state = checkpoint.restore_latest(mngr, template)
+  mngr.close()
+  return state
+
+
+def test_sigterm_saves_and_sigkill_resumes_bitwise_equal(dataset_root, tmp_path):
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  subprocess.run(_command(dataset_root, straight), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  rng = np.random.default_rng()
+
+  # Preemption at a random step between checkpoints: exit 143 after saving the step it was at.
+  process = _start(_command(dataset_root, interrupted), env)
+  target = int(rng.integers(6, 10))
+  stderr = _signal_after(process, interrupted, target, signal.SIGTERM)
+  assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr
+  assert "run the same command again" in stderr
+  mngr = checkpoint.manager(interrupted, 2)
+  preempted_at = mngr.latest_step()
+  mngr.close()
+  assert target <= preempted_at == _logged_steps(interrupted) < NUM_STEPS  # no step lost
+  assert (interrupted / "checkpoints" / str(preempted_at) / "data").is_dir()
+
+  # SIGKILL later on: no warning; the steps since the newest checkpoint are lost and redone.
+  # Ten steps to spare, so the run cannot finish before the signal lands.
+  process = _start(_command(dataset_root, interrupted), env)
+  _signal_after(process, interrupted, int(rng.integers(preempted_at + 6, NUM_STEPS - 10)),
+                signal.SIGKILL)
+  assert process.returncode == -signal.SIGKILL
+  subprocess.run(_command(dataset_root, interrupted), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+
+  config = make_tiny_config("draem", dataset_root)
+  config.train.num_steps = NUM_STEPS
+  a, b = _final_state(config, straight), _final_state(config, interrupted)
+  assert int(a.step) == int(b.step) == NUM_STEPS
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
