@@ -30,6 +30,11 @@ PRESETS = {
     },
 }
 
+# `--config=configs/<model>.py:all` trains these in one program (MVTec AD's 15 categories).
+MVTEC_AD_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
+                       "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
+                       "zipper")
+
 # Downsampling of the deepest network: the discriminative U-Net pools 5 times.
 SIZE_MULTIPLE = 32
 
@@ -41,6 +46,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
       embedded_dir="outputs/data/embedded",
       category="weave",
+      # Two or more: one program trains them all, parameters stacked over a category axis
+      # (`category` is then the first of them).
+      categories=(),
       few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
       image_size=256,
       anomaly_source="",  # a DTD-layout texture folder; empty: procedural textures
@@ -53,7 +61,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       num_workers=2,
   )
   # Device mesh: (axis name, size) pairs, one size may be -1 ("the rest"). The batch is split
-  # over "data"; parameters are replicated.
+  # over "data"; parameters are replicated, or, with data.categories, split over an optional
+  # "category" axis.
   config.mesh = dict(axes=(("data", -1),))
   config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2)
   config.train = dict(
@@ -63,21 +72,33 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       log_every=50,
       checkpoint_every=1000,
       keep_checkpoints=2,
+      # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
+      category_loop="auto",
   )
   config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
   return config
 
 
 def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies `category[,preset]` from `--config=configs/<model>.py:category,preset`."""
-  parts = [p for p in (arg or "").split(",") if p]
-  for part in parts:
+  """Applies `categories[,preset]` from `--config=configs/<model>.py:bottle,tiny`.
+
+  One category sets `data.category`; several (or `all`: MVTec AD's 15) also set
+  `data.categories`, for one program that trains them all.
+  """
+  categories = []
+  for part in (p for p in (arg or "").split(",") if p):
     if part in PRESETS:
       for key, value in PRESETS[part].items():
         section, name = key.split(".")
         config[section][name] = value
+    elif part == "all":
+      categories.extend(MVTEC_AD_CATEGORIES)
     else:
-      config.data.category = part
+      categories.append(part)
+  if categories:
+    config.data.category = categories[0]
+  if len(categories) > 1:
+    config.data.categories = tuple(categories)
   return config
 
 
@@ -117,6 +138,16 @@ def load_sweep(path: str | Path, arg: str | None = None) -> dict[str, dict[str, 
   return sweep
 
 
+def categories_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The categories a config trains: `data.categories`, or the one `data.category`."""
+  return tuple(config.data.categories) or (config.data.category,)
+
+
+def is_stacked(config: ml_collections.ConfigDict) -> bool:
+  """Whether one program trains several categories (state stacked over a category axis)."""
+  return bool(config.data.categories)
+
+
 def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run stored in its workdir (`config.json`)."""
   path = Path(workdir) / "config.json"
@@ -138,6 +169,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)")
   check(config.model.base_width >= 2 and config.model.base_width % 2 == 0, "model.base_width",
         "an even number >= 2 (the discriminative width is half of it)")
+  categories = tuple(config.data.categories)
+  check(len(set(categories)) == len(categories), "data.categories", "distinct category names")
   check(config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count")
   check(config.data.batch_size > 0, "data.batch_size", "a positive batch size")
   check(config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
@@ -156,6 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.train.log_every > 0, "train.log_every", "a positive interval")
   check(config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval")
   check(config.train.keep_checkpoints > 0, "train.keep_checkpoints", "at least 1")
+  check(config.train.category_loop in ("auto", "vmap", "unroll"), "train.category_loop",
+        "'auto', 'vmap' or 'unroll'")
   check(config.eval.score_filter_size % 2 == 1, "eval.score_filter_size",
         "an odd filter size (centred mean filter)")
 

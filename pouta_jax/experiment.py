@@ -22,7 +22,7 @@ MODES = ("train", "eval", "train_and_eval")
 # What must match between a workdir's stored config and a run that resumes in it: the whole
 # model section, and the data that defines the task.
 IDENTITY_KEYS = (("model", None), ("data", "image_size"), ("data", "category"),
-                 ("data", "few_shot"))
+                 ("data", "categories"), ("data", "few_shot"))
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
@@ -56,8 +56,9 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_eval",
         include_untrained: bool = False, artifact_path: str | Path | None = None) -> dict:
-  """Runs `mode` for `config.data.category`; returns {"metrics": model -> category -> metric,
-  "profiles": model -> parameters, FLOPs and latency} ({} in train mode).
+  """Runs `mode` for the config's category (or categories, in one program); returns
+  {"metrics": model -> category -> metric, "profiles": model -> parameters, FLOPs and latency}
+  ({} in train mode).
 
   With `include_untrained`, the freshly initialised model is evaluated too (as
   `<model>_untrained`): a near-chance score there shows the benchmark is not trivial. With
@@ -68,8 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
-  sharding.make_mesh(config)  # the mesh must fit the devices and the batch
-  sharding.process_rows(config.data.batch_size)  # and the batch the processes
+  sharding.make_mesh(config)  # the mesh must fit the devices, the batch and the categories
   exported = None
   if artifact_path is not None:
     if mode != "eval":
@@ -78,40 +78,45 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
     if config.data.image_size not in exported.image_sizes:
       raise ValueError(f"config.data.image_size={config.data.image_size}: the artifact "
                        f"{artifact_path} has programs for {exported.image_sizes} only")
-  folder = category_folder(config)
-  test_set = load_test_set(folder, config.data.image_size)
+  categories = config_lib.categories_of(config)
+  folders = [category_folder(config, c) for c in categories]
+  test_sets = {f.category: load_test_set(f, config.data.image_size) for f in folders}
   workdir = prepare_workdir(workdir, config)
 
   if exported is not None:
-    predictors, profiles = {exported.manifest["model"]: exported.predict}, {}
+    predictors = {exported.manifest["model"]: {c: exported.predict for c in categories}}
+    profiles = {}
   else:
-    predictors, profiles = _trained_predictors(config, workdir, mode, folder, include_untrained)
+    predictors, profiles = _trained_predictors(config, workdir, mode, folders, include_untrained)
     if mode == "train":
       return {}
 
-  results = {}
-  category = config.data.category
+  results, found = {}, {}
   main_name = next(iter(predictors))
-  for name, predict_fn in predictors.items():
-    category_metrics, maps, scores = evaluate.evaluate(predict_fn, test_set,
-                                                       config.eval.batch_size)
-    results[name] = {category: category_metrics}
-    logging.info("%s %s: %s", name, category, category_metrics)
-    if name == main_name and sharding.is_primary():
-      found = evaluate.thresholds(test_set, maps, scores)
-      report.write_json(workdir / "thresholds.json", {category: found})
-      pixel_threshold = float("nan") if found["pixel"] is None else found["pixel"]
-      report.write_heatmaps(workdir / "heatmaps", test_set, maps, pixel_threshold,
-                            config.eval.num_heatmaps)
+  for name, per_category in predictors.items():
+    for category, predict_fn in per_category.items():
+      test_set = test_sets[category]
+      category_metrics, maps, scores = evaluate.evaluate(predict_fn, test_set,
+                                                         config.eval.batch_size)
+      results.setdefault(name, {})[category] = category_metrics
+      logging.info("%s %s: %s", name, category, category_metrics)
+      if name == main_name and sharding.is_primary():
+        found[category] = evaluate.thresholds(test_set, maps, scores)
+        pixel = found[category]["pixel"]
+        heatmaps = workdir / "heatmaps" / (category if len(categories) > 1 else "")
+        report.write_heatmaps(heatmaps, test_set, maps, float("nan") if pixel is None else pixel,
+                              config.eval.num_heatmaps)
   if sharding.is_primary():
+    report.write_json(workdir / "thresholds.json", found)
     write_results(workdir, results, profiles)
   return {"metrics": results, "profiles": profiles}
 
 
 def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: str,
-                        folder, include_untrained: bool) -> tuple[dict, dict]:
-  """Trains (unless mode is eval) or restores; the model's predict function(s) and profile."""
-  model, _, initial, _ = train.initial_state(config, len(folder.train))
+                        folders: list, include_untrained: bool) -> tuple[dict, dict]:
+  """Trains (unless mode is eval) or restores; model -> category -> predict function, and the
+  model's profile."""
+  model, _, initial, _ = train.initial_state(config, [len(f.train) for f in folders])
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     state = checkpoint.restore_latest(mngr, initial)
@@ -119,18 +124,22 @@ def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: 
     if state is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
   else:
-    state = train.train(config, workdir, folder)
+    state = train.train(config, workdir, folders)
     if mode == "train":
       return {}, {}
-  # Every process evaluates on its own devices, from host copies of the (replicated) state.
-  state = jax.device_get(state)
-  filter_size = config.eval.score_filter_size
-  predictors = {config.model.name: evaluate.model_predict_fn(model, state.variables, filter_size)}
+  # Every process evaluates on its own devices, from host copies of the state.
+  variants = {config.model.name: sharding.to_host(state.variables)}
   if include_untrained:
-    predictors[f"{config.model.name}_untrained"] = evaluate.model_predict_fn(
-        model, initial.variables, filter_size)
-  profiles = {config.model.name: evaluate.profile(model, state.variables,
-                                                  config.data.image_size, filter_size)}
+    variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
+  filter_size = config.eval.score_filter_size
+  predictors = {
+      name: {f.category: evaluate.model_predict_fn(
+          model, train.category_variables(config, variables, i), filter_size)
+             for i, f in enumerate(folders)}
+      for name, variables in variants.items()}
+  profiles = {config.model.name: evaluate.profile(
+      model, train.category_variables(config, variants[config.model.name], 0),
+      config.data.image_size, filter_size)}
   return predictors, profiles
 
 

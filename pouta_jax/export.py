@@ -1,7 +1,7 @@
 """Exports a trained workdir as a self-contained artifact for downstream evaluation.
 
     python -m pouta_jax.export --workdir=outputs/bottle --out=exported/bottle \
-        [--image_sizes=256,512] [--batch_size=0]
+        [--image_sizes=256,512] [--batch_size=0] [--category=bottle]
 
 The artifact (read by `pouta_jax.artifact` with jax alone) holds one serialized jax.export
 program per image size, lowered for CPU, CUDA and TPU, with the batch dimension symbolic unless
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from pouta_jax import artifact, checkpoint, config as config_lib, evaluate, models, report, train
+from pouta_jax import (artifact, checkpoint, config as config_lib, evaluate, models, report,
+                       sharding, train)
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -33,7 +34,8 @@ def _state_of(workdir: Path, config) -> train.TrainState:
   try:
     if mngr.latest_step() is None:
       raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
-    _, _, template, _ = train.initial_state(config, config.data.batch_size)
+    # The step count only sets the optimizer's schedule, not the state's shapes.
+    _, _, template, _ = train.initial_state(config, [1] * len(config_lib.categories_of(config)))
     return checkpoint.restore_latest(mngr, template)
   finally:
     mngr.close()
@@ -44,11 +46,12 @@ def _read_json(path: Path) -> dict | None:
 
 
 def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = (),
-           batch_size: int = 0) -> Path:
+           batch_size: int = 0, category: str = "") -> Path:
   """Writes the artifact of `workdir`'s newest checkpoint to `out`; returns `out`.
 
   `image_sizes`: the sizes to compile for (default: the training size); `batch_size` 0 leaves
-  the batch dimension symbolic, so one program serves every batch size.
+  the batch dimension symbolic, so one program serves every batch size; `category`: which
+  model of a run that trained several categories at once.
   """
   workdir, out = Path(workdir), Path(out)
   if out.exists():
@@ -61,9 +64,17 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
                      f"{config_lib.SIZE_MULTIPLE}")
   if batch_size < 0:
     raise ValueError(f"--batch_size={batch_size}: expected 0 (any) or a positive batch size")
+  categories = config_lib.categories_of(config)
+  if config_lib.is_stacked(config) and category not in categories:
+    raise ValueError(f"--category={category!r}: {workdir} trained {list(categories)}; choose "
+                     f"one of them")
+  if not config_lib.is_stacked(config) and category not in ("", config.data.category):
+    raise ValueError(f"--category={category!r}: {workdir} trained {config.data.category!r} only")
+  category = category or config.data.category
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
-  variables = jax.device_get(state.variables)
+  variables = train.category_variables(config, sharding.to_host(state.variables),
+                                       categories.index(category))
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -74,12 +85,12 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
     programs[size] = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
 
   metrics = _read_json(workdir / "metrics.json") or {}
-  thresholds = (_read_json(workdir / "thresholds.json") or {}).get(config.data.category)
+  thresholds = (_read_json(workdir / "thresholds.json") or {}).get(category)
   manifest = {
       "format": artifact.FORMAT,
       "model": config.model.name,
-      "category": config.data.category,
-      "step": int(state.step),
+      "category": category,
+      "step": train.current_step(state),
       "image_sizes": list(sizes),
       "batch_size": batch_size or "any",
       "platforms": list(PLATFORMS),
@@ -94,7 +105,7 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
                                  "padding)"},
       "thresholds": thresholds or {"image": None, "pixel": None},
       "thresholds_rule": "F1-max on the run's test set (null: the run was never evaluated)",
-      "metrics": metrics.get(config.model.name, {}).get(config.data.category),
+      "metrics": metrics.get(config.model.name, {}).get(category),
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__},
   }
@@ -117,7 +128,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size)
+  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size, f.category)
   print(f"Artifact in {out}: load it with pouta_jax.artifact.load({str(out)!r})")
 
 
@@ -128,4 +139,5 @@ if __name__ == "__main__":
                       required=True)
   flags.DEFINE_list("image_sizes", [], "Image sizes to compile for (default: the training size).")
   flags.DEFINE_integer("batch_size", 0, "Fixed batch size; 0: any batch size.")
+  flags.DEFINE_string("category", "", "Which category, for a run that trained several at once.")
   app.run(main)

@@ -14,9 +14,11 @@ import math
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+CATEGORY_AXIS = "category"
 
 
 def mesh_shape(axes: tuple[tuple[str, int], ...], num_devices: int) -> dict[str, int]:
@@ -39,22 +41,74 @@ def mesh_shape(axes: tuple[tuple[str, int], ...], num_devices: int) -> dict[str,
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The config's mesh over all devices; checks that the batch splits over the data axis."""
+  """The config's mesh over all devices; checks that the batch splits over the data axis and
+  the categories over the category axis."""
   shape = mesh_shape(tuple(tuple(a) for a in config.mesh.axes), jax.device_count())
   if config.data.batch_size % shape[DATA_AXIS]:
     raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over the "
                      f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis")
+  if CATEGORY_AXIS in shape:
+    num_categories = len(config.data.categories)
+    if not num_categories or num_categories % shape[CATEGORY_AXIS]:
+      raise ValueError(f"config.mesh.axes={tuple(map(tuple, config.mesh.axes))!r}: the "
+                       f"{shape[CATEGORY_AXIS]} devices of the {CATEGORY_AXIS!r} axis must "
+                       f"divide the {num_categories} config.data.categories")
   devices = np.asarray(jax.devices()).reshape(tuple(shape.values()))
   return Mesh(devices, tuple(shape))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def state_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
+  """Parameters and optimizer state: replicated, or split over the category axis of a mesh
+  that has one when they are stacked over categories."""
+  if stacked and CATEGORY_AXIS in mesh.axis_names:
+    return NamedSharding(mesh, PartitionSpec(CATEGORY_AXIS))
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_split(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension over the data axis, the rest whole."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def replicated(mesh: Mesh) -> NamedSharding:
+  return state_sharding(mesh, stacked=False)
+
+
+def batch_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
+  """The batch dimension over the data axis, after the category dimension when stacked."""
+  if not stacked:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  category = CATEGORY_AXIS if CATEGORY_AXIS in mesh.axis_names else None
+  return NamedSharding(mesh, PartitionSpec(category, DATA_AXIS))
+
+
+def process_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The block of a global array of `shape` that this process's devices hold (one slice per
+  dimension). Data-parallel meshes give each process a contiguous block."""
+  indices = list(sharding.addressable_devices_indices_map(shape).values())
+  block = []
+  for dim, size in enumerate(shape):
+    starts = [idx[dim].start or 0 for idx in indices]
+    stops = [size if idx[dim].stop is None else idx[dim].stop for idx in indices]
+    block.append(slice(min(starts), max(stops)))
+  return tuple(block)
+
+
+def global_batch(sharding: NamedSharding, local_batch: dict[str, np.ndarray],
+                 leading_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+  """Global arrays of leading dims `leading_shape` ((batch,) or (categories, batch)) from this
+  process's block of them, which grain delivered flattened into one leading dim."""
+  arrays = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    block = process_block(sharding, leading_shape + value.shape[1:])
+    local_shape = tuple(b.stop - b.start for b in block)
+    arrays[key] = jax.make_array_from_process_local_data(
+        sharding, value.reshape(local_shape), leading_shape + value.shape[1:])
+  return arrays
+
+
+def to_host(tree):
+  """Host (numpy) copies of a pytree of global arrays, gathered from every process if they are
+  split over processes."""
+  if all(x.is_fully_addressable or x.is_fully_replicated for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def initialize_distributed(detect: bool, coordinator_address: str | None = None,
@@ -74,20 +128,3 @@ def initialize_distributed(detect: bool, coordinator_address: str | None = None,
 def is_primary() -> bool:
   """Whether this process writes the outputs (logs, metrics, heatmaps, config)."""
   return jax.process_index() == 0
-
-
-def process_rows(batch_size: int) -> tuple[int, int]:
-  """(first row, number of rows) of each global batch that this process synthesises."""
-  count = jax.process_count()
-  if batch_size % count:
-    raise ValueError(f"config.data.batch_size={batch_size} does not split over the {count} "
-                     f"processes")
-  local = batch_size // count
-  return jax.process_index() * local, local
-
-
-def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This process's rows of a batch as one global array per key, split over the data axis."""
-  split = batch_split(mesh)
-  return {k: jax.make_array_from_process_local_data(split, np.asarray(v))
-          for k, v in local_batch.items()}

@@ -70,9 +70,10 @@ def point_name(point: dict[str, str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One run of `python -m pouta_jax.main`: a category at a sweep point, in its own workdir."""
+  """One run of `python -m pouta_jax.main`: a category (or all, in one program) at a sweep
+  point, in its own workdir."""
 
-  category: str
+  category: str  # or STACKED_FOLDER
   workdir: str
   args: tuple[str, ...]  # pouta_jax.main's arguments
 
@@ -80,19 +81,25 @@ class Job:
     return [python, "-m", "pouta_jax.main", *self.args]
 
 
+STACKED_FOLDER = "stacked"
+
+
 def jobs(config_path: str, preset: str, categories: list[str], workdir: str,
-         points: list[dict[str, str]], extra: list[str]) -> list[Job]:
+         points: list[dict[str, str]], extra: list[str], one_program: bool = False) -> list[Job]:
   """Every (sweep point, category) run: `<workdir>/<point>/<category>` (no point folder without
-  a sweep), the point's overrides and then `extra` appended to each command."""
+  a sweep), the point's overrides and then `extra` appended to each command. `one_program`:
+  one run per point trains every category (`<workdir>/<point>/stacked`)."""
+  groups = [list(categories)] if one_program else [[c] for c in categories]
   runs = []
   for point in points:
-    for category in categories:
-      arg = ",".join(p for p in (category, preset) if p)
-      folder = os.path.join(workdir, point_name(point), category) if point else (
-          os.path.join(workdir, category))
-      runs.append(Job(category, folder, (f"--config={config_path}:{arg}", f"--workdir={folder}",
-                                         *(f"--config.{k}={v}" for k, v in point.items()),
-                                         *extra)))
+    for group in groups:
+      arg = ",".join(group + ([preset] if preset else []))
+      name = STACKED_FOLDER if one_program else group[0]
+      folder = os.path.join(workdir, point_name(point), name) if point else (
+          os.path.join(workdir, name))
+      runs.append(Job(name, folder, (f"--config={config_path}:{arg}", f"--workdir={folder}",
+                                     *(f"--config.{k}={v}" for k, v in point.items()),
+                                     *extra)))
   return runs
 
 
@@ -117,6 +124,8 @@ def define_launch_flags() -> None:
   flags.DEFINE_multi_string("zip", [], "key=v1,v2,...: all --zip flags form one axis.")
   flags.DEFINE_bool("config_sweep", False, "Also sweep the config file's get_sweep(arg).")
   flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 per setting.", lower_bound=1)
+  flags.DEFINE_bool("one_program", False, "Train all categories in one program per sweep point "
+                    "(parameters stacked over a category axis) instead of one run each.")
 
 
 def jobs_from_flags(extra: list[str]) -> list[Job]:
@@ -134,7 +143,7 @@ def jobs_from_flags(extra: list[str]) -> list[Job]:
                if a.startswith("--config.data.root=")), base.data.root)
   check_categories(f.categories, root)
   points = expand(base, sweeps, zips, f.seeds)
-  return jobs(f.config, f.preset, f.categories, f.workdir, points, extra)
+  return jobs(f.config, f.preset, f.categories, f.workdir, points, extra, f.one_program)
 
 
 def _get(config: dict, key: str):
@@ -166,14 +175,14 @@ def aggregate(root: str | Path, swept: list[str] | None = None,
     if not config_path.is_file():
       continue  # e.g. the demo's combined metrics.json
     config = json.loads(config_path.read_text())
-    model = config["model"]["name"]
-    results = json.loads(metrics_path.read_text())[model]
-    runs.append((config, config["data"]["category"], results[config["data"]["category"]][metric]))
+    results = json.loads(metrics_path.read_text())[config["model"]["name"]]
+    categories = config["data"].get("categories") or [config["data"]["category"]]
+    runs.extend((config, category, results[category][metric]) for category in categories)
   if not runs:
     raise SweepError(f"no run with metrics.json and config.json under {root}")
   if swept is None:
     flat = [{k: json.dumps(v) for k, v in _flatten(c).items()} for c, _, _ in runs]
-    keys = set().union(*flat) - {"train.seed", "data.category"}
+    keys = set().union(*flat) - {"train.seed", "data.category", "data.categories"}
     swept = sorted(k for k in keys if len({f.get(k) for f in flat}) > 1)
   table: dict[tuple, dict[str, list[float]]] = {}
   for config, category, value in runs:

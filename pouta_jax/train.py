@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -19,13 +19,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from pouta_jax import checkpoint, models, report, sharding
+from pouta_jax import checkpoint, config as config_lib, models, report, sharding
 from pouta_jax.data import pipeline
 from pouta_jax.data.folder import CategoryFolder
 from pouta_jax.data.synthesis import SynthesisConfig
@@ -80,22 +81,73 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: i
 
 
 def initial_state(config: ml_collections.ConfigDict,
-                  num_train_images: int) -> tuple[nn.Module, optax.GradientTransformation,
-                                                  TrainState, int]:
-  """The model, its optimizer, the step-0 state and the number of steps of this config."""
+                  train_sizes: Sequence[int]) -> tuple[nn.Module, optax.GradientTransformation,
+                                                       TrainState, int]:
+  """The model, its optimizer, the step-0 state and the number of steps, for categories with
+  `train_sizes` training images each. With `data.categories` the state is stacked over them
+  (every category starts from the same initialisation, as separate runs with one seed do)."""
+  steps = {num_train_steps(config, n) for n in train_sizes}
+  if len(steps) > 1:
+    raise ValueError(f"config.train.num_steps={config.train.num_steps}: the categories' "
+                     f"epoch-based schedules differ ({sorted(steps)} steps); categories trained "
+                     f"in one program need one step count")
+  num_steps = steps.pop()
   model = models.get(config.model.name).build(config)
-  num_steps = num_train_steps(config, num_train_images)
   tx = make_optimizer(config, num_steps)
-  return model, tx, init_state(model, tx, config.data.image_size, config.train.seed), num_steps
+  state = init_state(model, tx, config.data.image_size, config.train.seed)
+  if config_lib.is_stacked(config):
+    state = jax.tree.map(lambda x: jnp.repeat(x[None], len(train_sizes), axis=0), state)
+  return model, tx, state, num_steps
+
+
+def category_variables(config: ml_collections.ConfigDict, variables: dict, index: int) -> dict:
+  """The variables of the `index`-th category of a stacked state (all of them otherwise)."""
+  if not config_lib.is_stacked(config):
+    return variables
+  return jax.tree.map(lambda x: x[index], variables)
+
+
+def current_step(state: TrainState) -> int:
+  """The step of a (possibly stacked, possibly sharded) state, read from this process's data."""
+  return int(np.asarray(state.step.addressable_data(0)).reshape(-1)[0])
+
+
+def category_loop(config: ml_collections.ConfigDict) -> str | None:
+  """How a stacked step runs its categories (None: a single model).
+
+  "vmap" batches them into one computation (each conv becomes a grouped conv): what
+  accelerators want. XLA's CPU grouped convolutions are slow (a vmapped step measured 0.4x the
+  throughput of separate steps on 2 cores, `bench/stacked_vs_separate.py`), so "auto" takes
+  "unroll" on the CPU: one program with one copy of the step per category.
+  """
+  if not config_lib.is_stacked(config):
+    return None
+  loop = config.train.category_loop
+  if loop == "auto":
+    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+  return loop
+
+
+def _unrolled(step: Callable) -> Callable:
+  def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    num_categories = jax.tree.leaves(batch)[0].shape[0]
+    outs = [step(jax.tree.map(lambda x: x[i], state), jax.tree.map(lambda x: x[i], batch))
+            for i in range(num_categories)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  return run
 
 
 @functools.lru_cache(maxsize=16)
 def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> Callable:
+                    mesh: Mesh, loop: str | None = None) -> Callable:
   """One jit-compiled step: forward in train mode, objective, gradients, Adam update.
 
-  The state is replicated over `mesh` and the batch split over its data axis; the loss, the
-  BatchNorm statistics and the gradients are over the global batch.
+  The batch is split over the mesh's data axis; the loss, the BatchNorm statistics and the
+  gradients are over the global batch. With a category `loop` ("vmap" or "unroll", see
+  `category_loop`), state and batch have a leading category axis, each category its own model
+  in one program; the state is then split over the mesh's category axis if it has one, else
+  replicated like a single model's.
   """
 
   def loss_fn(params, state: TrainState, batch: dict):
@@ -104,11 +156,7 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
     loss, terms = objective(outputs, batch)
     return loss, (terms, updates["batch_stats"])
 
-  replicated = sharding.replicated(mesh)
-
-  @functools.partial(jax.jit, in_shardings=(replicated, sharding.batch_split(mesh)),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -118,24 +166,42 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
     # The gradient norm is checked with the loss: a non-finite one must never be saved.
     return new_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
 
-  return train_step
+  if loop not in (None, "vmap", "unroll"):
+    raise ValueError(f"category loop {loop!r}: expected 'vmap' or 'unroll'")
+  stacked = loop is not None
+  body = {None: step, "vmap": jax.vmap(step), "unroll": _unrolled(step)}[loop]
+  state_sharding = sharding.state_sharding(mesh, stacked)
+  return jax.jit(body, in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def training_batches(config: ml_collections.ConfigDict, folder: CategoryFolder,
-                     num_steps: int, start_step: int = 0) -> grain.IterDataset:
-  sample_fn = pipeline.SynthesizedSample(
-      train_paths=tuple(str(p) for p in folder.train),
-      textures=texture_source(config.data.anomaly_source or None),
-      image_size=config.data.image_size,
-      synthesis=SynthesisConfig(
-          anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
-          beta_max=config.data.beta_max,
-          perlin_max_scale_log2=config.data.perlin_max_scale_log2,
-          num_augmenters=config.data.num_augmenters),
-      seed=config.train.seed)
-  return pipeline.train_batches(sample_fn, config.data.batch_size, num_steps, start_step,
-                                config.data.num_workers,
-                                sharding.process_rows(config.data.batch_size))
+def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The leading dims of a global batch: (batch,), or (categories, batch) when stacked."""
+  if config_lib.is_stacked(config):
+    return (len(config.data.categories), config.data.batch_size)
+  return (config.data.batch_size,)
+
+
+def training_batches(config: ml_collections.ConfigDict, folders: Sequence[CategoryFolder],
+                     mesh: Mesh, num_steps: int, start_step: int = 0) -> grain.IterDataset:
+  """This process's block of every global batch (see `sharding.process_block`)."""
+  synthesis = SynthesisConfig(
+      anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
+      beta_max=config.data.beta_max, perlin_max_scale_log2=config.data.perlin_max_scale_log2,
+      num_augmenters=config.data.num_augmenters)
+  textures = texture_source(config.data.anomaly_source or None)
+  samples = tuple(pipeline.SynthesizedSample(
+      train_paths=tuple(str(p) for p in folder.train), textures=textures,
+      image_size=config.data.image_size, synthesis=synthesis, seed=config.train.seed)
+      for folder in folders)
+  stacked = config_lib.is_stacked(config)
+  block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
+  rows = block[-1]
+  local_samples = samples[block[0]] if stacked else samples
+  return pipeline.train_batches(
+      pipeline.BatchBlock(local_samples, config.data.batch_size, rows.start,
+                          rows.stop - rows.start),
+      num_steps, start_step, config.data.num_workers)
 
 
 class Preempted(Exception):
@@ -170,59 +236,72 @@ class PreemptionNotice:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _checked_scalars(step_metrics: dict, step: int, newest_checkpoint: int | None,
-                     workdir: Path) -> dict[str, float]:
-  scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-  if not all(math.isfinite(v) for v in scalars.values()):
+def _checked_scalars(step_metrics: dict, categories: tuple[str, ...] | None, step: int,
+                     newest_checkpoint: int | None, workdir: Path) -> dict[str, float]:
+  """Host floats of the step's metrics: stacked ones as their mean over categories plus
+  `loss/<category>`. Raises FloatingPointError if any value of any category is not finite."""
+  values = {k: np.asarray(v) for k, v in jax.device_get(step_metrics).items()}
+  bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
+  if bad:
     raise FloatingPointError(
-        f"non-finite training metrics at step {step} ({scalars}); training stopped. The "
-        f"newest good checkpoint is step {newest_checkpoint} in {workdir}/checkpoints")
+        f"non-finite training metrics {bad} at step {step} "
+        f"({ {k: values[k].tolist() for k in bad} }); training stopped. The newest good "
+        f"checkpoint is step {newest_checkpoint} in {workdir}/checkpoints")
+  scalars = {k: float(np.mean(v)) for k, v in values.items()}
+  if categories is not None:
+    scalars.update({f"loss/{c}": float(v) for c, v in zip(categories, values["loss"])})
   return scalars
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path,
-          folder: CategoryFolder) -> TrainState:
+          folders: Sequence[CategoryFolder]) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
-  Checkpoints hold the train state and the data iterator, so a restarted run continues with
-  the batch that followed the checkpoint and ends bitwise equal to an uninterrupted one. A
-  non-finite loss stops training with FloatingPointError before anything is saved, so the
-  newest checkpoint on disk is always a good one; a SIGTERM saves a checkpoint and raises
-  Preempted.
+  `folders`: the category's data, or with `data.categories` every category's, trained in one
+  program with a stacked state. Checkpoints hold the train state and the data iterator, so a
+  restarted run continues with the batch that followed the checkpoint and ends bitwise equal
+  to an uninterrupted one. A non-finite loss stops training with FloatingPointError before
+  anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
+  checkpoint and raises Preempted.
   """
   workdir = Path(workdir)
+  stacked = config_lib.is_stacked(config)
   mesh = sharding.make_mesh(config)
-  model, tx, state, num_steps = initial_state(config, len(folder.train))
-  state = jax.device_put(state, sharding.replicated(mesh))
+  model, tx, state, num_steps = initial_state(config, [len(f.train) for f in folders])
+  state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, state)
   if restored is not None:
     state = restored
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
-  start = int(state.step)
+    logging.info("Resumed from step %d in %s", current_step(state), workdir)
+  start = current_step(state)
   if start >= num_steps:
     mngr.close()
     return state
 
-  train_step = make_train_step(model, models.get(config.model.name).objective(config), tx, mesh)
-  batches = iter(training_batches(config, folder, num_steps))
+  objective = models.get(config.model.name).objective(config)
+  train_step = make_train_step(model, objective, tx, mesh, category_loop(config))
+  batches = iter(training_batches(config, folders, mesh, num_steps))
   if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
-    batches = iter(training_batches(config, folder, num_steps, start))
+    batches = iter(training_batches(config, folders, mesh, num_steps, start))
+  batch_sharding, leading = sharding.batch_sharding(mesh, stacked), batch_shape(config)
+  categories = tuple(f.category for f in folders) if stacked else None
   writer = report.ScalarWriter(workdir) if sharding.is_primary() else None
   notice = PreemptionNotice()
   last_time, last_step = time.perf_counter(), start
   try:
-    with tqdm(total=num_steps, initial=start, desc=f"train {config.data.category}",
+    with tqdm(total=num_steps, initial=start, desc=f"train {','.join(f.category for f in folders)}",
               unit="step", dynamic_ncols=True, disable=not sharding.is_primary()) as bar:
       for step, batch in enumerate(batches, start + 1):  # counted on the host: no device sync
-        state, step_metrics = train_step(state, sharding.global_batch(mesh, batch))
+        state, step_metrics = train_step(state,
+                                         sharding.global_batch(batch_sharding, batch, leading))
         bar.update(1)
         preempted = notice.reached(step)
         log_now = step % config.train.log_every == 0 or step == num_steps
         save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
         if not (log_now or save_now):
           continue
-        scalars = _checked_scalars(step_metrics, step, mngr.latest_step(), workdir)
+        scalars = _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
         if log_now:
           now = time.perf_counter()
           scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)

@@ -48,6 +48,7 @@ def test_unknown_key_is_an_error_naming_it():
     ("optim.milestones", (0.9, 0.8), "increasing fractions"),
     ("eval.score_filter_size", 4, "odd filter size"),
     ("data.anomaly_prob", 1.5, r"probability in \[0, 1\]"),
+    ("data.categories", ("pill", "pill"), "distinct category names"),
 ])
 def test_validate_names_the_key(key, value, message):
   config = config_lib.apply_args(config_lib.base_config("draem"), "tiny")
@@ -55,3 +56,14 @@ def test_validate_names_the_key(key, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=rf"config\.{key}=.*{message}"):
     config_lib.validate(config)
+
+
+def test_several_categories_make_one_program():
+  config = _parse(f"--config={CONFIG_FILE}:weave,pill,tiny")
+  assert tuple(config.data.categories) == ("weave", "pill") and config.data.category == "weave"
+  assert config_lib.is_stacked(config) and config_lib.categories_of(config) == ("weave", "pill")
+  config = _parse(f"--config={CONFIG_FILE}:all")
+  assert tuple(config.data.categories) == config_lib.MVTEC_AD_CATEGORIES
+  assert len(config_lib.MVTEC_AD_CATEGORIES) == 15
+  one = _parse(f"--config={CONFIG_FILE}:pill")
+  assert not config_lib.is_stacked(one) and config_lib.categories_of(one) == ("pill",)

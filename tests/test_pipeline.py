@@ -9,15 +9,20 @@ def _sample_fn(dataset_root, seed=0):
                                     synthesis.SynthesisConfig(), seed)
 
 
+def _batches(fn, batch_size, num_steps, start_step=0, num_workers=0):
+  block = pipeline.BatchBlock((fn,), batch_size, 0, batch_size)
+  return pipeline.train_batches(block, num_steps, start_step, num_workers)
+
+
 def _collect(iterable):
   return [{k: np.array(v) for k, v in batch.items()} for batch in iterable]
 
 
 def test_batches_do_not_depend_on_workers_and_resume_by_slicing(dataset_root):
   fn = _sample_fn(dataset_root)
-  in_process = _collect(pipeline.train_batches(fn, 4, 5, num_workers=0))
-  workers = _collect(pipeline.train_batches(fn, 4, 5, num_workers=2))
-  resumed = _collect(pipeline.train_batches(fn, 4, 5, start_step=3, num_workers=0))
+  in_process = _collect(_batches(fn, 4, 5))
+  workers = _collect(_batches(fn, 4, 5, num_workers=2))
+  resumed = _collect(_batches(fn, 4, 5, start_step=3))
   assert len(in_process) == len(workers) == 5 and len(resumed) == 2
   for a, b in zip(in_process, workers):
     for key in a:
@@ -27,7 +32,7 @@ def test_batches_do_not_depend_on_workers_and_resume_by_slicing(dataset_root):
 
 
 def test_batch_shapes_and_dtypes(dataset_root):
-  batch = _collect(pipeline.train_batches(_sample_fn(dataset_root), 4, 1))[0]
+  batch = _collect(_batches(_sample_fn(dataset_root), 4, 1))[0]
   assert batch["image"].shape == batch["augmented"].shape == (4, 32, 32, 3)
   assert batch["mask"].shape == (4, 32, 32) and batch["has_anomaly"].shape == (4,)
   assert all(v.dtype == np.float32 for v in batch.values())
@@ -46,11 +51,19 @@ def test_epochs_visit_every_image_and_seed_changes_data(dataset_root):
   assert len(targets) == n
 
 
-def test_process_rows_partition_the_global_batch(dataset_root):
-  fn = _sample_fn(dataset_root)
-  whole = _collect(pipeline.train_batches(fn, 4, 3))
-  halves = [_collect(pipeline.train_batches(fn, 4, 3, rows=(first, 2))) for first in (0, 2)]
+def test_blocks_partition_the_global_batch_of_several_categories(dataset_root):
+  pill = _sample_fn(dataset_root)
+  washer = pipeline.SynthesizedSample(tuple(map(str, folder.scan(dataset_root, "washer").train)),
+                                      pill.textures, 32, pill.synthesis, pill.seed)
+  whole = _collect(pipeline.train_batches(pipeline.BatchBlock((pill, washer), 4, 0, 4), 3))
+  # Two processes holding half the rows of both categories each.
+  halves = [_collect(pipeline.train_batches(pipeline.BatchBlock((pill, washer), 4, first, 2), 3))
+            for first in (0, 2)]
+  alone = _collect(_batches(washer, 4, 3))  # the category trained by itself
   for step, batch in enumerate(whole):
     for key in batch:
-      joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
-      np.testing.assert_array_equal(joined, batch[key])
+      stacked = batch[key].reshape((2, 4) + batch[key].shape[1:])
+      joined = np.concatenate([h[step][key].reshape((2, 2) + stacked.shape[2:]) for h in halves],
+                              axis=1)
+      np.testing.assert_array_equal(joined, stacked)
+      np.testing.assert_array_equal(stacked[1], alone[step][key])

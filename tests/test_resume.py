@@ -52,7 +52,7 @@ def _signal_after(process: subprocess.Popen, workdir: Path, step: int, sig: int)
 
 
 def _final_state(config, workdir: Path) -> train.TrainState:
-  _, _, template, _ = train.initial_state(config, 8)
+  _, _, template, _ = train.initial_state(config, [8])
   mngr = checkpoint.manager(workdir, 2)
   state = checkpoint.restore_latest(mngr, template)
   mngr.close()

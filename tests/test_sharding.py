@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     # float64: the sharded step must compute the same function. In float32 the two differ by
     # rounding that BatchNorm's backward pass amplifies at this tiny width (~1e-2 relative).
     jax.config.update("jax_enable_x64", True)
-    from jax.sharding import Mesh
+    from jax.sharding import Mesh, PartitionSpec
     from pouta_jax import config as config_lib, models, sharding, train
     assert jax.device_count() == 8, jax.devices()
     config = config_lib.load("draem", "weave,tiny")
@@ -79,11 +79,45 @@ SCRIPT = textwrap.dedent("""
     # Parameters after the update, and BatchNorm's running statistics: over the global batch.
     for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+    # Two categories in one program: state stacked and split over a category axis (2 x 4
+    # devices), the step vmapped; each category's update equals its own single-device step.
+    config.data.categories = ("weave", "pill")
+    config.mesh.axes = (("category", 2), ("data", -1))
+    mesh = sharding.make_mesh(config)
+    assert dict(mesh.shape) == {"category": 2, "data": 4}
+    flipped = {k: v[::-1] for k, v in batch.items()}  # the second category's batch
+    single = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    step1 = train.make_train_step(model, objective, tx, single)
+    init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
+                        jax.device_get(train.init_state(model, tx, 32, seed=0)))  # host copy
+    separate = [step1(jax.device_put(init, sharding.replicated(single)), b)
+                for b in (batch, flipped)]
+    stacked_batch = {k: np.stack([batch[k], flipped[k]]) for k in batch}
+    for loop in ("vmap", "unroll"):
+      stacked_state = jax.tree.map(lambda x: np.stack([x, x]), init)
+      stacked_state = jax.device_put(stacked_state, sharding.state_sharding(mesh, True))
+      step_c = train.make_train_step(model, objective, tx, mesh, loop)
+      stacked_state, stacked_metrics = step_c(stacked_state, stacked_batch)
+      kernel = stacked_state.params["reconstructive"]["head"]["Conv_0"]["kernel"]
+      assert kernel.sharding.spec == PartitionSpec("category"), kernel.sharding
+      stacked_state = jax.device_get(stacked_state)
+      for i, (state_i, metrics_i) in enumerate(separate):
+        np.testing.assert_allclose(stacked_metrics["loss"][i], metrics_i["loss"], rtol=1e-10)
+        for a, b in zip(jax.tree.leaves(jax.device_get(state_i)),
+                        jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked_state))):
+          np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    config.data.categories = ("weave", "pill", "washer")
+    try:
+      sharding.make_mesh(config)
+      raise AssertionError("3 categories cannot split over a category axis of 2")
+    except ValueError as e:
+      assert "must divide the 3 config.data.categories" in str(e), e
     print("EQUAL")
 """)
 
 
-def test_eight_devices_match_one_device():
+def test_eight_devices_match_one_device_and_stacked_categories_match_separate_steps():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,

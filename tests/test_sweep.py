@@ -100,3 +100,24 @@ def test_unknown_categories_are_named(tmp_path):
   sweep.check_categories(["bottle"], str(tmp_path))
   with pytest.raises(sweep.SweepError, match=r"\['weave'\] not among the folders of"):
     sweep.check_categories(["weave"], str(tmp_path))
+
+
+def test_aggregate_reads_every_category_of_a_one_program_run(tmp_path):
+  _fake_run(tmp_path, "alone", "both", 0, "weave", 0.4)
+  folder = tmp_path / "stacked0" / "stacked"
+  folder.mkdir(parents=True)
+  config = {"model": {"name": "pouta", "compare": "both"},
+            "data": {"category": "weave", "categories": ["weave", "pill"]}, "train": {"seed": 1}}
+  (folder / "config.json").write_text(json.dumps(config))
+  (folder / "metrics.json").write_text(json.dumps(
+      {"pouta": {"weave": {"pixel_ap": 0.6}, "pill": {"pixel_ap": 0.8}, "mean": {}}}))
+  rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
+  assert rows == [["setting", "pill", "weave", "mean"],
+                  ["default", "80.0 ± 0.0", "50.0 ± 10.0", "65.0"]]
+
+
+def test_one_program_jobs_train_all_categories_per_point():
+  jobs = sweep.jobs("configs/pouta.py", "tiny", ["weave", "pill"], "runs",
+                    [{"train.seed": "0"}, {"train.seed": "1"}], [], one_program=True)
+  assert [j.workdir for j in jobs] == ["runs/train.seed=0/stacked", "runs/train.seed=1/stacked"]
+  assert jobs[0].args[0] == "--config=configs/pouta.py:weave,pill,tiny"

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from pouta_jax import checkpoint, models, objectives, train
+from pouta_jax import checkpoint, models, objectives, sharding, train
 from pouta_jax.data import category_folder
 from tests.conftest import make_tiny_config
 
@@ -40,7 +40,7 @@ def test_training_lowers_the_loss(dataset_root, tmp_path, model, terms):
   config.train.log_every = 10
   config.train.checkpoint_every = 40
   config.optim.lr = 1e-3
-  train.train(config, tmp_path, category_folder(config))
+  train.train(config, tmp_path, [category_folder(config)])
   logged = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
   assert [r["step"] for r in logged] == [10, 20, 30, 40]
   assert logged[-1]["loss"] < 0.8 * logged[0]["loss"]
@@ -49,7 +49,7 @@ def test_training_lowers_the_loss(dataset_root, tmp_path, model, terms):
 
 
 def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
-  folder = category_folder(tiny_config)  # 6 steps, checkpoints at 3 and 6
+  folder = [category_folder(tiny_config)]  # 6 steps, checkpoints at 3 and 6
   straight = train.train(tiny_config, tmp_path / "a", folder)
   train.train(tiny_config, tmp_path / "b", folder)
   mngr = checkpoint.manager(tmp_path / "b", 2)
@@ -63,7 +63,7 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
-  folder = category_folder(tiny_config)
+  folder = [category_folder(tiny_config)]
   tiny_config.train.num_steps = 3
   train.train(tiny_config, tmp_path, folder)
   tiny_config.train.num_steps = 6
@@ -80,13 +80,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
 
 
 def test_checkpoint_holds_the_data_iterator(tiny_config, tmp_path):
-  folder = category_folder(tiny_config)
+  folder = [category_folder(tiny_config)]
   tiny_config.train.num_steps = 3
   state = train.train(tiny_config, tmp_path, folder)
   mngr = checkpoint.manager(tmp_path, 2)
-  batches = iter(train.training_batches(tiny_config, folder, 6))
+  mesh = sharding.make_mesh(tiny_config)
+  batches = iter(train.training_batches(tiny_config, folder, mesh, 6))
   assert checkpoint.restore_data_iterator(mngr, 3, batches)
-  expected = next(iter(train.training_batches(tiny_config, folder, 6, start_step=3)))
+  expected = next(iter(train.training_batches(tiny_config, folder, mesh, 6, start_step=3)))
   restored = next(batches)
   for key in expected:
     np.testing.assert_array_equal(restored[key], expected[key])

@@ -8,17 +8,20 @@ from pouta_jax.data import embedded
 from pouta_jax.data.folder import CategoryFolder, DataError, few_shot, scan
 
 
-def category_folder(config: ml_collections.ConfigDict) -> CategoryFolder:
-  """The configured category's files (or its few-shot subset); builds the embedded dataset first
-  when no root is given."""
+def category_folder(config: ml_collections.ConfigDict,
+                    category: str | None = None) -> CategoryFolder:
+  """A category's files (default: the configured one; or its few-shot subset); builds the
+  embedded dataset first when no root is given."""
+  category = category or config.data.category
   root = config.data.root
   if not root:
-    if config.data.category not in embedded.CATEGORIES:
-      raise DataError(f"config.data.category={config.data.category!r} is not an embedded "
-                      f"category (expected one of {sorted(embedded.CATEGORIES)}); set "
-                      f"config.data.root to use another dataset")
-    root = embedded.build(config.data.embedded_dir, categories=(config.data.category,))
-  folder = scan(root, config.data.category)
+    if category not in embedded.CATEGORIES:
+      key = "data.categories" if config.data.categories else "data.category"
+      raise DataError(f"config.{key}: {category!r} is not an embedded category (expected one "
+                      f"of {sorted(embedded.CATEGORIES)}); set config.data.root to use another "
+                      f"dataset")
+    root = embedded.build(config.data.embedded_dir, categories=(category,))
+  folder = scan(root, category)
   if config.data.few_shot:
     folder = few_shot(folder, config.data.few_shot, config.train.seed)
   return folder

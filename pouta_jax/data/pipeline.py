@@ -4,8 +4,9 @@ The training stream is a grain MapDataset over global sample indices g = step * 
 Sample g belongs to epoch g // N (N training images); its image is that epoch's seeded
 permutation at g % N and its randomness comes from np.random.default_rng((seed, epoch, g % N)),
 so a batch is a pure function of (seed, step): the number of worker processes never changes the
-data. With several JAX processes, each synthesises only its rows of every global batch, so the
-global batch is the same for any number of processes. The iterator's state is checkpointed with
+data. With several JAX processes, each synthesises only its block of every global batch (its rows,
+and its categories when several are trained at once), so the global batch is the same for any
+number of processes. The iterator's state is checkpointed with
 the model; a checkpoint without it resumes by slicing the dataset at its step.
 """
 
@@ -42,30 +43,36 @@ class SynthesizedSample:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessRows:
-  """Local sample index -> global sample index, for rows [first, first + count) of each batch."""
+class BatchBlock:
+  """Local sample index -> one sample of this process's block of every global batch.
 
-  batch_size: int
-  first: int
-  count: int
-
-  def __call__(self, index: int) -> int:
-    step, row = divmod(int(index), self.count)
-    return step * self.batch_size + self.first + row
-
-
-def train_batches(sample_fn: SynthesizedSample, batch_size: int, num_steps: int,
-                  start_step: int = 0, num_workers: int = 0,
-                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
-  """Batches for steps [start_step, num_steps), synthesised in `num_workers` processes.
-
-  `rows` = (first, count): only those rows of each global batch (this JAX process's share).
+  A global batch holds `batch_size` rows per category; this process synthesises rows
+  [first_row, first_row + num_rows) of the categories whose samplers are in `samples`, category
+  by category. One category and all rows: the whole batch of a single-process run.
   """
-  first, count = rows or (0, batch_size)
-  dataset = (grain.MapDataset.range(0, num_steps * count)
-             .map(ProcessRows(batch_size, first, count))
-             .map(sample_fn)
-             .batch(count, drop_remainder=True))[start_step:]
+
+  samples: tuple[SynthesizedSample, ...]
+  batch_size: int
+  first_row: int
+  num_rows: int
+
+  @property
+  def per_step(self) -> int:
+    return len(self.samples) * self.num_rows
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    step, rest = divmod(int(index), self.per_step)
+    category, row = divmod(rest, self.num_rows)
+    return self.samples[category](step * self.batch_size + self.first_row + row)
+
+
+def train_batches(block: BatchBlock, num_steps: int, start_step: int = 0,
+                  num_workers: int = 0) -> grain.IterDataset:
+  """This process's block of the batches of steps [start_step, num_steps), flattened to one
+  leading dim, synthesised in `num_workers` processes."""
+  dataset = (grain.MapDataset.range(0, num_steps * block.per_step)
+             .map(block)
+             .batch(block.per_step, drop_remainder=True))[start_step:]
   iterable = dataset.to_iter_dataset()
   if num_workers > 0:
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
