@@ -44,6 +44,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   config.model = dict(name=model, base_width=128)
   config.data = dict(
       root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
+      # Or a TFDS dataset built by `python -m pouta_jax.data.build`, e.g. "mvtec_ad/all_256",
+      # read from tfds_data_dir (takes precedence over root).
+      tfds_dataset="",
+      tfds_data_dir="",
       embedded_dir="outputs/data/embedded",
       category="weave",
       # Two or more: one program trains them all, parameters stacked over a category axis
@@ -51,7 +55,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       categories=(),
       few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
       image_size=256,
-      anomaly_source="",  # a DTD-layout texture folder; empty: procedural textures
+      # A DTD-layout texture folder, or "tfds:dtd_textures" (built into tfds_data_dir); empty:
+      # procedural textures.
+      anomaly_source="",
       anomaly_prob=0.5,
       rotate_prob=0.3,
       beta_max=0.8,

@@ -189,9 +189,9 @@ def training_batches(config: ml_collections.ConfigDict, folders: Sequence[Catego
       anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
       beta_max=config.data.beta_max, perlin_max_scale_log2=config.data.perlin_max_scale_log2,
       num_augmenters=config.data.num_augmenters)
-  textures = texture_source(config.data.anomaly_source or None)
+  textures = texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir)
   samples = tuple(pipeline.SynthesizedSample(
-      train_paths=tuple(str(p) for p in folder.train), textures=textures,
+      train_paths=tuple(folder.train), textures=textures,
       image_size=config.data.image_size, synthesis=synthesis, seed=config.train.seed)
       for folder in folders)
   stacked = config_lib.is_stacked(config)

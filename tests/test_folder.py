@@ -67,8 +67,11 @@ def test_defect_image_without_mask(copy):
 
 def test_mask_of_another_size(copy):
   Image.new("L", (10, 10)).save(copy / "weave" / "ground_truth" / "hole" / "000_mask.png")
-  with pytest.raises(DataError, match="000_mask.png: mask is 10x10 but its image is 64x64"):
-    load_test_set(scan(copy, "weave"), 32)
+  message = "000_mask.png: mask is 10x10 but its image is 64x64"
+  with pytest.raises(DataError, match=message):  # before training, and before a TFDS build
+    scan(copy, "weave")
+  with pytest.raises(DataError, match=message):
+    load_test_set(scan(copy, "weave", check_files=False), 32)
 
 
 def test_truncated_image_is_named(copy):
@@ -86,3 +89,22 @@ def test_non_image_file_is_skipped_with_warning(copy, monkeypatch):
   monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
   assert len(scan(copy, "weave").train) == 8
   assert any("notes.txt" in w for w in warnings)
+
+
+def test_mask_without_its_image(copy):
+  (copy / "weave" / "test" / "hole" / "001.png").unlink()
+  with pytest.raises(DataError, match=r"hole/001_mask\.png: mask without its image"):
+    scan(copy, "weave")
+
+
+def test_sixteen_bit_image_is_refused_and_rgba_warned(copy, monkeypatch):
+  path = copy / "weave" / "train" / "good" / "002.png"
+  Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(path)
+  with pytest.raises(DataError, match=r"002\.png: a I;16 \(16-bit or float\) image"):
+    scan(copy, "weave")
+  Image.new("RGBA", (64, 64), (10, 20, 30, 128)).save(path)
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  scan(copy, "weave")
+  assert any("002.png: RGBA image, its alpha channel is ignored" in w for w in warnings)
+  np.testing.assert_array_equal(load_image(path, 4)[0, 0], [10, 20, 30])

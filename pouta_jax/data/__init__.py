@@ -14,14 +14,22 @@ def category_folder(config: ml_collections.ConfigDict,
   embedded dataset first when no root is given."""
   category = category or config.data.category
   root = config.data.root
-  if not root:
+  if config.data.tfds_dataset:
+    from pouta_jax.data.tfds import reader  # tensorflow-datasets only when asked for
+    if not config.data.tfds_data_dir:
+      raise DataError(f"config.data.tfds_dataset={config.data.tfds_dataset!r} needs "
+                      f"config.data.tfds_data_dir, the folder it was built into")
+    folder = reader.category_folder(config.data.tfds_data_dir, config.data.tfds_dataset,
+                                    category)
+  elif not root:
     if category not in embedded.CATEGORIES:
       key = "data.categories" if config.data.categories else "data.category"
       raise DataError(f"config.{key}: {category!r} is not an embedded category (expected one "
                       f"of {sorted(embedded.CATEGORIES)}); set config.data.root to use another "
                       f"dataset")
-    root = embedded.build(config.data.embedded_dir, categories=(category,))
-  folder = scan(root, category)
+    folder = scan(embedded.build(config.data.embedded_dir, categories=(category,)), category)
+  else:
+    folder = scan(root, category)
   if config.data.few_shot:
     folder = few_shot(folder, config.data.few_shot, config.train.seed)
   return folder

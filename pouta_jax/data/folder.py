@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ class DataError(ValueError):
   """A dataset on disk is not what the code expects; the message names the path."""
 
 
+# Where a file is: a Path, or a record of a built TFDS dataset (data/tfds/reader.py) that the
+# loaders below open the same way.
 @dataclasses.dataclass(frozen=True)
 class TestSample:
   image: Path
@@ -45,7 +48,7 @@ class CategoryFolder:
   test: tuple[TestSample, ...]
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
   """Image files of `folder`, sorted; other files are skipped with a warning."""
   images = []
   for path in sorted(folder.iterdir()):
@@ -59,12 +62,22 @@ def _images_in(folder: Path) -> list[Path]:
   return images
 
 
-def _check_readable(path: Path) -> None:
+# Pillow modes of 16-bit and float images: converting them to 8 bits would clip, not scale.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def check_readable(path: Path) -> None:
   try:
     with Image.open(path) as image:
+      mode = image.mode
       image.verify()
   except Exception as e:  # PIL raises many types for broken files
     raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+  if mode in WIDE_MODES:
+    raise DataError(f"{path}: a {mode} (16-bit or float) image; expected 8-bit grayscale or "
+                    f"RGB (convert it first: its range is not known here)")
+  if mode in ("RGBA", "LA", "PA"):
+    logging.warning("%s: %s image, its alpha channel is ignored", path, mode)
 
 
 def _find_mask(category_dir: Path, defect: str, image: Path) -> Path:
@@ -92,7 +105,7 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   train_dir, test_dir = category_dir / "train" / "good", category_dir / "test"
   if not train_dir.is_dir():
     raise DataError(f"{category_dir}: missing train/good folder of defect-free images")
-  train = tuple(_images_in(train_dir))
+  train = tuple(images_in(train_dir))
   if not train:
     raise DataError(f"{train_dir}: no training images")
   if not test_dir.is_dir():
@@ -101,15 +114,24 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   test = []
   for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
     defect = defect_dir.name
-    for image in _images_in(defect_dir):
+    for image in images_in(defect_dir):
       mask = None if defect == "good" else _find_mask(category_dir, defect, image)
       test.append(TestSample(image, mask, defect))
   if not test:
     raise DataError(f"{test_dir}: no test images")
+  used = {s.mask for s in test}
+  for masks in sorted(p for p in (category_dir / "ground_truth").glob("*") if p.is_dir()):
+    for mask in images_in(masks):
+      if mask not in used:
+        raise DataError(f"{mask}: mask without its image (expected it in "
+                        f"{test_dir / masks.name}); is the copy complete?")
 
   if check_files:
     for path in train + tuple(p for s in test for p in (s.image, s.mask) if p is not None):
-      _check_readable(path)
+      check_readable(path)
+    for sample in (s for s in test if s.mask is not None):
+      with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
+        _check_mask_size(sample.mask, mask.size, image.size)
   return CategoryFolder(root, category, train, tuple(test))
 
 
@@ -122,33 +144,43 @@ def few_shot(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
   return dataclasses.replace(folder, train=tuple(folder.train[i] for i in sorted(chosen)))
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+def _file(path):
+  """What Pillow opens: a file path, or the bytes of a record (anything with read_bytes that is
+  not a path, e.g. a TFDS RecordRef)."""
+  return path if isinstance(path, (str, Path)) else io.BytesIO(path.read_bytes())
+
+
+def _open(path, mode: str) -> Image.Image:
   try:
-    with Image.open(path) as image:
+    with Image.open(_file(path)) as image:
       image.load()
       return image.convert(mode)
   except Exception as e:
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
+def load_image(path, size: int) -> np.ndarray:
   """An image as uint8 RGB (size, size, 3); grayscale is repeated over 3 channels."""
-  image = _open(Path(path), "RGB")
+  image = _open(path, "RGB")
   return np.asarray(image.resize((size, size), Image.BILINEAR))
 
 
 @functools.lru_cache(maxsize=2048)
-def load_image_cached(path: str, size: int) -> np.ndarray:
+def load_image_cached(path, size: int) -> np.ndarray:
   """`load_image`, remembered per process: training reads each image many times."""
   return load_image(path, size)
 
 
-def load_mask(path: Path, size: int, image_size: tuple[int, int]) -> np.ndarray:
+def _check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+  if mask_size != image_size:
+    raise DataError(f"{path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
+                    f"{image_size[0]}x{image_size[1]}")
+
+
+def load_mask(path, size: int, image_size: tuple[int, int]) -> np.ndarray:
   """A binary mask (size, size) bool; it must have the size of its image."""
   mask = _open(path, "L")
-  if mask.size != image_size:
-    raise DataError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is "
-                    f"{image_size[0]}x{image_size[1]}")
+  _check_mask_size(path, mask.size, image_size)
   resized = mask.resize((size, size), Image.BILINEAR)
   return np.asarray(resized, np.float32) >= 127.5
 
@@ -161,7 +193,7 @@ def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
     if sample.mask is None:
       masks.append(np.zeros((size, size), bool))
     else:
-      with Image.open(sample.image) as header:
+      with Image.open(_file(sample.image)) as header:
         masks.append(load_mask(sample.mask, size, header.size))
   return {
       "image": np.stack(images),

@@ -26,7 +26,7 @@ from pouta_jax.data.textures import FolderTextures, ProceduralTextures
 class SynthesizedSample:
   """Maps a global sample index to one synthesised training sample (runs in grain workers)."""
 
-  train_paths: tuple[str, ...]
+  train_paths: tuple  # file paths, or records of a built TFDS dataset
   textures: FolderTextures | ProceduralTextures
   image_size: int
   synthesis: SynthesisConfig

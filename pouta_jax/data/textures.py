@@ -19,7 +19,7 @@ from pouta_jax.data.folder import IMAGE_SUFFIXES, DataError, load_image_cached
 class FolderTextures:
   """Images of a DTD-like folder: `<root>/images/<class>/*.jpg` or `<root>/<class>/*.jpg`."""
 
-  paths: tuple[str, ...]
+  paths: tuple  # file paths, or records of a built TFDS dataset
 
   @classmethod
   def from_root(cls, root: str | Path) -> "FolderTextures":
@@ -77,5 +77,18 @@ class ProceduralTextures:
     return np.round(255 * np.clip(rgb, 0, 1)).astype(np.uint8)
 
 
-def texture_source(path: str | None) -> FolderTextures | ProceduralTextures:
-  return FolderTextures.from_root(path) if path else ProceduralTextures()
+TFDS_PREFIX = "tfds:"
+
+
+def texture_source(path: str | None,
+                   tfds_data_dir: str = "") -> FolderTextures | ProceduralTextures:
+  """A DTD-layout folder, `tfds:<dataset>` (a built `dtd_textures`, read from `tfds_data_dir`),
+  or, without a path, procedural textures."""
+  if not path:
+    return ProceduralTextures()
+  if path.startswith(TFDS_PREFIX):
+    from pouta_jax.data.tfds import reader  # tensorflow-datasets only when asked for
+    if not tfds_data_dir:
+      raise DataError(f"config.data.anomaly_source={path!r} needs config.data.tfds_data_dir")
+    return FolderTextures(reader.texture_refs(tfds_data_dir, path[len(TFDS_PREFIX):]))
+  return FolderTextures.from_root(path)
