@@ -1,0 +1,213 @@
+"""Converts PyTorch DRAEM weights into a pouta_jax workdir that evaluates (or fine-tunes) as usual.
+
+    python -m pouta_jax.convert --from=draem_torch --recon=DRAEM_..._.pckl --seg=DRAEM_..._seg.pckl \
+        --workdir=runs/converted/bottle [--config=configs/draem.py:bottle]
+    python -m pouta_jax.convert --from=draem_torch --ckpt=anomalib/.../model.ckpt --workdir=...
+    python -m pouta_jax.main --config=configs/draem.py:bottle --workdir=runs/converted/bottle \
+        --mode=eval
+
+Reads the official release's two state dicts (reconstructive and segmentation subnetworks) or an
+anomalib checkpoint (a Lightning `.ckpt`, or its state dict). The base width is read from the
+weights. anomalib feeds its discriminative subnetwork concat(input, reconstruction) where the
+official code (and pouta_jax) feed concat(reconstruction, input); the first discriminative
+convolution's input channels are swapped accordingly. Any missing, extra or mis-shaped key fails
+with the list of them and nothing is written. Needs torch only to read the files (the `bench`
+extra); the mapping itself is plain numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from pouta_jax import checkpoint, config as config_lib, experiment, train
+
+RECON, SEG = "reconstructive", "discriminative"
+ANOMALIB_PREFIXES = {"model.reconstructive_subnetwork.": RECON,
+                     "reconstructive_subnetwork.": RECON,
+                     "model.discriminative_subnetwork.": SEG,
+                     "discriminative_subnetwork.": SEG}
+
+
+class ConversionError(ValueError):
+  """Weights that do not fit the model; the message lists the offending keys."""
+
+
+def _torch_module_paths(subnetwork: str) -> dict[str, tuple[str, ...]]:
+  """torch module prefix -> pouta_jax module path, for every conv (+ its BatchNorm) of DRAEM.
+
+  In torch's nn.Sequential blocks a double conv is (conv 0, bn 1, relu, conv 3, bn 4, relu) and
+  an up stage is (upsample, conv 1, bn 2, relu).
+  """
+  paths = {}
+  if subnetwork == RECON:
+    encoder, decoder, blocks = "encoder", "decoder", 5
+    ups = [f"up{k}" for k in range(1, 5)]  # up1 is the deepest: pouta_jax's up_3
+    dbs = [f"db{k}" for k in range(1, 5)]
+  else:
+    encoder, decoder, blocks = "encoder_segment", "decoder_segment", 6
+    ups = ["up_b"] + [f"up{k}" for k in range(1, 5)]
+    dbs = ["db_b"] + [f"db{k}" for k in range(1, 5)]
+  for i in range(blocks):
+    for j, index in enumerate((0, 3)):
+      paths[f"{encoder}.block{i + 1}.{index}"] = ("encoder", f"block_{i}", f"ConvBNReLU_{j}")
+  levels = len(ups)
+  for stage, (up, db) in enumerate(zip(ups, dbs)):
+    level = levels - 1 - stage
+    paths[f"{decoder}.{up}.1"] = (f"up_{level}", "ConvBNReLU_0")
+    for j, index in enumerate((0, 3)):
+      paths[f"{decoder}.{db}.{index}"] = (f"decoder_{level}", f"ConvBNReLU_{j}")
+  paths[f"{decoder}.fin_out.0"] = ("head",)
+  return paths
+
+
+def _bn_prefix(conv_prefix: str) -> str:
+  """The BatchNorm that follows a conv in the same nn.Sequential (index + 1)."""
+  head, index = conv_prefix.rsplit(".", 1)
+  return f"{head}.{int(index) + 1}"
+
+
+def to_variables(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool,
+                 template: dict) -> dict:
+  """{"reconstructive": sd, "discriminative": sd} (torch names, numpy arrays) -> pouta_jax
+  variables shaped like `template`; ConversionError lists every missing, extra or mis-shaped
+  key."""
+  params = jax.tree.map(np.asarray, template["params"])
+  stats = jax.tree.map(np.asarray, template["batch_stats"])
+  problems, used = [], {name: set() for name in state_dicts}
+
+  def take(subnetwork: str, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    sd = state_dicts[subnetwork]
+    if key not in sd:
+      problems.append(f"missing {subnetwork} {key} {shape}")
+      return None
+    used[subnetwork].add(key)
+    value = np.asarray(sd[key], np.float32)
+    if value.shape != shape:
+      problems.append(f"mis-shaped {subnetwork} {key}: {value.shape}, expected {shape}")
+      return None
+    return value
+
+  for subnetwork in (RECON, SEG):
+    for prefix, path in _torch_module_paths(subnetwork).items():
+      node_p, node_s = params[subnetwork], stats[subnetwork]
+      for part in path:
+        node_p, node_s = node_p[part], node_s.get(part, {})
+      conv = node_p["Conv_0"] if "Conv_0" in node_p else node_p["Conv3x3_0"]["Conv_0"]
+      kh, kw, cin, cout = conv["kernel"].shape
+      kernel = take(subnetwork, f"{prefix}.weight", (cout, cin, kh, kw))
+      if kernel is not None:
+        kernel = kernel.transpose(2, 3, 1, 0)
+        if swap_seg_input and subnetwork == SEG and prefix.endswith("block1.0"):
+          kernel = np.concatenate([kernel[:, :, cin // 2:], kernel[:, :, :cin // 2]], axis=2)
+        conv["kernel"] = kernel
+      bias = take(subnetwork, f"{prefix}.bias", (cout,))
+      if bias is not None:
+        conv["bias"] = bias
+      if "BatchNorm_0" not in node_p:
+        continue
+      bn = _bn_prefix(prefix)
+      for ours, theirs, tree in (("scale", "weight", node_p), ("bias", "bias", node_p),
+                                 ("mean", "running_mean", node_s), ("var", "running_var", node_s)):
+        value = take(subnetwork, f"{bn}.{theirs}", (cout,))
+        if value is not None:
+          tree["BatchNorm_0"][ours] = value
+      used[subnetwork].add(f"{bn}.num_batches_tracked")
+  for subnetwork, sd in state_dicts.items():
+    problems += [f"extra {subnetwork} {k}" for k in sorted(set(sd) - used[subnetwork])]
+  if problems:
+    raise ConversionError("the weights do not fit DRAEM:\n  " + "\n  ".join(problems))
+  return {"params": params, "batch_stats": stats}
+
+
+def split_anomalib(state_dict: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """An anomalib DraemModel state dict (with or without Lightning's `model.`) per subnetwork."""
+  parts: dict[str, dict[str, np.ndarray]] = {RECON: {}, SEG: {}}
+  unknown = []
+  for key, value in state_dict.items():
+    prefix = next((p for p in ANOMALIB_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+      unknown.append(key)
+    else:
+      parts[ANOMALIB_PREFIXES[prefix]][key[len(prefix):]] = value
+  if unknown:
+    raise ConversionError("not anomalib DRAEM keys:\n  " + "\n  ".join(sorted(unknown)))
+  return parts
+
+
+def base_width(state_dicts: dict[str, dict[str, np.ndarray]]) -> int:
+  key = "encoder.block1.0.weight"
+  if key not in state_dicts[RECON]:
+    raise ConversionError(f"missing reconstructive {key}: not a DRAEM reconstructive network")
+  return int(np.shape(state_dicts[RECON][key])[0])
+
+
+def _load_torch(path: str | Path, lightning: bool) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise SystemExit("reading PyTorch files needs torch: pip install -e '.[bench]'") from e
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such weights file")
+  # A Lightning checkpoint pickles more than tensors (hyperparameters); a state dict does not.
+  loaded = torch.load(path, map_location="cpu", weights_only=not lightning)
+  state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+  if not isinstance(state_dict, dict):
+    raise ConversionError(f"{path}: not a state dict or a checkpoint holding one")
+  return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "detach")}
+
+
+def convert(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool,
+            config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+  """Writes config.json and a step-0 checkpoint of the converted weights into `workdir`
+  (which must hold no checkpoint yet); returns it."""
+  config.model.base_width = base_width(state_dicts)
+  config_lib.validate(config)
+  if config.model.name != "draem":
+    raise ConversionError(f"config.model.name={config.model.name!r}: these are DRAEM weights")
+  workdir = Path(workdir)
+  if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    raise FileExistsError(f"{workdir}/checkpoints is not empty; convert into a new --workdir")
+  _, _, state, _ = train.initial_state(config, [1])
+  variables = to_variables(state_dicts, swap_seg_input, state.variables)  # before any write
+  workdir = experiment.prepare_workdir(workdir, config)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  checkpoint.save(mngr, 0, state)
+  mngr.close()
+  return workdir
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if f["from"].value != "draem_torch":
+    raise app.UsageError(f"--from={f['from'].value!r}: expected draem_torch")
+  if f.ckpt and (f.recon or f.seg) or not f.ckpt and not (f.recon and f.seg):
+    raise app.UsageError("give --ckpt (anomalib), or --recon and --seg (the official release)")
+  if f.ckpt:
+    lightning = Path(f.ckpt).suffix == ".ckpt"
+    state_dicts, swap = split_anomalib(_load_torch(f.ckpt, lightning)), True
+  else:
+    state_dicts = {RECON: _load_torch(f.recon, False), SEG: _load_torch(f.seg, False)}
+    swap = False
+  path, _, arg = f.config.partition(":")
+  workdir = convert(state_dicts, swap, config_lib.load_file(path, arg or None), f.workdir)
+  print(f"Converted into {workdir}; evaluate with python -m pouta_jax.main --mode=eval "
+        f"--config={f.config} --workdir={workdir}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_enum("from", "draem_torch", ["draem_torch"], "What the weights are.")
+  flags.DEFINE_string("recon", None, "Official release: the reconstructive state dict.")
+  flags.DEFINE_string("seg", None, "Official release: the segmentation state dict.")
+  flags.DEFINE_string("ckpt", None, "anomalib: a Lightning .ckpt (or its state dict).")
+  flags.DEFINE_string("workdir", None, "New workdir for the converted run.", required=True)
+  flags.DEFINE_string("config", "configs/draem.py", "Config file[:category,preset].")
+  app.run(main)

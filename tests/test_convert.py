@@ -1,0 +1,145 @@
+"""PyTorch DRAEM weights -> pouta_jax: the name mapping (numpy, always run), its errors, and
+parity with anomalib's network (only with the bench extra installed: torch + anomalib)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pouta_jax import checkpoint, config as config_lib, convert, train
+from pouta_jax.models.draem import DRAEM
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 4
+
+
+def _template(width: int = WIDTH):
+  config = config_lib.load("draem", "weave,tiny")
+  config.model.base_width = width
+  config.data.image_size = 32
+  return config, train.initial_state(config, [1])[2]
+
+
+def _torch_named(variables) -> dict[str, dict[str, np.ndarray]]:
+  """The inverse mapping: pouta_jax variables under torch's names and layouts."""
+  out = {convert.RECON: {}, convert.SEG: {}}
+  for subnetwork in out:
+    for prefix, path in convert._torch_module_paths(subnetwork).items():
+      p, s = variables["params"][subnetwork], variables["batch_stats"][subnetwork]
+      for part in path:
+        p, s = p[part], s.get(part, {})
+      conv = p["Conv_0"] if "Conv_0" in p else p["Conv3x3_0"]["Conv_0"]
+      out[subnetwork][f"{prefix}.weight"] = np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)
+      out[subnetwork][f"{prefix}.bias"] = np.asarray(conv["bias"])
+      if "BatchNorm_0" in p:
+        bn = convert._bn_prefix(prefix)
+        out[subnetwork][f"{bn}.weight"] = np.asarray(p["BatchNorm_0"]["scale"])
+        out[subnetwork][f"{bn}.bias"] = np.asarray(p["BatchNorm_0"]["bias"])
+        out[subnetwork][f"{bn}.running_mean"] = np.asarray(s["BatchNorm_0"]["mean"])
+        out[subnetwork][f"{bn}.running_var"] = np.asarray(s["BatchNorm_0"]["var"])
+        out[subnetwork][f"{bn}.num_batches_tracked"] = np.asarray(3)
+  return out
+
+
+def test_mapping_covers_every_variable_once():
+  _, state = _template()
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                           state.variables)
+  back = convert.to_variables(_torch_named(variables), False, state.variables)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+  # Full size: the torch names cover the official 69,048,579 + 28,374,146 parameters.
+  model = DRAEM(128)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))
+  named = _torch_named(jax.tree.map(lambda s: np.empty(s.shape, np.float32), shapes))
+  counts = {k: sum(v.size for n, v in sd.items() if "running" not in n and "num_batches" not in n)
+            for k, sd in named.items()}
+  assert counts == {convert.RECON: 69_048_579, convert.SEG: 28_374_146}
+
+
+def test_bad_weights_list_every_offending_key_and_write_nothing(tmp_path):
+  config, state = _template()
+  named = _torch_named(state.variables)
+  del named[convert.SEG]["decoder_segment.db2.3.weight"]
+  named[convert.RECON]["encoder.block9.0.weight"] = np.zeros(1)
+  named[convert.RECON]["decoder.fin_out.0.bias"] = np.zeros(5)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.convert(named, False, config, tmp_path / "run")
+  message = str(error.value)
+  assert "missing discriminative decoder_segment.db2.3.weight (4, 4, 3, 3)" in message
+  assert "extra reconstructive encoder.block9.0.weight" in message
+  assert "mis-shaped reconstructive decoder.fin_out.0.bias: (5,), expected (3,)" in message
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(convert.ConversionError, match="not anomalib DRAEM keys:\n  optimizer"):
+    convert.split_anomalib({"model.reconstructive_subnetwork.x": 1, "optimizer": 2})
+
+
+def test_converted_workdir_restores_like_a_trained_one(tmp_path):
+  config, state = _template()
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                           state.variables)
+  workdir = convert.convert(_torch_named(variables), False, config, tmp_path / "run")
+  mngr = checkpoint.manager(workdir, 2)
+  restored = checkpoint.restore_latest(mngr, state)
+  mngr.close()
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored.variables)):
+    np.testing.assert_array_equal(a, b)
+  assert config_lib.from_workdir(workdir).model.base_width == WIDTH
+  with pytest.raises(FileExistsError, match="not empty"):
+    convert.convert(_torch_named(variables), False, config, workdir)
+
+
+@pytest.mark.parametrize("layout", ["official", "anomalib"])
+def test_parity_with_anomalib_draem(layout, tmp_path):
+  torch = pytest.importorskip("torch", reason="parity needs the bench extra: pip install -e '.[bench]'")
+  pytest.importorskip("anomalib", reason="parity needs the bench extra: pip install -e '.[bench]'")
+  from anomalib.models.image.draem.torch_model import (DiscriminativeSubNetwork,
+                                                        ReconstructiveSubNetwork)
+  torch.manual_seed(0)
+  recon = ReconstructiveSubNetwork(base_width=WIDTH)
+  seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=WIDTH // 2)
+  for module in (recon, seg):
+    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+      bn.running_mean.uniform_(-0.5, 0.5)
+      bn.running_var.uniform_(0.5, 2.0)
+      bn.weight.data.uniform_(0.5, 1.5)
+      bn.bias.data.uniform_(-0.2, 0.2)
+    module.eval()
+  x = torch.rand(2, 3, 32, 32)
+  with torch.no_grad():
+    reconstruction = recon(x)
+    joined = (torch.cat([reconstruction, x], 1) if layout == "official"
+              else torch.cat([x, reconstruction], 1))
+    anomaly_map = torch.softmax(seg(joined), dim=1)[:, 1]
+
+  config, state = _template()
+  if layout == "official":  # through the command line, as the release's files are given
+    torch.save(recon.state_dict(), tmp_path / "recon.pckl")
+    torch.save(seg.state_dict(), tmp_path / "seg.pckl")
+    subprocess.run([sys.executable, "-m", "pouta_jax.convert", "--from=draem_torch",
+                    f"--recon={tmp_path / 'recon.pckl'}", f"--seg={tmp_path / 'seg.pckl'}",
+                    f"--workdir={tmp_path / 'run'}", "--config=configs/draem.py:weave,tiny"],
+                   cwd=REPO, check=True, capture_output=True)
+    workdir = tmp_path / "run"
+  else:
+    full = {**{f"model.reconstructive_subnetwork.{k}": v for k, v in recon.state_dict().items()},
+            **{f"model.discriminative_subnetwork.{k}": v for k, v in seg.state_dict().items()}}
+    torch.save({"state_dict": full, "hyper_parameters": {"beta": (0.1, 1.0)}},
+               tmp_path / "model.ckpt")
+    state_dicts = convert.split_anomalib(convert._load_torch(tmp_path / "model.ckpt", True))
+    workdir = convert.convert(state_dicts, True, config, tmp_path / "run")
+  mngr = checkpoint.manager(workdir, 2)
+  restored = checkpoint.restore_latest(mngr, state)
+  mngr.close()
+  out = DRAEM(WIDTH).apply(restored.variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
+                           train=False)
+  np.testing.assert_allclose(out["reconstruction"],
+                             reconstruction.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+  np.testing.assert_allclose(out["anomaly_map"], anomaly_map.numpy(), atol=1e-4)
