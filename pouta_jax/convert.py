@@ -1,7 +1,8 @@
 """Converts PyTorch DRAEM weights into a pouta_jax workdir that evaluates (or fine-tunes) as usual.
 
-    python -m pouta_jax.convert --from=draem_torch --recon=DRAEM_..._.pckl --seg=DRAEM_..._seg.pckl \
-        --workdir=runs/converted/bottle [--config=configs/draem.py:bottle]
+    python -m pouta_jax.convert --from=draem_torch --recon=DRAEM_bottle.pckl \
+        --seg=DRAEM_bottle_seg.pckl --workdir=runs/converted/bottle \
+        [--config=configs/draem.py:bottle]
     python -m pouta_jax.convert --from=draem_torch --ckpt=anomalib/.../model.ckpt --workdir=...
     python -m pouta_jax.main --config=configs/draem.py:bottle --workdir=runs/converted/bottle \
         --mode=eval

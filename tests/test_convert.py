@@ -98,8 +98,9 @@ def test_converted_workdir_restores_like_a_trained_one(tmp_path):
 
 @pytest.mark.parametrize("layout", ["official", "anomalib"])
 def test_parity_with_anomalib_draem(layout, tmp_path):
-  torch = pytest.importorskip("torch", reason="parity needs the bench extra: pip install -e '.[bench]'")
-  pytest.importorskip("anomalib", reason="parity needs the bench extra: pip install -e '.[bench]'")
+  reason = "parity needs the bench extra: pip install -e '.[bench]'"
+  torch = pytest.importorskip("torch", reason=reason)
+  pytest.importorskip("anomalib", reason=reason)
   from anomalib.models.image.draem.torch_model import (DiscriminativeSubNetwork,
                                                         ReconstructiveSubNetwork)
   torch.manual_seed(0)

@@ -108,3 +108,12 @@ def test_sixteen_bit_image_is_refused_and_rgba_warned(copy, monkeypatch):
   scan(copy, "weave")
   assert any("002.png: RGBA image, its alpha channel is ignored" in w for w in warnings)
   np.testing.assert_array_equal(load_image(path, 4)[0, 0], [10, 20, 30])
+
+
+def test_truncated_jpeg_is_named(copy):
+  path = copy / "weave" / "train" / "good" / "100.jpg"
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+  path.write_bytes(path.read_bytes()[:-300])  # headers intact, scan data cut
+  with pytest.raises(DataError, match=r"100\.jpg: not a readable image"):
+    scan(copy, "weave")

@@ -70,7 +70,10 @@ def check_readable(path: Path) -> None:
   try:
     with Image.open(path) as image:
       mode = image.mode
-      image.verify()
+      if image.format in ("JPEG", "MPO"):
+        image.load()  # verify() skips JPEG scan data: a truncated file would pass it
+      else:
+        image.verify()
   except Exception as e:  # PIL raises many types for broken files
     raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
   if mode in WIDE_MODES:
