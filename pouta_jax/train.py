@@ -307,7 +307,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
           scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
           last_time, last_step = now, step
           bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-          logging.info("process %d step %d loss %.9g", jax.process_index(), step, scalars["loss"])
+          if jax.process_count() > 1:  # each process's own view, to compare across hosts
+            logging.info("process %d step %d loss %.9g", jax.process_index(), step,
+                         scalars["loss"])
           if writer is not None:
             writer.write(step, scalars)
         if save_now:
