@@ -44,7 +44,12 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
     for section, key in IDENTITY_KEYS:
       old, new = stored.get(section, {}), current[section]
       if key is not None:
-        old, new = old.get(key), new[key]
+        if key not in old:
+          continue  # stored by an older version without this key
+        old, new = old[key], new[key]
+      else:  # a whole section: the keys both versions have
+        shared = old.keys() & new.keys()
+        old, new = {k: old[k] for k in shared}, {k: new[k] for k in shared}
       if old != new:
         name = f"config.{section}" + (f".{key}" if key else "")
         raise ValueError(f"workdir {workdir} holds a run with {name}={old!r}, not {new!r}; use "

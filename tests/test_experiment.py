@@ -111,6 +111,18 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
   assert (tmp_path / "config.json").read_text() == stored
 
 
+def test_workdir_of_an_older_version_still_resumes(tiny_config, tmp_path):
+  experiment.prepare_workdir(tmp_path, tiny_config)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  del stored["data"]["categories"], stored["model"]["base_width"]  # keys it did not have yet
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  experiment.prepare_workdir(tmp_path, tiny_config)
+  stored["data"]["category"] = "pill"  # but a key it had must still match
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(ValueError, match="config.data.category='pill', not 'weave'"):
+    experiment.prepare_workdir(tmp_path, tiny_config)
+
+
 def test_eval_without_checkpoint(tiny_config, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     experiment.run(tiny_config, tmp_path, mode="eval")
