@@ -42,7 +42,7 @@ def thread_env(threads: int) -> dict[str, str]:
 def main(argv: list[str]) -> None:
   try:
     runs = [job.command() for job in sweep.jobs_from_flags(argv[1:])]
-  except (sweep.SweepError, ValueError) as e:
+  except ValueError as e:  # SweepError included
     sys.exit(f"FATAL: {e}")
   env = thread_env(_THREADS.value)
   if _DRY_RUN.value:

@@ -75,7 +75,7 @@ def sbatch_script(num_jobs: int, jobs_file: Path, log_dir: Path) -> str:
 def main(argv: list[str]) -> None:
   try:
     jobs = sweep.jobs_from_flags(argv[1:])
-  except (sweep.SweepError, ValueError) as e:
+  except ValueError as e:  # SweepError included
     sys.exit(f"FATAL: {e}")
   multi_host = ["--distributed"] if _NODES.value > 1 else []
   lines = [shlex.join(job.command(_PYTHON.value) + multi_host) for job in jobs]

@@ -42,7 +42,7 @@ def ssh_command(remote: str) -> list[str]:
 def main(argv: list[str]) -> None:
   try:
     jobs = sweep.jobs_from_flags(argv[1:])
-  except (sweep.SweepError, ValueError) as e:
+  except ValueError as e:  # SweepError included
     sys.exit(f"FATAL: {e}")
   commands = [ssh_command(shlex.join(job.command(_PYTHON.value) + ["--distributed"]))
               for job in jobs]

@@ -65,12 +65,11 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
   if batch_size < 0:
     raise ValueError(f"--batch_size={batch_size}: expected 0 (any) or a positive batch size")
   categories = config_lib.categories_of(config)
-  if config_lib.is_stacked(config) and category not in categories:
+  if not config_lib.is_stacked(config):
+    category = category or config.data.category  # a single-category run needs no --category
+  if category not in categories:
     raise ValueError(f"--category={category!r}: {workdir} trained {list(categories)}; choose "
                      f"one of them")
-  if not config_lib.is_stacked(config) and category not in ("", config.data.category):
-    raise ValueError(f"--category={category!r}: {workdir} trained {config.data.category!r} only")
-  category = category or config.data.category
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
   variables = train.category_variables(config, sharding.to_host(state.variables),

@@ -93,13 +93,13 @@ def global_batch(sharding: NamedSharding, local_batch: dict[str, np.ndarray],
                  leading_shape: tuple[int, ...]) -> dict[str, jax.Array]:
   """Global arrays of leading dims `leading_shape` ((batch,) or (categories, batch)) from this
   process's block of them, which grain delivered flattened into one leading dim."""
+  local_leading = tuple(b.stop - b.start for b in process_block(sharding, leading_shape))
   arrays = {}
   for key, value in local_batch.items():
     value = np.asarray(value)
-    block = process_block(sharding, leading_shape + value.shape[1:])
-    local_shape = tuple(b.stop - b.start for b in block)
     arrays[key] = jax.make_array_from_process_local_data(
-        sharding, value.reshape(local_shape), leading_shape + value.shape[1:])
+        sharding, value.reshape(local_leading + value.shape[1:]),
+        leading_shape + value.shape[1:])
   return arrays
 
 

@@ -106,8 +106,12 @@ def jobs(config_path: str, preset: str, categories: list[str], workdir: str,
 def check_categories(categories: list[str], root: str) -> None:
   """Unknown category names fail before any job starts: the subfolders of `root`, or the
   embedded dataset's categories when there is no root."""
-  known = (sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir()
-           else []) if root else sorted(embedded.CATEGORIES)
+  if not root:
+    known = sorted(embedded.CATEGORIES)
+  elif Path(root).is_dir():
+    known = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+  else:
+    known = []
   unknown = [c for c in categories if c not in known]
   if unknown:
     where = f"folders of {root}" if root else "embedded categories (set config.data.root)"

@@ -10,10 +10,9 @@
 mvtec_ad and visa build one config per category (`bottle`, or `bottle_256` at 256 px), or `all`
 without --categories; dtd builds `dtd_textures` (use it with
 `--config.data.anomaly_source=tfds:dtd_textures`); anomaly_folder builds config --name from the
-given categories. The copy is checked
-first (layout, masks, readable 8-bit images), leftovers of an interrupted build are removed, and
-a summary of counts per category and defect type follows, checked against the official counts
-when the whole of MVTec AD was built. Train with `--config.data.tfds_dataset=mvtec_ad/all
+given categories. The copy is checked first (layout, masks, readable 8-bit images), leftovers
+of an interrupted build are removed, and a summary of counts per category and defect type
+follows, checked against the official counts when the whole of MVTec AD was built. Train with `--config.data.tfds_dataset=mvtec_ad/all
 --config.data.tfds_data_dir=DIR`.
 """
 

@@ -134,7 +134,7 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
       check_readable(path)
     for sample in (s for s in test if s.mask is not None):
       with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
-        _check_mask_size(sample.mask, mask.size, image.size)
+        check_mask_size(sample.mask, mask.size, image.size)
   return CategoryFolder(root, category, train, tuple(test))
 
 
@@ -174,7 +174,7 @@ def load_image_cached(path, size: int) -> np.ndarray:
   return load_image(path, size)
 
 
-def _check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+def check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
   if mask_size != image_size:
     raise DataError(f"{path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
                     f"{image_size[0]}x{image_size[1]}")
@@ -183,9 +183,13 @@ def _check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, in
 def load_mask(path, size: int, image_size: tuple[int, int]) -> np.ndarray:
   """A binary mask (size, size) bool; it must have the size of its image."""
   mask = _open(path, "L")
-  _check_mask_size(path, mask.size, image_size)
-  resized = mask.resize((size, size), Image.BILINEAR)
-  return np.asarray(resized, np.float32) >= 127.5
+  check_mask_size(path, mask.size, image_size)
+  return resize_mask(mask, size)
+
+
+def resize_mask(mask: Image.Image, size: int) -> np.ndarray:
+  """A mode-L mask resized bilinearly to (size, size) and binarised at half intensity."""
+  return np.asarray(mask.resize((size, size), Image.BILINEAR), np.float32) >= 127.5
 
 
 def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:

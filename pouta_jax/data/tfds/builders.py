@@ -60,30 +60,25 @@ def _stored_image(path: Path, size: int) -> bytes:
     return _png(image.convert(mode).resize((size, size), Image.BILINEAR))
 
 
-def _stored_mask(path: Path, image_path: Path, size: int) -> bytes:
-  if not size:
+def _stored_mask(path: Path, image_path: Path, size: int,
+                 nonzero_is_defect: bool = False) -> bytes:
+  """A mask as stored: the file's own bytes at the original size, else a 0/255 PNG at `size`
+  (0: the image's size) binarised as the folder reader does. `nonzero_is_defect`: any nonzero
+  pixel is defective (VisA's masks are not 0/255)."""
+  if not size and not nonzero_is_defect:
     return path.read_bytes()
-  with Image.open(image_path) as header:
-    mask = folder_lib.load_mask(path, size, header.size)
-  return _png(Image.fromarray(mask.astype(np.uint8) * 255))
-
-
-def _binary_mask(path: Path, image_path: Path, size: int) -> bytes:
-  """Any nonzero pixel is defective (VisA's masks are not 0/255): a 0/255 PNG at `size` (0:
-  the image's own size)."""
   with Image.open(path) as mask, Image.open(image_path) as header:
-    if mask.size != header.size:
-      raise folder_lib.DataError(f"{path}: mask is {mask.size[0]}x{mask.size[1]} but its image "
-                                 f"is {header.size[0]}x{header.size[1]}")
-    binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
+    folder_lib.check_mask_size(path, mask.size, header.size)
+    mask = mask.convert("L")
+  if nonzero_is_defect:
+    mask = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
   if size:
-    binary = Image.fromarray((np.asarray(binary.resize((size, size), Image.BILINEAR),
-                                         np.float32) >= 127.5).astype(np.uint8) * 255)
-  return _png(binary)
+    mask = Image.fromarray(folder_lib.resize_mask(mask, size).astype(np.uint8) * 255)
+  return _png(mask)
 
 
-class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
-  """Shared by the anomaly datasets: features, the licence print, array_record files."""
+class _ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared by every builder here: array_record files, version, the licence print."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -92,6 +87,14 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format: str = "array_record", **kwargs):
     # array_record: written and read without TensorFlow (TFRecord needs it).
     super().__init__(file_format=file_format, **kwargs)
+
+  def _print_licence(self) -> None:
+    if self.LICENCE_FILE:
+      print((THIRD_PARTY / self.LICENCE_FILE).read_text())
+
+
+class _AnomalyBuilder(_ArrayRecordBuilder):
+  """Shared by the anomaly datasets: their features."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -105,10 +108,6 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=None,
     )
-
-  def _print_licence(self) -> None:
-    if self.LICENCE_FILE:
-      print((THIRD_PARTY / self.LICENCE_FILE).read_text())
 
 
 class _MVTecLayout(_AnomalyBuilder):
@@ -222,7 +221,8 @@ class Visa(_AnomalyBuilder):
     for row in rows:
       yield row.name, {
           "image": _stored_image(row.image, size),
-          "mask": b"" if row.mask is None else _binary_mask(row.mask, row.image, size),
+          "mask": (b"" if row.mask is None else
+                   _stored_mask(row.mask, row.image, size, nonzero_is_defect=True)),
           "label": int(row.mask is not None),
           "defect": "good" if row.mask is None else "anomaly",
           "category": row.category,
@@ -230,17 +230,13 @@ class Visa(_AnomalyBuilder):
       }
 
 
-class DtdTextures(tfds.core.GeneratorBasedBuilder):
+class DtdTextures(_ArrayRecordBuilder):
   """DTD (Cimpoi et al., CVPR 2014) as anomaly-source textures: every image, one split."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download DTD from https://www.robots.ox.ac.uk/~vgg/data/dtd/, extract it and pass the "
       "folder holding images/<class>/*.jpg as the manual dir.")
-
-  def __init__(self, *, file_format: str = "array_record", **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
+  LICENCE_FILE = "DTD.md"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
@@ -259,7 +255,7 @@ class DtdTextures(tfds.core.GeneratorBasedBuilder):
       raise folder_lib.DataError(f"{images}: no images in <class>/ subfolders")
     for path in paths:
       folder_lib.check_readable(path)
-    print((THIRD_PARTY / "DTD.md").read_text())
+    self._print_licence()
     return {"train": self._generate_examples(paths)}
 
   def _generate_examples(self, paths: list[Path]):
