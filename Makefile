@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: install
 test: install
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+
+# Benchmarks against anomalib (PyTorch, CPU wheels): bench/README.md says what each figure means.
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	cd bench && ../$(BIN)/python run_all.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
+from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
+
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
 PRESETS = {
     "full": {},
@@ -41,7 +43,9 @@ SIZE_MULTIPLE = 32
 
 def base_config(model: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = dict(name=model, base_width=128)
+  # conv_weight_grad: how 3x3 kernel gradients are computed ("auto": shifted matmuls on CPU,
+  # XLA's convolution on accelerators; see models/layers.py).
+  config.model = dict(name=model, base_width=128, conv_weight_grad="auto")
   config.data = dict(
       root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
       # Or a TFDS dataset built by `python -m pouta_jax.data.build`, e.g. "mvtec_ad/all_256",
@@ -175,6 +179,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)")
   check(config.model.base_width >= 2 and config.model.base_width % 2 == 0, "model.base_width",
         "an even number >= 2 (the discriminative width is half of it)")
+  check(config.model.conv_weight_grad in CONV_WEIGHT_GRAD_MODES, "model.conv_weight_grad",
+        f"one of {CONV_WEIGHT_GRAD_MODES}")
   categories = tuple(config.data.categories)
   check(len(set(categories)) == len(categories), "data.categories", "distinct category names")
   check(config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count")

@@ -38,6 +38,11 @@ def _check_pouta(config: Config) -> None:
     raise ValueError(f"config.loss.final_weight={config.loss.final_weight!r}: expected >= 0")
 
 
+def _conv_weight_grad(config: Config) -> str:
+  # Workdirs written before the key existed (their config.json) get the default.
+  return config.model.get("conv_weight_grad", "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   build: Callable[[Config], nn.Module]
@@ -47,10 +52,11 @@ class ModelSpec:
 
 REGISTRY = {
     "draem": ModelSpec(
-        build=lambda c: DRAEM(c.model.base_width),
+        build=lambda c: DRAEM(c.model.base_width, _conv_weight_grad(c)),
         objective=lambda c: objectives.draem_objective),
     "pouta": ModelSpec(
-        build=lambda c: POUTA(c.model.base_width, c.model.compare, c.model.guidance),
+        build=lambda c: POUTA(c.model.base_width, c.model.compare, c.model.guidance,
+                              _conv_weight_grad(c)),
         objective=lambda c: objectives.pouta_objective(
             tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision),
         validate=_check_pouta),

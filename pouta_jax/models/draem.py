@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pouta_jax.models.layers import Conv3x3, DoubleConv, Encoder, UpConv
+from pouta_jax.models.layers import Conv3x3, DoubleConv, Encoder, UpConv, conv_weight_grad
 from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
 # Channel multipliers (x base width) of the encoder blocks, finest first, and of the decoder
@@ -44,15 +44,17 @@ class DRAEM(nn.Module):
   """Reconstruct the (possibly anomalous) input, then segment from concat(recon, input)."""
 
   base_width: int = 128
+  conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
-    recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
-    reconstruction = recon["reconstruction"]
-    # Trained end to end; at test time the official code detaches the reconstruction.
-    seg_input = reconstruction if train else jax.lax.stop_gradient(reconstruction)
-    logits = DiscriminativeNetwork(self.base_width // 2, name="discriminative")(
-        jnp.concatenate([seg_input, x], axis=-1), train)
+    with conv_weight_grad(self.conv_weight_grad):
+      recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
+      reconstruction = recon["reconstruction"]
+      # Trained end to end; at test time the official code detaches the reconstruction.
+      seg_input = reconstruction if train else jax.lax.stop_gradient(reconstruction)
+      logits = DiscriminativeNetwork(self.base_width // 2, name="discriminative")(
+          jnp.concatenate([seg_input, x], axis=-1), train)
     return {
         "reconstruction": reconstruction,
         "logits": logits,

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pouta_jax.models.layers import Conv3x3, ConvBNReLU, conv_kernel_init, upsample_bilinear
+from pouta_jax.models.layers import (Conv3x3, ConvBNReLU, conv_kernel_init, conv_weight_grad,
+                                     upsample_bilinear)
 from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
 # Width of each supervised level (x the discriminative base width), finest first; the four
@@ -96,12 +97,14 @@ class POUTA(nn.Module):
   base_width: int = 128
   compare: str = "both"
   guidance: bool = True
+  conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
-    recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
-    seg = POUTADiscriminative(self.base_width // 2, self.compare, self.guidance,
-                              name="discriminative")(recon["encoder"], recon["decoder"], train)
+    with conv_weight_grad(self.conv_weight_grad):
+      recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
+      seg = POUTADiscriminative(self.base_width // 2, self.compare, self.guidance,
+                                name="discriminative")(recon["encoder"], recon["decoder"], train)
     return {
         "reconstruction": recon["reconstruction"],
         "logits": seg["logits"],
