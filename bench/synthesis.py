@@ -5,8 +5,8 @@
 Both sides synthesise DRAEM samples (Perlin mask, 3 augmenters on a DTD-like texture, blend)
 from the same normal images and texture folder, written to a temporary folder first. Ours: the
 training pipeline with `num_workers` grain worker processes (and, for a per-core comparison,
-in-process); anomalib: its generator on a batch of loaded images, in the training process, as
-its DRAEM runs it. Samples/s, median of turns taken in alternation (each side in its own
+in-process; samples leave the pipeline as uint8); anomalib: its generator on a batch of loaded
+images, in the training process, as its DRAEM runs it. Samples/s, median of turns taken in alternation (each side in its own
 process). Each of our turns starts a fresh pipeline and times the batches after its first:
 a pipeline left open would prefetch while the other side runs.
 """
@@ -31,7 +31,7 @@ NUM_IMAGES = 16
 NUM_TEXTURES = 8
 BATCH = 8
 OURS_BATCHES_PER_TURN = 32
-PEER_BATCHES_PER_TURN = 2
+PEER_BATCHES_PER_TURN = 8
 
 
 def write_inputs(root: Path, size: int) -> tuple[list[str], Path]:

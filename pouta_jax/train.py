@@ -151,6 +151,7 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
   """
 
   def loss_fn(params, state: TrainState, batch: dict):
+    batch = pipeline.decode(batch)
     outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                    batch["augmented"], train=True, mutable=["batch_stats"])
     loss, terms = objective(outputs, batch)

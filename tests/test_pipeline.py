@@ -35,7 +35,23 @@ def test_batch_shapes_and_dtypes(dataset_root):
   batch = _collect(_batches(_sample_fn(dataset_root), 4, 1))[0]
   assert batch["image"].shape == batch["augmented"].shape == (4, 32, 32, 3)
   assert batch["mask"].shape == (4, 32, 32) and batch["has_anomaly"].shape == (4,)
-  assert all(v.dtype == np.float32 for v in batch.values())
+  assert all(v.dtype == np.uint8 for v in batch.values())  # a quarter of float32's bytes
+
+
+def test_encode_then_decode_is_float_synthesis_to_within_rounding(dataset_root):
+  fn = _sample_fn(dataset_root)
+  rng = np.random.default_rng((fn.seed, 0, 0))
+  order = np.random.default_rng((fn.seed, 0)).permutation(len(fn.train_paths))
+  image = folder.load_image_cached(fn.train_paths[order[0]], 32)
+  want = synthesis.synthesize(rng, image, fn.textures.sample(rng, 32), fn.synthesis)
+  got = pipeline.decode(fn(0))
+  assert set(got) == set(want)
+  for key in want:
+    assert got[key].dtype == np.float32
+    np.testing.assert_allclose(got[key], want[key], atol=0.5 / 255 + 1e-6, err_msg=key)
+  np.testing.assert_array_equal(got["mask"], want["mask"])  # masks exactly
+  floats = {"image": np.full((2, 2), 0.25, np.float32)}
+  assert pipeline.decode(floats)["image"] is floats["image"]  # float batches pass unchanged
 
 
 def test_epochs_visit_every_image_and_seed_changes_data(dataset_root):
