@@ -6,9 +6,10 @@ Both sides synthesise DRAEM samples (Perlin mask, 3 augmenters on a DTD-like tex
 from the same normal images and texture folder, written to a temporary folder first. Ours: the
 training pipeline with `num_workers` grain worker processes (and, for a per-core comparison,
 in-process; samples leave the pipeline as uint8); anomalib: its generator on a batch of loaded
-images, in the training process, as its DRAEM runs it. Samples/s, median of turns taken in alternation (each side in its own
-process). Each of our turns starts a fresh pipeline and times the batches after its first:
-a pipeline left open would prefetch while the other side runs.
+images, in the training process, as its DRAEM runs it. Samples/s, median of turns taken in
+alternation (each side in its own process). Each of our turns starts a fresh pipeline and times
+the batches after every worker is up: a pipeline left open would prefetch while the other side
+runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Converts PyTorch DRAEM weights into a pouta_jax workdir that evaluates (or fine-tunes) as usual.
+"""Converts PyTorch weights: DRAEM into a pouta_jax workdir that evaluates (or fine-tunes) as
+usual, and torchvision ResNets into the backbone file PRN reads.
 
     python -m pouta_jax.convert --from=draem_torch --recon=DRAEM_bottle.pckl \
         --seg=DRAEM_bottle_seg.pckl --workdir=runs/converted/bottle \
@@ -14,6 +15,12 @@ official code (and pouta_jax) feed concat(reconstruction, input); the first disc
 convolution's input channels are swapped accordingly. Any missing, extra or mis-shaped key fails
 with the list of them and nothing is written. Needs torch only to read the files (the `bench`
 extra); the mapping itself is plain numpy.
+
+    python -m pouta_jax.convert --from=torchvision_resnet --weights=resnet18-f37072fd.pth \
+        --backbone=resnet18 --out=weights/resnet18.npz
+
+reads a torchvision ResNet18 / Wide-ResNet-50-2 state dict (its classifier `fc.*` is dropped)
+into an .npz that `models.backbone.load_weights` reads.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from pouta_jax import checkpoint, config as config_lib, experiment, train
+from pouta_jax.models import backbone as backbone_lib
 
 RECON, SEG = "reconstructive", "discriminative"
 ANOMALIB_PREFIXES = {"model.reconstructive_subnetwork.": RECON,
@@ -147,6 +155,48 @@ def base_width(state_dicts: dict[str, dict[str, np.ndarray]]) -> int:
   return int(np.shape(state_dicts[RECON][key])[0])
 
 
+def _torchvision_key(flat_key: str) -> str:
+  """"params/layer2_0/downsample_bn/scale" -> "layer2.0.downsample.1.weight"."""
+  collection, *modules, leaf = flat_key.split("/")
+  names = [m.replace("_", ".") if m.startswith("layer") else m for m in modules]
+  names = [{"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(m, m)
+           for m in names]
+  torch_leaf = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+                ("batch_stats", "var"): "running_var"}[(collection, leaf)]
+  return ".".join(names + [torch_leaf])
+
+
+def torchvision_to_variables(state_dict: dict[str, np.ndarray], backbone: str) -> dict:
+  """A torchvision ResNet state dict as `backbone`'s variables; ConversionError lists every
+  missing, extra or mis-shaped key (the classifier fc.* and BatchNorm counters are ignored)."""
+  template = jax.eval_shape(lambda: backbone_lib.init_variables(backbone))
+  flat = backbone_lib.flatten(jax.tree.map(lambda s: np.empty(s.shape, s.dtype), template))
+  problems, used, values = [], set(), {}
+  for key, like in flat.items():
+    torch_key = _torchvision_key(key)
+    if torch_key not in state_dict:
+      problems.append(f"missing {torch_key}")
+      continue
+    used.add(torch_key)
+    value = np.asarray(state_dict[torch_key], np.float32)
+    if value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if value.shape != like.shape:
+      problems.append(f"mis-shaped {torch_key}: {state_dict[torch_key].shape}")
+      continue
+    values[key] = value
+  problems += [f"extra {k}" for k in state_dict
+               if k not in used and not k.startswith("fc.") and
+               not k.endswith("num_batches_tracked")]
+  if problems:
+    raise ConversionError(f"not a torchvision {backbone} state dict:\n  " +
+                          "\n  ".join(problems))
+  leaves = [values["/".join(k.key for k in path)]
+            for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
 def _load_torch(path: str | Path, lightning: bool) -> dict[str, np.ndarray]:
   try:
     import torch
@@ -188,8 +238,14 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  if f["from"].value != "draem_torch":
-    raise app.UsageError(f"--from={f['from'].value!r}: expected draem_torch")
+  if f["from"].value == "torchvision_resnet":
+    if not f.weights or not f.out:
+      raise app.UsageError("--from=torchvision_resnet needs --weights and --out")
+    variables = torchvision_to_variables(_load_torch(f.weights, False), f.backbone)
+    print(f"Wrote {backbone_lib.save_weights(variables, f.out)}")
+    return
+  if not f.workdir:
+    raise app.UsageError("--from=draem_torch needs --workdir")
   if f.ckpt and (f.recon or f.seg) or not f.ckpt and not (f.recon and f.seg):
     raise app.UsageError("give --ckpt (anomalib), or --recon and --seg (the official release)")
   if f.ckpt:
@@ -205,10 +261,15 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  flags.DEFINE_enum("from", "draem_torch", ["draem_torch"], "What the weights are.")
+  flags.DEFINE_enum("from", "draem_torch", ["draem_torch", "torchvision_resnet"],
+                    "What the weights are.")
   flags.DEFINE_string("recon", None, "Official release: the reconstructive state dict.")
   flags.DEFINE_string("seg", None, "Official release: the segmentation state dict.")
   flags.DEFINE_string("ckpt", None, "anomalib: a Lightning .ckpt (or its state dict).")
-  flags.DEFINE_string("workdir", None, "New workdir for the converted run.", required=True)
+  flags.DEFINE_string("workdir", None, "draem_torch: new workdir for the converted run.")
+  flags.DEFINE_string("weights", None, "torchvision_resnet: the state dict (.pth).")
+  flags.DEFINE_enum("backbone", "resnet18", sorted(backbone_lib.BACKBONES),
+                    "torchvision_resnet: which ResNet.")
+  flags.DEFINE_string("out", None, "torchvision_resnet: the .npz to write.")
   flags.DEFINE_string("config", "configs/draem.py", "Config file[:category,preset].")
   app.run(main)
