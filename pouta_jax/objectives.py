@@ -52,16 +52,35 @@ def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
 
 
 def focal_loss(probs: jax.Array, mask: jax.Array, gamma: float = 2.0,
-               smooth: float = 1e-5) -> jax.Array:
+               smooth: float = 1e-5, alpha: float | None = None) -> jax.Array:
   """Focal loss on 2-class softmax probabilities (..., 2) against a binary mask (...).
 
   As in the official DRAEM: the one-hot target is clamped to [smooth, 1 - smooth], the true-class
   probability is pt = <target, p> + smooth, loss = -(1 - pt)^gamma log(pt), mean over pixels.
+  With `alpha` (PRN), anomalous pixels weigh alpha and normal ones 1 - alpha.
   """
   target = jnp.stack([1.0 - mask, mask], axis=-1)
   target = jnp.clip(target, smooth, 1.0 - smooth)
   pt = jnp.sum(target * probs, axis=-1) + smooth
-  return jnp.mean(-jnp.power(1.0 - pt, gamma) * jnp.log(pt))
+  loss = -jnp.power(1.0 - pt, gamma) * jnp.log(pt)
+  if alpha is not None:
+    loss = loss * jnp.where(mask > 0.5, alpha, 1.0 - alpha)
+  return jnp.mean(loss)
+
+
+def smooth_l1(prediction: jax.Array, target: jax.Array, beta: float = 1.0) -> jax.Array:
+  """Huber-like: quadratic below `beta`, linear above (PyTorch's SmoothL1Loss), mean."""
+  diff = jnp.abs(prediction - target)
+  return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
+
+
+def prn_map_terms(logits: jax.Array, mask: jax.Array, focal_weight: float = 5.0,
+                  alpha: float = 0.5, gamma: float = 4.0) -> dict[str, jax.Array]:
+  """PRN's loss on its map: Smooth-L1 of the anomaly probability against the mask, plus
+  focal_weight x focal (alpha 0.5, gamma 4)."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  return {"smooth_l1": smooth_l1(probs[..., 1], mask),
+          "focal": focal_weight * focal_loss(probs, mask, gamma=gamma, alpha=alpha)}
 
 
 def reconstruction_terms(outputs: dict, batch: dict) -> dict[str, jax.Array]:

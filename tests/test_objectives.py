@@ -67,3 +67,18 @@ def test_mse_and_draem_objective_terms():
   np.testing.assert_allclose(terms["focal"], -(1 - pt) ** 2 * np.log(pt), rtol=1e-4)
   np.testing.assert_allclose(terms["ssim"], 1 - _ssim_oracle(recon, image), atol=1e-5)
   np.testing.assert_allclose(loss, sum(terms.values()), rtol=1e-6)
+
+
+def test_alpha_focal_and_smooth_l1_hand_computed():
+  probs = jnp.asarray([[0.9, 0.1], [0.3, 0.7]])
+  mask = jnp.asarray([0.0, 1.0])
+  pt = np.array([0.9, 0.7]) * (1 - 1e-5) + np.array([0.1, 0.3]) * 1e-5 + 1e-5
+  per_pixel = -(1 - pt) ** 4 * np.log(pt)
+  np.testing.assert_allclose(objectives.focal_loss(probs, mask, gamma=4.0, alpha=0.25),
+                             np.mean(per_pixel * [0.75, 0.25]), rtol=1e-5)
+  np.testing.assert_allclose(objectives.smooth_l1(jnp.asarray([0.2, 3.0]), jnp.zeros(2)),
+                             np.mean([0.5 * 0.04, 2.5]), rtol=1e-6)
+  logits = jnp.log(probs)
+  terms = objectives.prn_map_terms(logits, mask)
+  np.testing.assert_allclose(terms["smooth_l1"], np.mean([0.5 * 0.01, 0.5 * 0.09]), rtol=1e-5)
+  np.testing.assert_allclose(terms["focal"], 5 * np.mean(per_pixel * 0.5), rtol=1e-5)

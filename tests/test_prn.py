@@ -4,8 +4,9 @@ scale, and gradients reaching every part."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from pouta_jax.models import prn
+from pouta_jax.models import backbone, prn, prototypes
 
 
 def _naive_window_attention(q, k, v, window):
@@ -60,17 +61,46 @@ def test_shapes_per_scale_and_output():
   assert len([k for k in params["msa_0_0"] if k.startswith("q_")]) == len(prn.WINDOW_DIVISORS)
 
 
-def test_gradients_reach_every_part():
-  features, residuals, deepest = _inputs()
-  model = prn.PRNHead(width=8)
-  variables = jax.jit(model.init, static_argnums=(4, 5))(jax.random.key(0), features, residuals,
-                                                         deepest, 64, False)
+def test_prototype_stage_is_deterministic_and_feeds_the_residuals():
+  images = np.random.default_rng(0).random((4, 64, 64, 3)).astype(np.float32)
+  model = prn.PRN("resnet18", width=8, num_prototypes=4)
+  variables = jax.jit(model.init, static_argnums=2)(jax.random.key(0), images[:1], False)
+  assert [variables["prototypes"][f"scale_{i}"].shape for i in range(3)] == [
+      (4, 16, 16, 64), (4, 8, 8, 128), (4, 4, 4, 256)]
+  fitted = prn.fit_prototypes(model, variables, images, jax.random.key(1), batch_size=3)
+  again = prn.fit_prototypes(model, variables, images, jax.random.key(1), batch_size=4)
+  for name in fitted:  # batching does not matter; the same key gives the same prototypes
+    np.testing.assert_allclose(fitted[name], again[name], rtol=1e-5, atol=1e-6)
+  # K = N: every training image is its own prototype, so its residual is zero.
+  backbone_vars = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+  features = jax.jit(backbone.ResNetFeatures("resnet18").apply)(backbone_vars, images)
+  for i in range(3):
+    residual = prototypes.residual(features[i], fitted[f"scale_{i}"])
+    np.testing.assert_allclose(residual, 0.0, atol=1e-6)
+  out = jax.jit(model.apply, static_argnames="train")({**variables, "prototypes": fitted}, images,
+                                                       train=False)
+  assert out["anomaly_map"].shape == (4, 64, 64)
+  assert prn.num_prototypes(250, 0.1) == 25 and prn.num_prototypes(3, 0.1) == 1
+  with pytest.raises(ValueError, match="5 prototypes need at least as many training images"):
+    prn.fit_prototypes(prn.PRN(width=8, num_prototypes=5), variables, images, jax.random.key(1))
+
+
+def test_backbone_is_frozen_and_gradients_reach_every_part_of_the_head():
+  images = jnp.asarray(np.random.default_rng(1).random((2, 64, 64, 3)), jnp.float32)
+  model = prn.PRN("resnet18", width=8)
+  variables = jax.jit(model.init, static_argnums=2)(jax.random.key(0), images, False)
 
   def loss(params):
-    logits, _ = model.apply({**variables, "params": params}, features, residuals, deepest, 64,
-                            True, mutable=["batch_stats"])
-    return jnp.mean(jax.nn.softmax(logits)[..., 1] ** 2)
+    out, _ = model.apply({**variables, "params": params}, images, train=True,
+                         mutable=["batch_stats"])
+    return jnp.mean(out["anomaly_map"])
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
-  for name, tree in grads.items():
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["backbone"]))
+  for name, tree in grads["discriminative"].items():  # MSF, MSA, decoder, head
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(tree)), name
+  _, updates = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(
+      variables)
+  for a, b in zip(jax.tree.leaves(variables["batch_stats"]["backbone"]),
+                  jax.tree.leaves(updates["batch_stats"]["backbone"])):
+    np.testing.assert_array_equal(a, b)  # running statistics untouched in train mode

@@ -18,7 +18,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pouta_jax.models import backbone as backbone_lib, prototypes as prototypes_lib
 from pouta_jax.models.layers import Conv3x3, ConvBNReLU, conv_kernel_init, upsample_bilinear
 
 NUM_SCALES = 3  # layers 1-3 carry prototypes and residuals
@@ -138,3 +140,56 @@ class PRNHead(nn.Module):
     while x.shape[1] < output_size:  # stride 4 -> the input size
       x = ConvBNReLU(self.width // 2, name=f"up_{x.shape[1]}")(upsample_bilinear(x, 2), train)
     return Conv3x3(2, name="head")(x)
+
+
+class PRN(nn.Module):
+  """Frozen backbone -> prototype residuals of layers 1-3 -> PRNHead.
+
+  Variables: `params`/`batch_stats` under "backbone" (frozen: loaded from converted weights,
+  never updated) and "discriminative" (trained), and the "prototypes" collection, one (K, h, w, c)
+  array per scale, computed before training by `fit_prototypes`.
+  """
+
+  backbone: str = "resnet18"
+  width: int = 64
+  num_prototypes: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict:
+    features = backbone_lib.ResNetFeatures(self.backbone, name="backbone")(x)
+    features = [jax.lax.stop_gradient(f) for f in features]
+    scales = features[:NUM_SCALES]
+    protos = [self.variable("prototypes", f"scale_{i}", jnp.zeros,
+                            (self.num_prototypes,) + f.shape[1:], f.dtype).value
+              for i, f in enumerate(scales)]
+    residuals = [prototypes_lib.residual(f, p) for f, p in zip(scales, protos)]
+    logits = PRNHead(self.width, name="discriminative")(scales, residuals, features[NUM_SCALES],
+                                                        x.shape[1], train)
+    return {"logits": logits, "anomaly_map": jax.nn.softmax(logits, axis=-1)[..., 1]}
+
+
+def num_prototypes(num_train_images: int, fraction: float) -> int:
+  """K = `fraction` of the training images, at least 1."""
+  return max(1, int(round(fraction * num_train_images)))
+
+
+def fit_prototypes(model: PRN, variables: dict, images: np.ndarray, key: jax.Array,
+                   batch_size: int = 16) -> dict:
+  """The "prototypes" collection: per scale, k-means (K = model.num_prototypes) over the
+  backbone features of the normal training `images` (N, H, W, 3) in [0, 1], each image's
+  flattened feature map one point. Deterministic given `key`."""
+  if model.num_prototypes > len(images):
+    raise ValueError(f"{model.num_prototypes} prototypes need at least as many training images "
+                     f"(there are {len(images)})")
+  backbone = backbone_lib.ResNetFeatures(model.backbone)
+  backbone_vars = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+  extract = jax.jit(lambda v, x: backbone.apply(v, x)[:NUM_SCALES])
+  per_batch = [extract(backbone_vars, jnp.asarray(images[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+  result = {}
+  for scale in range(NUM_SCALES):
+    features = jnp.concatenate([b[scale] for b in per_batch])
+    centroids, _ = prototypes_lib.kmeans(features.reshape(len(images), -1),
+                                         model.num_prototypes, jax.random.fold_in(key, scale))
+    result[f"scale_{scale}"] = centroids.reshape((model.num_prototypes,) + features.shape[1:])
+  return result
