@@ -43,8 +43,8 @@ SIZE_MULTIPLE = 32
 
 def base_config(model: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # conv_weight_grad: how 3x3 kernel gradients are computed ("auto": shifted matmuls on CPU,
-  # XLA's convolution on accelerators; see models/layers.py).
+  # conv_weight_grad: how the 3x3 convolutions' gradients are computed ("auto": shifted matmuls
+  # where XLA:CPU is slow, on the CPU backend; XLA's on accelerators; see models/layers.py).
   config.model = dict(name=model, base_width=128, conv_weight_grad="auto")
   config.data = dict(
       root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir

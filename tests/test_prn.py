@@ -30,6 +30,9 @@ def test_window_attention_matches_a_naive_loop():
   for window in (8, 4, 2, 1):
     np.testing.assert_allclose(prn.window_attention(q, k, v, window),
                                _naive_window_attention(q, k, v, window), rtol=1e-4, atol=1e-5)
+  # Windows always tile the map: 224 px gives a 28-pixel side at stride 8, and 28 / 8 is not whole.
+  assert [prn.window_size(28, d) for d in prn.WINDOW_DIVISORS] == [28, 14, 7, 2]
+  assert [prn.window_size(64, d) for d in prn.WINDOW_DIVISORS] == [64, 32, 16, 8]
   # A window of one pixel attends only to itself.
   np.testing.assert_allclose(prn.window_attention(q, k, v, 1), v, rtol=1e-5)
 

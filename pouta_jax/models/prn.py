@@ -84,6 +84,11 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> j
   return out.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
+def window_size(side: int, divisor: int) -> int:
+  """The largest window that tiles `side` exactly and is at most side / divisor (>= 1)."""
+  return max(w for w in range(1, max(side // divisor, 1) + 1) if side % w == 0)
+
+
 class DepthwiseProjection(nn.Module):
   """Depthwise 1x1 convolution: a per-channel scale and bias."""
 
@@ -103,7 +108,7 @@ class MultiSizeAttention(nn.Module):
     side = x.shape[1]
     outs = []
     for divisor in WINDOW_DIVISORS:
-      window = max(side // divisor, 1)
+      window = window_size(side, divisor)
       q, k, v = (DepthwiseProjection(name=f"{n}_{divisor}")(x) for n in "qkv")
       outs.append(window_attention(q, k, v, window))
     y = _conv1x1(x.shape[-1], "project")(jnp.concatenate(outs, -1))
