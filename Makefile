@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-all test bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)
+
+# The demo with PRN as well (about 8 more minutes on 2 cores); BACKBONE_WEIGHTS=resnet18.npz
+# gives PRN a pretrained backbone (python -m pouta_jax.convert --from=torchvision_resnet).
+demo-all: install
+	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)-all --models=draem,pouta,prn \
+		--backbone_weights=$(BACKBONE_WEIGHTS)
 
 # pytest exits 5 when it collects no tests: that is a failure here, said out loud.
 test: install

@@ -67,6 +67,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
       beta_max=0.8,
       perlin_max_scale_log2=5,
       num_augmenters=3,
+      # "Seen" anomalies: this many defect images (with masks) of the test set, chosen by
+      # train.seed, are trained on (pasted onto normal images) and never scored; of the
+      # synthesised anomalies, real_anomaly_prob are pasted ones, the rest DRAEM's.
+      num_real_anomalies=0,
+      real_anomaly_prob=0.5,
       batch_size=8,
       num_workers=2,
   )
@@ -74,7 +79,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # over "data"; parameters are replicated, or, with data.categories, split over an optional
   # "category" axis.
   config.mesh = dict(axes=(("data", -1),))
-  config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2)
+  # weight_decay: added to the gradients before Adam (PyTorch's Adam weight_decay).
+  config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2, weight_decay=0.0)
   config.train = dict(
       seed=0,
       num_steps=0,  # 0: num_epochs epochs of ceil(#train images / batch) steps
@@ -192,7 +198,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0 <= config.data.perlin_max_scale_log2 <= 8, "data.perlin_max_scale_log2",
         "an integer in [0, 8]")
   check(0 <= config.data.num_augmenters <= 10, "data.num_augmenters", "0 to 10 augmenters")
+  check(config.data.num_real_anomalies >= 0, "data.num_real_anomalies",
+        "0 or a number of test-set defect images to train on")
+  check(0 <= config.data.real_anomaly_prob <= 1, "data.real_anomaly_prob",
+        "a probability in [0, 1]")
   check(config.optim.lr > 0, "optim.lr", "a positive learning rate")
+  check(config.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
   milestones = tuple(config.optim.milestones)
   check(all(0 < m < 1 for m in milestones) and list(milestones) == sorted(milestones),
         "optim.milestones", "increasing fractions of training in (0, 1)")

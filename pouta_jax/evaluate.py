@@ -82,8 +82,9 @@ def thresholds(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str
 
 def profile(model: nn.Module, variables: dict, image_size: int, filter_size: int,
             repeats: int = 20) -> dict:
-  """Parameters per subnetwork, and XLA's FLOP count and the median latency of inference on one
-  image (batch 1: anomaly map and image score)."""
+  """Parameters per subnetwork (the models' top-level groups: reconstructive, discriminative,
+  and a frozen backbone where there is one) and in total, and XLA's FLOP count and the median
+  latency of inference on one image (batch 1: anomaly map and image score)."""
   counts = {name: int(sum(x.size for x in jax.tree.leaves(tree)))
             for name, tree in variables["params"].items()}
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -97,9 +98,7 @@ def profile(model: nn.Module, variables: dict, image_size: int, filter_size: int
     jax.block_until_ready(predict_fn(variables, image))
     times.append(time.perf_counter() - start)
   return {
-      "params": {"reconstructive": counts.get("reconstructive", 0),
-                 "discriminative": counts.get("discriminative", 0),
-                 "total": sum(counts.values())},
+      "params": {**counts, "total": sum(counts.values())},
       "flops_per_image": float(cost["flops"]),
       "latency_ms": 1000 * float(np.median(times)),
   }

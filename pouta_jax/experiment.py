@@ -16,13 +16,14 @@ from absl import logging
 from pouta_jax import (artifact, checkpoint, config as config_lib, evaluate, metrics, models,
                        report, sharding, train)
 from pouta_jax.data import category_folder
-from pouta_jax.data.folder import load_test_set
+from pouta_jax.data.folder import load_test_set, sample_name
 
 MODES = ("train", "eval", "train_and_eval")
 # What must match between a workdir's stored config and a run that resumes in it: the whole
 # model section, and the data that defines the task.
-IDENTITY_KEYS = (("model", None), ("data", "image_size"), ("data", "category"),
-                 ("data", "categories"), ("data", "few_shot"))
+IDENTITY_KEYS = (("model", None), ("backbone", None), ("data", "image_size"),
+                 ("data", "category"), ("data", "categories"), ("data", "few_shot"),
+                 ("data", "num_real_anomalies"))
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
@@ -42,10 +43,10 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
     stored = json.loads(stored_path.read_text())
     current = json.loads(serialised)
     for section, key in IDENTITY_KEYS:
-      old, new = stored.get(section, {}), current[section]
+      old, new = stored.get(section, {}), current.get(section, {})
       if key is not None:
-        if key not in old:
-          continue  # stored by an older version without this key
+        if key not in old or key not in new:
+          continue  # stored by an older version without this key, or a model without it
         old, new = old[key], new[key]
       else:  # a whole section: the keys both versions have
         shared = old.keys() & new.keys()
@@ -86,7 +87,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   categories = config_lib.categories_of(config)
   folders = [category_folder(config, c) for c in categories]
   test_sets = {f.category: load_test_set(f, config.data.image_size) for f in folders}
+  if exported is None:
+    config = models.resolve(config, [len(f.train) for f in folders])
   workdir = prepare_workdir(workdir, config)
+  if sharding.is_primary() and any(f.real_anomalies for f in folders):
+    # Which test images were trained on (and so are missing from the metrics).
+    report.write_json(workdir / "real_anomalies.json",
+                      {f.category: [sample_name(s) for s in f.real_anomalies] for f in folders})
 
   if exported is not None:
     predictors = {exported.manifest["model"]: {c: exported.predict for c in categories}}

@@ -62,6 +62,10 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
   if bad:
     raise ValueError(f"--image_sizes={list(sizes)}: {bad} not positive multiples of "
                      f"{config_lib.SIZE_MULTIPLE}")
+  if models.get(config.model.name).size_bound and sizes != (config.data.image_size,):
+    raise ValueError(f"--image_sizes={list(sizes)}: a {config.model.name} model runs at its "
+                     f"training size only ({config.data.image_size}: its prepared variables, "
+                     f"e.g. prototypes, have that size's shapes)")
   if batch_size < 0:
     raise ValueError(f"--batch_size={batch_size}: expected 0 (any) or a positive batch size")
   categories = config_lib.categories_of(config)

@@ -74,12 +74,13 @@ def smooth_l1(prediction: jax.Array, target: jax.Array, beta: float = 1.0) -> ja
   return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
 
 
-def prn_map_terms(logits: jax.Array, mask: jax.Array, focal_weight: float = 5.0,
-                  alpha: float = 0.5, gamma: float = 4.0) -> dict[str, jax.Array]:
-  """PRN's loss on its map: Smooth-L1 of the anomaly probability against the mask, plus
-  focal_weight x focal (alpha 0.5, gamma 4)."""
+def prn_map_terms(logits: jax.Array, mask: jax.Array, smooth_l1_weight: float = 1.0,
+                  focal_weight: float = 5.0, alpha: float = 0.5,
+                  gamma: float = 4.0) -> dict[str, jax.Array]:
+  """PRN's loss on its map: smooth_l1_weight x Smooth-L1 of the anomaly probability against
+  the mask, plus focal_weight x focal (alpha 0.5, gamma 4 by default)."""
   probs = jax.nn.softmax(logits, axis=-1)
-  return {"smooth_l1": smooth_l1(probs[..., 1], mask),
+  return {"smooth_l1": smooth_l1_weight * smooth_l1(probs[..., 1], mask),
           "focal": focal_weight * focal_loss(probs, mask, gamma=gamma, alpha=alpha)}
 
 
@@ -124,6 +125,18 @@ def pouta_objective(level_weights: tuple[float, ...], final_weight: float,
     if deep_supervision:
       for level, (weight, logits) in enumerate(zip(level_weights, outputs["level_logits"])):
         terms[f"focal_level{level}"] = weight * segmentation_focal(logits, batch["mask"])
+    return sum(terms.values()), terms
+
+  return objective
+
+
+@functools.lru_cache(maxsize=None)
+def prn_objective(smooth_l1_weight: float, focal_weight: float, alpha: float, gamma: float):
+  """PRN's loss: `prn_map_terms` on the final map (it has no reconstruction)."""
+
+  def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
+    terms = prn_map_terms(outputs["logits"], batch["mask"], smooth_l1_weight, focal_weight,
+                          alpha, gamma)
     return sum(terms.values()), terms
 
   return objective

@@ -65,20 +65,27 @@ def _fmt(value: float) -> str:
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
+# Parameter groups of the summary, in this order where any model has them (evaluate.profile).
+PARAM_GROUPS = (("reconstructive", "recon."), ("backbone", "backbone"),
+                ("discriminative", "discr."), ("total", "total"))
+
+
 def _summary(results: dict, profiles: dict) -> list[str]:
   """One row per model: size, cost and the mean of the main metrics."""
-  lines = ["| model | params recon. | params discr. | params total | GFLOPs / image | "
-           "latency (ms) | " + " | ".join(f"mean {m}" for m in SUMMARY_METRICS) + " |",
-           "|---" * (6 + len(SUMMARY_METRICS)) + "|"]
+  present = {g for p in profiles.values() if p for g in p["params"]}
+  groups = [(g, label) for g, label in PARAM_GROUPS if g in present] or [("total", "total")]
+  lines = ["| model | " + " | ".join(f"params {label}" for _, label in groups)
+           + " | GFLOPs / image | latency (ms) | "
+           + " | ".join(f"mean {m}" for m in SUMMARY_METRICS) + " |",
+           "|---" * (3 + len(groups) + len(SUMMARY_METRICS)) + "|"]
   for model, per_category in results.items():
     profile = profiles.get(model)
     if profile:
       p = profile["params"]
-      cost = [f"{p['reconstructive'] / 1e6:.3f}M", f"{p['discriminative'] / 1e6:.3f}M",
-              f"{p['total'] / 1e6:.3f}M", f"{profile['flops_per_image'] / 1e9:.3f}",
-              f"{profile['latency_ms']:.2f}"]
+      cost = [f"{p[g] / 1e6:.3f}M" if g in p else "–" for g, _ in groups]
+      cost += [f"{profile['flops_per_image'] / 1e9:.3f}", f"{profile['latency_ms']:.2f}"]
     else:
-      cost = ["–"] * 5
+      cost = ["–"] * (len(groups) + 2)
     means = [_fmt(per_category["mean"][m]) for m in SUMMARY_METRICS]
     lines.append(f"| {model} | " + " | ".join(cost + means) + " |")
   return lines + [""]

@@ -28,20 +28,25 @@ from tqdm import tqdm
 
 from pouta_jax import checkpoint, config as config_lib, models, report, sharding
 from pouta_jax.data import pipeline
-from pouta_jax.data.folder import CategoryFolder
+from pouta_jax.data.folder import CategoryFolder, load_image
 from pouta_jax.data.synthesis import SynthesisConfig
 from pouta_jax.data.textures import texture_source
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """`params` and `batch_stats` are what training changes; `constants` the variables it never
+  does: frozen submodules (a pretrained backbone) and collections such as PRN's prototypes,
+  set before step 0 by the model's prepare stage and saved with the rest."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  constants: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    return models.merge_variables(self.params, self.batch_stats, self.constants)
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
@@ -52,18 +57,23 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """Adam with DRAEM's step schedule: lr x decay at each milestone fraction of training."""
+  """Adam with DRAEM's step schedule (lr x decay at each milestone fraction of training) and
+  `optim.weight_decay` added to the gradients, as PyTorch's Adam does (PRN's setting)."""
   return _adam_with_milestones(config.optim.lr, tuple(config.optim.milestones),
-                               config.optim.decay, num_steps)
+                               config.optim.decay, num_steps,
+                               config.optim.get("weight_decay", 0.0))
 
 
 # The caches below return the same objects for the same settings, so jax.jit reuses its
 # compilations when one process runs several categories (the demo, the tests).
 @functools.lru_cache(maxsize=16)
 def _adam_with_milestones(lr: float, milestones: tuple[float, ...], decay: float,
-                          num_steps: int) -> optax.GradientTransformation:
+                          num_steps: int, weight_decay: float) -> optax.GradientTransformation:
   boundaries = {int(m * num_steps): decay for m in milestones}
-  return optax.adam(optax.piecewise_constant_schedule(lr, boundaries))
+  adam = optax.adam(optax.piecewise_constant_schedule(lr, boundaries))
+  if not weight_decay:
+    return adam
+  return optax.chain(optax.add_decayed_weights(weight_decay), adam)
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,11 +83,12 @@ def _jitted_init(model: nn.Module, image_size: int) -> Callable:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-               seed: int) -> TrainState:
+               seed: int, frozen: tuple[str, ...] = ()) -> TrainState:
+  """The freshly initialised state; the `frozen` submodules go to its constants."""
   variables = _jitted_init(model, image_size)(jax.random.key(seed))
-  return TrainState(step=jnp.array(0, jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"],
-                    opt_state=tx.init(variables["params"]))
+  params, batch_stats, constants = models.split_variables(variables, frozen)
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), constants=constants)
 
 
 def initial_state(config: ml_collections.ConfigDict,
@@ -92,12 +103,39 @@ def initial_state(config: ml_collections.ConfigDict,
                      f"epoch-based schedules differ ({sorted(steps)} steps); categories trained "
                      f"in one program need one step count")
   num_steps = steps.pop()
-  model = models.get(config.model.name).build(config)
+  spec = models.get(config.model.name)
+  model = spec.build(config)
   tx = make_optimizer(config, num_steps)
-  state = init_state(model, tx, config.data.image_size, config.train.seed)
+  state = init_state(model, tx, config.data.image_size, config.train.seed, spec.frozen)
   if config_lib.is_stacked(config):
     state = jax.tree.map(lambda x: jnp.repeat(x[None], len(train_sizes), axis=0), state)
   return model, tx, state, num_steps
+
+
+# The stream of train.seed that the prepare stage draws from (init uses the seed itself).
+PREPARE_STREAM = 1
+
+
+def prepare_state(config: ml_collections.ConfigDict, model: nn.Module, state: TrainState,
+                  folders: Sequence[CategoryFolder]) -> TrainState:
+  """The model's prepare stage (models.ModelSpec.prepare) on a step-0 state, per category on
+  its normal training images; the state itself when the model has none."""
+  spec = models.get(config.model.name)
+  if spec.prepare is None:
+    return state
+  key = jax.random.fold_in(jax.random.key(config.train.seed), PREPARE_STREAM)
+  prepared = []
+  for index, folder in enumerate(folders):
+    images = np.stack([load_image(path, config.data.image_size) for path in folder.train])
+    logging.info("Preparing %s for %s (%d training images)", config.model.name,
+                 folder.category, len(images))
+    prepared.append(spec.prepare(config, model, category_variables(config, state.variables, index),
+                                 images.astype(np.float32) / 255.0, key))
+  variables = (jax.tree.map(lambda *xs: jnp.stack(xs), *prepared)
+               if config_lib.is_stacked(config) else prepared[0])
+  params, batch_stats, constants = models.split_variables(variables, spec.frozen)
+  # The optimizer state depends on the trainable parameters' structure only, which is unchanged.
+  return state.replace(params=params, batch_stats=batch_stats, constants=constants)
 
 
 def category_variables(config: ml_collections.ConfigDict, variables: dict, index: int) -> dict:
@@ -152,10 +190,13 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
 
   def loss_fn(params, state: TrainState, batch: dict):
     batch = pipeline.decode(batch)
-    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                   batch["augmented"], train=True, mutable=["batch_stats"])
+    variables = models.merge_variables(params, state.batch_stats, state.constants)
+    outputs, updates = model.apply(variables, batch["augmented"], train=True,
+                                   mutable=["batch_stats"])
     loss, terms = objective(outputs, batch)
-    return loss, (terms, updates["batch_stats"])
+    # Frozen submodules' statistics come back unchanged; they stay with the constants.
+    batch_stats = {k: v for k, v in updates["batch_stats"].items() if k in state.batch_stats}
+    return loss, (terms, batch_stats)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -189,11 +230,13 @@ def training_batches(config: ml_collections.ConfigDict, folders: Sequence[Catego
   synthesis = SynthesisConfig(
       anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
       beta_max=config.data.beta_max, perlin_max_scale_log2=config.data.perlin_max_scale_log2,
-      num_augmenters=config.data.num_augmenters)
+      num_augmenters=config.data.num_augmenters,
+      real_anomaly_prob=config.data.get("real_anomaly_prob", 0.5))
   textures = texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir)
   samples = tuple(pipeline.SynthesizedSample(
       train_paths=tuple(folder.train), textures=textures,
-      image_size=config.data.image_size, synthesis=synthesis, seed=config.train.seed)
+      image_size=config.data.image_size, synthesis=synthesis, seed=config.train.seed,
+      real_anomalies=folder.real_anomalies)
       for folder in folders)
   stacked = config_lib.is_stacked(config)
   block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
@@ -268,13 +311,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir)
   stacked = config_lib.is_stacked(config)
   mesh = sharding.make_mesh(config)
-  model, tx, state, num_steps = initial_state(config, [len(f.train) for f in folders])
-  state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
+  model, tx, initial, num_steps = initial_state(config, [len(f.train) for f in folders])
+  state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  restored = checkpoint.restore_latest(mngr, state)
-  if restored is not None:
-    state = restored
+  state = checkpoint.restore_latest(mngr, jax.device_put(initial, state_sharding))
+  if state is not None:
     logging.info("Resumed from step %d in %s", current_step(state), workdir)
+  else:
+    state = jax.device_put(prepare_state(config, model, initial, folders), state_sharding)
   start = current_step(state)
   if start >= num_steps:
     mngr.close()

@@ -89,3 +89,67 @@ def test_procedural_textures_vary():
   source = textures.texture_source(None)
   a, b = (source.sample(np.random.default_rng(s), 32) for s in (0, 1))
   assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
+
+
+def _disc_on_background(size=64, radius=16):
+  """A bright disc (the object) on a dark, slightly noisy uniform background; float RGB."""
+  rng = np.random.default_rng(0)
+  y, x = np.mgrid[:size, :size]
+  disc = (y - size / 2) ** 2 + (x - size / 2) ** 2 < radius**2
+  image = 0.1 + 0.01 * rng.standard_normal((size, size, 3))
+  image[disc] = 0.8
+  return image.astype(np.float32), disc
+
+
+def test_foreground_is_the_object_on_a_uniform_background_and_everything_on_a_texture():
+  image, disc = _disc_on_background()
+  foreground = synthesis.foreground_mask(image)
+  assert (foreground == disc).mean() > 0.98
+  texture = textures.ProceduralTextures().sample(np.random.default_rng(1), 64) / 255.0
+  assert synthesis.foreground_mask(texture.astype(np.float32)).all()
+  # Nothing stands out from a uniform image: everywhere is allowed.
+  assert synthesis.foreground_mask(np.full((32, 32, 3), 0.5, np.float32)).all()
+
+
+def test_pasted_defect_lands_on_the_object_with_its_own_pixels():
+  clean, disc = _disc_on_background()
+  defect = np.zeros((64, 64, 3), np.uint8)
+  defect_mask = np.zeros((64, 64), bool)
+  defect_mask[5:9, 50:56] = True  # a 4 x 6 defect far from the centre
+  defect[defect_mask] = (200, 20, 20)
+  for seed in range(20):
+    augmented, mask = synthesis.paste_anomaly(np.random.default_rng(seed), clean, defect,
+                                              defect_mask)
+    assert mask.dtype == np.float32 and 0 < mask.sum() <= 24
+    assert not (mask.astype(bool) & ~disc).any()  # only on the object
+    np.testing.assert_array_equal(augmented[mask == 0], clean[mask == 0])
+    red = augmented[mask == 1]
+    # The defect's colour, scaled in brightness by U(0.8, 1.2).
+    scale = red[:, 0] / (200 / 255)
+    assert np.all((scale > 0.79) & (scale < 1.21))
+    np.testing.assert_allclose(red[:, 1] / red[:, 0], 20 / 200, rtol=1e-5)
+
+
+def test_real_anomalies_are_pasted_in_their_share_of_anomalous_samples():
+  rng = np.random.default_rng(0)
+  image = textures.ProceduralTextures().sample(rng, 32)
+  texture = textures.ProceduralTextures().sample(rng, 32)
+  defect = np.full((32, 32, 3), 255, np.uint8)
+  defect_mask = np.zeros((32, 32), bool)
+  defect_mask[10:14, 10:14] = True
+  config = synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0, real_anomaly_prob=0.5)
+  pasted = 0
+  for seed in range(40):
+    sample = synthesis.synthesize(np.random.default_rng(seed), image, texture, config,
+                                  ((defect, defect_mask),))
+    assert sample["has_anomaly"] == 1
+    # A pasted square: 16 pixels at most (a Perlin mask of exactly that shape is unlikely).
+    pasted += int(sample["mask"].sum() <= 16 and np.all(sample["augmented"][sample["mask"] == 1]
+                                                        >= 0.8 - 1e-6))
+  assert 10 <= pasted <= 30
+  # Without real anomalies the stream is DRAEM's exactly, whatever real_anomaly_prob says.
+  for seed in range(5):
+    a = synthesis.synthesize(np.random.default_rng(seed), image, texture, config)
+    b = synthesis.synthesize(np.random.default_rng(seed), image, texture,
+                             synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0))
+    np.testing.assert_array_equal(a["augmented"], b["augmented"])

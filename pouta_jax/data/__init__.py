@@ -5,13 +5,15 @@ from __future__ import annotations
 import ml_collections
 
 from pouta_jax.data import embedded
-from pouta_jax.data.folder import CategoryFolder, DataError, few_shot, scan
+from pouta_jax.data.folder import (CategoryFolder, DataError, few_shot, hold_out_real_anomalies,
+                                   scan)
 
 
 def category_folder(config: ml_collections.ConfigDict,
                     category: str | None = None) -> CategoryFolder:
-  """A category's files (default: the configured one; or its few-shot subset); builds the
-  embedded dataset first when no root is given."""
+  """A category's files (default: the configured one; or its few-shot subset, and without the
+  real anomalies held out for training); builds the embedded dataset first when no root is
+  given."""
   category = category or config.data.category
   root = config.data.root
   if config.data.tfds_dataset:
@@ -32,4 +34,7 @@ def category_folder(config: ml_collections.ConfigDict,
     folder = scan(root, category)
   if config.data.few_shot:
     folder = few_shot(folder, config.data.few_shot, config.train.seed)
+  # .get: configs stored by versions without the key (a workdir's config.json) have none.
+  if config.data.get("num_real_anomalies", 0):
+    folder = hold_out_real_anomalies(folder, config.data.num_real_anomalies, config.train.seed)
   return folder

@@ -46,6 +46,8 @@ class CategoryFolder:
   category: str
   train: tuple[Path, ...]
   test: tuple[TestSample, ...]
+  # Defect images with masks taken out of `test` to train on ("seen" anomalies, PRN).
+  real_anomalies: tuple[TestSample, ...] = ()
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -147,6 +149,29 @@ def few_shot(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
   return dataclasses.replace(folder, train=tuple(folder.train[i] for i in sorted(chosen)))
 
 
+# The stream of train.seed that picks the real anomalies (few_shot draws from the seed itself).
+REAL_ANOMALY_STREAM = 1
+
+
+def hold_out_real_anomalies(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
+  """The same category with `count` defect images (and masks), chosen by `seed` among all
+  defect types, moved from the test set to `real_anomalies`: trained on, never scored."""
+  defects = [s for s in folder.test if s.label]
+  if count > len(defects):
+    raise DataError(f"config.data.num_real_anomalies={count}: the test set of "
+                    f"{folder.category} in {folder.root} has only {len(defects)} defect images")
+  chosen = np.random.default_rng((seed, REAL_ANOMALY_STREAM)).choice(len(defects), count,
+                                                                     replace=False)
+  real = tuple(defects[i] for i in sorted(chosen))
+  return dataclasses.replace(folder, test=tuple(s for s in folder.test if s not in real),
+                             real_anomalies=real)
+
+
+def sample_name(sample: TestSample) -> str:
+  """`<defect>/<file stem>`: how outputs name a test image."""
+  return f"{sample.defect}/{sample.image.stem}"
+
+
 def _file(path):
   """What Pillow opens: a file path, or the bytes of a record (anything with read_bytes that is
   not a path, e.g. a TFDS RecordRef)."""
@@ -192,20 +217,28 @@ def resize_mask(mask: Image.Image, size: int) -> np.ndarray:
   return np.asarray(mask.resize((size, size), Image.BILINEAR), np.float32) >= 127.5
 
 
+def load_test_sample(sample: TestSample, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """A test image (uint8 RGB) and its mask (bool; all False for `good`), at (size, size)."""
+  image = load_image(sample.image, size)
+  if sample.mask is None:
+    return image, np.zeros((size, size), bool)
+  with Image.open(_file(sample.image)) as header:
+    return image, load_mask(sample.mask, size, header.size)
+
+
+@functools.lru_cache(maxsize=256)
+def load_test_sample_cached(sample: TestSample, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """`load_test_sample`, remembered per process (real anomalies are pasted many times)."""
+  return load_test_sample(sample, size)
+
+
 def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
   """All test images (uint8), masks (bool), labels, defect names and file names, in order."""
-  images, masks = [], []
-  for sample in folder.test:
-    images.append(load_image(sample.image, size))
-    if sample.mask is None:
-      masks.append(np.zeros((size, size), bool))
-    else:
-      with Image.open(_file(sample.image)) as header:
-        masks.append(load_mask(sample.mask, size, header.size))
+  images, masks = zip(*(load_test_sample(sample, size) for sample in folder.test))
   return {
       "image": np.stack(images),
       "mask": np.stack(masks),
       "label": np.array([s.label for s in folder.test], np.int32),
       "defect": np.array([s.defect for s in folder.test]),
-      "name": np.array([f"{s.defect}/{s.image.stem}" for s in folder.test]),
+      "name": np.array([sample_name(s) for s in folder.test]),
   }

@@ -22,7 +22,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from pouta_jax.data.folder import load_image_cached
+from pouta_jax.data.folder import TestSample, load_image_cached, load_test_sample_cached
 from pouta_jax.data.synthesis import SynthesisConfig, synthesize
 from pouta_jax.data.textures import FolderTextures, ProceduralTextures
 
@@ -36,6 +36,7 @@ class SynthesizedSample:
   image_size: int
   synthesis: SynthesisConfig
   seed: int
+  real_anomalies: tuple[TestSample, ...] = ()  # defects to paste (CategoryFolder's)
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     n = len(self.train_paths)
@@ -44,7 +45,8 @@ class SynthesizedSample:
     rng = np.random.default_rng((self.seed, epoch, position))
     image = load_image_cached(self.train_paths[order[position]], self.image_size)
     texture = self.textures.sample(rng, self.image_size)
-    return encode(synthesize(rng, image, texture, self.synthesis))
+    real = tuple(load_test_sample_cached(s, self.image_size) for s in self.real_anomalies)
+    return encode(synthesize(rng, image, texture, self.synthesis, real))
 
 
 # Sample keys that hold images in [0, 1]; every other key holds 0/1 values.

@@ -1,4 +1,5 @@
-"""DRAEM's anomaly synthesis in vectorised numpy: Perlin masks, texture augmenters, blending.
+"""Anomaly synthesis in vectorised numpy: DRAEM's Perlin masks, texture augmenters and blending
+("unseen" anomalies), and real defects pasted onto normal images ("seen" ones, PRN).
 
 Every function takes its `np.random.Generator`, so a sample is a pure function of the seed it is
 built from (see pipeline.py). The Perlin noise follows Perlin's improved noise (2002): random unit
@@ -121,11 +122,68 @@ class SynthesisConfig:
   beta_max: float = 0.8  # opacity of the original under the texture: beta ~ U[0, beta_max)
   perlin_max_scale_log2: int = 5
   num_augmenters: int = 3
+  # With real anomalies given: the share of anomalies pasted from them rather than synthesised.
+  real_anomaly_prob: float = 0.5
+
+
+# A border whose colours spread less than this (90th percentile of the distance to their median,
+# RGB in [0, 1]) is a uniform background around an object; a texture's border spreads more.
+UNIFORM_BORDER = 0.1
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+  """(H, W) bool: where the object is, for float RGB images of an object on a uniform background;
+  all True for textures (no uniform border) or when nothing stands out from the background."""
+  border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+  background = np.median(border, axis=0)
+  spread = np.percentile(np.linalg.norm(border - background, axis=-1), 90)
+  everywhere = np.ones(image.shape[:2], bool)
+  if spread > UNIFORM_BORDER:
+    return everywhere
+  distance = np.linalg.norm(image - background, axis=-1)
+  foreground = ndimage.binary_fill_holes(
+      ndimage.binary_opening(distance > max(3 * spread, 0.05), iterations=2))
+  return foreground if foreground.mean() > 0.01 else everywhere
+
+
+def paste_anomaly(rng: np.random.Generator, clean: np.ndarray, defect_image: np.ndarray,
+                  defect_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A real defect moved onto a clean image: the defect's pixels (uint8 image, bool mask) turned
+  by a random quarter turn and flip, scaled in brightness by U(0.8, 1.2), centred on a random
+  foreground pixel of `clean` (float RGB) and cut to the foreground. Returns the image and mask."""
+  turns, flip = int(rng.integers(4)), rng.random() < 0.5
+  image, mask = np.rot90(defect_image, turns), np.rot90(defect_mask, turns)
+  if flip:
+    image, mask = image[:, ::-1], mask[:, ::-1]
+  image = np.clip(image.astype(np.float32) / 255.0 * rng.uniform(0.8, 1.2), 0.0, 1.0)
+  foreground = foreground_mask(clean)
+  size = clean.shape[0]
+  pasted = np.zeros((size, size), np.float32)
+  ys, xs = np.nonzero(mask)
+  if len(ys):
+    y0, x0, h, w = ys.min(), xs.min(), ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
+    candidates = np.argwhere(foreground)
+    cy, cx = candidates[rng.integers(len(candidates))]
+    top, left = cy - h // 2, cx - w // 2
+    # The part of the defect's box that lands inside the image.
+    ty0, tx0 = max(top, 0), max(left, 0)
+    ty1, tx1 = min(top + h, size), min(left + w, size)
+    source = (slice(y0 + ty0 - top, y0 + ty1 - top), slice(x0 + tx0 - left, x0 + tx1 - left))
+    region = (slice(ty0, ty1), slice(tx0, tx1))
+    moved = np.zeros_like(clean)
+    moved[region] = image[source]
+    pasted[region] = mask[source]
+    pasted *= foreground
+    clean = clean * (1 - pasted[..., None]) + moved * pasted[..., None]
+  return clean.astype(np.float32), pasted
 
 
 def synthesize(rng: np.random.Generator, image: np.ndarray, texture: np.ndarray,
-               config: SynthesisConfig) -> dict[str, np.ndarray]:
-  """One DRAEM training sample from a clean uint8 image and a uint8 source texture.
+               config: SynthesisConfig,
+               real_anomalies: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+               ) -> dict[str, np.ndarray]:
+  """One training sample from a clean uint8 image and a uint8 source texture (and, optionally,
+  real defects as (uint8 image, bool mask) pairs to paste).
 
   Returns float32 `image` (the reconstruction target), `augmented` (the network input),
   `mask` (H, W) and the scalar `has_anomaly`.
@@ -137,14 +195,24 @@ def synthesize(rng: np.random.Generator, image: np.ndarray, texture: np.ndarray,
   mask = np.zeros((size, size), np.float32)
   augmented = clean
   if rng.random() < config.anomaly_prob:
-    mask = perlin_mask(rng, size, config.perlin_max_scale_log2).astype(np.float32)
-    source = augment_texture(rng, texture, config.num_augmenters).astype(np.float32) / 255.0
-    beta = rng.uniform(0.0, config.beta_max)
-    m = mask[..., None]
-    augmented = clean * (1 - m) + (1 - beta) * source * m + beta * clean * m
+    if real_anomalies and rng.random() < config.real_anomaly_prob:
+      defect_image, defect_mask = real_anomalies[int(rng.integers(len(real_anomalies)))]
+      augmented, mask = paste_anomaly(rng, clean, defect_image, defect_mask)
+    else:
+      augmented, mask = _texture_anomaly(rng, clean, texture, config)
   return {
       "image": clean,
       "augmented": augmented.astype(np.float32),
       "mask": mask,
       "has_anomaly": np.float32(mask.any()),
   }
+
+
+def _texture_anomaly(rng: np.random.Generator, clean: np.ndarray, texture: np.ndarray,
+                     config: SynthesisConfig) -> tuple[np.ndarray, np.ndarray]:
+  """DRAEM's anomaly: an augmented texture blended into a thresholded Perlin mask."""
+  mask = perlin_mask(rng, clean.shape[0], config.perlin_max_scale_log2).astype(np.float32)
+  source = augment_texture(rng, texture, config.num_augmenters).astype(np.float32) / 255.0
+  beta = rng.uniform(0.0, config.beta_max)
+  m = mask[..., None]
+  return clean * (1 - m) + (1 - beta) * source * m + beta * clean * m, mask

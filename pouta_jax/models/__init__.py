@@ -1,19 +1,24 @@
-"""Model registry: a config's `model.name` -> its network, its objective and its config checks.
+"""Model registry: a config's `model.name` -> its network, its objective and its config checks,
+plus what some models need around training: frozen parts, settings derived from the data, and a
+stage that prepares the variables before step 0.
 
 The train loop and evaluation only use this registry, so adding a model touches models/,
 objectives.py and configs/ alone. Every network returns a dict with at least `anomaly_map`
-(B, H, W) in [0, 1]; its parameters are grouped under `reconstructive` / `discriminative`.
+(B, H, W) in [0, 1]; its parameters are grouped by top-level submodule (`reconstructive`,
+`discriminative`, `backbone`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import ml_collections
+import numpy as np
 
 from pouta_jax import objectives
+from pouta_jax.models import prn
 from pouta_jax.models.draem import DRAEM
 from pouta_jax.models.pouta import COMPARE_MODES, LEVEL_MULTIPLIERS, POUTA
 
@@ -43,11 +48,32 @@ def _conv_weight_grad(config: Config) -> str:
   return config.model.get("conv_weight_grad", "auto")
 
 
+def _nothing_derived(config: Config, train_sizes: Sequence[int]) -> dict[str, Any]:
+  del config, train_sizes
+  return {}
+
+
+# (config, model, variables, normal training images (N, H, W, 3) float32 in [0, 1], key)
+#   -> variables; runs once per category before step 0, never on resume.
+Prepare = Callable[[Config, nn.Module, dict, np.ndarray, Any], dict]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   build: Callable[[Config], nn.Module]
   objective: Callable[[Config], Callable[[dict, dict], tuple]]
   validate: Callable[[Config], None] = _no_checks
+  # Top-level submodules whose variables are never trained (a pretrained backbone): the train
+  # state keeps them with its constants, out of the gradients and the optimizer.
+  frozen: tuple[str, ...] = ()
+  # Settings that depend on the data, as {"section.key": value} from the categories' numbers
+  # of training images; `resolve` writes them into the config before it is stored, so a
+  # workdir's config.json rebuilds the same model.
+  derive: Callable[[Config, Sequence[int]], dict[str, Any]] = _nothing_derived
+  prepare: Prepare | None = None
+  # Whether variables fitted by `prepare` fix the input size (PRN's prototypes have the
+  # training size's feature maps): such a model runs at its training size only.
+  size_bound: bool = False
 
 
 REGISTRY = {
@@ -60,6 +86,17 @@ REGISTRY = {
         objective=lambda c: objectives.pouta_objective(
             tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision),
         validate=_check_pouta),
+    "prn": ModelSpec(
+        build=lambda c: prn.PRN(c.backbone.name, c.model.base_width, c.model.num_prototypes,
+                                _conv_weight_grad(c)),
+        objective=lambda c: objectives.prn_objective(c.loss.smooth_l1_weight,
+                                                     c.loss.focal_weight, c.loss.focal_alpha,
+                                                     c.loss.focal_gamma),
+        validate=prn.check_config,
+        frozen=("backbone",),
+        derive=prn.derived_settings,
+        prepare=prn.prepare,
+        size_bound=True),
 }
 
 
@@ -67,3 +104,36 @@ def get(name: str) -> ModelSpec:
   if name not in REGISTRY:
     raise ValueError(f"config.model.name={name!r}: expected one of {sorted(REGISTRY)}")
   return REGISTRY[name]
+
+
+def resolve(config: Config, train_sizes: Sequence[int]) -> Config:
+  """A copy of `config` with the model's data-derived settings filled in (see ModelSpec)."""
+  derived = get(config.model.name).derive(config, train_sizes)
+  if not derived:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in derived.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def split_variables(variables: dict, frozen: tuple[str, ...]) -> tuple[dict, dict, dict]:
+  """(trainable params, trainable batch stats, constants): the `frozen` submodules' params and
+  batch stats and every other collection (e.g. "prototypes") go to the constants."""
+  def part(collection: str, keep_frozen: bool) -> dict:
+    return {k: v for k, v in variables.get(collection, {}).items()
+            if (k in frozen) == keep_frozen}
+
+  constants = {c: part(c, True) for c in ("params", "batch_stats")}
+  constants.update({c: v for c, v in variables.items() if c not in ("params", "batch_stats")})
+  return (part("params", False), part("batch_stats", False),
+          {c: v for c, v in constants.items() if v})
+
+
+def merge_variables(params: dict, batch_stats: dict, constants: dict) -> dict:
+  """The variables `apply` takes: the inverse of `split_variables`."""
+  merged = {c: dict(v) for c, v in constants.items()}
+  merged["params"] = {**params, **constants.get("params", {})}
+  merged["batch_stats"] = {**batch_stats, **constants.get("batch_stats", {})}
+  return merged

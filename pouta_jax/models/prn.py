@@ -15,13 +15,17 @@ against the nearest prototype (models/prototypes.py), and layer 4 (stride 32).
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from pouta_jax.models import backbone as backbone_lib, prototypes as prototypes_lib
-from pouta_jax.models.layers import Conv3x3, ConvBNReLU, conv_kernel_init, upsample_bilinear
+from pouta_jax.models.layers import (Conv3x3, ConvBNReLU, conv_kernel_init, conv_weight_grad,
+                                     upsample_bilinear)
 
 NUM_SCALES = 3  # layers 1-3 carry prototypes and residuals
 WINDOW_DIVISORS = (1, 2, 4, 8)  # MSA windows: the map's side / divisor
@@ -158,9 +162,13 @@ class PRN(nn.Module):
   backbone: str = "resnet18"
   width: int = 64
   num_prototypes: int = 1
+  conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
+    if self.num_prototypes < 1:
+      raise ValueError(f"PRN(num_prototypes={self.num_prototypes}): resolve the count from the "
+                       f"data first (models.resolve)")
     features = backbone_lib.ResNetFeatures(self.backbone, name="backbone")(x)
     features = [jax.lax.stop_gradient(f) for f in features]
     scales = features[:NUM_SCALES]
@@ -168,8 +176,9 @@ class PRN(nn.Module):
                             (self.num_prototypes,) + f.shape[1:], f.dtype).value
               for i, f in enumerate(scales)]
     residuals = [prototypes_lib.residual(f, p) for f, p in zip(scales, protos)]
-    logits = PRNHead(self.width, name="discriminative")(scales, residuals, features[NUM_SCALES],
-                                                        x.shape[1], train)
+    with conv_weight_grad(self.conv_weight_grad):
+      logits = PRNHead(self.width, name="discriminative")(scales, residuals,
+                                                          features[NUM_SCALES], x.shape[1], train)
     return {"logits": logits, "anomaly_map": jax.nn.softmax(logits, axis=-1)[..., 1]}
 
 
@@ -198,3 +207,69 @@ def fit_prototypes(model: PRN, variables: dict, images: np.ndarray, key: jax.Arr
                                          model.num_prototypes, jax.random.fold_in(key, scale))
     result[f"scale_{scale}"] = centroids.reshape((model.num_prototypes,) + features.shape[1:])
   return result
+
+
+# The registry's hooks for PRN (models/__init__.py): config checks, the prototype count from
+# the data, and the stage before step 0.
+
+CONVERT_HINT = ("convert torchvision's weights once: python -m pouta_jax.convert "
+                "--from=torchvision_resnet --weights=resnet18.pth --backbone=resnet18 "
+                "--out=resnet18.npz")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """PRN's keys; loads the backbone weights once, so a wrong file fails before any work."""
+  name = config.backbone.name
+  if name not in backbone_lib.BACKBONES:
+    raise ValueError(f"config.backbone.name={name!r}: expected one of "
+                     f"{sorted(backbone_lib.BACKBONES)}")
+  if not isinstance(config.backbone.pretrained, bool):
+    raise ValueError(f"config.backbone.pretrained={config.backbone.pretrained!r}: expected True "
+                     f"or False")
+  if config.backbone.pretrained:
+    if not config.backbone.weights:
+      raise ValueError(f"config.backbone.weights is empty: PRN's frozen backbone needs "
+                       f"pretrained {name} weights ({CONVERT_HINT}); or set "
+                       f"--config.backbone.pretrained=False to train on a random backbone")
+    try:
+      backbone_lib.load_weights(config.backbone.weights, name)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"config.backbone.weights: {e}") from e
+  if config.model.num_prototypes < 0:
+    raise ValueError(f"config.model.num_prototypes={config.model.num_prototypes}: expected a "
+                     f"count, or 0 for model.prototype_fraction of the training images")
+  if not 0 < config.model.prototype_fraction <= 1:
+    raise ValueError(f"config.model.prototype_fraction={config.model.prototype_fraction}: "
+                     f"expected a fraction in (0, 1]")
+  for key in ("smooth_l1_weight", "focal_weight", "focal_gamma"):
+    if config.loss[key] < 0:
+      raise ValueError(f"config.loss.{key}={config.loss[key]}: expected >= 0")
+  if not 0 <= config.loss.focal_alpha <= 1:
+    raise ValueError(f"config.loss.focal_alpha={config.loss.focal_alpha}: expected a weight in "
+                     f"[0, 1]")
+
+
+def derived_settings(config: ml_collections.ConfigDict,
+                     train_sizes: Sequence[int]) -> dict[str, Any]:
+  """K: `model.num_prototypes`, or `model.prototype_fraction` of the training images (of the
+  smallest category when several share one program, since their prototypes are stacked)."""
+  smallest = min(train_sizes)
+  count = (config.model.num_prototypes
+           or num_prototypes(smallest, config.model.prototype_fraction))
+  if count > smallest:
+    raise ValueError(f"config.model.num_prototypes={count}: more prototypes than training "
+                     f"images ({smallest}); k-means needs K <= N")
+  return {"model.num_prototypes": count}
+
+
+def prepare(config: ml_collections.ConfigDict, model: PRN, variables: dict, images: np.ndarray,
+            key: jax.Array) -> dict:
+  """Before step 0: the pretrained backbone (unless `backbone.pretrained` is False), then the
+  prototypes from its features of the normal training images."""
+  variables = dict(variables)
+  if config.backbone.pretrained:
+    weights = backbone_lib.load_weights(config.backbone.weights, model.backbone)
+    for collection in ("params", "batch_stats"):
+      variables[collection] = {**variables[collection], "backbone": weights[collection]}
+  variables["prototypes"] = fit_prototypes(model, variables, images, key)
+  return variables
