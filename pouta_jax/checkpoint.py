@@ -9,6 +9,7 @@ checkpoint that looks valid.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,17 @@ def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
   )
 
 
+def _fields(state: Any) -> dict:
+  """A train state (a dataclass) as saved: its fields by name, without empty dicts, so a model
+  without constants saves exactly what checkpoints held before that field existed."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if not (isinstance(getattr(state, f.name), dict) and not getattr(state, f.name))}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          data_iterator: grain.DatasetIterator | None = None) -> None:
   """Saves `state` (and the iterator that produced its batches) as step `step`; blocks."""
-  items = {"state": ocp.args.StandardSave(state)}
+  items = {"state": ocp.args.StandardSave(_fields(state))}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
@@ -48,9 +56,10 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:
   step = mngr.latest_step()
   if step is None:
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-      "state"]
+  abstract = _fields(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  return template.replace(**restored)
 
 
 def restore_data_iterator(mngr: ocp.CheckpointManager, step: int,

@@ -141,7 +141,8 @@ def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: 
       return {}, {}
   # Every process evaluates on its own devices, from host copies of the state.
   variants = {config.model.name: sharding.to_host(state.variables)}
-  if include_untrained:
+  if include_untrained:  # as training starts: after the prepare stage (PRN's prototypes)
+    initial = train.prepare_state(config, model, initial, folders)
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
   filter_size = config.eval.score_filter_size
   predictors = {

@@ -59,7 +59,7 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
   """Adam with DRAEM's step schedule (lr x decay at each milestone fraction of training) and
   `optim.weight_decay` added to the gradients, as PyTorch's Adam does (PRN's setting)."""
-  return _adam_with_milestones(config.optim.lr, tuple(config.optim.milestones),
+  return _adam(config.optim.lr, tuple(config.optim.milestones),
                                config.optim.decay, num_steps,
                                config.optim.get("weight_decay", 0.0))
 
@@ -67,7 +67,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
 # The caches below return the same objects for the same settings, so jax.jit reuses its
 # compilations when one process runs several categories (the demo, the tests).
 @functools.lru_cache(maxsize=16)
-def _adam_with_milestones(lr: float, milestones: tuple[float, ...], decay: float,
+def _adam(lr: float, milestones: tuple[float, ...], decay: float,
                           num_steps: int, weight_decay: float) -> optax.GradientTransformation:
   boundaries = {int(m * num_steps): decay for m in milestones}
   adam = optax.adam(optax.piecewise_constant_schedule(lr, boundaries))

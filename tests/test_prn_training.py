@@ -252,3 +252,27 @@ def test_a_wrong_weights_file_lists_its_keys_before_anything_is_written(dataset_
   assert "missing params/layer1_0/conv1/kernel" in str(error.value)
   assert "extra params/fc/kernel" in str(error.value)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, channels, head_params", [
+    ("resnet18", (64, 128, 256), 9_318_914), ("wide_resnet50_2", (256, 512, 1024), 16_814_594)])
+def test_full_size_config_shapes(name, channels, head_params):
+  """configs/prn.py at full size (256 px, width 64), K from 200 training images: shapes and
+  parameter counts (the head's: a regression anchor for our reading of the paper)."""
+  config = config_lib.load("prn", "bottle")
+  config.backbone.name = name
+  config = models.resolve(config, [200])
+  assert config.model.num_prototypes == 20
+  model = models.get("prn").build(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)),
+                                             train=False))
+  protos = [shapes["prototypes"][f"scale_{i}"].shape for i in range(prn.NUM_SCALES)]
+  assert protos == [(20, 256 // s, 256 // s, c) for s, c in zip((4, 8, 16), channels)]
+  params, _, constants = models.split_variables(shapes, ("backbone",))
+  backbone_count = sum(x.size for x in jax.tree.leaves(constants["params"]))
+  assert backbone_count == {"resnet18": 11_176_512, "wide_resnet50_2": 66_834_240}[name]
+  assert set(params) == {"discriminative"}
+  assert sum(x.size for x in jax.tree.leaves(params)) == head_params
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
+                       jnp.zeros((2, 256, 256, 3)))
+  assert out["anomaly_map"].shape == (2, 256, 256) and out["logits"].shape == (2, 256, 256, 2)

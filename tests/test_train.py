@@ -1,7 +1,9 @@
 import json
 
+import flax
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from pouta_jax import checkpoint, models, objectives, sharding, train
@@ -95,3 +97,28 @@ def test_checkpoint_holds_the_data_iterator(tiny_config, tmp_path):
   checkpoint.save(mngr, 4, state)
   assert not checkpoint.restore_data_iterator(mngr, 4, batches)
   mngr.close()
+
+
+class _StateBeforeConstants(flax.struct.PyTreeNode):
+  """TrainState as versions before `constants` saved it."""
+
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: tuple
+
+
+def test_checkpoints_written_before_constants_existed_still_restore(tiny_config, tmp_path):
+  model, tx, state, _ = train.initial_state(tiny_config, [8])
+  state = state.replace(step=state.step + 7,
+                        params=jax.tree.map(lambda x: x + 1.0, state.params))
+  old = _StateBeforeConstants(state.step, state.params, state.batch_stats, state.opt_state)
+  mngr = checkpoint.manager(tmp_path, 1)
+  mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)), force=True)
+  mngr.wait_until_finished()
+  _, _, template, _ = train.initial_state(tiny_config, [8])
+  restored = checkpoint.restore_latest(mngr, template)
+  mngr.close()
+  assert restored.constants == {} and int(restored.step) == 7
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
