@@ -124,3 +124,49 @@ def test_eight_devices_match_one_device_and_stacked_categories_match_separate_st
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "EQUAL" in result.stdout
+
+
+PRN_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, optax
+    jax.config.update("jax_enable_x64", True)
+    from jax.sharding import Mesh
+    from pouta_jax import config as config_lib, models, sharding, train
+    config = config_lib.load("prn", "weave,tiny")
+    config.model.base_width, config.data.image_size = 4, 32
+    config = models.resolve(config, [20])
+    spec = models.get("prn")
+    model, objective, tx = spec.build(config), spec.objective(config), optax.sgd(1e-2)
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 32, 32, 3))
+    mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
+    batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
+             "has_anomaly": mask.max(axis=(1, 2))}
+    init = jax.device_get(train.init_state(model, tx, 32, seed=0, frozen=spec.frozen))
+    init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, init)
+    # Prototypes that are not zero, so residuals take part.
+    init = init.replace(constants={**init.constants, "prototypes": jax.tree.map(
+        lambda p: rng.standard_normal(p.shape), init.constants["prototypes"])})
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = Mesh(np.asarray(devices), ("data",))
+      state = jax.device_put(init, sharding.replicated(mesh))
+      state, metrics = train.make_train_step(model, objective, tx, mesh)(state, batch)
+      assert state.constants["prototypes"]["scale_0"].sharding.is_fully_replicated
+      results.append((float(metrics["loss"]), jax.device_get(state)))
+    (loss1, state1), (loss8, state8) = results
+    np.testing.assert_allclose(loss1, loss8, rtol=1e-10)
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(jax.tree.leaves(init.constants), jax.tree.leaves(state8.constants)):
+      np.testing.assert_array_equal(a, b)
+    print("EQUAL")
+""")
+
+
+def test_prn_on_eight_devices_matches_one_device_and_keeps_its_constants():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", PRN_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "EQUAL" in result.stdout

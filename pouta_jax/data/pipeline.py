@@ -94,6 +94,14 @@ class BatchBlock:
     return self.samples[category](step * self.batch_size + self.first_row + row)
 
 
+# How far each process reads ahead. grain's default (16 threads, 500 elements) made every worker
+# buffer hundreds of batches (1 GB per worker at 256 px) and cut 2 workers to 200 samples/s on 2
+# cores; one thread and two batches per worker (the processes are the parallelism) give 540
+# (bench/synthesis.py). In-process, two threads overlap synthesis with the train step.
+WORKER_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
 def train_batches(block: BatchBlock, num_steps: int, start_step: int = 0,
                   num_workers: int = 0) -> grain.IterDataset:
   """This process's block of the batches of steps [start_step, num_steps), flattened to one
@@ -101,7 +109,7 @@ def train_batches(block: BatchBlock, num_steps: int, start_step: int = 0,
   dataset = (grain.MapDataset.range(0, num_steps * block.per_step)
              .map(block)
              .batch(block.per_step, drop_remainder=True))[start_step:]
-  iterable = dataset.to_iter_dataset()
+  iterable = dataset.to_iter_dataset(WORKER_READ if num_workers > 0 else IN_PROCESS_READ)
   if num_workers > 0:
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iterable
