@@ -155,24 +155,6 @@ def test_real_anomalies_are_pasted_in_their_share_of_anomalous_samples():
     np.testing.assert_array_equal(a["augmented"], b["augmented"])
 
 
-@pytest.mark.parametrize("degrees", [-89.5, -30.0, 0.0, 17.3, 45.0])
-def test_rotate_matches_scipy(degrees):
-  from scipy import ndimage
-  rng = np.random.default_rng(0)
-  for image in (rng.random((48, 48)), rng.random((32, 32, 3))):
-    def scipy_rotate(x):
-      return ndimage.rotate(x, degrees, axes=(1, 0), reshape=False, order=1, mode="constant",
-                            cval=0.0)
-
-    # Equal wherever scipy's bilinear source lies inside the image...
-    inside = scipy_rotate(np.ones(image.shape[:2])) > 1 - 1e-9
-    rotated = synthesis.rotate(image, degrees)
-    np.testing.assert_allclose(rotated[inside], scipy_rotate(image)[inside], atol=1e-5)
-    # ... and outside it only on a one-pixel rim of the rotated square.
-    outside = ~ndimage.binary_dilation(inside)
-    np.testing.assert_array_equal(rotated[outside], 0.0)
-
-
 def _perlin_reference(angles, size, res):
   """Gradient noise pixel by pixel: the dot products with the four corners' gradients,
   blended by the quintic fade."""
@@ -199,12 +181,3 @@ def test_perlin_noise_matches_a_per_pixel_reference(size, res):
   angles = 2 * np.pi * np.random.default_rng(3).random((res[0] + 1, res[1] + 1))
   assert noise.dtype == np.float32
   np.testing.assert_allclose(noise, _perlin_reference(angles, size, res), atol=1e-5)
-
-
-def test_rotate_of_uint8_images_is_the_float_rotation_to_one_grey_level():
-  image = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
-  for degrees in (-70.0, 12.5):
-    rotated = synthesis.rotate(image, degrees)
-    assert rotated.dtype == np.uint8 and rotated.shape == image.shape
-    exact = synthesis.rotate(image.astype(np.float32), degrees)
-    assert np.abs(rotated - exact).max() <= 1.0  # Pillow interpolates uint8 in fixed point

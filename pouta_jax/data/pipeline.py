@@ -95,9 +95,10 @@ class BatchBlock:
 
 
 # How far each process reads ahead. grain's default (16 threads, 500 elements) made every worker
-# buffer hundreds of batches (1 GB per worker at 256 px) and cut 2 workers to 200 samples/s on 2
-# cores; one thread and two batches per worker (the processes are the parallelism) give 540
-# (bench/synthesis.py). In-process, two threads overlap synthesis with the train step.
+# buffer hundreds of batches (1 GB per worker at 256 px) and held 2 workers to 200 samples/s on
+# 2 cores, less than one process; one thread and two batches per worker (the processes are the
+# parallelism) let them scale (bench/synthesis.py, bench/README.md). In-process, two threads
+# overlap synthesis with the train step.
 WORKER_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
