@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)
 
-# The demo with PRN as well (about 5 more minutes on 2 cores); BACKBONE_WEIGHTS=resnet18.npz
+# The demo with PRN as well (about 4 more minutes on 2 cores); BACKBONE_WEIGHTS=resnet18.npz
 # gives PRN a pretrained backbone (python -m pouta_jax.convert --from=torchvision_resnet).
 demo-all: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)-all --models=draem,pouta,prn \
