@@ -7,7 +7,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from pouta_jax import checkpoint, config as config_lib, evaluate, experiment, export, models, train
