@@ -43,3 +43,14 @@ def make_tiny_config(model: str, root):
 @pytest.fixture
 def tiny_config(dataset_root):
   return make_tiny_config("draem", dataset_root)
+
+
+def perturb_batch_norm(module) -> None:
+  """Random running statistics and affine parameters in every BatchNorm2d of a torch module
+  (torch only where the bench extra's parity tests use it), so parity tests exercise them."""
+  import torch
+  for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)

@@ -11,6 +11,7 @@ import pytest
 
 from pouta_jax import convert
 from pouta_jax.models import backbone
+from tests.conftest import perturb_batch_norm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,11 +97,7 @@ def test_parity_with_torchvision_resnet18(tmp_path):
   torchvision = pytest.importorskip("torchvision", reason=reason)
   torch.manual_seed(0)
   net = torchvision.models.resnet18()
-  for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-    bn.running_mean.uniform_(-0.5, 0.5)
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.uniform_(-0.2, 0.2)
+  perturb_batch_norm(net)
   net.eval()
   torch.save(net.state_dict(), tmp_path / "resnet18.pth")
   subprocess.run([sys.executable, "-m", "pouta_jax.convert", "--from=torchvision_resnet",

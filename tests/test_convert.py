@@ -12,6 +12,7 @@ import pytest
 
 from pouta_jax import checkpoint, config as config_lib, convert, train
 from pouta_jax.models.draem import DRAEM
+from tests.conftest import perturb_batch_norm
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 4
@@ -107,11 +108,7 @@ def test_parity_with_anomalib_draem(layout, tmp_path):
   recon = ReconstructiveSubNetwork(base_width=WIDTH)
   seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=WIDTH // 2)
   for module in (recon, seg):
-    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-      bn.running_mean.uniform_(-0.5, 0.5)
-      bn.running_var.uniform_(0.5, 2.0)
-      bn.weight.data.uniform_(0.5, 1.5)
-      bn.bias.data.uniform_(-0.2, 0.2)
+    perturb_batch_norm(module)
     module.eval()
   x = torch.rand(2, 3, 32, 32)
   with torch.no_grad():

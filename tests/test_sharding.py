@@ -35,6 +35,16 @@ def test_config_mesh_on_this_process(tiny_config):
     sharding.make_mesh(tiny_config)
 
 
+def _assert_equal_on_eight_devices(script: str) -> None:
+  """Runs `script` in a fresh interpreter with 8 simulated CPU devices; it prints EQUAL."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "EQUAL" in result.stdout
+
+
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np, optax
     # float64: the sharded step must compute the same function. In float32 the two differ by
@@ -118,12 +128,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_match_one_device_and_stacked_categories_match_separate_steps():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "EQUAL" in result.stdout
+  _assert_equal_on_eight_devices(SCRIPT)
 
 
 PRN_SCRIPT = textwrap.dedent("""
@@ -164,9 +169,4 @@ PRN_SCRIPT = textwrap.dedent("""
 
 
 def test_prn_on_eight_devices_matches_one_device_and_keeps_its_constants():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", PRN_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "EQUAL" in result.stdout
+  _assert_equal_on_eight_devices(PRN_SCRIPT)
