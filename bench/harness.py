@@ -16,11 +16,20 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import jax
 from absl import flags
 
 INSTALL_PEER = "pip install -e '.[bench]'  (or: make bench)"
+
+# glibc settings for the processes that time XLA programs, ours and the peer's alike. XLA:CPU
+# allocates each execution's temporaries in one block (5.3 GB for DRAEM's headline train step)
+# and frees it after; glibc maps such blocks afresh each time, so every step faulted in 1.3 M
+# pages (4 s of system time in a 7.7 s step). One arena, no mmap and no trimming keep the pages
+# mapped from one step to the next. Environment variables, because glibc reads them at start.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 50)}
 
 
 def require_peer():
@@ -62,12 +71,13 @@ def _worker(factory: Factory, conn) -> None:
 
 
 def interleaved(contenders: dict[str, Factory], repeats: int, warmup: int = 1,
-                pause_s: float = 0.3) -> dict[str, tuple[float, dict]]:
+                pause_s: float = 0.3, env: dict[str, str] | None = None
+                ) -> dict[str, tuple[float, dict]]:
   """Median seconds per iteration of each contender, and its facts, timed in turns.
 
   Each contender lives in its own process, idle (blocked on a pipe) while another runs, so one
   framework's thread pool never competes with the other's; `pause_s` between turns lets
-  OpenMP's spinning threads go to sleep.
+  OpenMP's spinning threads go to sleep. `env` is added to every contender's environment.
   """
   context = multiprocessing.get_context("spawn")
   workers = {}
@@ -76,7 +86,8 @@ def interleaved(contenders: dict[str, Factory], repeats: int, warmup: int = 1,
       parent, child = context.Pipe()
       # Not a daemon: a contender may start processes of its own (grain workers).
       process = context.Process(target=_worker, args=(factory, child))
-      process.start()
+      with mock.patch.dict(os.environ, env or {}):  # a spawned process copies it
+        process.start()
       facts = parent.recv()
       if isinstance(facts, ContenderError):
         raise ContenderError(f"{name}: {facts}")

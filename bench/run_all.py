@@ -24,8 +24,8 @@ import train_step
 HEADLINE = ("train_step_speedup", "flop_utilisation", "inference_speedup", "synthesis_speedup",
             "parity_max_abs_diff")
 
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny settings only (minutes instead of ~half an "
-                           "hour on 2 CPU cores); the headline figures then describe them.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny settings only (minutes instead of ~15 on 2 "
+                           "CPU cores); the headline figures then describe them.")
 _OUT = flags.DEFINE_string("out", str(Path(__file__).with_name("results.md")),
                            "Where the tables go.")
 

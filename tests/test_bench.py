@@ -1,5 +1,6 @@
 """The benchmark harness (bench/harness.py): turns, per-process contenders, failures, no peer."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,11 @@ def self_timed(seconds: float):
   return (lambda: seconds), {}
 
 
+def environment_reader(*names: str):
+  import os
+  return (lambda: None), {name: os.environ.get(name) for name in names}
+
+
 def broken():
   raise FileNotFoundError("no weights at /nowhere")
 
@@ -31,7 +37,20 @@ def test_interleaved_times_each_contender_in_its_own_process():
   assert 0.01 <= fast[0] < 0.15 and 0.2 <= slow[0] < 0.5
   assert results["reported"][0] == 123.0  # an iteration may report the part that counts
   assert fast[1]["label"] == "a" and slow[1]["label"] == "b"
-  assert len({fast[1]["pid"], slow[1]["pid"], __import__("os").getpid()}) == 3
+  assert len({fast[1]["pid"], slow[1]["pid"], os.getpid()}) == 3
+
+
+def test_env_reaches_every_contender_and_leaves_ours_alone(monkeypatch):
+  monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+  monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")
+  names = tuple(harness.MALLOC_ENV)
+  results = harness.interleaved({"a": (environment_reader, names),
+                                 "b": (environment_reader, names)},
+                                repeats=1, pause_s=0.0, env=harness.MALLOC_ENV)
+  assert results["a"][1] == results["b"][1] == harness.MALLOC_ENV
+  assert "MALLOC_ARENA_MAX" not in os.environ and os.environ["MALLOC_MMAP_MAX_"] == "7"
+  plain = harness.interleaved({"c": (environment_reader, names)}, repeats=1, pause_s=0.0)
+  assert plain["c"][1]["MALLOC_MMAP_MAX_"] == "7" and plain["c"][1]["MALLOC_ARENA_MAX"] is None
 
 
 def test_a_contender_that_fails_to_build_is_named():

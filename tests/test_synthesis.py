@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from pouta_jax.data import synthesis, textures
 
@@ -26,6 +28,37 @@ def test_each_augmenter_keeps_shape_and_dtype(index):
   texture = textures.ProceduralTextures().sample(rng, 32)
   out = synthesis.AUGMENTERS[index](rng, texture)
   assert out.shape == texture.shape and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (256, 256), (97, 97)])
+def test_rotate_equals_scipy(shape):
+  rng = np.random.default_rng(len(shape))
+  image = rng.random(shape).astype(np.float32)
+  for degrees in [0.0, 90.0, -90.0, 45.0, -30.0, *rng.uniform(-90, 90, 20)]:
+    expected = ndimage.rotate(image, degrees, axes=(1, 0), reshape=False, order=1,
+                              mode="constant", cval=0.0)
+    out = synthesis.rotate(image, degrees)
+    assert out.dtype == np.float32 and out.shape == shape
+    np.testing.assert_allclose(out, expected, atol=1e-6, err_msg=f"{degrees} degrees")
+    assert np.array_equal(out == 0, expected == 0)  # the same rim
+
+
+def test_gamma_and_hue_augmenters_follow_their_formulas():
+  """Per-channel lookup tables give what the per-pixel formulas give (the oracles below)."""
+  x = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+  for seed in range(20):
+    rng = np.random.default_rng(seed)
+    gamma = rng.uniform(0.5, 2.0, size=3)
+    expected = np.round(255 * (x / 255.0) ** gamma).astype(np.uint8)
+    np.testing.assert_array_equal(synthesis._gamma_contrast(np.random.default_rng(seed), x),
+                                  expected)
+    rng = np.random.default_rng(seed)
+    hsv = np.asarray(Image.fromarray(x).convert("HSV")).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51) * 255 / 180)) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + rng.integers(-50, 51), 0, 255)
+    expected = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+    np.testing.assert_array_equal(synthesis._hue_saturation(np.random.default_rng(seed), x),
+                                  expected)
 
 
 def test_blend_follows_draem():
