@@ -13,7 +13,6 @@ import harness  # noqa: E402
 
 def sleeper(seconds: float, label: str):
   """A contender whose iteration takes `seconds`; its facts name its process."""
-  import os
   return (lambda: time.sleep(seconds)), {"label": label, "pid": os.getpid()}
 
 
@@ -22,7 +21,6 @@ def self_timed(seconds: float):
 
 
 def environment_reader(*names: str):
-  import os
   return (lambda: None), {name: os.environ.get(name) for name in names}
 
 

@@ -36,9 +36,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _losses(workdir: Path) -> list[float]:
+def _losses(workdir: Path, key: str = "loss") -> list[float]:
   lines = (workdir / "scalars.jsonl").read_text().splitlines()
-  return [json.loads(line)["loss"] for line in lines]
+  return [json.loads(line)[key] for line in lines]
+
+
+def _run_one_process(command: list[str]) -> None:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
 
 
 def _run_two_processes(workdir: Path, command, devices_per_process: int) -> list[tuple[str, str]]:
@@ -59,11 +64,9 @@ def _run_two_processes(workdir: Path, command, devices_per_process: int) -> list
 
 
 def test_two_processes_train_as_one(dataset_root, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   single, multi = tmp_path / "single", tmp_path / "multi"
   outputs = _run_two_processes(multi, lambda *a: _command(dataset_root, *a), 1)
-  subprocess.run(_command(dataset_root, single), cwd=REPO, env=env, check=True,
-                 capture_output=True)
+  _run_one_process(_command(dataset_root, single))
 
   # One program: both processes log the same loss at every step.
   logged = [re.findall(r"process (\d) step (\d+) loss (\S+)", err) for _, err in outputs]
@@ -92,16 +95,11 @@ def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
 
   single, multi = tmp_path / "single", tmp_path / "multi"
   _run_two_processes(multi, command, 2)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  subprocess.run(_command(dataset_root, single, config_arg="configs/draem.py:weave,pill,tiny"),
-                 cwd=REPO, env=env, check=True, capture_output=True)
+  _run_one_process(_command(dataset_root, single, config_arg="configs/draem.py:weave,pill,tiny"))
 
-  multi_logged, single_logged = ([json.loads(line) for line in
-                                  (w / "scalars.jsonl").read_text().splitlines()]
-                                 for w in (multi, single))
   for category in ("weave", "pill"):
-    multi_losses = [r[f"loss/{category}"] for r in multi_logged]
-    single_losses = [r[f"loss/{category}"] for r in single_logged]
+    multi_losses = _losses(multi, f"loss/{category}")
+    single_losses = _losses(single, f"loss/{category}")
     np.testing.assert_allclose(multi_losses[0], single_losses[0], rtol=1e-5)
     np.testing.assert_allclose(multi_losses, single_losses, rtol=3e-2)
   metrics = json.loads((multi / "metrics.json").read_text())
