@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install demo demo-all test bench clean
+.PHONY: install demo demo-all test lint bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ demo-all: install
 test: install
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+
+# The formatter and linter (ruff, settings in pyproject.toml); `ruff format .` fixes the layout.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # Benchmarks against anomalib (PyTorch, CPU wheels): bench/README.md says what each figure means.
 bench: install

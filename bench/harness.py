@@ -28,8 +28,11 @@ INSTALL_PEER = "pip install -e '.[bench]'  (or: make bench)"
 # and frees it after; glibc maps such blocks afresh each time, so every step faulted in 1.3 M
 # pages (4 s of system time in a 7.7 s step). One arena, no mmap and no trimming keep the pages
 # mapped from one step to the next. Environment variables, because glibc reads them at start.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 50)}
+MALLOC_ENV = {
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_MAX_": "0",
+  "MALLOC_TRIM_THRESHOLD_": str(1 << 50),
+}
 
 
 def require_peer():
@@ -38,8 +41,10 @@ def require_peer():
     importlib.import_module("anomalib")
     import torch
   except ImportError as e:
-    sys.exit(f"This benchmark compares against anomalib (PyTorch), which is not installed "
-             f"({e.name} missing). Install the bench extra: {INSTALL_PEER}")
+    sys.exit(
+      f"This benchmark compares against anomalib (PyTorch), which is not installed "
+      f"({e.name} missing). Install the bench extra: {INSTALL_PEER}"
+    )
   torch.set_num_threads(os.cpu_count() or 1)
   return torch
 
@@ -70,9 +75,13 @@ def _worker(factory: Factory, conn) -> None:
     conn.send(time.perf_counter() - start if seconds is None else seconds)
 
 
-def interleaved(contenders: dict[str, Factory], repeats: int, warmup: int = 1,
-                pause_s: float = 0.3, env: dict[str, str] | None = None
-                ) -> dict[str, tuple[float, dict]]:
+def interleaved(
+  contenders: dict[str, Factory],
+  repeats: int,
+  warmup: int = 1,
+  pause_s: float = 0.3,
+  env: dict[str, str] | None = None,
+) -> dict[str, tuple[float, dict]]:
   """Median seconds per iteration of each contender, and its facts, timed in turns.
 
   Each contender lives in its own process, idle (blocked on a pipe) while another runs, so one
@@ -100,8 +109,9 @@ def interleaved(contenders: dict[str, Factory], repeats: int, warmup: int = 1,
         seconds = conn.recv()
         if turn >= warmup:
           times[name].append(seconds)
-    return {name: (statistics.median(times[name]), facts)
-            for name, (_, _, facts) in workers.items()}
+    return {
+      name: (statistics.median(times[name]), facts) for name, (_, _, facts) in workers.items()
+    }
   finally:
     for process, conn, _ in workers.values():
       if process.is_alive():
@@ -119,13 +129,17 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 def machine() -> str:
   cpuinfo = Path("/proc/cpuinfo")
-  names = [line.split(":", 1)[1].strip() for line in
-           (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-           if line.startswith("model name")]
+  names = [
+    line.split(":", 1)[1].strip()
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+    if line.startswith("model name")
+  ]
   device = jax.devices()[0]
-  return (f"{names[0] if names else platform.machine()}, {os.cpu_count()} CPU cores; "
-          f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
-          f"Python {platform.python_version()}")
+  return (
+    f"{names[0] if names else platform.machine()}, {os.cpu_count()} CPU cores; "
+    f"jax {jax.__version__} on {device.platform} ({device.device_kind}); "
+    f"Python {platform.python_version()}"
+  )
 
 
 @dataclasses.dataclass

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import harness
 import jax
 import numpy as np
 from absl import app, flags
 
-import harness
 from pouta_jax import config as config_lib, evaluate, models, train
 
 BATCHES = {"latency": 1, "throughput": 16}
@@ -42,12 +42,14 @@ def jax_predict(base_width: int, size: int, batch: int) -> tuple[Callable[[], No
 
 def peer_predict(base_width: int, size: int, batch: int) -> tuple[Callable[[], None], dict]:
   torch = harness.require_peer()
-  from anomalib.models.image.draem.torch_model import (DiscriminativeSubNetwork,
-                                                        ReconstructiveSubNetwork)
+  from anomalib.models.image.draem.torch_model import (
+    DiscriminativeSubNetwork,
+    ReconstructiveSubNetwork,
+  )
+
   torch.manual_seed(0)
   recon = ReconstructiveSubNetwork(base_width=base_width).eval()
-  seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2,
-                                 base_width=base_width // 2).eval()
+  seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=base_width // 2).eval()
   images = torch.from_numpy(_images(batch, size)).permute(0, 3, 1, 2).contiguous()
 
   @torch.inference_mode()
@@ -65,21 +67,30 @@ def run(base_width: int, size: int, repeats: int) -> harness.Report:
   lines = ["| measure | batch | pouta_jax | anomalib | speedup |", "|---|---|---|---|---|"]
   figures = {}
   for measure, batch in BATCHES.items():
-    results = harness.interleaved({
+    results = harness.interleaved(
+      {
         "pouta_jax": (jax_predict, (base_width, size, batch)),
         "anomalib": (peer_predict, (base_width, size, batch)),
-    }, repeats)
+      },
+      repeats,
+    )
     ours, peer = results["pouta_jax"][0], results["anomalib"][0]
     if measure == "latency":
-      lines.append(f"| latency ms/image | 1 | {1000 * ours:.1f} | {1000 * peer:.1f} | "
-                   f"{peer / ours:.2f}x |")
+      lines.append(
+        f"| latency ms/image | 1 | {1000 * ours:.1f} | {1000 * peer:.1f} | {peer / ours:.2f}x |"
+      )
     else:
-      lines.append(f"| throughput images/s | {batch} | {batch / ours:.2f} | {batch / peer:.2f} | "
-                   f"{peer / ours:.2f}x |")
+      lines.append(
+        f"| throughput images/s | {batch} | {batch / ours:.2f} | {batch / peer:.2f} | "
+        f"{peer / ours:.2f}x |"
+      )
     figures[f"inference_speedup_{measure}"] = peer / ours
   figures["inference_speedup"] = figures["inference_speedup_latency"]
-  lines += ["", f"DRAEM widths {base_width}/{base_width // 2}, {size} px, eval mode; median of "
-            f"{repeats} interleaved calls after one warm-up call, each side in its own process."]
+  lines += [
+    "",
+    f"DRAEM widths {base_width}/{base_width // 2}, {size} px, eval mode; median of "
+    f"{repeats} interleaved calls after one warm-up call, each side in its own process.",
+  ]
   return harness.Report("Inference (DRAEM)", lines, figures)
 
 
@@ -90,9 +101,7 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   # Defined here, not on import: run_all.py imports every script.
-  _WIDTH = flags.DEFINE_integer("base_width", 128,
-                                "Reconstructive base width (full size: 128).")
+  _WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width (full size: 128).")
   _SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
-  _REPEATS = flags.DEFINE_integer("repeats", 5,
-                                  "Timed calls per contender and batch size.")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per contender and batch size.")
   app.run(main)

@@ -51,11 +51,15 @@ def main(argv: list[str]) -> None:
   latency = {name: 1000 * float(np.median(t)) for name, t in times.items()}
   for name, (_, _, profile) in setups.items():
     p = profile["params"]
-    print(f"| {name} | {p['reconstructive']:,} | {p['discriminative']:,} | {p['total']:,} | "
-          f"{profile['flops_per_image'] / 1e9:.2f} | {latency[name]:.1f} |")
+    print(
+      f"| {name} | {p['reconstructive']:,} | {p['discriminative']:,} | {p['total']:,} | "
+      f"{profile['flops_per_image'] / 1e9:.2f} | {latency[name]:.1f} |"
+    )
   draem, pouta = setups["draem"][2], setups["pouta"][2]
-  print(f"discriminative_param_ratio="
-        f"{pouta['params']['discriminative'] / draem['params']['discriminative']:.4f}")
+  print(
+    f"discriminative_param_ratio="
+    f"{pouta['params']['discriminative'] / draem['params']['discriminative']:.4f}"
+  )
   print(f"total_param_ratio={pouta['params']['total'] / draem['params']['total']:.4f}")
   print(f"flops_ratio={pouta['flops_per_image'] / draem['flops_per_image']:.4f}")
   print(f"latency_ratio={latency['pouta'] / latency['draem']:.4f}")

@@ -13,21 +13,30 @@ import datetime
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
-
 import harness
 import inference
 import parity
 import synthesis
 import train_step
+from absl import app, flags
 
-HEADLINE = ("train_step_speedup", "flop_utilisation", "inference_speedup", "synthesis_speedup",
-            "parity_max_abs_diff")
+HEADLINE = (
+  "train_step_speedup",
+  "flop_utilisation",
+  "inference_speedup",
+  "synthesis_speedup",
+  "parity_max_abs_diff",
+)
 
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny settings only (minutes instead of ~15 on 2 "
-                           "CPU cores); the headline figures then describe them.")
-_OUT = flags.DEFINE_string("out", str(Path(__file__).with_name("results.md")),
-                           "Where the tables go.")
+_QUICK = flags.DEFINE_bool(
+  "quick",
+  False,
+  "Tiny settings only (minutes instead of ~15 on 2 "
+  "CPU cores); the headline figures then describe them.",
+)
+_OUT = flags.DEFINE_string(
+  "out", str(Path(__file__).with_name("results.md")), "Where the tables go."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -35,17 +44,21 @@ def main(argv: list[str]) -> None:
   harness.require_peer()
   quick = _QUICK.value
   reports = [
-      train_step.run(["tiny"] if quick else ["headline", "tiny"], repeats=3 if quick else 5),
-      inference.run(16 if quick else 128, 64 if quick else 256, repeats=3 if quick else 5),
-      synthesis.run(256, 2, repeats=3),
-      parity.run(16 if quick else 128, 64),
+    train_step.run(["tiny"] if quick else ["headline", "tiny"], repeats=3 if quick else 5),
+    inference.run(16 if quick else 128, 64 if quick else 256, repeats=3 if quick else 5),
+    synthesis.run(256, 2, repeats=3),
+    parity.run(16 if quick else 128, 64),
   ]
   figures = {name: value for report in reports for name, value in report.figures.items()}
   if quick:
     figures.setdefault("train_step_speedup", figures["train_step_speedup_tiny"])
     figures.setdefault("flop_utilisation", figures["flop_utilisation_tiny"])
-  header = [f"# Benchmarks against anomalib ({'quick: tiny settings' if quick else 'full'})", "",
-            f"{datetime.date.today().isoformat()}, {harness.machine()}.", ""]
+  header = [
+    f"# Benchmarks against anomalib ({'quick: tiny settings' if quick else 'full'})",
+    "",
+    f"{datetime.date.today().isoformat()}, {harness.machine()}.",
+    "",
+  ]
   text = "\n".join(header + [report.markdown() for report in reports])
   out = Path(_OUT.value)
   with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:

@@ -48,8 +48,12 @@ def _batch(rng: np.random.Generator, leading: tuple[int, ...]) -> dict[str, np.n
   size = _SIZE.value
   image = rng.random(leading + (size, size, 3), dtype=np.float32)
   mask = (rng.random(leading + (size, size)) > 0.9).astype(np.float32)
-  return {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
-          "has_anomaly": mask.max(axis=(-2, -1))}
+  return {
+    "image": image,
+    "augmented": image * (1 - mask[..., None]),
+    "mask": mask,
+    "has_anomaly": mask.max(axis=(-2, -1)),
+  }
 
 
 def _setup(config):
@@ -61,8 +65,9 @@ def _setup(config):
   model, tx, state, _ = train.initial_state(config, [1] * n)
   state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
   batch = _batch(np.random.default_rng(0), train.batch_shape(config))
-  step = train.make_train_step(model, models.get(config.model.name).objective(config), tx,
-                               mesh, loop)
+  step = train.make_train_step(
+    model, models.get(config.model.name).objective(config), tx, mesh, loop
+  )
   start = time.perf_counter()
   step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -83,9 +88,11 @@ def _timed(step, state, batch, times: list[float], repeats: int = 1):
 def main(argv: list[str]) -> None:
   del argv
   c = _CATEGORIES.value
-  programs = {"separate": (_setup(_config(1)), c),
-              "vmap": (_setup(_config(c, "vmap")), 1),
-              "unroll": (_setup(_config(c, "unroll")), 1)}
+  programs = {
+    "separate": (_setup(_config(1)), c),
+    "vmap": (_setup(_config(c, "vmap")), 1),
+    "unroll": (_setup(_config(c, "unroll")), 1),
+  }
   states = {name: setup[1] for name, (setup, _) in programs.items()}
   times = {name: [] for name in programs}
   for _ in range(_REPEATS.value):  # interleaved, so drifts in machine load hit all alike
@@ -95,9 +102,11 @@ def main(argv: list[str]) -> None:
   images = c * _BATCH.value
   rate = {name: images / float(np.median(t)) for name, t in times.items()}
   compile_s = {name: setup[3] * repeats for name, (setup, repeats) in programs.items()}
-  print(f"{_MODEL.value}, {c} categories, width {_WIDTH.value}, {_SIZE.value} px, batch "
-        f"{_BATCH.value} per category, {jax.device_count()} {jax.default_backend()} "
-        f"device(s), {_REPEATS.value} repeats")
+  print(
+    f"{_MODEL.value}, {c} categories, width {_WIDTH.value}, {_SIZE.value} px, batch "
+    f"{_BATCH.value} per category, {jax.device_count()} {jax.default_backend()} "
+    f"device(s), {_REPEATS.value} repeats"
+  )
   print("| program | images/s | compiles | compile s |")
   print("|---|---|---|---|")
   for name, (_, repeats) in programs.items():

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import harness
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-import harness
 from pouta_jax.data import pipeline
 from pouta_jax.data.synthesis import SynthesisConfig
 from pouta_jax.data.textures import FolderTextures
@@ -48,14 +48,17 @@ def write_inputs(root: Path, size: int) -> tuple[list[str], Path]:
   textures.mkdir(parents=True)
   for i in range(NUM_TEXTURES):
     Image.fromarray((rng.random((size + 64, size + 96, 3)) * 255).astype(np.uint8)).save(
-        textures / f"banded_{i:04d}.jpg", quality=90)
+      textures / f"banded_{i:04d}.jpg", quality=90
+    )
   return images, root / "dtd"
 
 
-def ours(images: list[str], textures: str, size: int, workers: int
-         ) -> tuple[Callable[[], float], dict]:
-  sample = pipeline.SynthesizedSample(tuple(images), FolderTextures.from_root(textures), size,
-                                      SynthesisConfig(), seed=0)
+def ours(
+  images: list[str], textures: str, size: int, workers: int
+) -> tuple[Callable[[], float], dict]:
+  sample = pipeline.SynthesizedSample(
+    tuple(images), FolderTextures.from_root(textures), size, SynthesisConfig(), seed=0
+  )
   block = pipeline.BatchBlock((sample,), BATCH, 0, BATCH)
 
   def run() -> float:
@@ -75,10 +78,17 @@ def ours(images: list[str], textures: str, size: int, workers: int
 def peer(images: list[str], textures: str, size: int) -> tuple[Callable[[], None], dict]:
   torch = harness.require_peer()
   from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+
   torch.manual_seed(0)
   generator = PerlinAnomalyGenerator(anomaly_source_path=textures, blend_factor=(0.1, 1.0))
-  batch = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32)
-                                        / 255.0).permute(2, 0, 1) for p in images[:BATCH]])
+  batch = torch.stack(
+    [
+      torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0).permute(
+        2, 0, 1
+      )
+      for p in images[:BATCH]
+    ]
+  )
 
   def run() -> None:
     for _ in range(PEER_BATCHES_PER_TURN):
@@ -91,22 +101,31 @@ def run(size: int, workers: int, repeats: int) -> harness.Report:
   harness.require_peer()
   with tempfile.TemporaryDirectory() as tmp:
     images, textures = write_inputs(Path(tmp), size)
-    results = harness.interleaved({
+    results = harness.interleaved(
+      {
         f"pouta_jax ({workers} workers)": (ours, (images, str(textures), size, workers)),
         "pouta_jax (in-process)": (ours, (images, str(textures), size, 0)),
         "anomalib": (peer, (images, str(textures), size)),
-    }, repeats)
+      },
+      repeats,
+    )
   rate = {name: facts["samples"] / seconds for name, (seconds, facts) in results.items()}
   lines = ["| contender | samples/s |", "|---|---|"]
   lines += [f"| {name} | {value:.1f} |" for name, value in rate.items()]
   speedup = rate[f"pouta_jax ({workers} workers)"] / rate["anomalib"]
   per_core = rate["pouta_jax (in-process)"] / rate["anomalib"]
-  lines += [f"| speedup ({workers} workers) | {speedup:.2f}x |",
-            f"| speedup in-process | {per_core:.2f}x |", "",
-            f"{size} px, batches of {BATCH}, {NUM_TEXTURES} DTD-layout JPEG textures; median of "
-            f"{repeats} turns after one warm-up turn."]
-  return harness.Report("Anomaly synthesis (DRAEM)", lines,
-                        {"synthesis_speedup": speedup, "synthesis_speedup_in_process": per_core})
+  lines += [
+    f"| speedup ({workers} workers) | {speedup:.2f}x |",
+    f"| speedup in-process | {per_core:.2f}x |",
+    "",
+    f"{size} px, batches of {BATCH}, {NUM_TEXTURES} DTD-layout JPEG textures; median of "
+    f"{repeats} turns after one warm-up turn.",
+  ]
+  return harness.Report(
+    "Anomaly synthesis (DRAEM)",
+    lines,
+    {"synthesis_speedup": speedup, "synthesis_speedup_in_process": per_core},
+  )
 
 
 def main(argv: list[str]) -> None:

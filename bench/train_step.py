@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import harness
 from pouta_jax import config as config_lib, models, sharding, train
 
 
@@ -37,8 +37,8 @@ class Setting:
 
 
 SETTINGS = {
-    "headline": Setting("headline", 128, 128, 4, malloc_env=True),  # the full architecture
-    "tiny": Setting("tiny", 16, 64, 8, malloc_env=False),
+  "headline": Setting("headline", 128, 128, 4, malloc_env=True),  # the full architecture
+  "tiny": Setting("tiny", 16, 64, 8, malloc_env=False),
 }
 # The reference convolution for FLOP utilisation: one large 3x3 'same' conv, forward only.
 PEAK_CONV = (4, 128, 128, 128, 128)  # batch, height, width, in, out
@@ -47,9 +47,11 @@ PEAK_CONV = (4, 128, 128, 128, 128)  # batch, height, width, in, out
 def _batch(setting: Setting, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   shape = (setting.batch_size, setting.image_size, setting.image_size)
-  return {"image": rng.random((*shape, 3), np.float32),
-          "augmented": rng.random((*shape, 3), np.float32),
-          "mask": (rng.random(shape) > 0.9).astype(np.float32)}
+  return {
+    "image": rng.random((*shape, 3), np.float32),
+    "augmented": rng.random((*shape, 3), np.float32),
+    "mask": (rng.random(shape) > 0.9).astype(np.float32),
+  }
 
 
 def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None], dict]:
@@ -81,12 +83,14 @@ def peer_step(setting: Setting) -> tuple[Callable[[], None], dict]:
   """One step of anomalib's DRAEM with its loss; facts: first (eager) step seconds."""
   torch = harness.require_peer()
   from anomalib.models.image.draem.loss import DraemLoss
-  from anomalib.models.image.draem.torch_model import (DiscriminativeSubNetwork,
-                                                        ReconstructiveSubNetwork)
+  from anomalib.models.image.draem.torch_model import (
+    DiscriminativeSubNetwork,
+    ReconstructiveSubNetwork,
+  )
+
   torch.manual_seed(0)
   recon = ReconstructiveSubNetwork(base_width=setting.base_width)
-  seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2,
-                                 base_width=setting.base_width // 2)
+  seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=setting.base_width // 2)
   loss_fn = DraemLoss()
   optimizer = torch.optim.Adam([*recon.parameters(), *seg.parameters()], lr=1e-4)
   batch = {k: torch.from_numpy(v) for k, v in _batch(setting).items()}
@@ -111,8 +115,15 @@ def peak_conv() -> tuple[Callable[[], None], dict]:
   b, h, w, cin, cout = PEAK_CONV
   x = jnp.ones((b, h, w, cin))
   kernel = jnp.ones((3, 3, cin, cout)) * 0.01
-  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(x, kernel).compile()
+  conv = (
+    jax.jit(
+      lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+    )
+    .lower(x, kernel)
+    .compile()
+  )
   cost = conv.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
@@ -124,24 +135,35 @@ def peak_conv() -> tuple[Callable[[], None], dict]:
 
 def run(settings: list[str], repeats: int) -> harness.Report:
   harness.require_peer()
-  lines = ["| setting | contender | images/s | ms/step | compile / first step s |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| setting | contender | images/s | ms/step | compile / first step s |",
+    "|---|---|---|---|---|",
+  ]
   figures: dict[str, float] = {}
-  seconds, facts = harness.interleaved({"conv": (peak_conv, ())}, repeats,
-                                       env=harness.MALLOC_ENV)["conv"]
+  seconds, facts = harness.interleaved({"conv": (peak_conv, ())}, repeats, env=harness.MALLOC_ENV)[
+    "conv"
+  ]
   peak = facts["flops"] / seconds
   for name in settings:
     setting = SETTINGS[name]
-    results = harness.interleaved({
+    results = harness.interleaved(
+      {
         "pouta_jax": (jax_step, (setting, "auto")),
         "pouta_jax (XLA conv gradients)": (jax_step, (setting, "xla")),
         "anomalib": (peer_step, (setting,)),
-    }, repeats, env=harness.MALLOC_ENV if setting.malloc_env else None)
-    label = (f"{name}: widths {setting.base_width}/{setting.base_width // 2}, "
-             f"{setting.image_size} px, batch {setting.batch_size}")
+      },
+      repeats,
+      env=harness.MALLOC_ENV if setting.malloc_env else None,
+    )
+    label = (
+      f"{name}: widths {setting.base_width}/{setting.base_width // 2}, "
+      f"{setting.image_size} px, batch {setting.batch_size}"
+    )
     for contender, (s, facts) in results.items():
-      lines.append(f"| {label} | {contender} | {setting.batch_size / s:.2f} | {1000 * s:.0f} | "
-                   f"{facts['start_s']:.1f} |")
+      lines.append(
+        f"| {label} | {contender} | {setting.batch_size / s:.2f} | {1000 * s:.0f} | "
+        f"{facts['start_s']:.1f} |"
+      )
     ours, ours_facts = results["pouta_jax"]
     speedup = results["anomalib"][0] / ours
     utilisation = ours_facts["flops"] / ours / peak
@@ -154,12 +176,15 @@ def run(settings: list[str], repeats: int) -> harness.Report:
       figures[f"train_step_speedup_{name}"] = speedup
       figures[f"flop_utilisation_{name}"] = utilisation
   b, h, w, cin, cout = PEAK_CONV
-  lines += ["", f"Peak: one {b}x{h}x{w} 3x3 convolution {cin}->{cout}, forward: "
-            f"{peak / 1e9:.1f} GFLOP/s. Utilisation = XLA's FLOPs per step / step time / peak. "
-            f"Median of {repeats} interleaved steps after one warm-up step; each contender in "
-            f"its own process, idle while another runs. The peak convolution and every contender "
-            f"of the headline setting run with harness.MALLOC_ENV (glibc keeps freed memory "
-            f"mapped)."]
+  lines += [
+    "",
+    f"Peak: one {b}x{h}x{w} 3x3 convolution {cin}->{cout}, forward: "
+    f"{peak / 1e9:.1f} GFLOP/s. Utilisation = XLA's FLOPs per step / step time / peak. "
+    f"Median of {repeats} interleaved steps after one warm-up step; each contender in "
+    f"its own process, idle while another runs. The peak convolution and every contender "
+    f"of the headline setting run with harness.MALLOC_ENV (glibc keeps freed memory "
+    f"mapped).",
+  ]
   return harness.Report("Train step (DRAEM)", lines, figures)
 
 

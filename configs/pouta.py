@@ -15,9 +15,9 @@ def get_config(arg: str | None = None):
   config.model.compare = "both"  # FCM inputs: both (with |E - D|), encoder only, decoder only
   config.model.guidance = True  # HSG: calibrate each level by the refined coarser level
   config.loss = dict(
-      level_weights=(1.0, 1.0, 1.0, 1.0),  # MSS focal weight per level, finest (H) first
-      final_weight=1.0,  # focal weight of the final map
-      deep_supervision=True,
+    level_weights=(1.0, 1.0, 1.0, 1.0),  # MSS focal weight per level, finest (H) first
+    final_weight=1.0,  # focal weight of the final map
+    deep_supervision=True,
   )
   return base.apply_args(config, arg)
 
@@ -25,8 +25,10 @@ def get_config(arg: str | None = None):
 def get_sweep(arg: str | None = None) -> dict:
   """The ablation study: the full model, then each idea switched off alone."""
   del arg
-  return {"zip": {
+  return {
+    "zip": {
       "model.compare": ["both", "encoder", "decoder", "both", "both"],
       "model.guidance": [True, True, True, False, True],
       "loss.deep_supervision": [True, True, True, True, False],
-  }}
+    }
+  }

@@ -20,9 +20,9 @@ def get_config(arg: str | None = None):
   config.model.num_prototypes = 0  # K; 0: prototype_fraction of the training images
   config.model.prototype_fraction = 0.1
   config.backbone = dict(
-      name="resnet18",  # or "wide_resnet50_2"
-      weights="",  # an .npz from pouta_jax.convert; required unless pretrained is False
-      pretrained=True,
+    name="resnet18",  # or "wide_resnet50_2"
+    weights="",  # an .npz from pouta_jax.convert; required unless pretrained is False
+    pretrained=True,
   )
   config.loss = dict(smooth_l1_weight=1.0, focal_weight=5.0, focal_alpha=0.5, focal_gamma=4.0)
   config.optim.weight_decay = 1e-2

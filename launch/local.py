@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import sweep
+from pouta_jax import errors, sweep
 
 sweep.define_launch_flags()
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.", lower_bound=1)
@@ -32,18 +32,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of ru
 def thread_env(threads: int) -> dict[str, str]:
   """Environment that limits XLA's and the BLAS libraries' CPU threads."""
   return {
-      "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-                   f"intra_op_parallelism_threads={threads}",
-      "OMP_NUM_THREADS": str(threads),
-      "OPENBLAS_NUM_THREADS": str(threads),
+    "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+    f"intra_op_parallelism_threads={threads}",
+    "OMP_NUM_THREADS": str(threads),
+    "OPENBLAS_NUM_THREADS": str(threads),
   }
 
 
 def main(argv: list[str]) -> None:
-  try:
-    runs = [job.command() for job in sweep.jobs_from_flags(argv[1:])]
-  except ValueError as e:  # SweepError included
-    sys.exit(f"FATAL: {e}")
+  runs = [job.command() for job in sweep.jobs_from_flags(argv[1:])]
   env = thread_env(_THREADS.value)
   if _DRY_RUN.value:
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
@@ -66,4 +63,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

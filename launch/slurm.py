@@ -21,22 +21,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import sweep
+from pouta_jax import errors, sweep
 from pouta_jax.train import PREEMPTED_EXIT_CODE
 
 sweep.define_launch_flags()
 _PARTITION = flags.DEFINE_string("partition", None, "SLURM partition.")
 _ACCOUNT = flags.DEFINE_string("account", None, "SLURM account.")
 _TIME = flags.DEFINE_string("time", "24:00:00", "Time limit per task.")
-_NODES = flags.DEFINE_integer("nodes_per_job", 1, "Nodes per task (one process each).",
-                              lower_bound=1)
+_NODES = flags.DEFINE_integer(
+  "nodes_per_job", 1, "Nodes per task (one process each).", lower_bound=1
+)
 _GPUS = flags.DEFINE_integer("gpus_per_node", 1, "GPUs per node (0: CPU only).", lower_bound=0)
 _CPUS = flags.DEFINE_integer("cpus_per_task", 8, "CPU cores per process.", lower_bound=1)
 _MEM = flags.DEFINE_string("mem", "64G", "Memory per node.")
-_MAX_RUNNING = flags.DEFINE_integer("max_running", 0, "Tasks running at once (0: no limit).",
-                                    lower_bound=0)
+_MAX_RUNNING = flags.DEFINE_integer(
+  "max_running", 0, "Tasks running at once (0: no limit).", lower_bound=0
+)
 _PYTHON = flags.DEFINE_string("python", sys.executable, "Python on the compute nodes.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the files and command; submit nothing.")
 
@@ -44,39 +46,46 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the files and command; sub
 def sbatch_script(num_jobs: int, jobs_file: Path, log_dir: Path) -> str:
   throttle = f"%{_MAX_RUNNING.value}" if _MAX_RUNNING.value else ""
   options = {
-      "job-name": "pouta_jax",
-      "array": f"0-{num_jobs - 1}{throttle}",
-      "partition": _PARTITION.value,
-      "account": _ACCOUNT.value,
-      "time": _TIME.value,
-      "nodes": _NODES.value,
-      "ntasks-per-node": 1,
-      "gpus-per-node": _GPUS.value or None,
-      "cpus-per-task": _CPUS.value,
-      "mem": _MEM.value,
-      "output": log_dir / "%A_%a.out",
-      "open-mode": "append",  # a requeued task appends to its log
-      "signal": "TERM@120",
-      "requeue": "",
+    "job-name": "pouta_jax",
+    "array": f"0-{num_jobs - 1}{throttle}",
+    "partition": _PARTITION.value,
+    "account": _ACCOUNT.value,
+    "time": _TIME.value,
+    "nodes": _NODES.value,
+    "ntasks-per-node": 1,
+    "gpus-per-node": _GPUS.value or None,
+    "cpus-per-task": _CPUS.value,
+    "mem": _MEM.value,
+    "output": log_dir / "%A_%a.out",
+    "open-mode": "append",  # a requeued task appends to its log
+    "signal": "TERM@120",
+    "requeue": "",
   }
-  header = [f"#SBATCH --{k}={v}" if v != "" else f"#SBATCH --{k}"
-            for k, v in options.items() if v is not None]
-  return "\n".join([
-      "#!/bin/bash", *header, "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
+  header = [
+    f"#SBATCH --{k}={v}" if v != "" else f"#SBATCH --{k}"
+    for k, v in options.items()
+    if v is not None
+  ]
+  return "\n".join(
+    [
+      "#!/bin/bash",
+      *header,
+      "set -uo pipefail",
+      f"cd {shlex.quote(str(Path.cwd()))}",
       f'command=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(jobs_file))})',
       'srun --kill-on-bad-exit=1 bash -c "$command"',
       "status=$?",
       f"if [ $status -eq {PREEMPTED_EXIT_CODE} ]; then  # checkpoint saved: resume later",
       '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
       "fi",
-      "exit $status", ""])
+      "exit $status",
+      "",
+    ]
+  )
 
 
 def main(argv: list[str]) -> None:
-  try:
-    jobs = sweep.jobs_from_flags(argv[1:])
-  except ValueError as e:  # SweepError included
-    sys.exit(f"FATAL: {e}")
+  jobs = sweep.jobs_from_flags(argv[1:])
   multi_host = ["--distributed"] if _NODES.value > 1 else []
   lines = [shlex.join(job.command(_PYTHON.value) + multi_host) for job in jobs]
   folder = Path(flags.FLAGS.workdir).absolute() / "slurm"
@@ -98,4 +107,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -18,9 +18,9 @@ import shutil
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import sweep
+from pouta_jax import errors, sweep
 
 sweep.define_launch_flags()
 _TPU = flags.DEFINE_string("tpu", None, "TPU VM (slice) name.", required=True)
@@ -40,12 +40,10 @@ def ssh_command(remote: str) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-  try:
-    jobs = sweep.jobs_from_flags(argv[1:])
-  except ValueError as e:  # SweepError included
-    sys.exit(f"FATAL: {e}")
-  commands = [ssh_command(shlex.join(job.command(_PYTHON.value) + ["--distributed"]))
-              for job in jobs]
+  jobs = sweep.jobs_from_flags(argv[1:])
+  commands = [
+    ssh_command(shlex.join(job.command(_PYTHON.value) + ["--distributed"])) for job in jobs
+  ]
   if _DRY_RUN.value:
     print("\n".join(shlex.join(c) for c in commands))
     return
@@ -57,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

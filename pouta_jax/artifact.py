@@ -3,7 +3,9 @@
 This file imports nothing else from pouta_jax and nothing of flax or the model code: a
 downstream user can copy it next to their evaluation code. An artifact is a folder:
 
-    artifact.json              what the programs expect and return, thresholds, config, metrics
+    artifact.json              what the programs expect and return, thresholds, config,
+                               metrics, and the sha256 of itself and of every other file
+                               (checked at load)
     weights.npz                the variables, keys joined by "/" ("params/encoder/...")
     predict_<size>px.jaxexport serialized jax.export programs, one per image size:
                                (variables, float32 images (B, S, S, 3) in [0, 1])
@@ -17,7 +19,9 @@ downstream user can copy it next to their evaluation code. An artifact is a fold
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +31,10 @@ import numpy as np
 FORMAT = "pouta_jax.artifact/1"
 MANIFEST = "artifact.json"
 WEIGHTS = "weights.npz"
+
+
+class ArtifactError(ValueError):
+  """An artifact that is incomplete, corrupted or of another format; names the file."""
 
 
 def program_name(image_size: int) -> str:
@@ -79,43 +87,102 @@ class Artifact:
     if images.ndim == 3:
       images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
-      raise ValueError(f"expected uint8 images (N, H, W[, 1|3|4]), got {images.dtype} "
-                       f"{images.shape}")
+      raise ValueError(
+        f"expected uint8 images (N, H, W[, 1|3|4]), got {images.dtype} {images.shape}"
+      )
     images = images[..., :3] if images.shape[-1] >= 3 else np.repeat(images, 3, axis=-1)
     if images.shape[1:3] != (size, size):
       from PIL import Image  # only needed when the images are not at the program's size
-      images = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
-                         for im in images])
+
+      images = np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images]
+      )
     return images.astype(np.float32) / 255.0
 
   def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly maps (B, S, S) and image scores (B,) of preprocessed images (B, S, S, 3)."""
     size = images.shape[1]
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or size not in self.programs:
-      raise ValueError(f"{self.path}: expected float32 images (B, S, S, 3) with S in "
-                       f"{self.image_sizes}, got {images.shape}; see Artifact.preprocess")
+      raise ValueError(
+        f"{self.path}: expected float32 images (B, S, S, 3) with S in "
+        f"{self.image_sizes}, got {images.shape}; see Artifact.preprocess"
+      )
     batch = self.manifest["batch_size"]
     if batch != "any" and len(images) != batch:
-      raise ValueError(f"{self.path}: exported for batches of {batch} images, got "
-                       f"{len(images)}; export again with --batch_size=0 for any batch size")
+      raise ValueError(
+        f"{self.path}: exported for batches of {batch} images, got "
+        f"{len(images)}; export again with --batch_size=0 for any batch size"
+      )
     maps, scores = self.programs[size](self.variables, np.asarray(images, np.float32))
     return np.asarray(maps), np.asarray(scores)
 
 
-def load(path: str | Path) -> Artifact:
-  """Loads an artifact folder written by `python -m pouta_jax.export`."""
-  path = Path(path)
+def sha256(path: str | Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
   manifest_path = path / MANIFEST
   if not manifest_path.is_file():
-    raise FileNotFoundError(f"{path}: not an exported artifact (no {MANIFEST})")
-  manifest = json.loads(manifest_path.read_text())
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, this reader reads "
-                     f"{FORMAT!r}")
-  with np.load(path / WEIGHTS) as weights:
-    variables = unflatten(dict(weights))
+    raise ArtifactError(f"{path}: not an exported artifact (no {MANIFEST})")
+  try:
+    manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ArtifactError(f"{manifest_path}: not valid JSON ({e}); the file is corrupted") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    raise ArtifactError(f"{manifest_path}: format {found!r}, this reader reads {FORMAT!r}")
+  return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+  """The sha256 of the manifest's own content (all but this digest), as canonical JSON."""
+  content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _verify(path: Path, manifest: dict) -> None:
+  """Checks the manifest and every file against their sha256 (artifacts written before the
+  manifest held them are read unchecked)."""
+  if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+    raise ArtifactError(
+      f"{path / MANIFEST}: its content does not match its manifest_sha256; the file is "
+      f"corrupted or was changed after export"
+    )
+  for name, expected in manifest.get("sha256", {}).items():
+    file = path / name
+    if not file.is_file():
+      raise ArtifactError(f"{file}: missing; the artifact is incomplete")
+    if sha256(file) != expected:
+      raise ArtifactError(
+        f"{file}: its sha256 differs from the one in {MANIFEST}; the file is corrupted or "
+        f"was changed after export"
+      )
+
+
+def load(path: str | Path) -> Artifact:
+  """Loads an artifact folder written by `python -m pouta_jax.export`; ArtifactError, naming
+  the file, if any part is missing, corrupted or of another format."""
+  path = Path(path)
+  manifest = _read_manifest(path)
+  _verify(path, manifest)
+  try:
+    with np.load(path / WEIGHTS, allow_pickle=False) as weights:
+      variables = unflatten(dict(weights))
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ArtifactError(f"{path / WEIGHTS}: not a readable .npz ({e})") from None
   programs = {}
   for size in manifest["image_sizes"]:
-    exported = jax.export.deserialize(bytearray((path / program_name(size)).read_bytes()))
+    program = path / program_name(size)
+    try:
+      exported = jax.export.deserialize(bytearray(program.read_bytes()))
+    except Exception as e:  # flatbuffers raises whatever the bytes lead it to
+      raise ArtifactError(
+        f"{program}: not a serialized jax.export program ({type(e).__name__}: {e})"
+      ) from None
     programs[int(size)] = jax.jit(exported.call)
   return Artifact(path, manifest, variables, programs)

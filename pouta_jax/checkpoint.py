@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import grain
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+
+from pouta_jax import errors
 
 
 def _not_orbax_info(record: logging.LogRecord) -> bool:
@@ -29,26 +32,67 @@ def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
   if _not_orbax_info not in logging.getLogger("absl").filters:
     logging.getLogger("absl").addFilter(_not_orbax_info)
   return ocp.CheckpointManager(
-      Path(workdir).absolute() / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    Path(workdir).absolute() / "checkpoints",
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
   )
 
 
 def _fields(state: Any) -> dict:
   """A train state (a dataclass) as saved: its fields by name, without empty dicts, so a model
   without constants saves exactly what checkpoints held before that field existed."""
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-          if not (isinstance(getattr(state, f.name), dict) and not getattr(state, f.name))}
+  return {
+    f.name: getattr(state, f.name)
+    for f in dataclasses.fields(state)
+    if not (isinstance(getattr(state, f.name), dict) and not getattr(state, f.name))
+  }
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any,
-         data_iterator: grain.DatasetIterator | None = None) -> None:
-  """Saves `state` (and the iterator that produced its batches) as step `step`; blocks."""
+# Free space wanted before a save, as a multiple of the state's size (metadata, the iterator).
+SPACE_MARGIN = 1.1
+
+
+def _good_steps(directory: Path) -> list[int]:
+  """The steps of complete checkpoints: orbax renames a step's folder into place when done."""
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iterator: grain.DatasetIterator | None = None,
+) -> None:
+  """Saves `state` (and the iterator that produced its batches) as step `step`; blocks.
+
+  A full disk raises DiskFullError naming the newest good checkpoint: before writing when the
+  free space cannot hold the state, or after removing the partial checkpoint (orbax leaves its
+  temporary folder behind) when the disk fills during the write."""
+  directory = Path(mngr.directory)
+
+  def disk_full(what: str) -> errors.DiskFullError:
+    good = _good_steps(directory)
+    newest = f"step {good[-1]}" if good else "none (no step was saved)"
+    return errors.DiskFullError(
+      f"disk full: checkpoint step {step} in {directory} {what}; the newest good checkpoint is "
+      f"{newest}; free space and run the same command again to resume"
+    )
+
+  needed = sum(x.nbytes for x in jax.tree.leaves(state)) * SPACE_MARGIN
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise disk_full(f"needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
   items = {"state": ocp.args.StandardSave(_fields(state))}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  mngr.save(step, args=ocp.args.Composite(**items), force=True)
-  mngr.wait_until_finished()
+  try:
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:
+    if not errors.is_disk_full(e):
+      raise
+    for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)
+    raise disk_full("was not written (the partial one is removed)") from None
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:
@@ -57,13 +101,15 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:
   if step is None:
     return None
   abstract = _fields(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))["state"]
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
+    "state"
+  ]
   return template.replace(**restored)
 
 
-def restore_data_iterator(mngr: ocp.CheckpointManager, step: int,
-                          iterator: grain.DatasetIterator) -> bool:
+def restore_data_iterator(
+  mngr: ocp.CheckpointManager, step: int, iterator: grain.DatasetIterator
+) -> bool:
   """Sets `iterator` to its state at checkpoint `step`; False if the step holds no data state
   (a checkpoint converted from another framework, say)."""
   if not (Path(mngr.directory) / str(step) / "data").is_dir():

@@ -15,27 +15,42 @@ from pathlib import Path
 import ml_collections
 from absl import flags
 
+from pouta_jax import errors
 from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
 
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
 PRESETS = {
-    "full": {},
-    "tiny": {
-        "model.base_width": 16,
-        "data.image_size": 64,
-        "data.num_workers": 1,
-        "optim.lr": 5e-4,  # a short schedule needs a larger step than the paper's 1e-4
-        "train.num_steps": 220,
-        "train.log_every": 25,
-        "train.checkpoint_every": 100,
-        "eval.score_filter_size": 5,
-    },
+  "full": {},
+  "tiny": {
+    "model.base_width": 16,
+    "data.image_size": 64,
+    "data.num_workers": 1,
+    "optim.lr": 5e-4,  # a short schedule needs a larger step than the paper's 1e-4
+    "train.num_steps": 220,
+    "train.log_every": 25,
+    "train.checkpoint_every": 100,
+    "eval.score_filter_size": 5,
+  },
 }
 
 # `--config=configs/<model>.py:all` trains these in one program (MVTec AD's 15 categories).
-MVTEC_AD_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-                       "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
-                       "zipper")
+MVTEC_AD_CATEGORIES = (
+  "bottle",
+  "cable",
+  "capsule",
+  "carpet",
+  "grid",
+  "hazelnut",
+  "leather",
+  "metal_nut",
+  "pill",
+  "screw",
+  "tile",
+  "toothbrush",
+  "transistor",
+  "wood",
+  "zipper",
+)
 
 # Downsampling of the deepest network: the discriminative U-Net pools 5 times.
 SIZE_MULTIPLE = 32
@@ -47,33 +62,33 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # where XLA:CPU is slow, on the CPU backend; XLA's on accelerators; see models/layers.py).
   config.model = dict(name=model, base_width=128, conv_weight_grad="auto")
   config.data = dict(
-      root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
-      # Or a TFDS dataset built by `python -m pouta_jax.data.build`, e.g. "mvtec_ad/all_256",
-      # read from tfds_data_dir (takes precedence over root).
-      tfds_dataset="",
-      tfds_data_dir="",
-      embedded_dir="outputs/data/embedded",
-      category="weave",
-      # Two or more: one program trains them all, parameters stacked over a category axis
-      # (`category` is then the first of them).
-      categories=(),
-      few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
-      image_size=256,
-      # A DTD-layout texture folder, or "tfds:dtd_textures" (built into tfds_data_dir); empty:
-      # procedural textures.
-      anomaly_source="",
-      anomaly_prob=0.5,
-      rotate_prob=0.3,
-      beta_max=0.8,
-      perlin_max_scale_log2=5,
-      num_augmenters=3,
-      # "Seen" anomalies: this many defect images (with masks) of the test set, chosen by
-      # train.seed, are trained on (pasted onto normal images) and never scored; of the
-      # synthesised anomalies, real_anomaly_prob are pasted ones, the rest DRAEM's.
-      num_real_anomalies=0,
-      real_anomaly_prob=0.5,
-      batch_size=8,
-      num_workers=2,
+    root="",  # an MVTec-AD-layout folder; empty: the embedded dataset under embedded_dir
+    # Or a TFDS dataset built by `python -m pouta_jax.data.build`, e.g. "mvtec_ad/all_256",
+    # read from tfds_data_dir (takes precedence over root).
+    tfds_dataset="",
+    tfds_data_dir="",
+    embedded_dir="outputs/data/embedded",
+    category="weave",
+    # Two or more: one program trains them all, parameters stacked over a category axis
+    # (`category` is then the first of them).
+    categories=(),
+    few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
+    image_size=256,
+    # A DTD-layout texture folder, or "tfds:dtd_textures" (built into tfds_data_dir); empty:
+    # procedural textures.
+    anomaly_source="",
+    anomaly_prob=0.5,
+    rotate_prob=0.3,
+    beta_max=0.8,
+    perlin_max_scale_log2=5,
+    num_augmenters=3,
+    # "Seen" anomalies: this many defect images (with masks) of the test set, chosen by
+    # train.seed, are trained on (pasted onto normal images) and never scored; of the
+    # synthesised anomalies, real_anomaly_prob are pasted ones, the rest DRAEM's.
+    num_real_anomalies=0,
+    real_anomaly_prob=0.5,
+    batch_size=8,
+    num_workers=2,
   )
   # Device mesh: (axis name, size) pairs, one size may be -1 ("the rest"). The batch is split
   # over "data"; parameters are replicated, or, with data.categories, split over an optional
@@ -82,14 +97,14 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # weight_decay: added to the gradients before Adam (PyTorch's Adam weight_decay).
   config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2, weight_decay=0.0)
   config.train = dict(
-      seed=0,
-      num_steps=0,  # 0: num_epochs epochs of ceil(#train images / batch) steps
-      num_epochs=700,
-      log_every=50,
-      checkpoint_every=1000,
-      keep_checkpoints=2,
-      # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
-      category_loop="auto",
+    seed=0,
+    num_steps=0,  # 0: num_epochs epochs of ceil(#train images / batch) steps
+    num_epochs=700,
+    log_every=50,
+    checkpoint_every=1000,
+    keep_checkpoints=2,
+    # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
+    category_loop="auto",
   )
   config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
   return config
@@ -129,7 +144,7 @@ def load(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
 def _config_module(path: str | Path):
   path = Path(path)
   if not path.is_file():
-    raise ValueError(f"no config file {path}")
+    raise errors.ConfigError(f"no config file {path}")
   spec = importlib.util.spec_from_file_location(f"pouta_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -145,12 +160,13 @@ def load_sweep(path: str | Path, arg: str | None = None) -> dict[str, dict[str, 
   """A config file's get_sweep(arg): {"product": {key: values}, "zip": {key: values}}."""
   module = _config_module(path)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"config file {path} defines no get_sweep(arg)")
+    raise errors.ConfigError(f"config file {path} defines no get_sweep(arg)")
   sweep = module.get_sweep(arg)
   unknown = set(sweep) - {"product", "zip"}
   if unknown:
-    raise ValueError(f"{path}: get_sweep returned {sorted(unknown)}; expected the keys "
-                     f"'product' and/or 'zip'")
+    raise errors.ConfigError(
+      f"{path}: get_sweep returned {sorted(unknown)}; expected the keys 'product' and/or 'zip'"
+    )
   return sweep
 
 
@@ -168,8 +184,47 @@ def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run stored in its workdir (`config.json`)."""
   path = Path(workdir) / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
+    raise errors.NotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# Keys that change only what is written, or how the same computation is laid out, never the
+# trained state, the data stream or the evaluation: a run may resume in a workdir with other
+# values of these (every other key must equal the stored one; experiment.store_config).
+OUTPUT_ONLY_KEYS = frozenset(
+  {
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "eval.num_heatmaps",
+    "eval.batch_size",  # memory only; float rounding aside, the same maps
+    "mesh.axes",  # a resumed job may land on another slice shape
+    "train.category_loop",  # vmap and unroll compute the same steps
+    "model.conv_weight_grad",  # two ways to the same gradients
+  }
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
+  """(dotted key, stored value, current value) for each key whose values differ between two
+  configs as JSON. Keys only one side has are skipped: an older version's config lacks keys
+  added since, and another model's sections differ (model.name tells those apart)."""
+  old, new = _flat(stored), _flat(current)
+  return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+
+
+def has_key(config: dict, key: str) -> bool:
+  return key in _flat(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -178,15 +233,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   def check(ok: bool, key: str, expected: str) -> None:
     if not ok:
       section, name = key.split(".")
-      raise ValueError(f"config.{key}={config[section][name]!r}: expected {expected}")
+      raise errors.ConfigError(f"config.{key}={config[section][name]!r}: expected {expected}")
 
   size = config.data.image_size
-  check(size > 0 and size % SIZE_MULTIPLE == 0, "data.image_size",
-        f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)")
-  check(config.model.base_width >= 2 and config.model.base_width % 2 == 0, "model.base_width",
-        "an even number >= 2 (the discriminative width is half of it)")
-  check(config.model.conv_weight_grad in CONV_WEIGHT_GRAD_MODES, "model.conv_weight_grad",
-        f"one of {CONV_WEIGHT_GRAD_MODES}")
+  check(
+    size > 0 and size % SIZE_MULTIPLE == 0,
+    "data.image_size",
+    f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)",
+  )
+  check(
+    config.model.base_width >= 2 and config.model.base_width % 2 == 0,
+    "model.base_width",
+    "an even number >= 2 (the discriminative width is half of it)",
+  )
+  check(
+    config.model.conv_weight_grad in CONV_WEIGHT_GRAD_MODES,
+    "model.conv_weight_grad",
+    f"one of {CONV_WEIGHT_GRAD_MODES}",
+  )
   categories = tuple(config.data.categories)
   check(len(set(categories)) == len(categories), "data.categories", "distinct category names")
   check(config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count")
@@ -195,35 +259,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(0 <= config.data.anomaly_prob <= 1, "data.anomaly_prob", "a probability in [0, 1]")
   check(0 <= config.data.rotate_prob <= 1, "data.rotate_prob", "a probability in [0, 1]")
   check(0 <= config.data.beta_max <= 1, "data.beta_max", "an opacity in [0, 1]")
-  check(0 <= config.data.perlin_max_scale_log2 <= 8, "data.perlin_max_scale_log2",
-        "an integer in [0, 8]")
+  check(
+    0 <= config.data.perlin_max_scale_log2 <= 8,
+    "data.perlin_max_scale_log2",
+    "an integer in [0, 8]",
+  )
   check(0 <= config.data.num_augmenters <= 10, "data.num_augmenters", "0 to 10 augmenters")
-  check(config.data.num_real_anomalies >= 0, "data.num_real_anomalies",
-        "0 or a number of test-set defect images to train on")
-  check(0 <= config.data.real_anomaly_prob <= 1, "data.real_anomaly_prob",
-        "a probability in [0, 1]")
+  check(
+    config.data.num_real_anomalies >= 0,
+    "data.num_real_anomalies",
+    "0 or a number of test-set defect images to train on",
+  )
+  check(
+    0 <= config.data.real_anomaly_prob <= 1, "data.real_anomaly_prob", "a probability in [0, 1]"
+  )
   check(config.optim.lr > 0, "optim.lr", "a positive learning rate")
   check(config.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
   milestones = tuple(config.optim.milestones)
-  check(all(0 < m < 1 for m in milestones) and list(milestones) == sorted(milestones),
-        "optim.milestones", "increasing fractions of training in (0, 1)")
-  check(config.train.num_steps > 0 or config.train.num_epochs > 0, "train.num_steps",
-        "a positive number of steps (or train.num_epochs > 0)")
+  check(
+    all(0 < m < 1 for m in milestones) and list(milestones) == sorted(milestones),
+    "optim.milestones",
+    "increasing fractions of training in (0, 1)",
+  )
+  check(
+    config.train.num_steps > 0 or config.train.num_epochs > 0,
+    "train.num_steps",
+    "a positive number of steps (or train.num_epochs > 0)",
+  )
   check(config.train.log_every > 0, "train.log_every", "a positive interval")
   check(config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval")
   check(config.train.keep_checkpoints > 0, "train.keep_checkpoints", "at least 1")
-  check(config.train.category_loop in ("auto", "vmap", "unroll"), "train.category_loop",
-        "'auto', 'vmap' or 'unroll'")
-  check(config.eval.score_filter_size % 2 == 1, "eval.score_filter_size",
-        "an odd filter size (centred mean filter)")
+  check(
+    config.train.category_loop in ("auto", "vmap", "unroll"),
+    "train.category_loop",
+    "'auto', 'vmap' or 'unroll'",
+  )
+  check(
+    config.eval.score_filter_size % 2 == 1,
+    "eval.score_filter_size",
+    "an odd filter size (centred mean filter)",
+  )
 
 
-class UnknownConfigKeyError(ValueError):
+class UnknownConfigKeyError(errors.ConfigError):
   """A `--config.<key>=...` flag names a key the config does not have."""
 
 
-def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS,
-                name: str = "config") -> list[str]:
+def parse_flags(
+  argv: list[str], flag_values: flags.FlagValues = flags.FLAGS, name: str = "config"
+) -> list[str]:
   """absl's flag parsing, but an unknown config key is reported by its full name.
 
   ml_collections raises a bare AttributeError/KeyError for `--config.optim.learning_rate=1`;
@@ -241,13 +325,14 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS,
     for arg in argv[1:]:
       if not arg.startswith(prefix):
         continue
-      path = arg[len(prefix):].split("=", 1)[0].split(".")
+      path = arg[len(prefix) :].split("=", 1)[0].split(".")
       node, seen = config, name
       for part in path:
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
           known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
           raise UnknownConfigKeyError(
-              f"{arg}: {seen} has no key {part!r} (its keys: {', '.join(known)})") from None
+            f"{arg}: {seen} has no key {part!r} (its keys: {', '.join(known)})"
+          ) from None
         node, seen = node[part], f"{seen}.{part}"
     raise
 

@@ -25,24 +25,27 @@ into an .npz that `models.backbone.load_weights` reads.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import checkpoint, config as config_lib, experiment, train
+from pouta_jax import checkpoint, config as config_lib, errors, experiment, train
 from pouta_jax.models import backbone as backbone_lib
 
 RECON, SEG = "reconstructive", "discriminative"
-ANOMALIB_PREFIXES = {"model.reconstructive_subnetwork.": RECON,
-                     "reconstructive_subnetwork.": RECON,
-                     "model.discriminative_subnetwork.": SEG,
-                     "discriminative_subnetwork.": SEG}
+ANOMALIB_PREFIXES = {
+  "model.reconstructive_subnetwork.": RECON,
+  "reconstructive_subnetwork.": RECON,
+  "model.discriminative_subnetwork.": SEG,
+  "discriminative_subnetwork.": SEG,
+}
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.Error, ValueError):
   """Weights that do not fit the model; the message lists the offending keys."""
 
 
@@ -80,8 +83,9 @@ def _bn_prefix(conv_prefix: str) -> str:
   return f"{head}.{int(index) + 1}"
 
 
-def to_variables(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool,
-                 template: dict) -> dict:
+def to_variables(
+  state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool, template: dict
+) -> dict:
   """{"reconstructive": sd, "discriminative": sd} (torch names, numpy arrays) -> pouta_jax
   variables shaped like `template`; ConversionError lists every missing, extra or mis-shaped
   key."""
@@ -112,7 +116,7 @@ def to_variables(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: 
       if kernel is not None:
         kernel = kernel.transpose(2, 3, 1, 0)
         if swap_seg_input and subnetwork == SEG and prefix.endswith("block1.0"):
-          kernel = np.concatenate([kernel[:, :, cin // 2:], kernel[:, :, :cin // 2]], axis=2)
+          kernel = np.concatenate([kernel[:, :, cin // 2 :], kernel[:, :, : cin // 2]], axis=2)
         conv["kernel"] = kernel
       bias = take(subnetwork, f"{prefix}.bias", (cout,))
       if bias is not None:
@@ -120,8 +124,12 @@ def to_variables(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: 
       if "BatchNorm_0" not in node_p:
         continue
       bn = _bn_prefix(prefix)
-      for ours, theirs, tree in (("scale", "weight", node_p), ("bias", "bias", node_p),
-                                 ("mean", "running_mean", node_s), ("var", "running_var", node_s)):
+      for ours, theirs, tree in (
+        ("scale", "weight", node_p),
+        ("bias", "bias", node_p),
+        ("mean", "running_mean", node_s),
+        ("var", "running_var", node_s),
+      ):
         value = take(subnetwork, f"{bn}.{theirs}", (cout,))
         if value is not None:
           tree["BatchNorm_0"][ours] = value
@@ -142,7 +150,7 @@ def split_anomalib(state_dict: dict[str, np.ndarray]) -> dict[str, dict[str, np.
     if prefix is None:
       unknown.append(key)
     else:
-      parts[ANOMALIB_PREFIXES[prefix]][key[len(prefix):]] = value
+      parts[ANOMALIB_PREFIXES[prefix]][key[len(prefix) :]] = value
   if unknown:
     raise ConversionError("not anomalib DRAEM keys:\n  " + "\n  ".join(sorted(unknown)))
   return parts
@@ -156,14 +164,19 @@ def base_width(state_dicts: dict[str, dict[str, np.ndarray]]) -> int:
 
 
 def _torchvision_key(flat_key: str) -> str:
-  """"params/layer2_0/downsample_bn/scale" -> "layer2.0.downsample.1.weight"."""
+  """ "params/layer2_0/downsample_bn/scale" -> "layer2.0.downsample.1.weight"."""
   collection, *modules, leaf = flat_key.split("/")
   names = [m.replace("_", ".") if m.startswith("layer") else m for m in modules]
-  names = [{"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(m, m)
-           for m in names]
-  torch_leaf = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                ("batch_stats", "var"): "running_var"}[(collection, leaf)]
+  names = [
+    {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(m, m) for m in names
+  ]
+  torch_leaf = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+  }[(collection, leaf)]
   return ".".join(names + [torch_leaf])
 
 
@@ -186,35 +199,57 @@ def torchvision_to_variables(state_dict: dict[str, np.ndarray], backbone: str) -
       problems.append(f"mis-shaped {torch_key}: {state_dict[torch_key].shape}")
       continue
     values[key] = value
-  problems += [f"extra {k}" for k in state_dict
-               if k not in used and not k.startswith("fc.") and
-               not k.endswith("num_batches_tracked")]
+  problems += [
+    f"extra {k}"
+    for k in state_dict
+    if k not in used and not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+  ]
   if problems:
-    raise ConversionError(f"not a torchvision {backbone} state dict:\n  " +
-                          "\n  ".join(problems))
-  leaves = [values["/".join(k.key for k in path)]
-            for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    raise ConversionError(f"not a torchvision {backbone} state dict:\n  " + "\n  ".join(problems))
+  leaves = [
+    values["/".join(k.key for k in path)]
+    for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]
+  ]
   return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
-def _load_torch(path: str | Path, lightning: bool) -> dict[str, np.ndarray]:
+def _load_torch(path: str | Path) -> dict[str, np.ndarray]:
+  """The tensors of a state dict, or of a checkpoint's "state_dict" entry.
+
+  A downloaded file is untrusted: torch's weights-only unpickler reads tensors and plain
+  containers and refuses every other global, so a crafted pickle never runs code here.
+  """
   try:
     import torch
   except ImportError as e:
-    raise SystemExit("reading PyTorch files needs torch: pip install -e '.[bench]'") from e
+    raise errors.Error("reading PyTorch files needs torch: pip install -e '.[bench]'") from e
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such weights file")
-  # A Lightning checkpoint pickles more than tensors (hyperparameters); a state dict does not.
-  loaded = torch.load(path, map_location="cpu", weights_only=not lightning)
+    raise errors.NotFoundError(f"{path}: no such weights file")
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(
+      f"{path}: refused to load: it pickles more than tensors and plain containers ({reason}). "
+      f"Unpickling it could run code. If you trust the file, save its state dict alone with "
+      f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'state_dict.pt') and "
+      f"convert that"
+    ) from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:
+    raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from None
   state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
   if not isinstance(state_dict, dict):
     raise ConversionError(f"{path}: not a state dict or a checkpoint holding one")
   return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "detach")}
 
 
-def convert(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool,
-            config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def convert(
+  state_dicts: dict[str, dict[str, np.ndarray]],
+  swap_seg_input: bool,
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+) -> Path:
   """Writes config.json and a step-0 checkpoint of the converted weights into `workdir`
   (which must hold no checkpoint yet); returns it."""
   config.model.base_width = base_width(state_dicts)
@@ -223,53 +258,56 @@ def convert(state_dicts: dict[str, dict[str, np.ndarray]], swap_seg_input: bool,
     raise ConversionError(f"config.model.name={config.model.name!r}: these are DRAEM weights")
   workdir = Path(workdir)
   if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-    raise FileExistsError(f"{workdir}/checkpoints is not empty; convert into a new --workdir")
+    raise errors.ExistsError(f"{workdir}/checkpoints is not empty; convert into a new --workdir")
   _, _, state, _ = train.initial_state(config, [1])
   variables = to_variables(state_dicts, swap_seg_input, state.variables)  # before any write
-  workdir = experiment.prepare_workdir(workdir, config)
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  checkpoint.save(mngr, 0, state)
-  mngr.close()
+  with experiment.claimed_workdir(workdir, config) as workdir:
+    mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    checkpoint.save(mngr, 0, state)
+    mngr.close()
   return workdir
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   if f["from"].value == "torchvision_resnet":
     if not f.weights or not f.out:
-      raise app.UsageError("--from=torchvision_resnet needs --weights and --out")
-    variables = torchvision_to_variables(_load_torch(f.weights, False), f.backbone)
+      raise errors.ConfigError("--from=torchvision_resnet needs --weights and --out")
+    variables = torchvision_to_variables(_load_torch(f.weights), f.backbone)
     print(f"Wrote {backbone_lib.save_weights(variables, f.out)}")
     return
   if not f.workdir:
-    raise app.UsageError("--from=draem_torch needs --workdir")
+    raise errors.ConfigError("--from=draem_torch needs --workdir")
   if f.ckpt and (f.recon or f.seg) or not f.ckpt and not (f.recon and f.seg):
-    raise app.UsageError("give --ckpt (anomalib), or --recon and --seg (the official release)")
+    raise errors.ConfigError("give --ckpt (anomalib), or --recon and --seg (the official release)")
   if f.ckpt:
-    lightning = Path(f.ckpt).suffix == ".ckpt"
-    state_dicts, swap = split_anomalib(_load_torch(f.ckpt, lightning)), True
+    state_dicts, swap = split_anomalib(_load_torch(f.ckpt)), True
   else:
-    state_dicts = {RECON: _load_torch(f.recon, False), SEG: _load_torch(f.seg, False)}
+    state_dicts = {RECON: _load_torch(f.recon), SEG: _load_torch(f.seg)}
     swap = False
   path, _, arg = f.config.partition(":")
   workdir = convert(state_dicts, swap, config_lib.load_file(path, arg or None), f.workdir)
-  print(f"Converted into {workdir}; evaluate with python -m pouta_jax.main --mode=eval "
-        f"--config={f.config} --workdir={workdir}")
+  print(
+    f"Converted into {workdir}; evaluate with python -m pouta_jax.main --mode=eval "
+    f"--config={f.config} --workdir={workdir}"
+  )
 
 
 if __name__ == "__main__":
-  flags.DEFINE_enum("from", "draem_torch", ["draem_torch", "torchvision_resnet"],
-                    "What the weights are.")
+  flags.DEFINE_enum(
+    "from", "draem_torch", ["draem_torch", "torchvision_resnet"], "What the weights are."
+  )
   flags.DEFINE_string("recon", None, "Official release: the reconstructive state dict.")
   flags.DEFINE_string("seg", None, "Official release: the segmentation state dict.")
   flags.DEFINE_string("ckpt", None, "anomalib: a Lightning .ckpt (or its state dict).")
   flags.DEFINE_string("workdir", None, "draem_torch: new workdir for the converted run.")
   flags.DEFINE_string("weights", None, "torchvision_resnet: the state dict (.pth).")
-  flags.DEFINE_enum("backbone", "resnet18", sorted(backbone_lib.BACKBONES),
-                    "torchvision_resnet: which ResNet.")
+  flags.DEFINE_enum(
+    "backbone", "resnet18", sorted(backbone_lib.BACKBONES), "torchvision_resnet: which ResNet."
+  )
   flags.DEFINE_string("out", None, "torchvision_resnet: the .npz to write.")
   flags.DEFINE_string("config", "configs/draem.py", "Config file[:category,preset].")
-  app.run(main)
+  errors.run(main)

@@ -12,20 +12,24 @@ import resource
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import config as config_lib, experiment
+from pouta_jax import config as config_lib, errors, experiment
 from pouta_jax.data import embedded
 
 _WORKDIR = flags.DEFINE_string("workdir", "outputs/demo", "Where the outputs go.")
 _MODELS = flags.DEFINE_list("models", ["draem", "pouta"], "Models (configs/<model>.py).")
-_CATEGORIES = flags.DEFINE_list("categories", list(embedded.CATEGORIES),
-                                "Embedded categories to run.")
+_CATEGORIES = flags.DEFINE_list(
+  "categories", list(embedded.CATEGORIES), "Embedded categories to run."
+)
 _PRESET = flags.DEFINE_string("preset", "tiny", "Size preset of every run.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "Train steps per run; 0: the preset's.")
 _BACKBONE_WEIGHTS = flags.DEFINE_string(
-    "backbone_weights", "", "Pretrained backbone weights (.npz from pouta_jax.convert) for "
-    "models with a frozen backbone (PRN); empty: a random backbone.")
+  "backbone_weights",
+  "",
+  "Pretrained backbone weights (.npz from pouta_jax.convert) for "
+  "models with a frozen backbone (PRN); empty: a random backbone.",
+)
 
 
 def _notes(configs: dict) -> list[str]:
@@ -33,12 +37,16 @@ def _notes(configs: dict) -> list[str]:
   notes = []
   for model, config in configs.items():
     if "backbone" in config and not config.backbone.pretrained:
-      notes.append(f"{model}: random (untrained) {config.backbone.name} backbone, since no "
-                   f"pretrained weights were given (--backbone_weights)")
+      notes.append(
+        f"{model}: random (untrained) {config.backbone.name} backbone, since no "
+        f"pretrained weights were given (--backbone_weights)"
+      )
     if config.data.num_real_anomalies:
-      notes.append(f"{model}: trained on {config.data.num_real_anomalies} real defect images "
-                   f"per category, which are left out of its test set "
-                   f"(<model>/<category>/real_anomalies.json)")
+      notes.append(
+        f"{model}: trained on {config.data.num_real_anomalies} real defect images "
+        f"per category, which are left out of its test set "
+        f"(<model>/<category>/real_anomalies.json)"
+      )
   return notes
 
 
@@ -63,18 +71,20 @@ def main(argv: list[str]) -> None:
   minutes = (time.perf_counter() - start) / 60
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   caption = (
-      f"Embedded dataset, preset {_PRESET.value}: {config.data.image_size} px, base width "
-      f"{config.model.base_width}, {config.train.num_steps} steps of batch "
-      f"{config.data.batch_size} per model and category (a short CPU schedule, not the papers' "
-      f"700 epochs). FLOPs from XLA's cost analysis, latency at batch 1 on this machine's CPU. "
-      f"Wall time {minutes:.1f} min, peak memory {peak_gib:.2f} GiB (main process). Heatmap "
-      f"threshold: pixel F1-max on the test set (display only)."
-      + "".join(f" {note}." for note in _notes(configs)))
+    f"Embedded dataset, preset {_PRESET.value}: {config.data.image_size} px, base width "
+    f"{config.model.base_width}, {config.train.num_steps} steps of batch "
+    f"{config.data.batch_size} per model and category (a short CPU schedule, not the papers' "
+    f"700 epochs). FLOPs from XLA's cost analysis, latency at batch 1 on this machine's CPU. "
+    f"Wall time {minutes:.1f} min, peak memory {peak_gib:.2f} GiB (main process). Heatmap "
+    f"threshold: pixel F1-max on the test set (display only)."
+    + "".join(f" {note}." for note in _notes(configs))
+  )
   experiment.write_results(workdir, results, profiles, caption)
   print((workdir / "results.md").read_text())
-  print(f"Outputs: {workdir.absolute()}/metrics.json, results.md, "
-        f"<model>/<category>/heatmaps/*.png")
+  print(
+    f"Outputs: {workdir.absolute()}/metrics.json, results.md, <model>/<category>/heatmaps/*.png"
+  )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -21,8 +21,9 @@ from pouta_jax import metrics
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   """Per-image max of the `size`x`size` mean-filtered maps (B, H, W); zeros outside the map."""
   pad = size // 2
-  summed = jax.lax.reduce_window(maps, 0.0, jax.lax.add, (1, size, size), (1, 1, 1),
-                                 ((0, 0), (pad, pad), (pad, pad)))
+  summed = jax.lax.reduce_window(
+    maps, 0.0, jax.lax.add, (1, size, size), (1, 1, 1), ((0, 0), (pad, pad), (pad, pad))
+  )
   return jnp.max(summed / (size * size), axis=(1, 2))
 
 
@@ -45,15 +46,16 @@ def model_predict_fn(model: nn.Module, variables: dict, filter_size: int) -> Pre
   return functools.partial(make_predict_fn(model, filter_size), variables)
 
 
-def predict(predict_fn: PredictFn, images: np.ndarray,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+  predict_fn: PredictFn, images: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Anomaly maps (N, H, W) and image scores (N,) of uint8 images (N, H, W, 3).
 
   The last batch is padded to `batch_size`, so one compilation serves every batch.
   """
   maps, scores = [], []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size].astype(np.float32) / 255.0
+    chunk = images[start : start + batch_size].astype(np.float32) / 255.0
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
@@ -63,30 +65,35 @@ def predict(predict_fn: PredictFn, images: np.ndarray,
   return np.concatenate(maps), np.concatenate(scores)
 
 
-def evaluate(predict_fn: PredictFn, test_set: dict,
-             batch_size: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def evaluate(
+  predict_fn: PredictFn, test_set: dict, batch_size: int
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """Metrics of one category, with the maps and scores they came from."""
   maps, scores = predict(predict_fn, test_set["image"], batch_size)
-  return (metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps), maps,
-          scores)
+  return (metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps), maps, scores)
 
 
 def thresholds(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
   """The image-score and pixel thresholds that maximise F1 on `test_set` (anomalib's adaptive
   F1 threshold; MVTec AD has no validation split, so it is tuned on the test set). None where
   the test set lacks normal or defective examples."""
-  found = {"image": metrics.f1_max(test_set["label"], scores)[1],
-           "pixel": metrics.f1_max(test_set["mask"].ravel(), maps.ravel())[1]}
+  found = {
+    "image": metrics.f1_max(test_set["label"], scores)[1],
+    "pixel": metrics.f1_max(test_set["mask"].ravel(), maps.ravel())[1],
+  }
   return {k: None if np.isnan(v) else v for k, v in found.items()}
 
 
-def profile(model: nn.Module, variables: dict, image_size: int, filter_size: int,
-            repeats: int = 20) -> dict:
+def profile(
+  model: nn.Module, variables: dict, image_size: int, filter_size: int, repeats: int = 20
+) -> dict:
   """Parameters per subnetwork (the models' top-level groups: reconstructive, discriminative,
   and a frozen backbone where there is one) and in total, and XLA's FLOP count and the median
   latency of inference on one image (batch 1: anomaly map and image score)."""
-  counts = {name: int(sum(x.size for x in jax.tree.leaves(tree)))
-            for name, tree in variables["params"].items()}
+  counts = {
+    name: int(sum(x.size for x in jax.tree.leaves(tree)))
+    for name, tree in variables["params"].items()
+  }
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   predict_fn = make_predict_fn(model, filter_size)
   cost = predict_fn.lower(variables, image).compile().cost_analysis()
@@ -98,7 +105,7 @@ def profile(model: nn.Module, variables: dict, image_size: int, filter_size: int
     jax.block_until_ready(predict_fn(variables, image))
     times.append(time.perf_counter() - start)
   return {
-      "params": {**counts, "total": sum(counts.values())},
-      "flops_per_image": float(cost["flops"]),
-      "latency_ms": 1000 * float(np.median(times)),
+    "params": {**counts, "total": sum(counts.values())},
+    "flops_per_image": float(cost["flops"]),
+    "latency_ms": 1000 * float(np.median(times)),
   }

@@ -6,62 +6,105 @@ training is checked first, so bad input costs no training time and overwrites no
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import jax
 import ml_collections
 from absl import logging
 
-from pouta_jax import (artifact, checkpoint, config as config_lib, evaluate, metrics, models,
-                       report, sharding, train)
+from pouta_jax import (
+  artifact,
+  checkpoint,
+  config as config_lib,
+  errors,
+  evaluate,
+  files,
+  metrics,
+  models,
+  report,
+  sharding,
+  train,
+)
 from pouta_jax.data import category_folder
 from pouta_jax.data.folder import load_test_set, sample_name
 
 MODES = ("train", "eval", "train_and_eval")
-# What must match between a workdir's stored config and a run that resumes in it: the whole
-# model section, and the data that defines the task.
-IDENTITY_KEYS = (("model", None), ("backbone", None), ("data", "image_size"),
-                 ("data", "category"), ("data", "categories"), ("data", "few_shot"),
-                 ("data", "num_real_anomalies"))
+CHANGES_FILE = "config_changes.jsonl"
 
 
-def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
-  """Creates `workdir`, checks it is writable and belongs to this model, stores the config
-  (process 0 writes; every process checks)."""
-  workdir = Path(workdir)
+def _make_writable(workdir: Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_probe_{jax.process_index()}"
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable ({e.strerror})") from e
-  stored_path = workdir / "config.json"
+    raise errors.WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from e
+
+
+def store_config(
+  workdir: Path, config: ml_collections.ConfigDict, allow_changes: Sequence[str] = ()
+) -> None:
+  """Stores the config in `workdir`, which may already hold a run: then every key outside
+  `config.OUTPUT_ONLY_KEYS` must equal the stored value, or be named in `allow_changes`
+  (the change is appended to config_changes.jsonl). Process 0 writes; every process checks."""
+  path = workdir / "config.json"
   serialised = config.to_json_best_effort(indent=2) + "\n"
-  if stored_path.exists():
-    stored = json.loads(stored_path.read_text())
-    current = json.loads(serialised)
-    for section, key in IDENTITY_KEYS:
-      old, new = stored.get(section, {}), current.get(section, {})
-      if key is not None:
-        if key not in old or key not in new:
-          continue  # stored by an older version without this key, or a model without it
-        old, new = old[key], new[key]
-      else:  # a whole section: the keys both versions have
-        shared = old.keys() & new.keys()
-        old, new = {k: old[k] for k in shared}, {k: new[k] for k in shared}
-      if old != new:
-        name = f"config.{section}" + (f".{key}" if key else "")
-        raise ValueError(f"workdir {workdir} holds a run with {name}={old!r}, not {new!r}; use "
-                         f"another --workdir")
-  if sharding.is_primary():
-    report.write_atomic(stored_path, serialised)
-  return workdir
+  current = json.loads(serialised)
+  unknown = [k for k in allow_changes if not config_lib.has_key(current, k)]
+  if unknown:
+    raise errors.ConfigError(f"--allow_config_change: {unknown} are not config keys")
+  changed = []
+  if path.exists():
+    try:
+      stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise errors.ConfigError(f"{path}: not valid JSON ({e}); the workdir is damaged") from None
+    changed = [
+      c for c in config_lib.differences(stored, current) if c[0] not in config_lib.OUTPUT_ONLY_KEYS
+    ]
+  refused = [c for c in changed if c[0] not in allow_changes]
+  if refused:
+    listed = "; ".join(f"config.{key}: stored {old!r}, now {new!r}" for key, old, new in refused)
+    raise errors.ConfigError(
+      f"workdir {workdir} holds a run with another config ({listed}). Use another --workdir, or "
+      f"--allow_config_change={','.join(c[0] for c in refused)} to go on with the new values"
+    )
+  if not sharding.is_primary():
+    return
+  if changed:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(workdir / CHANGES_FILE, "a") as f:
+      for key, old, new in changed:
+        f.write(json.dumps({"time": now, "key": key, "stored": old, "new": new}) + "\n")
+  files.write_atomic(path, serialised)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_eval",
-        include_untrained: bool = False, artifact_path: str | Path | None = None) -> dict:
+@contextlib.contextmanager
+def claimed_workdir(
+  workdir: str | Path, config: ml_collections.ConfigDict, allow_changes: Sequence[str] = ()
+) -> Iterator[Path]:
+  """Creates `workdir` and holds it for the block: an exclusive lock (process 0; a second run
+  on it fails at once, naming the holder) and the config stored (see `store_config`)."""
+  workdir = Path(workdir)
+  _make_writable(workdir)
+  with files.WorkdirLock(workdir) if sharding.is_primary() else contextlib.nullcontext():
+    store_config(workdir, config, allow_changes)
+    yield workdir
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  mode: str = "train_and_eval",
+  include_untrained: bool = False,
+  artifact_path: str | Path | None = None,
+  allow_changes: Sequence[str] = (),
+) -> dict:
   """Runs `mode` for the config's category (or categories, in one program); returns
   {"metrics": model -> category -> metric, "profiles": model -> parameters, FLOPs and latency}
   ({} in train mode).
@@ -69,31 +112,52 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   With `include_untrained`, the freshly initialised model is evaluated too (as
   `<model>_untrained`): a near-chance score there shows the benchmark is not trivial. With
   `artifact_path` (eval mode only), an exported artifact is evaluated instead of the workdir's
-  checkpoint, on the config's data.
+  checkpoint, on the config's data. `allow_changes`: config keys that may differ from those
+  stored in `workdir` (see `store_config`).
   """
   if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+    raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
   sharding.make_mesh(config)  # the mesh must fit the devices, the batch and the categories
   exported = None
   if artifact_path is not None:
     if mode != "eval":
-      raise ValueError(f"--artifact evaluates an exported model: use --mode=eval, not {mode!r}")
+      raise errors.ConfigError(
+        f"--artifact evaluates an exported model: use --mode=eval, not {mode!r}"
+      )
     exported = artifact.load(artifact_path)
     if config.data.image_size not in exported.image_sizes:
-      raise ValueError(f"config.data.image_size={config.data.image_size}: the artifact "
-                       f"{artifact_path} has programs for {exported.image_sizes} only")
+      raise errors.ConfigError(
+        f"config.data.image_size={config.data.image_size}: the artifact "
+        f"{artifact_path} has programs for {exported.image_sizes} only"
+      )
   categories = config_lib.categories_of(config)
   folders = [category_folder(config, c) for c in categories]
   test_sets = {f.category: load_test_set(f, config.data.image_size) for f in folders}
   if exported is None:
     config = models.resolve(config, [len(f.train) for f in folders])
-  workdir = prepare_workdir(workdir, config)
+  with claimed_workdir(workdir, config, allow_changes) as workdir:
+    return _run_in(config, workdir, mode, folders, test_sets, exported, include_untrained)
+
+
+def _run_in(
+  config: ml_collections.ConfigDict,
+  workdir: Path,
+  mode: str,
+  folders: list,
+  test_sets: dict,
+  exported: artifact.Artifact | None,
+  include_untrained: bool,
+) -> dict:
+  """`run` in a claimed workdir, after every check."""
+  categories = config_lib.categories_of(config)
   if sharding.is_primary() and any(f.real_anomalies for f in folders):
     # Which test images were trained on (and so are missing from the metrics).
-    report.write_json(workdir / "real_anomalies.json",
-                      {f.category: [sample_name(s) for s in f.real_anomalies] for f in folders})
+    files.write_json(
+      workdir / "real_anomalies.json",
+      {f.category: [sample_name(s) for s in f.real_anomalies] for f in folders},
+    )
 
   if exported is not None:
     predictors = {exported.manifest["model"]: {c: exported.predict for c in categories}}
@@ -108,24 +172,35 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
   for name, per_category in predictors.items():
     for category, predict_fn in per_category.items():
       test_set = test_sets[category]
-      category_metrics, maps, scores = evaluate.evaluate(predict_fn, test_set,
-                                                         config.eval.batch_size)
+      category_metrics, maps, scores = evaluate.evaluate(
+        predict_fn, test_set, config.eval.batch_size
+      )
       results.setdefault(name, {})[category] = category_metrics
       logging.info("%s %s: %s", name, category, category_metrics)
       if name == main_name and sharding.is_primary():
         found[category] = evaluate.thresholds(test_set, maps, scores)
         pixel = found[category]["pixel"]
         heatmaps = workdir / "heatmaps" / (category if len(categories) > 1 else "")
-        report.write_heatmaps(heatmaps, test_set, maps, float("nan") if pixel is None else pixel,
-                              config.eval.num_heatmaps)
+        report.write_heatmaps(
+          heatmaps,
+          test_set,
+          maps,
+          float("nan") if pixel is None else pixel,
+          config.eval.num_heatmaps,
+        )
   if sharding.is_primary():
-    report.write_json(workdir / "thresholds.json", found)
+    files.write_json(workdir / "thresholds.json", found)
     write_results(workdir, results, profiles)
   return {"metrics": results, "profiles": profiles}
 
 
-def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: str,
-                        folders: list, include_untrained: bool) -> tuple[dict, dict]:
+def _trained_predictors(
+  config: ml_collections.ConfigDict,
+  workdir: Path,
+  mode: str,
+  folders: list,
+  include_untrained: bool,
+) -> tuple[dict, dict]:
   """Trains (unless mode is eval) or restores; model -> category -> predict function, and the
   model's profile."""
   model, _, initial, _ = train.initial_state(config, [len(f.train) for f in folders])
@@ -134,7 +209,7 @@ def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: 
     state = checkpoint.restore_latest(mngr, initial)
     mngr.close()
     if state is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
+      raise errors.NotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
   else:
     state = train.train(config, workdir, folders)
     if mode == "train":
@@ -146,13 +221,22 @@ def _trained_predictors(config: ml_collections.ConfigDict, workdir: Path, mode: 
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
   filter_size = config.eval.score_filter_size
   predictors = {
-      name: {f.category: evaluate.model_predict_fn(
-          model, train.category_variables(config, variables, i), filter_size)
-             for i, f in enumerate(folders)}
-      for name, variables in variants.items()}
-  profiles = {config.model.name: evaluate.profile(
-      model, train.category_variables(config, variants[config.model.name], 0),
-      config.data.image_size, filter_size)}
+    name: {
+      f.category: evaluate.model_predict_fn(
+        model, train.category_variables(config, variables, i), filter_size
+      )
+      for i, f in enumerate(folders)
+    }
+    for name, variables in variants.items()
+  }
+  profiles = {
+    config.model.name: evaluate.profile(
+      model,
+      train.category_variables(config, variants[config.model.name], 0),
+      config.data.image_size,
+      filter_size,
+    )
+  }
   return predictors, profiles
 
 
@@ -163,11 +247,13 @@ def write_results(workdir: str | Path, results: dict, profiles: dict, caption: s
   `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`.
   """
   with_means = {
-      model: {**per_category, "mean": metrics.mean_over_categories(per_category)}
-      for model, per_category in results.items()
+    model: {**per_category, "mean": metrics.mean_over_categories(per_category)}
+    for model, per_category in results.items()
   }
-  document = {model: {**per_category, **profiles.get(model, {})}
-              for model, per_category in with_means.items()}
-  report.write_json(Path(workdir) / "metrics.json", document)
-  report.write_atomic(Path(workdir) / "results.md",
-                      report.results_table(with_means, profiles, caption))
+  document = {
+    model: {**per_category, **profiles.get(model, {})} for model, per_category in with_means.items()
+  }
+  files.write_json(Path(workdir) / "metrics.json", document)
+  files.write_atomic(
+    Path(workdir) / "results.md", report.results_table(with_means, profiles, caption)
+  )

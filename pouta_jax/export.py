@@ -12,28 +12,36 @@ existing --out is never overwritten.
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import (artifact, checkpoint, config as config_lib, evaluate, models, report,
-                       sharding, train)
+from pouta_jax import (
+  artifact,
+  checkpoint,
+  config as config_lib,
+  errors,
+  evaluate,
+  files,
+  models,
+  sharding,
+  train,
+)
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def _state_of(workdir: Path, config) -> train.TrainState:
-  """The newest checkpoint's train state; FileNotFoundError before any work if there is none."""
+  """The newest checkpoint's train state; NotFoundError before any work if there is none."""
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   try:
     if mngr.latest_step() is None:
-      raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
+      raise errors.NotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
     # The step count only sets the optimizer's schedule, not the state's shapes.
     _, _, template, _ = train.initial_state(config, [1] * len(config_lib.categories_of(config)))
     return checkpoint.restore_latest(mngr, template)
@@ -45,8 +53,13 @@ def _read_json(path: Path) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
-def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = (),
-           batch_size: int = 0, category: str = "") -> Path:
+def export(
+  workdir: str | Path,
+  out: str | Path,
+  image_sizes: tuple[int, ...] = (),
+  batch_size: int = 0,
+  category: str = "",
+) -> Path:
   """Writes the artifact of `workdir`'s newest checkpoint to `out`; returns `out`.
 
   `image_sizes`: the sizes to compile for (default: the training size); `batch_size` 0 leaves
@@ -55,29 +68,36 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
   """
   workdir, out = Path(workdir), Path(out)
   if out.exists():
-    raise FileExistsError(f"--out={out} exists; choose another path or delete it")
+    raise errors.ExistsError(f"--out={out} exists; choose another path or delete it")
   config = config_lib.from_workdir(workdir)
   sizes = tuple(image_sizes) or (config.data.image_size,)
   bad = [s for s in sizes if s <= 0 or s % config_lib.SIZE_MULTIPLE]
   if bad:
-    raise ValueError(f"--image_sizes={list(sizes)}: {bad} not positive multiples of "
-                     f"{config_lib.SIZE_MULTIPLE}")
+    raise errors.ConfigError(
+      f"--image_sizes={list(sizes)}: {bad} not positive multiples of {config_lib.SIZE_MULTIPLE}"
+    )
   if models.get(config.model.name).size_bound and sizes != (config.data.image_size,):
-    raise ValueError(f"--image_sizes={list(sizes)}: a {config.model.name} model runs at its "
-                     f"training size only ({config.data.image_size}: its prepared variables, "
-                     f"e.g. prototypes, have that size's shapes)")
+    raise errors.ConfigError(
+      f"--image_sizes={list(sizes)}: a {config.model.name} model runs at its "
+      f"training size only ({config.data.image_size}: its prepared variables, "
+      f"e.g. prototypes, have that size's shapes)"
+    )
   if batch_size < 0:
-    raise ValueError(f"--batch_size={batch_size}: expected 0 (any) or a positive batch size")
+    raise errors.ConfigError(
+      f"--batch_size={batch_size}: expected 0 (any) or a positive batch size"
+    )
   categories = config_lib.categories_of(config)
   if not config_lib.is_stacked(config):
     category = category or config.data.category  # a single-category run needs no --category
   if category not in categories:
-    raise ValueError(f"--category={category!r}: {workdir} trained {list(categories)}; choose "
-                     f"one of them")
+    raise errors.ConfigError(
+      f"--category={category!r}: {workdir} trained {list(categories)}; choose one of them"
+    )
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
-  variables = train.category_variables(config, sharding.to_host(state.variables),
-                                       categories.index(category))
+  variables = train.category_variables(
+    config, sharding.to_host(state.variables), categories.index(category)
+  )
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -90,46 +110,51 @@ def export(workdir: str | Path, out: str | Path, image_sizes: tuple[int, ...] = 
   metrics = _read_json(workdir / "metrics.json") or {}
   thresholds = (_read_json(workdir / "thresholds.json") or {}).get(category)
   manifest = {
-      "format": artifact.FORMAT,
-      "model": config.model.name,
-      "category": category,
-      "step": train.current_step(state),
-      "image_sizes": list(sizes),
-      "batch_size": batch_size or "any",
-      "platforms": list(PLATFORMS),
-      "inputs": "float32 images (B, S, S, 3), NHWC, RGB, values in [0, 1]",
-      "preprocessing": {"color": "RGB; grayscale repeated over 3 channels",
-                        "resize": "Pillow bilinear to S x S (the training size: "
-                                  f"{config.data.image_size})",
-                        "scale": "uint8 / 255"},
-      "outputs": {"anomaly_map": "float32 (B, S, S) in [0, 1]: per-pixel anomaly probability",
-                  "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
-                                 f"{config.eval.score_filter_size} mean-filtered map (zero "
-                                 "padding)"},
-      "thresholds": thresholds or {"image": None, "pixel": None},
-      "thresholds_rule": "F1-max on the run's test set (null: the run was never evaluated)",
-      "metrics": metrics.get(config.model.name, {}).get(category),
-      "config": config.to_dict(),
-      "versions": {"jax": jax.__version__},
+    "format": artifact.FORMAT,
+    "model": config.model.name,
+    "category": category,
+    "step": train.current_step(state),
+    "image_sizes": list(sizes),
+    "batch_size": batch_size or "any",
+    "platforms": list(PLATFORMS),
+    "inputs": "float32 images (B, S, S, 3), NHWC, RGB, values in [0, 1]",
+    "preprocessing": {
+      "color": "RGB; grayscale repeated over 3 channels",
+      "resize": f"Pillow bilinear to S x S (the training size: {config.data.image_size})",
+      "scale": "uint8 / 255",
+    },
+    "outputs": {
+      "anomaly_map": "float32 (B, S, S) in [0, 1]: per-pixel anomaly probability",
+      "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
+      f"{config.eval.score_filter_size} mean-filtered map (zero "
+      "padding)",
+    },
+    "thresholds": thresholds or {"image": None, "pixel": None},
+    "thresholds_rule": "F1-max on the run's test set (null: the run was never evaluated)",
+    "metrics": metrics.get(config.model.name, {}).get(category),
+    "config": config.to_dict(),
+    "versions": {"jax": jax.__version__},
   }
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-  try:
-    np.savez(staging / artifact.WEIGHTS, **artifact.flatten(variables))
+  with files.atomic_folder(out) as staging:
+    files.write_atomic(staging / artifact.WEIGHTS, _npz_bytes(artifact.flatten(variables)))
     for size, exported in programs.items():
-      (staging / artifact.program_name(size)).write_bytes(exported.serialize())
-    report.write_json(staging / artifact.MANIFEST, manifest)
-    staging.rename(out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+      files.write_atomic(staging / artifact.program_name(size), exported.serialize())
+    manifest["sha256"] = {p.name: artifact.sha256(p) for p in sorted(staging.iterdir())}
+    manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+    files.write_json(staging / artifact.MANIFEST, manifest)
   return out
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size, f.category)
   print(f"Artifact in {out}: load it with pouta_jax.artifact.load({str(out)!r})")
@@ -138,9 +163,10 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   # Defined here, not at import: main.py has its own --workdir.
   flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
-  flags.DEFINE_string("out", None, "Folder to write the artifact to (must not exist).",
-                      required=True)
+  flags.DEFINE_string(
+    "out", None, "Folder to write the artifact to (must not exist).", required=True
+  )
   flags.DEFINE_list("image_sizes", [], "Image sizes to compile for (default: the training size).")
   flags.DEFINE_integer("batch_size", 0, "Fixed batch size; 0: any batch size.")
   flags.DEFINE_string("category", "", "Which category, for a run that trained several at once.")
-  app.run(main)
+  errors.run(main)

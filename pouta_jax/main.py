@@ -2,6 +2,10 @@
 
     python -m pouta_jax.main --config=configs/draem.py:weave,tiny --workdir=outputs/weave \
         [--mode=train|eval|train_and_eval] [--artifact=PATH] [--config.optim.lr=2e-4 ...]
+        [--allow_config_change=optim.lr]
+
+A workdir belongs to one run at a time (a lock) and to one config: resuming with another value
+of a key that affects training or evaluation is refused unless --allow_config_change names it.
 
 A SIGTERM (preemption) saves a checkpoint and exits with 143; the same command resumes.
 Several processes form one program with --distributed (TPU VM, SLURM) or with
@@ -15,22 +19,36 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, experiment, sharding, train
+from pouta_jax import config as config_lib, errors, experiment, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and argument, e.g. configs/draem.py:bottle,tiny.",
-    lock_config=True)
+  "config", None, "Config file and argument, e.g. configs/draem.py:bottle,tiny.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", experiment.MODES, "What to run.")
-_ARTIFACT = flags.DEFINE_string("artifact", None, "With --mode=eval: evaluate this exported "
-                                "artifact (python -m pouta_jax.export) instead of a checkpoint.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process program that "
-                                 "jax.distributed detects (TPU VM slice, SLURM, Open MPI).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a "
-                                   "multi-process program set up by hand.")
+_ARTIFACT = flags.DEFINE_string(
+  "artifact",
+  None,
+  "With --mode=eval: evaluate this exported "
+  "artifact (python -m pouta_jax.export) instead of a checkpoint.",
+)
+_ALLOW_CHANGE = flags.DEFINE_list(
+  "allow_config_change",
+  [],
+  "Config keys (e.g. optim.lr) that may differ from the values stored in an existing --workdir; "
+  "the change is recorded in its config_changes.jsonl. Other keys must match.",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a multi-process program that jax.distributed detects (TPU VM slice, SLURM, Open MPI).",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, for a multi-process program set up by hand."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -38,12 +56,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+  sharding.initialize_distributed(
+    _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   try:
-    results = experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value,
-                             artifact_path=_ARTIFACT.value)
+    results = experiment.run(
+      _CONFIG.value,
+      _WORKDIR.value,
+      _MODE.value,
+      artifact_path=_ARTIFACT.value,
+      allow_changes=_ALLOW_CHANGE.value,
+    )
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(train.PREEMPTED_EXIT_CODE)
@@ -52,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.parse_flags_or_exit)
+  errors.run(main, flags_parser=config_lib.parse_flags_or_exit)

@@ -91,22 +91,23 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
   # Cut the curve at max_fpr, interpolating the overlap there.
   end = int(np.searchsorted(fpr, max_fpr, side="right"))
   if end < fpr.size:
-    pro_at_max = np.interp(max_fpr, fpr[end - 1:end + 1], pro[end - 1:end + 1])
+    pro_at_max = np.interp(max_fpr, fpr[end - 1 : end + 1], pro[end - 1 : end + 1])
     fpr, pro = np.r_[fpr[:end], max_fpr], np.r_[pro[:end], pro_at_max]
   return float(np.trapezoid(pro, fpr) / max_fpr)
 
 
-def category_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray,
-                     maps: np.ndarray) -> dict[str, float]:
+def category_metrics(
+  labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray
+) -> dict[str, float]:
   """All reported metrics of one category: image labels/scores, pixel masks/maps."""
   pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
   return {
-      "image_auroc": roc_auc(labels, scores),
-      "pixel_auroc": roc_auc(pixel_labels, pixel_scores),
-      "pixel_ap": average_precision(pixel_labels, pixel_scores),
-      "aupro": aupro(masks, maps),
-      "image_f1_max": f1_max(labels, scores)[0],
-      "pixel_f1_max": f1_max(pixel_labels, pixel_scores)[0],
+    "image_auroc": roc_auc(labels, scores),
+    "pixel_auroc": roc_auc(pixel_labels, pixel_scores),
+    "pixel_ap": average_precision(pixel_labels, pixel_scores),
+    "aupro": aupro(masks, maps),
+    "image_f1_max": f1_max(labels, scores)[0],
+    "pixel_f1_max": f1_max(pixel_labels, pixel_scores)[0],
   }
 
 

@@ -25,8 +25,9 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   return np.outer(g, g).astype(np.float32)
 
 
-def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
-         data_range: float = 1.0) -> jax.Array:
+def ssim(
+  x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> jax.Array:
   """Mean SSIM of NHWC images, per channel with a Gaussian window and zero 'same' padding.
 
   This is the official DRAEM SSIM with its dynamic range fixed to `data_range` (the official code
@@ -38,8 +39,13 @@ def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
 
   def blur(z: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
-        z, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels)
+      z,
+      kernel,
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+    )
 
   c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
   mu_x, mu_y = blur(x), blur(y)
@@ -47,12 +53,18 @@ def ssim(x: jax.Array, y: jax.Array, size: int = 11, sigma: float = 1.5,
   var_y = blur(y * y) - mu_y**2
   cov = blur(x * y) - mu_x * mu_y
   ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-      (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+  )
   return jnp.mean(ssim_map)
 
 
-def focal_loss(probs: jax.Array, mask: jax.Array, gamma: float = 2.0,
-               smooth: float = 1e-5, alpha: float | None = None) -> jax.Array:
+def focal_loss(
+  probs: jax.Array,
+  mask: jax.Array,
+  gamma: float = 2.0,
+  smooth: float = 1e-5,
+  alpha: float | None = None,
+) -> jax.Array:
   """Focal loss on 2-class softmax probabilities (..., 2) against a binary mask (...).
 
   As in the official DRAEM: the one-hot target is clamped to [smooth, 1 - smooth], the true-class
@@ -74,14 +86,21 @@ def smooth_l1(prediction: jax.Array, target: jax.Array, beta: float = 1.0) -> ja
   return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
 
 
-def prn_map_terms(logits: jax.Array, mask: jax.Array, smooth_l1_weight: float = 1.0,
-                  focal_weight: float = 5.0, alpha: float = 0.5,
-                  gamma: float = 4.0) -> dict[str, jax.Array]:
+def prn_map_terms(
+  logits: jax.Array,
+  mask: jax.Array,
+  smooth_l1_weight: float = 1.0,
+  focal_weight: float = 5.0,
+  alpha: float = 0.5,
+  gamma: float = 4.0,
+) -> dict[str, jax.Array]:
   """PRN's loss on its map: smooth_l1_weight x Smooth-L1 of the anomaly probability against
   the mask, plus focal_weight x focal (alpha 0.5, gamma 4 by default)."""
   probs = jax.nn.softmax(logits, axis=-1)
-  return {"smooth_l1": smooth_l1_weight * smooth_l1(probs[..., 1], mask),
-          "focal": focal_weight * focal_loss(probs, mask, gamma=gamma, alpha=alpha)}
+  return {
+    "smooth_l1": smooth_l1_weight * smooth_l1(probs[..., 1], mask),
+    "focal": focal_weight * focal_loss(probs, mask, gamma=gamma, alpha=alpha),
+  }
 
 
 def reconstruction_terms(outputs: dict, batch: dict) -> dict[str, jax.Array]:
@@ -98,21 +117,23 @@ def segmentation_focal(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """
   factor = mask.shape[1] // logits.shape[1]
   if factor > 1:
-    mask = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, (1, factor, factor),
-                                 (1, factor, factor), "VALID")
+    mask = jax.lax.reduce_window(
+      mask, -jnp.inf, jax.lax.max, (1, factor, factor), (1, factor, factor), "VALID"
+    )
   return focal_loss(jax.nn.softmax(logits, axis=-1), mask)
 
 
 def draem_objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
   """L2 + (1 - SSIM) on the reconstruction of the clean image, focal on the segmentation."""
-  terms = {**reconstruction_terms(outputs, batch),
-           "focal": segmentation_focal(outputs["logits"], batch["mask"])}
+  terms = {
+    **reconstruction_terms(outputs, batch),
+    "focal": segmentation_focal(outputs["logits"], batch["mask"]),
+  }
   return sum(terms.values()), terms
 
 
 @functools.lru_cache(maxsize=None)  # one function per setting: a stable jit cache key
-def pouta_objective(level_weights: tuple[float, ...], final_weight: float,
-                    deep_supervision: bool):
+def pouta_objective(level_weights: tuple[float, ...], final_weight: float, deep_supervision: bool):
   """POUTA's loss: reconstruction terms, focal on the final map and (MSS) on every level.
 
   `level_weights` are per level, finest first; with `deep_supervision` off only the final map
@@ -120,8 +141,10 @@ def pouta_objective(level_weights: tuple[float, ...], final_weight: float,
   """
 
   def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
-    terms = {**reconstruction_terms(outputs, batch),
-             "focal": final_weight * segmentation_focal(outputs["logits"], batch["mask"])}
+    terms = {
+      **reconstruction_terms(outputs, batch),
+      "focal": final_weight * segmentation_focal(outputs["logits"], batch["mask"]),
+    }
     if deep_supervision:
       for level, (weight, logits) in enumerate(zip(level_weights, outputs["level_logits"])):
         terms[f"focal_level{level}"] = weight * segmentation_focal(logits, batch["mask"])
@@ -135,8 +158,9 @@ def prn_objective(smooth_l1_weight: float, focal_weight: float, alpha: float, ga
   """PRN's loss: `prn_map_terms` on the final map (it has no reconstruction)."""
 
   def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
-    terms = prn_map_terms(outputs["logits"], batch["mask"], smooth_l1_weight, focal_weight,
-                          alpha, gamma)
+    terms = prn_map_terms(
+      outputs["logits"], batch["mask"], smooth_l1_weight, focal_weight, alpha, gamma
+    )
     return sum(terms.values()), terms
 
   return objective

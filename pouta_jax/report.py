@@ -1,7 +1,7 @@
 """Outputs: scalar logs, metrics.json, results tables and heatmap panels.
 
-Every file is written to a temporary name and renamed into place, so a crash never leaves a
-half-written results file.
+Every file is written to a temporary name and renamed into place (`files.write_atomic`), so a
+crash never leaves a half-written results file.
 """
 
 from __future__ import annotations
@@ -9,47 +9,58 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
+from pouta_jax import errors, files
+
 # Panels of small test images are enlarged (nearest neighbour) to at least this height.
 MIN_PANEL_HEIGHT = 256
-METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max",
-                  "pixel_f1_max")
+METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max", "pixel_f1_max")
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def write_json(path: str | Path, obj) -> None:
-  write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def _records_until(path: Path, step: int) -> str:
+  """The lines of a scalars.jsonl up to `step`; a line cut short by a crash is dropped."""
+  kept = []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and record.get("step", step + 1) <= step:
+      kept.append(line + "\n")
+  return "".join(kept)
 
 
 class ScalarWriter:
-  """Training scalars as `scalars.jsonl` (one JSON object per line) and TensorBoard events."""
+  """Training scalars as `scalars.jsonl` (one JSON object per line) and TensorBoard events.
 
-  def __init__(self, workdir: str | Path):
-    self._jsonl = open(Path(workdir) / "scalars.jsonl", "a")
-    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+  A run that starts at `start_step` (resumed from a checkpoint, or 0) first drops what an
+  earlier attempt logged after that step, in both, so the curves of a resumed run are those of
+  an uninterrupted one.
+  """
+
+  def __init__(self, workdir: str | Path, start_step: int = 0):
+    path = Path(workdir) / "scalars.jsonl"
+    files.write_atomic(path, _records_until(path, start_step))
+    self._jsonl = open(path, "a")
+    # TensorBoard discards earlier events from purge_step on.
+    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      if errors.is_disk_full(e):
+        raise errors.DiskFullError(
+          f"{self._jsonl.name}: disk full while logging step {step}; training stopped, the "
+          f"newest checkpoint is intact"
+        ) from None
+      raise
     for name, value in scalars.items():
       self._tensorboard.add_scalar(f"train/{name}", value, step)
 
@@ -66,18 +77,26 @@ SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
 # Parameter groups of the summary, in this order where any model has them (evaluate.profile).
-PARAM_GROUPS = (("reconstructive", "recon."), ("backbone", "backbone"),
-                ("discriminative", "discr."), ("total", "total"))
+PARAM_GROUPS = (
+  ("reconstructive", "recon."),
+  ("backbone", "backbone"),
+  ("discriminative", "discr."),
+  ("total", "total"),
+)
 
 
 def _summary(results: dict, profiles: dict) -> list[str]:
   """One row per model: size, cost and the mean of the main metrics."""
   present = {g for p in profiles.values() if p for g in p["params"]}
   groups = [(g, label) for g, label in PARAM_GROUPS if g in present] or [("total", "total")]
-  lines = ["| model | " + " | ".join(f"params {label}" for _, label in groups)
-           + " | GFLOPs / image | latency (ms) | "
-           + " | ".join(f"mean {m}" for m in SUMMARY_METRICS) + " |",
-           "|---" * (3 + len(groups) + len(SUMMARY_METRICS)) + "|"]
+  lines = [
+    "| model | "
+    + " | ".join(f"params {label}" for _, label in groups)
+    + " | GFLOPs / image | latency (ms) | "
+    + " | ".join(f"mean {m}" for m in SUMMARY_METRICS)
+    + " |",
+    "|---" * (3 + len(groups) + len(SUMMARY_METRICS)) + "|",
+  ]
   for model, per_category in results.items():
     profile = profiles.get(model)
     if profile:
@@ -91,8 +110,9 @@ def _summary(results: dict, profiles: dict) -> list[str]:
   return lines + [""]
 
 
-def results_table(results: dict[str, dict[str, dict[str, float]]], profiles: dict,
-                  caption: str = "") -> str:
+def results_table(
+  results: dict[str, dict[str, dict[str, float]]], profiles: dict, caption: str = ""
+) -> str:
   """Markdown: a summary row per model, then per metric a row per model and a column per
   category and the mean. `results`: model -> category (and "mean") -> metric -> value;
   `profiles`: model -> `evaluate.profile` output (models without one show dashes).
@@ -101,12 +121,18 @@ def results_table(results: dict[str, dict[str, dict[str, float]]], profiles: dic
   lines += _summary(results, profiles)
   categories = list(next(iter(results.values())).keys())
   for metric in METRIC_COLUMNS:
-    lines += [f"**{metric}** (%)", "",
-              "| model | " + " | ".join(categories) + " |",
-              "|---" * (len(categories) + 1) + "|"]
+    lines += [
+      f"**{metric}** (%)",
+      "",
+      "| model | " + " | ".join(categories) + " |",
+      "|---" * (len(categories) + 1) + "|",
+    ]
     for model, per_category in results.items():
-      lines.append(f"| {model} | " + " | ".join(
-          _fmt(per_category.get(c, {}).get(metric)) for c in categories) + " |")
+      lines.append(
+        f"| {model} | "
+        + " | ".join(_fmt(per_category.get(c, {}).get(metric)) for c in categories)
+        + " |"
+      )
     lines.append("")
   return "\n".join(lines)
 
@@ -120,8 +146,9 @@ def _colormap(values: np.ndarray) -> np.ndarray:
   return np.round(255 * rgb).astype(np.uint8)
 
 
-def heatmap_panel(image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray,
-                  threshold: float) -> np.ndarray:
+def heatmap_panel(
+  image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray, threshold: float
+) -> np.ndarray:
   """image | ground truth | anomaly map over the image | map >= threshold, side by side."""
   gray = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
   overlay = np.round(0.5 * image + 0.5 * _colormap(anomaly_map)).astype(np.uint8)
@@ -130,8 +157,9 @@ def heatmap_panel(image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray,
   return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)
 
 
-def write_heatmaps(folder: str | Path, test_set: dict, maps: np.ndarray, threshold: float,
-                   count: int) -> list[Path]:
+def write_heatmaps(
+  folder: str | Path, test_set: dict, maps: np.ndarray, threshold: float, count: int
+) -> list[Path]:
   """Panels of up to `count` test images, defective ones first, as `<defect>_<name>.png`."""
   # Defective first, grouped by defect type; stepping through spreads the picks over the types.
   order = np.lexsort((test_set["defect"], -test_set["label"]))
@@ -142,7 +170,7 @@ def write_heatmaps(folder: str | Path, test_set: dict, maps: np.ndarray, thresho
     scale = max(1, MIN_PANEL_HEIGHT // panel.shape[0])
     panel = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
     path = Path(folder) / (str(test_set["name"][i]).replace("/", "_") + ".png")
-    write_atomic(path, _png_bytes(panel))
+    files.write_atomic(path, _png_bytes(panel))
     written.append(path)
   return written
 

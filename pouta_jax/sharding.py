@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pouta_jax import errors
+
 DATA_AXIS = "data"
 CATEGORY_AXIS = "category"
 
@@ -26,17 +28,21 @@ def mesh_shape(axes: tuple[tuple[str, int], ...], num_devices: int) -> dict[str,
   names = [name for name, _ in axes]
   sizes = [int(size) for _, size in axes]
   if DATA_AXIS not in names:
-    raise ValueError(f"config.mesh.axes={axes!r}: needs a {DATA_AXIS!r} axis")
+    raise errors.ConfigError(f"config.mesh.axes={axes!r}: needs a {DATA_AXIS!r} axis")
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh.axes={axes!r}: sizes must be positive, with at most one -1")
+    raise errors.ConfigError(
+      f"config.mesh.axes={axes!r}: sizes must be positive, with at most one -1"
+    )
   known = math.prod(s for s in sizes if s != -1)
   if num_devices % known:
-    raise ValueError(f"config.mesh.axes={axes!r}: {known} does not divide the {num_devices} "
-                     f"devices")
+    raise errors.ConfigError(
+      f"config.mesh.axes={axes!r}: {known} does not divide the {num_devices} devices"
+    )
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh.axes={axes!r}: uses {math.prod(sizes)} of the "
-                     f"{num_devices} devices")
+    raise errors.ConfigError(
+      f"config.mesh.axes={axes!r}: uses {math.prod(sizes)} of the {num_devices} devices"
+    )
   return dict(zip(names, sizes))
 
 
@@ -45,14 +51,18 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   the categories over the category axis."""
   shape = mesh_shape(tuple(tuple(a) for a in config.mesh.axes), jax.device_count())
   if config.data.batch_size % shape[DATA_AXIS]:
-    raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over the "
-                     f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis")
+    raise errors.ConfigError(
+      f"config.data.batch_size={config.data.batch_size} does not split over the "
+      f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis"
+    )
   if CATEGORY_AXIS in shape:
     num_categories = len(config.data.categories)
     if not num_categories or num_categories % shape[CATEGORY_AXIS]:
-      raise ValueError(f"config.mesh.axes={tuple(map(tuple, config.mesh.axes))!r}: the "
-                       f"{shape[CATEGORY_AXIS]} devices of the {CATEGORY_AXIS!r} axis must "
-                       f"divide the {num_categories} config.data.categories")
+      raise errors.ConfigError(
+        f"config.mesh.axes={tuple(map(tuple, config.mesh.axes))!r}: the "
+        f"{shape[CATEGORY_AXIS]} devices of the {CATEGORY_AXIS!r} axis must "
+        f"divide the {num_categories} config.data.categories"
+      )
   devices = np.asarray(jax.devices()).reshape(tuple(shape.values()))
   return Mesh(devices, tuple(shape))
 
@@ -89,17 +99,20 @@ def process_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slic
   return tuple(block)
 
 
-def global_batch(sharding: NamedSharding, local_batch: dict[str, np.ndarray],
-                 leading_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+def global_batch(
+  sharding: NamedSharding, local_batch: dict[str, np.ndarray], leading_shape: tuple[int, ...]
+) -> dict[str, jax.Array]:
   """Global arrays of leading dims `leading_shape` ((batch,) or (categories, batch)) from this
   process's block of them, which grain delivered flattened into one leading dim."""
   local_leading = tuple(b.stop - b.start for b in process_block(sharding, leading_shape))
   arrays = {}
   for key, value in local_batch.items():
-    value = np.asarray(value)
+    # A copy: grain's workers deliver arrays in shared memory, freed only when the last
+    # reference goes, and a device array made from one may keep it alive to the end.
+    value = np.array(value)
     arrays[key] = jax.make_array_from_process_local_data(
-        sharding, value.reshape(local_leading + value.shape[1:]),
-        leading_shape + value.shape[1:])
+      sharding, value.reshape(local_leading + value.shape[1:]), leading_shape + value.shape[1:]
+    )
   return arrays
 
 
@@ -111,15 +124,18 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def initialize_distributed(detect: bool, coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  detect: bool,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Joins a multi-process JAX program: explicit coordinator flags, or, with `detect`, what
   jax.distributed finds in the environment (TPU VM, SLURM, Open MPI). Must run before any
   other JAX call; does nothing for a single process."""
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+      raise errors.ConfigError("--coordinator_address needs --num_processes and --process_id")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif detect:
     jax.distributed.initialize()

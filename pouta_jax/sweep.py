@@ -22,13 +22,13 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pouta_jax import config as config_lib, report
+from pouta_jax import config as config_lib, errors, files, report
 from pouta_jax.data import embedded
 
 
-class SweepError(ValueError):
+class SweepError(errors.Error, ValueError):
   """A sweep flag that cannot be expanded; the message names it."""
 
 
@@ -44,19 +44,23 @@ def _parse_axis(flag: str, spec: str, config: ml_collections.ConfigDict) -> tupl
   return key, values.split(",")
 
 
-def expand(config: ml_collections.ConfigDict, sweeps: list[str], zips: list[str],
-           seeds: int = 1) -> list[dict[str, str]]:
+def expand(
+  config: ml_collections.ConfigDict, sweeps: list[str], zips: list[str], seeds: int = 1
+) -> list[dict[str, str]]:
   """Every point of the sweep as {config key: value string}, in a fixed order."""
-  axes = [[{key: v} for v in values] for key, values in
-          (_parse_axis("sweep", s, config) for s in sweeps)]
+  axes = [
+    [{key: v} for v in values] for key, values in (_parse_axis("sweep", s, config) for s in sweeps)
+  ]
   if zips:
     zipped = [_parse_axis("zip", z, config) for z in zips]
     lengths = {len(values) for _, values in zipped}
     if len(lengths) != 1:
-      raise SweepError(f"--zip lists have different lengths: "
-                       f"{', '.join(f'{k} ({len(v)})' for k, v in zipped)}")
-    axes.append([dict(zip([k for k, _ in zipped], point))
-                 for point in zip(*[values for _, values in zipped])])
+      raise SweepError(
+        f"--zip lists have different lengths: {', '.join(f'{k} ({len(v)})' for k, v in zipped)}"
+      )
+    axes.append(
+      [dict(zip([k for k, _ in zipped], point)) for point in zip(*[values for _, values in zipped])]
+    )
   if seeds > 1:
     axes.append([{"train.seed": str(s)} for s in range(seeds)])
   points = [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
@@ -84,8 +88,15 @@ class Job:
 STACKED_FOLDER = "stacked"
 
 
-def jobs(config_path: str, preset: str, categories: list[str], workdir: str,
-         points: list[dict[str, str]], extra: list[str], one_program: bool = False) -> list[Job]:
+def jobs(
+  config_path: str,
+  preset: str,
+  categories: list[str],
+  workdir: str,
+  points: list[dict[str, str]],
+  extra: list[str],
+  one_program: bool = False,
+) -> list[Job]:
   """Every (sweep point, category) run: `<workdir>/<point>/<category>` (no point folder without
   a sweep), the point's overrides and then `extra` appended to each command. `one_program`:
   one run per point trains every category (`<workdir>/<point>/stacked`)."""
@@ -95,11 +106,21 @@ def jobs(config_path: str, preset: str, categories: list[str], workdir: str,
     for group in groups:
       arg = ",".join(group + ([preset] if preset else []))
       name = STACKED_FOLDER if one_program else group[0]
-      folder = os.path.join(workdir, point_name(point), name) if point else (
-          os.path.join(workdir, name))
-      runs.append(Job(name, folder, (f"--config={config_path}:{arg}", f"--workdir={folder}",
-                                     *(f"--config.{k}={v}" for k, v in point.items()),
-                                     *extra)))
+      folder = (
+        os.path.join(workdir, point_name(point), name) if point else (os.path.join(workdir, name))
+      )
+      runs.append(
+        Job(
+          name,
+          folder,
+          (
+            f"--config={config_path}:{arg}",
+            f"--workdir={folder}",
+            *(f"--config.{k}={v}" for k, v in point.items()),
+            *extra,
+          ),
+        )
+      )
   return runs
 
 
@@ -128,8 +149,12 @@ def define_launch_flags() -> None:
   flags.DEFINE_multi_string("zip", [], "key=v1,v2,...: all --zip flags form one axis.")
   flags.DEFINE_bool("config_sweep", False, "Also sweep the config file's get_sweep(arg).")
   flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 per setting.", lower_bound=1)
-  flags.DEFINE_bool("one_program", False, "Train all categories in one program per sweep point "
-                    "(parameters stacked over a category axis) instead of one run each.")
+  flags.DEFINE_bool(
+    "one_program",
+    False,
+    "Train all categories in one program per sweep point "
+    "(parameters stacked over a category axis) instead of one run each.",
+  )
 
 
 def jobs_from_flags(extra: list[str]) -> list[Job]:
@@ -143,8 +168,10 @@ def jobs_from_flags(extra: list[str]) -> list[Job]:
     spec = config_lib.load_sweep(f.config, arg)
     sweeps += [f"{k}={','.join(map(str, v))}" for k, v in spec.get("product", {}).items()]
     zips += [f"{k}={','.join(map(str, v))}" for k, v in spec.get("zip", {}).items()]
-  root = next((a.split("=", 1)[1] for a in reversed(extra)
-               if a.startswith("--config.data.root=")), base.data.root)
+  root = next(
+    (a.split("=", 1)[1] for a in reversed(extra) if a.startswith("--config.data.root=")),
+    base.data.root,
+  )
   check_categories(f.categories, root)
   points = expand(base, sweeps, zips, f.seeds)
   return jobs(f.config, f.preset, f.categories, f.workdir, points, extra, f.one_program)
@@ -169,8 +196,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def aggregate(root: str | Path, swept: list[str] | None = None,
-              metric: str = "pixel_ap") -> tuple[str, str]:
+def aggregate(
+  root: str | Path, swept: list[str] | None = None, metric: str = "pixel_ap"
+) -> tuple[str, str]:
   """Markdown and CSV: a row per setting of the `swept` keys, a column per category and the mean,
   each cell mean ± std over seeds. `swept` defaults to every key that varies between runs."""
   runs = []
@@ -201,12 +229,23 @@ def aggregate(root: str | Path, swept: list[str] | None = None,
   rows = []
   for setting, per_category in table.items():
     means = [np.mean(per_category[c]) for c in categories if c in per_category]
-    rows.append(list(setting or ("default",)) +
-                [cell(per_category.get(c, [])) for c in categories] +
-                [f"{100 * np.mean(means):.1f}"])
-  markdown = "\n".join(
-      [f"**{metric}** (%, mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
-       "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    rows.append(
+      list(setting or ("default",))
+      + [cell(per_category.get(c, [])) for c in categories]
+      + [f"{100 * np.mean(means):.1f}"]
+    )
+  markdown = (
+    "\n".join(
+      [
+        f"**{metric}** (%, mean ± std over seeds)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+      ]
+      + ["| " + " | ".join(r) + " |" for r in rows]
+    )
+    + "\n"
+  )
   out = io.StringIO()
   csv.writer(out).writerows([header] + rows)
   return markdown, out.getvalue()
@@ -216,8 +255,8 @@ def main(argv: list[str]) -> None:
   del argv
   root, metric = flags.FLAGS.root, flags.FLAGS.metric
   markdown, table_csv = aggregate(root, metric=metric)
-  report.write_atomic(Path(root) / f"sweep_{metric}.md", markdown)
-  report.write_atomic(Path(root) / f"sweep_{metric}.csv", table_csv)
+  files.write_atomic(Path(root) / f"sweep_{metric}.md", markdown)
+  files.write_atomic(Path(root) / f"sweep_{metric}.csv", table_csv)
   print(markdown)
 
 
@@ -225,4 +264,4 @@ if __name__ == "__main__":
   # Defined here, not at import: the launcher imports this module and must not get these flags.
   flags.DEFINE_string("root", None, "Folder holding the sweep's runs.", required=True)
   flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
-  app.run(main)
+  errors.run(main)

@@ -5,7 +5,9 @@ The model and its objective come from the registry; the loop never branches on t
 
 from __future__ import annotations
 
+import collections
 import functools
+import gc
 import math
 import signal
 import threading
@@ -22,11 +24,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from grain._src.python.ipc import shared_memory_array
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from pouta_jax import checkpoint, config as config_lib, models, report, sharding
+from pouta_jax import checkpoint, config as config_lib, errors, models, report, sharding
 from pouta_jax.data import pipeline
 from pouta_jax.data.folder import CategoryFolder, load_image
 from pouta_jax.data.synthesis import SynthesisConfig
@@ -56,19 +59,26 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
   return int(config.train.num_epochs * math.ceil(num_train_images / config.data.batch_size))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   """Adam with DRAEM's step schedule (lr x decay at each milestone fraction of training) and
   `optim.weight_decay` added to the gradients, as PyTorch's Adam does (PRN's setting)."""
-  return _adam(config.optim.lr, tuple(config.optim.milestones),
-                               config.optim.decay, num_steps,
-                               config.optim.get("weight_decay", 0.0))
+  return _adam(
+    config.optim.lr,
+    tuple(config.optim.milestones),
+    config.optim.decay,
+    num_steps,
+    config.optim.get("weight_decay", 0.0),
+  )
 
 
 # The caches below return the same objects for the same settings, so jax.jit reuses its
 # compilations when one process runs several categories (the demo, the tests).
 @functools.lru_cache(maxsize=16)
-def _adam(lr: float, milestones: tuple[float, ...], decay: float,
-                          num_steps: int, weight_decay: float) -> optax.GradientTransformation:
+def _adam(
+  lr: float, milestones: tuple[float, ...], decay: float, num_steps: int, weight_decay: float
+) -> optax.GradientTransformation:
   boundaries = {int(m * num_steps): decay for m in milestones}
   adam = optax.adam(optax.piecewise_constant_schedule(lr, boundaries))
   if not weight_decay:
@@ -82,26 +92,38 @@ def _jitted_init(model: nn.Module, image_size: int) -> Callable:
   return jax.jit(lambda key: model.init(key, dummy, train=False))
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-               seed: int, frozen: tuple[str, ...] = ()) -> TrainState:
+def init_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_size: int,
+  seed: int,
+  frozen: tuple[str, ...] = (),
+) -> TrainState:
   """The freshly initialised state; the `frozen` submodules go to its constants."""
   variables = _jitted_init(model, image_size)(jax.random.key(seed))
   params, batch_stats, constants = models.split_variables(variables, frozen)
-  return TrainState(step=jnp.array(0, jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), constants=constants)
+  return TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    constants=constants,
+  )
 
 
-def initial_state(config: ml_collections.ConfigDict,
-                  train_sizes: Sequence[int]) -> tuple[nn.Module, optax.GradientTransformation,
-                                                       TrainState, int]:
+def initial_state(
+  config: ml_collections.ConfigDict, train_sizes: Sequence[int]
+) -> tuple[nn.Module, optax.GradientTransformation, TrainState, int]:
   """The model, its optimizer, the step-0 state and the number of steps, for categories with
   `train_sizes` training images each. With `data.categories` the state is stacked over them
   (every category starts from the same initialisation, as separate runs with one seed do)."""
   steps = {num_train_steps(config, n) for n in train_sizes}
   if len(steps) > 1:
-    raise ValueError(f"config.train.num_steps={config.train.num_steps}: the categories' "
-                     f"epoch-based schedules differ ({sorted(steps)} steps); categories trained "
-                     f"in one program need one step count")
+    raise errors.ConfigError(
+      f"config.train.num_steps={config.train.num_steps}: the categories' "
+      f"epoch-based schedules differ ({sorted(steps)} steps); categories trained "
+      f"in one program need one step count"
+    )
   num_steps = steps.pop()
   spec = models.get(config.model.name)
   model = spec.build(config)
@@ -116,8 +138,12 @@ def initial_state(config: ml_collections.ConfigDict,
 PREPARE_STREAM = 1
 
 
-def prepare_state(config: ml_collections.ConfigDict, model: nn.Module, state: TrainState,
-                  folders: Sequence[CategoryFolder]) -> TrainState:
+def prepare_state(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  state: TrainState,
+  folders: Sequence[CategoryFolder],
+) -> TrainState:
   """The model's prepare stage (models.ModelSpec.prepare) on a step-0 state, per category on
   its normal training images; the state itself when the model has none."""
   spec = models.get(config.model.name)
@@ -127,12 +153,23 @@ def prepare_state(config: ml_collections.ConfigDict, model: nn.Module, state: Tr
   prepared = []
   for index, folder in enumerate(folders):
     images = np.stack([load_image(path, config.data.image_size) for path in folder.train])
-    logging.info("Preparing %s for %s (%d training images)", config.model.name,
-                 folder.category, len(images))
-    prepared.append(spec.prepare(config, model, category_variables(config, state.variables, index),
-                                 images.astype(np.float32) / 255.0, key))
-  variables = (jax.tree.map(lambda *xs: jnp.stack(xs), *prepared)
-               if config_lib.is_stacked(config) else prepared[0])
+    logging.info(
+      "Preparing %s for %s (%d training images)", config.model.name, folder.category, len(images)
+    )
+    prepared.append(
+      spec.prepare(
+        config,
+        model,
+        category_variables(config, state.variables, index),
+        images.astype(np.float32) / 255.0,
+        key,
+      )
+    )
+  variables = (
+    jax.tree.map(lambda *xs: jnp.stack(xs), *prepared)
+    if config_lib.is_stacked(config)
+    else prepared[0]
+  )
   params, batch_stats, constants = models.split_variables(variables, spec.frozen)
   # The optimizer state depends on the trainable parameters' structure only, which is unchanged.
   return state.replace(params=params, batch_stats=batch_stats, constants=constants)
@@ -169,16 +206,20 @@ def category_loop(config: ml_collections.ConfigDict) -> str | None:
 def _unrolled(step: Callable) -> Callable:
   def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     num_categories = jax.tree.leaves(batch)[0].shape[0]
-    outs = [step(jax.tree.map(lambda x: x[i], state), jax.tree.map(lambda x: x[i], batch))
-            for i in range(num_categories)]
+    outs = [step(*jax.tree.map(lambda x, i=i: x[i], (state, batch))) for i in range(num_categories)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
   return run
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTransformation,
-                    mesh: Mesh, loop: str | None = None) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  objective: Callable,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  loop: str | None = None,
+) -> Callable:
   """One jit-compiled step: forward in train mode, objective, gradients, Adam update.
 
   The batch is split over the mesh's data axis; the loss, the BatchNorm statistics and the
@@ -191,8 +232,9 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
   def loss_fn(params, state: TrainState, batch: dict):
     batch = pipeline.decode(batch)
     variables = models.merge_variables(params, state.batch_stats, state.constants)
-    outputs, updates = model.apply(variables, batch["augmented"], train=True,
-                                   mutable=["batch_stats"])
+    outputs, updates = model.apply(
+      variables, batch["augmented"], train=True, mutable=["batch_stats"]
+    )
     loss, terms = objective(outputs, batch)
     # Frozen submodules' statistics come back unchanged; they stay with the constants.
     batch_stats = {k: v for k, v in updates["batch_stats"].items() if k in state.batch_stats}
@@ -200,11 +242,15 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state, batch)
+      state.params, state, batch
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+    )
     # The gradient norm is checked with the loss: a non-finite one must never be saved.
     return new_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
 
@@ -213,8 +259,12 @@ def make_train_step(model: nn.Module, objective: Callable, tx: optax.GradientTra
   stacked = loop is not None
   body = {None: step, "vmap": jax.vmap(step), "unroll": _unrolled(step)}[loop]
   state_sharding = sharding.state_sharding(mesh, stacked)
-  return jax.jit(body, in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+    body,
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -224,28 +274,49 @@ def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (config.data.batch_size,)
 
 
-def training_batches(config: ml_collections.ConfigDict, folders: Sequence[CategoryFolder],
-                     mesh: Mesh, num_steps: int, start_step: int = 0) -> grain.IterDataset:
+def training_batches(
+  config: ml_collections.ConfigDict,
+  folders: Sequence[CategoryFolder],
+  mesh: Mesh,
+  num_steps: int,
+  start_step: int = 0,
+) -> grain.IterDataset:
   """This process's block of every global batch (see `sharding.process_block`)."""
   synthesis = SynthesisConfig(
-      anomaly_prob=config.data.anomaly_prob, rotate_prob=config.data.rotate_prob,
-      beta_max=config.data.beta_max, perlin_max_scale_log2=config.data.perlin_max_scale_log2,
-      num_augmenters=config.data.num_augmenters,
-      real_anomaly_prob=config.data.get("real_anomaly_prob", 0.5))
+    anomaly_prob=config.data.anomaly_prob,
+    rotate_prob=config.data.rotate_prob,
+    beta_max=config.data.beta_max,
+    perlin_max_scale_log2=config.data.perlin_max_scale_log2,
+    num_augmenters=config.data.num_augmenters,
+    real_anomaly_prob=config.data.get("real_anomaly_prob", 0.5),
+  )
   textures = texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir)
-  samples = tuple(pipeline.SynthesizedSample(
-      train_paths=tuple(folder.train), textures=textures,
-      image_size=config.data.image_size, synthesis=synthesis, seed=config.train.seed,
-      real_anomalies=folder.real_anomalies)
-      for folder in folders)
+  samples = tuple(
+    pipeline.SynthesizedSample(
+      train_paths=tuple(folder.train),
+      textures=textures,
+      image_size=config.data.image_size,
+      synthesis=synthesis,
+      seed=config.train.seed,
+      real_anomalies=folder.real_anomalies,
+    )
+    for folder in folders
+  )
   stacked = config_lib.is_stacked(config)
   block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
   rows = block[-1]
   local_samples = samples[block[0]] if stacked else samples
   return pipeline.train_batches(
-      pipeline.BatchBlock(local_samples, config.data.batch_size, rows.start,
-                          rows.stop - rows.start),
-      num_steps, start_step, config.data.num_workers)
+    pipeline.BatchBlock(local_samples, config.data.batch_size, rows.start, rows.stop - rows.start),
+    num_steps,
+    start_step,
+    config.data.num_workers,
+  )
+
+
+# How many dispatched steps may be unfinished on the device (see `train`): 2 keeps the device
+# busy (the next step is queued while one runs) and bounds the host's lead.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class Preempted(Exception):
@@ -280,31 +351,55 @@ class PreemptionNotice:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _checked_scalars(step_metrics: dict, categories: tuple[str, ...] | None, step: int,
-                     newest_checkpoint: int | None, workdir: Path) -> dict[str, float]:
+def _close(batches: grain.DatasetIterator) -> None:
+  """Stops grain's workers and frees their shared memory. grain's close can fail after a worker
+  died; that must not hide the error that ended training."""
+  try:
+    batches.close()
+  except Exception as e:
+    logging.warning("closing the data pipeline failed: %s: %s", type(e).__name__, e)
+  # The last batches' shared memory is held in reference cycles inside grain's iterators, and
+  # grain unlinks it on a thread of its own (one thread, first in first out). Collect, then
+  # pass a no-op through that thread: it returns once every unlink queued before is done, so a
+  # process that ends now leaks none (a preempted run left 20 behind otherwise).
+  gc.collect()
+  deleter = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  if deleter is not None:
+    deleter.apply(lambda: None)
+
+
+def _checked_scalars(
+  step_metrics: dict,
+  categories: tuple[str, ...] | None,
+  step: int,
+  newest_checkpoint: int | None,
+  workdir: Path,
+) -> dict[str, float]:
   """Host floats of the step's metrics: stacked ones as their mean over categories plus
-  `loss/<category>`. Raises FloatingPointError if any value of any category is not finite."""
+  `loss/<category>`. Raises DivergedError if any value of any category is not finite."""
   values = {k: np.asarray(v) for k, v in jax.device_get(step_metrics).items()}
   bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
   if bad:
-    raise FloatingPointError(
-        f"non-finite training metrics {bad} at step {step} "
-        f"({ {k: values[k].tolist() for k in bad} }); training stopped. The newest good "
-        f"checkpoint is step {newest_checkpoint} in {workdir}/checkpoints")
+    raise errors.DivergedError(
+      f"non-finite training metrics {bad} at step {step} "
+      f"({ {k: values[k].tolist() for k in bad} }); training stopped. The newest good "
+      f"checkpoint is step {newest_checkpoint} in {workdir}/checkpoints"
+    )
   scalars = {k: float(np.mean(v)) for k, v in values.items()}
   if categories is not None:
     scalars.update({f"loss/{c}": float(v) for c, v in zip(categories, values["loss"])})
   return scalars
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path,
-          folders: Sequence[CategoryFolder]) -> TrainState:
+def train(
+  config: ml_collections.ConfigDict, workdir: str | Path, folders: Sequence[CategoryFolder]
+) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
   `folders`: the category's data, or with `data.categories` every category's, trained in one
   program with a stacked state. Checkpoints hold the train state and the data iterator, so a
   restarted run continues with the batch that followed the checkpoint and ends bitwise equal
-  to an uninterrupted one. A non-finite loss stops training with FloatingPointError before
+  to an uninterrupted one. A non-finite loss stops training with DivergedError before
   anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
   checkpoint and raises Preempted.
   """
@@ -328,24 +423,55 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
   train_step = make_train_step(model, objective, tx, mesh, category_loop(config))
   batches = iter(training_batches(config, folders, mesh, num_steps))
   if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
+    batches.close()
     batches = iter(training_batches(config, folders, mesh, num_steps, start))
   batch_sharding, leading = sharding.batch_sharding(mesh, stacked), batch_shape(config)
   categories = tuple(f.category for f in folders) if stacked else None
-  writer = report.ScalarWriter(workdir) if sharding.is_primary() else None
+  # From a checkpoint, records after its step are dropped: they belong to the lost steps.
+  writer = report.ScalarWriter(workdir, start) if sharding.is_primary() else None
   notice = PreemptionNotice()
   last_time, last_step = time.perf_counter(), start
+  in_flight: collections.deque = collections.deque()  # dispatched steps' losses
   try:
-    with tqdm(total=num_steps, initial=start, desc=f"train {','.join(f.category for f in folders)}",
-              unit="step", dynamic_ncols=True, disable=not sharding.is_primary()) as bar:
-      for step, batch in enumerate(batches, start + 1):  # counted on the host: no device sync
-        state, step_metrics = train_step(state,
-                                         sharding.global_batch(batch_sharding, batch, leading))
-        bar.update(1)
-        preempted = notice.reached(step)
+    with tqdm(
+      total=num_steps,
+      initial=start,
+      desc=f"train {','.join(f.category for f in folders)}",
+      unit="step",
+      dynamic_ncols=True,
+      disable=not sharding.is_primary(),
+    ) as bar:
+
+      def finish(keep: int) -> None:
+        """Waits until at most `keep` dispatched steps are unfinished; the bar counts the rest."""
+        while len(in_flight) > keep:
+          jax.block_until_ready(in_flight.popleft())
+          bar.update(1)
+
+      step, step_metrics = start, None
+      while step < num_steps:
+        # The host dispatches ahead of the device by at most MAX_STEPS_IN_FLIGHT steps, so a
+        # preemption notice is acted on within that many step times.
+        finish(MAX_STEPS_IN_FLIGHT - 1)
+        if notice.reached(step):
+          finish(0)
+          if step_metrics is not None:  # never save a non-finite state
+            _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
+          if mngr.latest_step() != step:
+            checkpoint.save(mngr, step, state, batches)
+          raise Preempted(
+            f"preempted: saved step {step} of {num_steps} in {workdir}/checkpoints;"
+            f" run the same command again to resume"
+          )
+        batch = sharding.global_batch(batch_sharding, next(batches), leading)
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        in_flight.append(step_metrics["loss"])
         log_now = step % config.train.log_every == 0 or step == num_steps
-        save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
+        save_now = step % config.train.checkpoint_every == 0 or step == num_steps
         if not (log_now or save_now):
           continue
+        finish(0)
         scalars = _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
         if log_now:
           now = time.perf_counter()
@@ -353,18 +479,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
           last_time, last_step = now, step
           bar.set_postfix(loss=f"{scalars['loss']:.4f}")
           if jax.process_count() > 1:  # each process's own view, to compare across hosts
-            logging.info("process %d step %d loss %.9g", jax.process_index(), step,
-                         scalars["loss"])
+            logging.info("process %d step %d loss %.9g", jax.process_index(), step, scalars["loss"])
           if writer is not None:
             writer.write(step, scalars)
         if save_now:
           checkpoint.save(mngr, step, state, batches)
-        if preempted:
-          raise Preempted(f"preempted: saved step {step} of {num_steps} in {workdir}/checkpoints;"
-                          f" run the same command again to resume")
+      finish(0)
   finally:
     notice.close()
     if writer is not None:
       writer.close()
+    _close(batches)
     mngr.close()
   return state

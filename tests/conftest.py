@@ -1,7 +1,8 @@
-"""Shared fixtures: a small embedded dataset built once, and a tiny config that trains in seconds."""
+"""Shared fixtures: a small embedded dataset built once, a tiny config that trains in seconds."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -14,8 +15,9 @@ from pouta_jax.data import embedded
 if not flags.FLAGS.is_parsed():
   flags.FLAGS(sys.argv[:1])
 
-SMALL = embedded.BuildSpec(seed=0, image_size=64, num_train=8, num_test_good=4,
-                           num_test_per_defect=2)
+SMALL = embedded.BuildSpec(
+  seed=0, image_size=64, num_train=8, num_test_good=4, num_test_per_defect=2
+)
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +51,26 @@ def perturb_batch_norm(module) -> None:
   """Random running statistics and affine parameters in every BatchNorm2d of a torch module
   (torch only where the bench extra's parity tests use it), so parity tests exercise them."""
   import torch
+
   for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
     bn.running_mean.uniform_(-0.5, 0.5)
     bn.running_var.uniform_(0.5, 2.0)
     bn.weight.data.uniform_(0.5, 1.5)
     bn.bias.data.uniform_(-0.2, 0.2)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 256 KiB filesystem (tmpfs; needs root), too small for a checkpoint of the tiny model."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  try:
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+      check=True,
+      capture_output=True,
+    )
+  except (OSError, subprocess.CalledProcessError) as e:
+    pytest.skip(f"cannot mount a small tmpfs here ({e}); the in-process disk-full tests remain")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)

@@ -20,17 +20,21 @@ def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name, params, channels", [
+@pytest.mark.parametrize(
+  "name, params, channels",
+  [
     ("resnet18", 11_176_512, (64, 128, 256, 512)),  # torchvision's, without the classifier
     ("wide_resnet50_2", 66_834_240, (256, 512, 1024, 2048)),
-])
+  ],
+)
 def test_sizes_and_feature_shapes(name, params, channels):
   model = backbone.ResNetFeatures(name)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 64, 64, 3))))
   assert _count(shapes["params"]) == params
   features = jax.eval_shape(model.apply, shapes, jnp.zeros((2, 64, 64, 3)))
-  assert [f.shape for f in features] == [(2, 64 // s, 64 // s, c)
-                                         for s, c in zip((4, 8, 16, 32), channels)]
+  assert [f.shape for f in features] == [
+    (2, 64 // s, 64 // s, c) for s, c in zip((4, 8, 16, 32), channels)
+  ]
   assert backbone.spec(name).channels() == channels
 
 
@@ -49,8 +53,9 @@ def _torch_named(variables) -> dict[str, np.ndarray]:
 
 def test_torchvision_mapping_round_trip_and_errors():
   rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
-                           backbone.init_variables("resnet18"))
+  variables = jax.tree.map(
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), backbone.init_variables("resnet18")
+  )
   state_dict = _torch_named(variables)
   assert "layer2.0.downsample.1.running_var" in state_dict and "conv1.weight" in state_dict
   state_dict["fc.weight"] = np.zeros((1000, 512))  # the classifier is dropped, not an error
@@ -100,9 +105,19 @@ def test_parity_with_torchvision_resnet18(tmp_path):
   perturb_batch_norm(net)
   net.eval()
   torch.save(net.state_dict(), tmp_path / "resnet18.pth")
-  subprocess.run([sys.executable, "-m", "pouta_jax.convert", "--from=torchvision_resnet",
-                  f"--weights={tmp_path / 'resnet18.pth'}", f"--out={tmp_path / 'r18.npz'}"],
-                 cwd=REPO, check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pouta_jax.convert",
+      "--from=torchvision_resnet",
+      f"--weights={tmp_path / 'resnet18.pth'}",
+      f"--out={tmp_path / 'r18.npz'}",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
   variables = backbone.load_weights(tmp_path / "r18.npz", "resnet18")
 
   images = torch.rand(2, 3, 64, 64)
@@ -114,7 +129,8 @@ def test_parity_with_torchvision_resnet18(tmp_path):
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
       x = layer(x)
       want.append(x.numpy().transpose(0, 2, 3, 1))
-  got = backbone.ResNetFeatures("resnet18").apply(variables,
-                                                  jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+  got = backbone.ResNetFeatures("resnet18").apply(
+    variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+  )
   for level, (a, b) in enumerate(zip(got, want)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=f"layer{level + 1}")

@@ -29,8 +29,15 @@ def broken():
 
 
 def test_interleaved_times_each_contender_in_its_own_process():
-  results = harness.interleaved({"fast": (sleeper, (0.01, "a")), "slow": (sleeper, (0.2, "b")),
-                                 "reported": (self_timed, (123.0,))}, repeats=3, pause_s=0.0)
+  results = harness.interleaved(
+    {
+      "fast": (sleeper, (0.01, "a")),
+      "slow": (sleeper, (0.2, "b")),
+      "reported": (self_timed, (123.0,)),
+    },
+    repeats=3,
+    pause_s=0.0,
+  )
   fast, slow = results["fast"], results["slow"]
   assert 0.01 <= fast[0] < 0.15 and 0.2 <= slow[0] < 0.5
   assert results["reported"][0] == 123.0  # an iteration may report the part that counts
@@ -42,9 +49,12 @@ def test_env_reaches_every_contender_and_leaves_ours_alone(monkeypatch):
   monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
   monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")
   names = tuple(harness.MALLOC_ENV)
-  results = harness.interleaved({"a": (environment_reader, names),
-                                 "b": (environment_reader, names)},
-                                repeats=1, pause_s=0.0, env=harness.MALLOC_ENV)
+  results = harness.interleaved(
+    {"a": (environment_reader, names), "b": (environment_reader, names)},
+    repeats=1,
+    pause_s=0.0,
+    env=harness.MALLOC_ENV,
+  )
   assert results["a"][1] == results["b"][1] == harness.MALLOC_ENV
   assert "MALLOC_ARENA_MAX" not in os.environ and os.environ["MALLOC_MMAP_MAX_"] == "7"
   plain = harness.interleaved({"c": (environment_reader, names)}, repeats=1, pause_s=0.0)

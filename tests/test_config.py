@@ -11,8 +11,9 @@ def _parse(*args):
   argv = ["prog", *args]
   values = flags.FlagValues()
   # Overrides are registered from sys_argv (sys.argv by default) when the flag is defined.
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+  )
   config_lib.parse_flags(argv, values)
   return values.config
 
@@ -29,27 +30,35 @@ def test_full_size_default_is_the_official_setting():
   config = _parse(f"--config={CONFIG_FILE}:bottle")
   assert (config.model.base_width, config.data.image_size, config.data.batch_size) == (128, 256, 8)
   assert (config.optim.lr, tuple(config.optim.milestones), config.optim.decay) == (
-      1e-4, (0.8, 0.9), 0.2)
+    1e-4,
+    (0.8, 0.9),
+    0.2,
+  )
   assert config.train.num_epochs == 700 and config.eval.score_filter_size == 21
   config_lib.validate(config)
 
 
 def test_unknown_key_is_an_error_naming_it():
-  with pytest.raises(config_lib.UnknownConfigKeyError,
-                     match="config.optim has no key 'learning_rate' .*decay, lr, milestones"):
+  with pytest.raises(
+    config_lib.UnknownConfigKeyError,
+    match="config.optim has no key 'learning_rate' .*decay, lr, milestones",
+  ):
     _parse(f"--config={CONFIG_FILE}:pill", "--config.optim.learning_rate=1")
   with pytest.raises(config_lib.UnknownConfigKeyError, match="config has no key 'optimizer'"):
     _parse(f"--config={CONFIG_FILE}:pill", "--config.optimizer.lr=1")
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("data.image_size", 48, "multiple of 32"),
     ("model.base_width", 5, "even number"),
     ("optim.milestones", (0.9, 0.8), "increasing fractions"),
     ("eval.score_filter_size", 4, "odd filter size"),
     ("data.anomaly_prob", 1.5, r"probability in \[0, 1\]"),
     ("data.categories", ("pill", "pill"), "distinct category names"),
-])
+  ],
+)
 def test_validate_names_the_key(key, value, message):
   config = config_lib.apply_args(config_lib.base_config("draem"), "tiny")
   section, name = key.split(".")

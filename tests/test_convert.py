@@ -49,18 +49,22 @@ def _torch_named(variables) -> dict[str, dict[str, np.ndarray]]:
 def test_mapping_covers_every_variable_once():
   _, state = _template()
   rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
-                           state.variables)
+  variables = jax.tree.map(
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), state.variables
+  )
   back = convert.to_variables(_torch_named(variables), False, state.variables)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
   # Full size: the torch names cover the official 69,048,579 + 28,374,146 parameters.
   model = DRAEM(128)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                             train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
   named = _torch_named(jax.tree.map(lambda s: np.empty(s.shape, np.float32), shapes))
-  counts = {k: sum(v.size for n, v in sd.items() if "running" not in n and "num_batches" not in n)
-            for k, sd in named.items()}
+  counts = {
+    k: sum(v.size for n, v in sd.items() if "running" not in n and "num_batches" not in n)
+    for k, sd in named.items()
+  }
   assert counts == {convert.RECON: 69_048_579, convert.SEG: 28_374_146}
 
 
@@ -84,8 +88,9 @@ def test_bad_weights_list_every_offending_key_and_write_nothing(tmp_path):
 def test_converted_workdir_restores_like_a_trained_one(tmp_path):
   config, state = _template()
   rng = np.random.default_rng(1)
-  variables = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
-                           state.variables)
+  variables = jax.tree.map(
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), state.variables
+  )
   workdir = convert.convert(_torch_named(variables), False, config, tmp_path / "run")
   mngr = checkpoint.manager(workdir, 2)
   restored = checkpoint.restore_latest(mngr, state)
@@ -102,8 +107,11 @@ def test_parity_with_anomalib_draem(layout, tmp_path):
   reason = "parity needs the bench extra: pip install -e '.[bench]'"
   torch = pytest.importorskip("torch", reason=reason)
   pytest.importorskip("anomalib", reason=reason)
-  from anomalib.models.image.draem.torch_model import (DiscriminativeSubNetwork,
-                                                        ReconstructiveSubNetwork)
+  from anomalib.models.image.draem.torch_model import (
+    DiscriminativeSubNetwork,
+    ReconstructiveSubNetwork,
+  )
+
   torch.manual_seed(0)
   recon = ReconstructiveSubNetwork(base_width=WIDTH)
   seg = DiscriminativeSubNetwork(in_channels=6, out_channels=2, base_width=WIDTH // 2)
@@ -113,31 +121,83 @@ def test_parity_with_anomalib_draem(layout, tmp_path):
   x = torch.rand(2, 3, 32, 32)
   with torch.no_grad():
     reconstruction = recon(x)
-    joined = (torch.cat([reconstruction, x], 1) if layout == "official"
-              else torch.cat([x, reconstruction], 1))
+    joined = (
+      torch.cat([reconstruction, x], 1)
+      if layout == "official"
+      else torch.cat([x, reconstruction], 1)
+    )
     anomaly_map = torch.softmax(seg(joined), dim=1)[:, 1]
 
   config, state = _template()
   if layout == "official":  # through the command line, as the release's files are given
     torch.save(recon.state_dict(), tmp_path / "recon.pckl")
     torch.save(seg.state_dict(), tmp_path / "seg.pckl")
-    subprocess.run([sys.executable, "-m", "pouta_jax.convert", "--from=draem_torch",
-                    f"--recon={tmp_path / 'recon.pckl'}", f"--seg={tmp_path / 'seg.pckl'}",
-                    f"--workdir={tmp_path / 'run'}", "--config=configs/draem.py:weave,tiny"],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pouta_jax.convert",
+        "--from=draem_torch",
+        f"--recon={tmp_path / 'recon.pckl'}",
+        f"--seg={tmp_path / 'seg.pckl'}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config=configs/draem.py:weave,tiny",
+      ],
+      cwd=REPO,
+      check=True,
+      capture_output=True,
+    )
     workdir = tmp_path / "run"
   else:
-    full = {**{f"model.reconstructive_subnetwork.{k}": v for k, v in recon.state_dict().items()},
-            **{f"model.discriminative_subnetwork.{k}": v for k, v in seg.state_dict().items()}}
-    torch.save({"state_dict": full, "hyper_parameters": {"beta": (0.1, 1.0)}},
-               tmp_path / "model.ckpt")
-    state_dicts = convert.split_anomalib(convert._load_torch(tmp_path / "model.ckpt", True))
+    full = {
+      **{f"model.reconstructive_subnetwork.{k}": v for k, v in recon.state_dict().items()},
+      **{f"model.discriminative_subnetwork.{k}": v for k, v in seg.state_dict().items()},
+    }
+    torch.save(
+      {"state_dict": full, "hyper_parameters": {"beta": (0.1, 1.0)}}, tmp_path / "model.ckpt"
+    )
+    state_dicts = convert.split_anomalib(convert._load_torch(tmp_path / "model.ckpt"))
     workdir = convert.convert(state_dicts, True, config, tmp_path / "run")
   mngr = checkpoint.manager(workdir, 2)
   restored = checkpoint.restore_latest(mngr, state)
   mngr.close()
-  out = DRAEM(WIDTH).apply(restored.variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
-                           train=False)
-  np.testing.assert_allclose(out["reconstruction"],
-                             reconstruction.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+  out = DRAEM(WIDTH).apply(
+    restored.variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), train=False
+  )
+  np.testing.assert_allclose(
+    out["reconstruction"], reconstruction.numpy().transpose(0, 2, 3, 1), atol=1e-4
+  )
   np.testing.assert_allclose(out["anomaly_map"], anomaly_map.numpy(), atol=1e-4)
+
+
+class _Payload:
+  """What a crafted checkpoint carries: unpickling it would create `marker` via os.system."""
+
+  def __init__(self, marker: Path):
+    self.marker = marker
+
+  def __reduce__(self):
+    import os
+
+    return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+  torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[bench]'")
+  weights = {"model.reconstructive_subnetwork.w": torch.zeros(2)}
+  plain = tmp_path / "plain.ckpt"  # a Lightning-style dict of tensors and plain values loads
+  torch.save({"state_dict": weights, "hyper_parameters": {"beta": (0.1, 1.0)}}, plain)
+  assert set(convert._load_torch(plain)) == set(weights)
+
+  marker = tmp_path / "pwned"
+  crafted = tmp_path / "model.ckpt"
+  torch.save({"state_dict": weights, "hyper_parameters": _Payload(marker)}, crafted)
+  process = subprocess.run(
+    [sys.executable, "-m", "pouta_jax.convert", f"--ckpt={crafted}", f"--workdir={tmp_path / 'w'}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
+  assert process.stderr.strip().splitlines()[-1].startswith(f"FATAL: {crafted}: refused to load")
+  assert not marker.exists() and not (tmp_path / "w").exists()

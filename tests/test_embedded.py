@@ -46,8 +46,9 @@ def test_grayscale_category_is_stored_as_one_channel(dataset_root):
 def test_build_is_deterministic_and_seeded(tmp_path):
   a = embedded.build(tmp_path / "a", SMALL, categories=("pill",))
   b = embedded.build(tmp_path / "b", SMALL, categories=("pill",))
-  c = embedded.build(tmp_path / "c", embedded.BuildSpec(**{**SMALL.__dict__, "seed": 1}),
-                     categories=("pill",))
+  c = embedded.build(
+    tmp_path / "c", embedded.BuildSpec(**{**SMALL.__dict__, "seed": 1}), categories=("pill",)
+  )
   assert _digest(a) == _digest(b) != _digest(c)
 
 

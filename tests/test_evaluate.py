@@ -23,5 +23,4 @@ def test_predict_pads_the_last_batch_and_matches_direct_apply():
   direct = model.apply(state.variables, images.astype(np.float32) / 255.0, train=False)
   assert maps.shape == (5, 32, 32) and scores.shape == (5,)
   np.testing.assert_allclose(maps, direct["anomaly_map"], atol=1e-5)
-  np.testing.assert_allclose(scores, evaluate.mean_filter_max(direct["anomaly_map"], 3),
-                             atol=1e-5)
+  np.testing.assert_allclose(scores, evaluate.mean_filter_max(direct["anomaly_map"], 3), atol=1e-5)

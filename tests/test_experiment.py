@@ -17,16 +17,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=REPO):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "pouta_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "pouta_jax.main", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def _tiny_flags(dataset_root, workdir):
-  return [f"--config={REPO}/configs/draem.py:pill,tiny", f"--workdir={workdir}",
-          f"--config.data.root={dataset_root}", "--config.model.base_width=4",
-          "--config.data.image_size=32", "--config.data.batch_size=4",
-          "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
-          "--config.eval.score_filter_size=3", "--config.eval.num_heatmaps=3"]
+  return [
+    f"--config={REPO}/configs/draem.py:pill,tiny",
+    f"--workdir={workdir}",
+    f"--config.data.root={dataset_root}",
+    "--config.model.base_width=4",
+    "--config.data.image_size=32",
+    "--config.data.batch_size=4",
+    "--config.train.num_steps=4",
+    "--config.train.checkpoint_every=2",
+    "--config.eval.score_filter_size=3",
+    "--config.eval.num_heatmaps=3",
+  ]
 
 
 def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
@@ -62,7 +75,8 @@ def test_command_line_rejects_unknown_config_key(dataset_root, tmp_path):
 
 def _assert_nothing_written(workdir):
   assert not workdir.exists() or not any(
-      (workdir / name).exists() for name in ("metrics.json", "results.md", "checkpoints"))
+    (workdir / name).exists() for name in ("metrics.json", "results.md", "checkpoints")
+  )
 
 
 def test_missing_dataset_path(tiny_config, tmp_path):
@@ -101,26 +115,31 @@ def test_unwritable_workdir(tiny_config, tmp_path):
     experiment.run(tiny_config, blocker / "run")
 
 
+def _store(workdir, config, allow_changes=()):
+  with experiment.claimed_workdir(workdir, config, allow_changes):
+    pass
+
+
 def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
-  experiment.prepare_workdir(tmp_path, tiny_config)
+  _store(tmp_path, tiny_config)
   stored = (tmp_path / "config.json").read_text()
   other = tiny_config.copy_and_resolve_references()
   other.model.base_width = 8
-  with pytest.raises(ValueError, match=r"config.model=.*base_width.: 4.*not .*base_width.: 8"):
+  with pytest.raises(ValueError, match=r"config.model.base_width: stored 4, now 8"):
     experiment.run(other, tmp_path)
   assert (tmp_path / "config.json").read_text() == stored
 
 
 def test_workdir_of_an_older_version_still_resumes(tiny_config, tmp_path):
-  experiment.prepare_workdir(tmp_path, tiny_config)
+  _store(tmp_path, tiny_config)
   stored = json.loads((tmp_path / "config.json").read_text())
   del stored["data"]["categories"], stored["model"]["base_width"]  # keys it did not have yet
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  experiment.prepare_workdir(tmp_path, tiny_config)
+  _store(tmp_path, tiny_config)
   stored["data"]["category"] = "pill"  # but a key it had must still match
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  with pytest.raises(ValueError, match="config.data.category='pill', not 'weave'"):
-    experiment.prepare_workdir(tmp_path, tiny_config)
+  with pytest.raises(ValueError, match="config.data.category: stored 'pill', now 'weave'"):
+    _store(tmp_path, tiny_config)
 
 
 def test_eval_without_checkpoint(tiny_config, tmp_path):

@@ -2,6 +2,7 @@
 evaluable like a checkpoint, and never written from bad input."""
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from pouta_jax import artifact, evaluate, experiment, export, models
+from pouta_jax import artifact, evaluate, experiment, export, files, models
 from tests.conftest import make_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +59,13 @@ def test_preprocess_matches_the_training_reader(trained, tmp_path):
   rng = np.random.default_rng(1)
   gray = rng.integers(0, 256, (2, 50, 70), dtype=np.uint8)
   from PIL import Image
-  want = np.stack([np.asarray(Image.fromarray(g).convert("RGB").resize((32, 32), Image.BILINEAR))
-                   for g in gray]).astype(np.float32) / 255
+
+  want = (
+    np.stack(
+      [np.asarray(Image.fromarray(g).convert("RGB").resize((32, 32), Image.BILINEAR)) for g in gray]
+    ).astype(np.float32)
+    / 255
+  )
   np.testing.assert_allclose(art.preprocess(gray), want)
   with pytest.raises(ValueError, match="expected uint8 images"):
     art.preprocess(gray.astype(np.float32))
@@ -68,8 +74,19 @@ def test_preprocess_matches_the_training_reader(trained, tmp_path):
 def test_cli_export_loads_without_flax_or_model_code(trained, tmp_path):
   _, workdir, _, _ = trained
   out = tmp_path / "art"
-  subprocess.run([sys.executable, "-m", "pouta_jax.export", f"--workdir={workdir}",
-                  f"--out={out}", "--batch_size=2"], cwd=REPO, check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pouta_jax.export",
+      f"--workdir={workdir}",
+      f"--out={out}",
+      "--batch_size=2",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
   images = np.random.default_rng(2).random((2, 32, 32, 3), dtype=np.float32)
   np.save(tmp_path / "images.npy", images)
   # A fresh interpreter where flax and every pouta_jax module are unimportable; the reader
@@ -103,7 +120,8 @@ def test_evaluation_runs_from_an_artifact(trained, tmp_path):
   out = export.export(workdir, tmp_path / "art")
   evaluated = experiment.run(config, tmp_path / "eval", "eval", artifact_path=out)
   assert evaluated["metrics"]["pouta"]["weave"] == pytest.approx(
-      results["metrics"]["pouta"]["weave"], abs=1e-6, nan_ok=True)
+    results["metrics"]["pouta"]["weave"], abs=1e-6, nan_ok=True
+  )
   assert (tmp_path / "eval" / "metrics.json").is_file()
   assert list((tmp_path / "eval" / "heatmaps").glob("*.png"))
   with pytest.raises(ValueError, match="use --mode=eval"):
@@ -123,7 +141,8 @@ def test_bad_exports_fail_before_writing(trained, tmp_path):
   assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
   untrained = tmp_path / "untrained"
-  experiment.prepare_workdir(untrained, config)
+  with experiment.claimed_workdir(untrained, config):
+    pass
   with pytest.raises(FileNotFoundError, match="no checkpoint to export"):
     export.export(untrained, tmp_path / "out1")
   with pytest.raises(FileNotFoundError, match="not a pouta_jax workdir"):
@@ -131,5 +150,60 @@ def test_bad_exports_fail_before_writing(trained, tmp_path):
   with pytest.raises(ValueError, match="--image_sizes"):
     export.export(workdir, tmp_path / "out3", image_sizes=(48,))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "untrained"]
-  with pytest.raises(FileNotFoundError, match="not an exported artifact"):
+  with pytest.raises(artifact.ArtifactError, match="not an exported artifact"):
     artifact.load(workdir)
+
+
+def _corrupt(art: Path, name: str, how: str) -> None:
+  path = art / name
+  data = path.read_bytes()
+  if how == "truncate":
+    path.write_bytes(data[: len(data) // 2])
+  elif how == "flip":
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
+  else:  # random bytes of the same length
+    path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "random"])
+def test_corrupted_artifact_files_are_named(trained, tmp_path, how):
+  _, workdir, _, _ = trained
+  exported = export.export(workdir, tmp_path / "art")
+  names = sorted(p.name for p in exported.iterdir())
+  manifest = json.loads((exported / artifact.MANIFEST).read_text())
+  assert set(manifest["sha256"]) == set(names) - {artifact.MANIFEST}
+  for name in names:
+    damaged = tmp_path / f"damaged_{name}"
+    damaged.mkdir()
+    for other in names:
+      (damaged / other).write_bytes((exported / other).read_bytes())
+    _corrupt(damaged, name, how)
+    # The manifest names what is wrong with itself; every other file is caught by its sha256.
+    problem = "not valid JSON|format|manifest_sha256" if name == artifact.MANIFEST else "sha256"
+    with pytest.raises(artifact.ArtifactError, match=rf"{damaged / name}: .*({problem})"):
+      artifact.load(damaged)
+  # An artifact written before the manifest held sha256s: damaged files are still named.
+  old = tmp_path / "old"
+  old.mkdir()
+  for name in names:
+    (old / name).write_bytes((exported / name).read_bytes())
+  del manifest["sha256"], manifest["manifest_sha256"]
+  (old / artifact.MANIFEST).write_text(json.dumps(manifest))
+  assert artifact.load(old).image_sizes == (32,)
+  _corrupt(old, artifact.WEIGHTS, how)
+  with pytest.raises(artifact.ArtifactError, match=rf"{old / artifact.WEIGHTS}: not a readable"):
+    artifact.load(old)
+
+
+def test_outputs_are_readable_as_any_file_the_user_creates(trained, tmp_path):
+  _, workdir, _, _ = trained
+  exported = export.export(workdir, tmp_path / "art")
+  mask = files.umask()
+  outputs = [workdir / n for n in ("config.json", "metrics.json", "results.md", "thresholds.json")]
+  outputs += [workdir / "scalars.jsonl", *(workdir / "heatmaps").glob("*.png")]
+  outputs += list(exported.iterdir())
+  assert len(outputs) > 8
+  for path in outputs:
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+  assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~mask

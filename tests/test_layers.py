@@ -27,11 +27,14 @@ def test_upsample_of_single_pixel_is_constant():
   np.testing.assert_allclose(upsample_bilinear(x, 2), np.full((1, 2, 2, 2), 3.0))
 
 
-@pytest.mark.parametrize("shape", [
+@pytest.mark.parametrize(
+  "shape",
+  [
     (2, 9, 7, 3, 5),  # small image, narrow: XLA's gradients inside the custom VJP
     (1, 32, 32, 3, 64),  # large image: kernel gradient by matmuls
     (1, 4, 4, 512, 512),  # small and wide: both gradients by matmuls
-])
+  ],
+)
 def test_shifted_matmul_gradients_equal_xla_gradients_in_float64(shape):
   b, h, w, c_in, c_out = shape
   with jax.enable_x64():
@@ -52,9 +55,12 @@ def test_shifted_matmul_gradient_under_vmap_matches_per_item_gradients():
   kernels = jax.random.normal(jax.random.key(3), (3, 3, 3, 4, 6))
   grad = jax.grad(lambda k, x: jnp.sum(layers.conv3x3_shifted_matmul_grad(x, k) ** 2))
   reference = jax.grad(lambda k, x: jnp.sum(layers._conv_same(x, k) ** 2))
-  np.testing.assert_allclose(jax.vmap(grad)(kernels, xs),
-                             jnp.stack([reference(k, x) for k, x in zip(kernels, xs)]),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    jax.vmap(grad)(kernels, xs),
+    jnp.stack([reference(k, x) for k, x in zip(kernels, xs)]),
+    rtol=1e-4,
+    atol=1e-4,
+  )
 
 
 def test_conv_weight_grad_modes():
@@ -76,14 +82,17 @@ def test_model_field_selects_the_gradient_path_of_every_conv3x3():
   for mode in ("xla", "shifted_matmul"):
     model = DRAEM(4, conv_weight_grad=mode)
 
-    def loss(variables):
+    def loss(variables, model=model):
       out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
       return jnp.mean(out["anomaly_map"])
 
     jaxpr = jax.make_jaxpr(loss)(variables)
     counts[mode] = collections.Counter(e.primitive.name for e in jaxpr.eqns)
-  num_3x3 = sum(1 for leaf in jax.tree.leaves(variables["params"])
-                if leaf.ndim == 4 and leaf.shape[:2] == (3, 3))
+  num_3x3 = sum(
+    1
+    for leaf in jax.tree.leaves(variables["params"])
+    if leaf.ndim == 4 and leaf.shape[:2] == (3, 3)
+  )
   assert counts["xla"]["conv_general_dilated"] == num_3x3
   assert counts["shifted_matmul"]["custom_vjp_call"] == num_3x3
   assert counts["shifted_matmul"]["conv_general_dilated"] == 0

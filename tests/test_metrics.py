@@ -13,7 +13,8 @@ def test_image_metrics_match_sklearn_with_ties(seed):
   scores = np.round(rng.random(300) * 8) / 8 + 0.2 * labels  # many ties
   assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
   assert metrics.average_precision(labels, scores) == pytest.approx(
-      average_precision_score(labels, scores), abs=1e-12)
+    average_precision_score(labels, scores), abs=1e-12
+  )
   p, r, _ = precision_recall_curve(labels, scores)
   f1 = np.max(2 * p * r / np.maximum(p + r, 1e-12))
   assert metrics.f1_max(labels, scores)[0] == pytest.approx(f1, abs=1e-12)
@@ -60,7 +61,7 @@ def _aupro_brute_force(masks, maps, max_fpr=0.3):
   if not keep.all():
     j = np.argmax(~keep)
     x.append(max_fpr)
-    y.append(np.interp(max_fpr, fpr[j - 1:j + 1], pro[j - 1:j + 1]))
+    y.append(np.interp(max_fpr, fpr[j - 1 : j + 1], pro[j - 1 : j + 1]))
   return np.trapezoid(y, x) / max_fpr
 
 

@@ -14,22 +14,29 @@ def _count(tree) -> int:
 
 def test_full_size_parameter_counts_match_the_official_draem():
   # Conv weights and biases plus BatchNorm scale and bias, as counted by PyTorch.
-  shapes = jax.eval_shape(lambda: DRAEM(128).init(
-      jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: DRAEM(128).init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+  )
   assert _count(shapes["params"]["reconstructive"]) == 69_048_579
   assert _count(shapes["params"]["discriminative"]) == 28_374_146
 
 
 @pytest.mark.parametrize("width", [4, 8])
 def test_parameter_count_scales_with_base_width(width):
-  shapes = jax.eval_shape(lambda: DRAEM(width).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: DRAEM(width).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
   recon = _count(shapes["params"]["reconstructive"])
   disc = _count(shapes["params"]["discriminative"])
   # Conv weights dominate and grow with width^2; exact formula checked at full size above.
   assert 0 < disc < recon
-  assert recon == _count(jax.eval_shape(lambda: ReconstructiveNetwork(width).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"])
+  assert recon == _count(
+    jax.eval_shape(
+      lambda: ReconstructiveNetwork(width).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+      )
+    )["params"]
+  )
 
 
 def test_shapes_and_features_of_every_level():
@@ -38,11 +45,21 @@ def test_shapes_and_features_of_every_level():
   out, _ = net.init_with_output(jax.random.key(0), x, train=False)
   assert out["reconstruction"].shape == (2, 64, 64, 3)
   assert [f.shape for f in out["encoder"]] == [
-      (2, 64, 64, 4), (2, 32, 32, 8), (2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 32)]
+    (2, 64, 64, 4),
+    (2, 32, 32, 8),
+    (2, 16, 16, 16),
+    (2, 8, 8, 32),
+    (2, 4, 4, 32),
+  ]
   assert [f.shape for f in out["decoder"]] == [
-      (2, 64, 64, 4), (2, 32, 32, 4), (2, 16, 16, 8), (2, 8, 8, 16)]
+    (2, 64, 64, 4),
+    (2, 32, 32, 4),
+    (2, 16, 16, 8),
+    (2, 8, 8, 16),
+  ]
   logits, _ = DiscriminativeNetwork(2).init_with_output(
-      jax.random.key(0), jnp.ones((2, 64, 64, 6)), train=False)
+    jax.random.key(0), jnp.ones((2, 64, 64, 6)), train=False
+  )
   assert logits.shape == (2, 64, 64, 2)
 
 
@@ -57,8 +74,9 @@ def test_draem_outputs_and_batchnorm_modes():
   train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
   # Train mode normalises with batch statistics and updates the running averages.
   assert not np.allclose(train_out["reconstruction"], eval_out["reconstruction"])
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"],
-                         updates["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: not np.allclose(a, b), variables["batch_stats"], updates["batch_stats"]
+  )
   assert all(jax.tree.leaves(changed))
 
 

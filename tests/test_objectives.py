@@ -18,8 +18,9 @@ def _ssim_oracle(x: np.ndarray, y: np.ndarray) -> float:
       va, vd = blur(a * a) - mu_a**2, blur(d * d) - mu_d**2
       cov = blur(a * d) - mu_a * mu_d
       c1, c2 = 0.01**2, 0.03**2
-      maps.append((2 * mu_a * mu_d + c1) * (2 * cov + c2) /
-                  ((mu_a**2 + mu_d**2 + c1) * (va + vd + c2)))
+      maps.append(
+        (2 * mu_a * mu_d + c1) * (2 * cov + c2) / ((mu_a**2 + mu_d**2 + c1) * (va + vd + c2))
+      )
   return float(np.mean(maps))
 
 
@@ -49,7 +50,7 @@ def test_focal_loss_hand_computed():
   s = 1e-5
   pt1 = (1 - s) * 0.9 + s * 0.1 + s
   pt2 = (1 - s) * 0.8 + s * 0.2 + s
-  want = np.mean([-(1 - pt1) ** 2 * np.log(pt1), -(1 - pt2) ** 2 * np.log(pt2)])
+  want = np.mean([-((1 - pt1) ** 2) * np.log(pt1), -((1 - pt2) ** 2) * np.log(pt2)])
   np.testing.assert_allclose(objectives.focal_loss(probs, mask), want, rtol=1e-5)
   # Focusing: a confident correct pixel costs far less than its cross-entropy.
   assert float(objectives.focal_loss(probs, mask)) < 0.1 * -np.log(0.85)
@@ -64,7 +65,7 @@ def test_mse_and_draem_objective_terms():
   batch = {"image": image, "mask": np.zeros((1, 16, 16), np.float32)}
   loss, terms = objectives.draem_objective({"reconstruction": recon, "logits": logits}, batch)
   pt = 0.5 + 1e-5
-  np.testing.assert_allclose(terms["focal"], -(1 - pt) ** 2 * np.log(pt), rtol=1e-4)
+  np.testing.assert_allclose(terms["focal"], -((1 - pt) ** 2) * np.log(pt), rtol=1e-4)
   np.testing.assert_allclose(terms["ssim"], 1 - _ssim_oracle(recon, image), atol=1e-5)
   np.testing.assert_allclose(loss, sum(terms.values()), rtol=1e-6)
 
@@ -73,11 +74,17 @@ def test_alpha_focal_and_smooth_l1_hand_computed():
   probs = jnp.asarray([[0.9, 0.1], [0.3, 0.7]])
   mask = jnp.asarray([0.0, 1.0])
   pt = np.array([0.9, 0.7]) * (1 - 1e-5) + np.array([0.1, 0.3]) * 1e-5 + 1e-5
-  per_pixel = -(1 - pt) ** 4 * np.log(pt)
-  np.testing.assert_allclose(objectives.focal_loss(probs, mask, gamma=4.0, alpha=0.25),
-                             np.mean(per_pixel * [0.75, 0.25]), rtol=1e-5)
-  np.testing.assert_allclose(objectives.smooth_l1(jnp.asarray([0.2, 3.0]), jnp.zeros(2)),
-                             np.mean([0.5 * 0.04, 2.5]), rtol=1e-6)
+  per_pixel = -((1 - pt) ** 4) * np.log(pt)
+  np.testing.assert_allclose(
+    objectives.focal_loss(probs, mask, gamma=4.0, alpha=0.25),
+    np.mean(per_pixel * [0.75, 0.25]),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    objectives.smooth_l1(jnp.asarray([0.2, 3.0]), jnp.zeros(2)),
+    np.mean([0.5 * 0.04, 2.5]),
+    rtol=1e-6,
+  )
   logits = jnp.log(probs)
   terms = objectives.prn_map_terms(logits, mask)
   np.testing.assert_allclose(terms["smooth_l1"], np.mean([0.5 * 0.01, 0.5 * 0.09]), rtol=1e-5)

@@ -5,8 +5,9 @@ from pouta_jax.data import folder, pipeline, synthesis, textures
 
 def _sample_fn(dataset_root, seed=0):
   train = folder.scan(dataset_root, "pill").train
-  return pipeline.SynthesizedSample(tuple(map(str, train)), textures.ProceduralTextures(), 32,
-                                    synthesis.SynthesisConfig(), seed)
+  return pipeline.SynthesizedSample(
+    tuple(map(str, train)), textures.ProceduralTextures(), 32, synthesis.SynthesisConfig(), seed
+  )
 
 
 def _batches(fn, batch_size, num_steps, start_step=0, num_workers=0):
@@ -62,24 +63,33 @@ def test_epochs_visit_every_image_and_seed_changes_data(dataset_root):
   assert not np.array_equal(fn(3)["augmented"], _sample_fn(dataset_root, seed=1)(3)["augmented"])
   # Within one epoch every training image is used exactly once (un-rotated clean targets).
   no_rotation = pipeline.SynthesizedSample(
-      fn.train_paths, fn.textures, 32, synthesis.SynthesisConfig(rotate_prob=0.0), 0)
+    fn.train_paths, fn.textures, 32, synthesis.SynthesisConfig(rotate_prob=0.0), 0
+  )
   targets = {no_rotation(i)["image"].tobytes() for i in range(n)}
   assert len(targets) == n
 
 
 def test_blocks_partition_the_global_batch_of_several_categories(dataset_root):
   pill = _sample_fn(dataset_root)
-  washer = pipeline.SynthesizedSample(tuple(map(str, folder.scan(dataset_root, "washer").train)),
-                                      pill.textures, 32, pill.synthesis, pill.seed)
+  washer = pipeline.SynthesizedSample(
+    tuple(map(str, folder.scan(dataset_root, "washer").train)),
+    pill.textures,
+    32,
+    pill.synthesis,
+    pill.seed,
+  )
   whole = _collect(pipeline.train_batches(pipeline.BatchBlock((pill, washer), 4, 0, 4), 3))
   # Two processes holding half the rows of both categories each.
-  halves = [_collect(pipeline.train_batches(pipeline.BatchBlock((pill, washer), 4, first, 2), 3))
-            for first in (0, 2)]
+  halves = [
+    _collect(pipeline.train_batches(pipeline.BatchBlock((pill, washer), 4, first, 2), 3))
+    for first in (0, 2)
+  ]
   alone = _collect(_batches(washer, 4, 3))  # the category trained by itself
   for step, batch in enumerate(whole):
     for key in batch:
       stacked = batch[key].reshape((2, 4) + batch[key].shape[1:])
-      joined = np.concatenate([h[step][key].reshape((2, 2) + stacked.shape[2:]) for h in halves],
-                              axis=1)
+      joined = np.concatenate(
+        [h[step][key].reshape((2, 2) + stacked.shape[2:]) for h in halves], axis=1
+      )
       np.testing.assert_array_equal(joined, stacked)
       np.testing.assert_array_equal(stacked[1], alone[step][key])

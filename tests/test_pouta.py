@@ -29,8 +29,9 @@ def test_config_file_matches_the_registry():
 
 
 def test_full_size_parameters_against_draem():
-  shapes = jax.eval_shape(lambda: POUTA(128).init(
-      jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False))["params"]
+  shapes = jax.eval_shape(
+    lambda: POUTA(128).init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+  )["params"]
   assert _count(shapes["reconstructive"]) == 69_048_579  # DRAEM's, shared
   disc = _count(shapes["discriminative"])
   assert disc == 3_643_018
@@ -40,8 +41,12 @@ def test_full_size_parameters_against_draem():
 
 def test_shapes_at_every_level():
   out, _ = POUTA(8).init_with_output(jax.random.key(0), jnp.ones((2, 64, 64, 3)), train=False)
-  assert [l.shape for l in out["level_logits"]] == [
-      (2, 64, 64, 2), (2, 32, 32, 2), (2, 16, 16, 2), (2, 8, 8, 2)]
+  assert [level.shape for level in out["level_logits"]] == [
+    (2, 64, 64, 2),
+    (2, 32, 32, 2),
+    (2, 16, 16, 2),
+    (2, 8, 8, 2),
+  ]
   assert out["logits"].shape == (2, 64, 64, 2) and out["anomaly_map"].shape == (2, 64, 64)
   assert out["reconstruction"].shape == (2, 64, 64, 3)
 
@@ -52,8 +57,9 @@ def _grads(config, batch):
   variables = model.init(jax.random.key(0), batch["augmented"], train=False)
 
   def loss(params):
-    outputs, _ = model.apply({**variables, "params": params}, batch["augmented"], train=True,
-                             mutable=["batch_stats"])
+    outputs, _ = model.apply(
+      {**variables, "params": params}, batch["augmented"], train=True, mutable=["batch_stats"]
+    )
     return spec.objective(config)(outputs, batch)[0]
 
   return jax.grad(loss)(variables["params"])
@@ -72,8 +78,7 @@ def _norm(tree) -> float:
 
 
 @pytest.mark.parametrize("deep_supervision", [True, False])
-def test_gradients_reach_every_level_head_only_with_deep_supervision(tiny_config,
-                                                                     deep_supervision):
+def test_gradients_reach_every_level_head_only_with_deep_supervision(tiny_config, deep_supervision):
   grads = _grads(_pouta_config(tiny_config, deep_supervision=deep_supervision), _batch())
   disc = grads["discriminative"]
   for level in range(4):
@@ -84,10 +89,10 @@ def test_gradients_reach_every_level_head_only_with_deep_supervision(tiny_config
 
 def _param_paths(config):
   model = models.get("pouta").build(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                             train=False))["params"]["discriminative"]
-  return {jax.tree_util.keystr(p): x.shape
-          for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )["params"]["discriminative"]
+  return {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
 def test_each_ablation_changes_only_what_it_names(tiny_config):
@@ -127,11 +132,14 @@ def test_guidance_changes_the_map():
   assert not np.allclose(a["anomaly_map"], b["anomaly_map"])
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("model.compare", "difference", "config.model.compare='difference': expected one of"),
     ("loss.level_weights", (1.0, 1.0), r"config.loss.level_weights=\(1.0, 1.0\): expected 4"),
     ("loss.final_weight", -1.0, "config.loss.final_weight=-1.0"),
-])
+  ],
+)
 def test_bad_pouta_config_fails_before_any_work(tiny_config, tmp_path, key, value, message):
   config = _pouta_config(tiny_config)
   section, name = key.split(".")

@@ -28,8 +28,12 @@ def test_window_attention_matches_a_naive_loop():
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 8, 8, 3)) for _ in range(3))
   for window in (8, 4, 2, 1):
-    np.testing.assert_allclose(prn.window_attention(q, k, v, window),
-                               _naive_window_attention(q, k, v, window), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      prn.window_attention(q, k, v, window),
+      _naive_window_attention(q, k, v, window),
+      rtol=1e-4,
+      atol=1e-5,
+    )
   # Windows always tile the map: 224 px gives a 28-pixel side at stride 8, and 28 / 8 is not whole.
   assert [prn.window_size(28, d) for d in prn.WINDOW_DIVISORS] == [28, 14, 7, 2]
   assert [prn.window_size(64, d) for d in prn.WINDOW_DIVISORS] == [64, 32, 16, 8]
@@ -39,8 +43,10 @@ def test_window_attention_matches_a_naive_loop():
 
 def _inputs(size=64, batch=2, channels=(8, 16, 32), deepest=64):
   keys = jax.random.split(jax.random.key(0), 7)
-  features = [jax.random.normal(keys[i], (batch, size // s, size // s, c))
-              for i, (s, c) in enumerate(zip((4, 8, 16), channels))]
+  features = [
+    jax.random.normal(keys[i], (batch, size // s, size // s, c))
+    for i, (s, c) in enumerate(zip((4, 8, 16), channels))
+  ]
   residuals = [jax.random.uniform(keys[3 + i], f.shape) for i, f in enumerate(features)]
   return features, residuals, jax.random.normal(keys[6], (batch, size // 32, size // 32, deepest))
 
@@ -48,15 +54,19 @@ def _inputs(size=64, batch=2, channels=(8, 16, 32), deepest=64):
 def test_shapes_per_scale_and_output():
   features, residuals, deepest = _inputs()
   model = prn.PRNHead(width=8)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), features, residuals, deepest,
-                                                64, False))
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), features, residuals, deepest, 64, False)
+  )
   fused = jax.eval_shape(
-      lambda v: prn.MultiScaleFusion((8, 16, 32)).apply(v, features, False),
-      jax.eval_shape(lambda: prn.MultiScaleFusion((8, 16, 32)).init(jax.random.key(0), features,
-                                                                     False)))
+    lambda v: prn.MultiScaleFusion((8, 16, 32)).apply(v, features, False),
+    jax.eval_shape(
+      lambda: prn.MultiScaleFusion((8, 16, 32)).init(jax.random.key(0), features, False)
+    ),
+  )
   assert [f.shape for f in fused] == [(2, 16, 16, 8), (2, 8, 8, 16), (2, 4, 4, 32)]
-  logits = jax.eval_shape(lambda v: model.apply(v, features, residuals, deepest, 64, False),
-                          variables)
+  logits = jax.eval_shape(
+    lambda v: model.apply(v, features, residuals, deepest, 64, False), variables
+  )
   assert logits.shape == (2, 64, 64, 2)
   params = variables["params"]
   assert {f"msa_{i}_{b}" for i in range(3) for b in range(prn.MSA_BLOCKS)} <= set(params)
@@ -69,7 +79,10 @@ def test_prototype_stage_is_deterministic_and_feeds_the_residuals():
   model = prn.PRN("resnet18", width=8, num_prototypes=4)
   variables = jax.jit(model.init, static_argnums=2)(jax.random.key(0), images[:1], False)
   assert [variables["prototypes"][f"scale_{i}"].shape for i in range(3)] == [
-      (4, 16, 16, 64), (4, 8, 8, 128), (4, 4, 4, 256)]
+    (4, 16, 16, 64),
+    (4, 8, 8, 128),
+    (4, 4, 4, 256),
+  ]
   fitted = prn.fit_prototypes(model, variables, images, jax.random.key(1), batch_size=3)
   again = prn.fit_prototypes(model, variables, images, jax.random.key(1), batch_size=4)
   backbone_vars = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
@@ -92,8 +105,9 @@ def test_prototype_stage_is_deterministic_and_feeds_the_residuals():
       residual = prototypes.residual(features[i], fit[f"scale_{i}"])
       assert float(np.sqrt(np.max(residual))) <= tolerance
     np.testing.assert_array_equal(*images_of)
-  out = jax.jit(model.apply, static_argnames="train")({**variables, "prototypes": fitted}, images,
-                                                       train=False)
+  out = jax.jit(model.apply, static_argnames="train")(
+    {**variables, "prototypes": fitted}, images, train=False
+  )
   assert out["anomaly_map"].shape == (4, 64, 64)
   assert prn.num_prototypes(250, 0.1) == 25 and prn.num_prototypes(3, 0.1) == 1
   with pytest.raises(ValueError, match="5 prototypes need at least as many training images"):
@@ -106,8 +120,9 @@ def test_backbone_is_frozen_and_gradients_reach_every_part_of_the_head():
   variables = jax.jit(model.init, static_argnums=2)(jax.random.key(0), images, False)
 
   def loss(params):
-    out, _ = model.apply({**variables, "params": params}, images, train=True,
-                         mutable=["batch_stats"])
+    out, _ = model.apply(
+      {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+    )
     return jnp.mean(out["anomaly_map"])
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -115,7 +130,10 @@ def test_backbone_is_frozen_and_gradients_reach_every_part_of_the_head():
   for name, tree in grads["discriminative"].items():  # MSF, MSA, decoder, head
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(tree)), name
   _, updates = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(
-      variables)
-  for a, b in zip(jax.tree.leaves(variables["batch_stats"]["backbone"]),
-                  jax.tree.leaves(updates["batch_stats"]["backbone"])):
+    variables
+  )
+  for a, b in zip(
+    jax.tree.leaves(variables["batch_stats"]["backbone"]),
+    jax.tree.leaves(updates["batch_stats"]["backbone"]),
+  ):
     np.testing.assert_array_equal(a, b)  # running statistics untouched in train mode

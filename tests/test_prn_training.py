@@ -36,8 +36,9 @@ def _prn_config(root, **overrides):
 @pytest.fixture(scope="module")
 def trained(dataset_root, tmp_path_factory):
   """A tiny PRN trained for 40 steps and evaluated; the test sets it was scored on."""
-  config = _prn_config(dataset_root, **{"train.num_steps": 40, "train.log_every": 5,
-                                        "train.checkpoint_every": 20})
+  config = _prn_config(
+    dataset_root, **{"train.num_steps": 40, "train.log_every": 5, "train.checkpoint_every": 20}
+  )
   workdir = tmp_path_factory.mktemp("prn")
   scored = []
   original = evaluate.evaluate
@@ -63,13 +64,18 @@ def _restored(config, workdir):
 
 
 def test_split_and_merge_variables_round_trip():
-  variables = {"params": {"backbone": {"w": 1}, "discriminative": {"w": 2}},
-               "batch_stats": {"backbone": {"m": 3}, "discriminative": {"m": 4}},
-               "prototypes": {"scale_0": 5}}
+  variables = {
+    "params": {"backbone": {"w": 1}, "discriminative": {"w": 2}},
+    "batch_stats": {"backbone": {"m": 3}, "discriminative": {"m": 4}},
+    "prototypes": {"scale_0": 5},
+  }
   params, stats, constants = models.split_variables(variables, ("backbone",))
   assert params == {"discriminative": {"w": 2}} and stats == {"discriminative": {"m": 4}}
-  assert constants == {"params": {"backbone": {"w": 1}}, "batch_stats": {"backbone": {"m": 3}},
-                       "prototypes": {"scale_0": 5}}
+  assert constants == {
+    "params": {"backbone": {"w": 1}},
+    "batch_stats": {"backbone": {"m": 3}},
+    "prototypes": {"scale_0": 5},
+  }
   assert models.merge_variables(params, stats, constants) == variables
   # Nothing frozen and no other collection: no constants at all (DRAEM's checkpoints unchanged).
   plain = {"params": {"a": 1}, "batch_stats": {"a": 2}}
@@ -93,17 +99,25 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
   step = train.make_train_step(model, models.get("prn").objective(config), tx, mesh)
   batch = next(iter(train.training_batches(config, [folder], mesh, 1)))
   before = jax.device_get(state)
-  after, metrics = step(state, train.sharding.global_batch(
-      train.sharding.batch_sharding(mesh, False), batch, train.batch_shape(config)))
+  after, metrics = step(
+    state,
+    train.sharding.global_batch(
+      train.sharding.batch_sharding(mesh, False), batch, train.batch_shape(config)
+    ),
+  )
   after = jax.device_get(after)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
   for old, new in zip(jax.tree.leaves(before.constants), jax.tree.leaves(after.constants)):
     np.testing.assert_array_equal(old, new)
   # Every kernel of the head moved (attention key biases have no gradient: softmax ignores a
   # per-query constant; so do queries in one-pixel windows at this tiny size).
-  kernels = [not np.array_equal(o, n) for (path, o), n in zip(
-      jax.tree_util.tree_flatten_with_path(before.params)[0], jax.tree.leaves(after.params))
-             if path[-1].key == "kernel"]
+  kernels = [
+    not np.array_equal(o, n)
+    for (path, o), n in zip(
+      jax.tree_util.tree_flatten_with_path(before.params)[0], jax.tree.leaves(after.params)
+    )
+    if path[-1].key == "kernel"
+  ]
   assert len(kernels) > 40 and all(kernels)
 
 
@@ -121,8 +135,11 @@ def test_weight_decay_is_added_to_the_gradients_before_adam(dataset_root):
 
 def test_tiny_prn_learns_and_reports(trained):
   config, workdir, result, _ = trained
-  losses = [json.loads(line)["loss"] for line in (workdir / "scalars.jsonl").read_text().splitlines()
-            if "loss" in line]
+  losses = [
+    json.loads(line)["loss"]
+    for line in (workdir / "scalars.jsonl").read_text().splitlines()
+    if "loss" in line
+  ]
   assert len(losses) == 8 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
   profile = result["profiles"]["prn"]
   assert set(profile["params"]) == {"backbone", "discriminative", "total"}
@@ -137,8 +154,9 @@ def test_real_anomalies_are_trained_on_and_never_scored(trained, dataset_root):
   config, workdir, _, scored = trained
   held_out = json.loads((workdir / "real_anomalies.json").read_text())["pill"]
   assert len(held_out) == NUM_REAL
-  everything = load_test_set(category_folder(_prn_config(dataset_root,
-                                                          **{"data.num_real_anomalies": 0})), 32)
+  everything = load_test_set(
+    category_folder(_prn_config(dataset_root, **{"data.num_real_anomalies": 0})), 32
+  )
   assert set(held_out) < set(everything["name"][everything["label"] == 1])
   for test_set in scored:  # the trained model and the untrained one alike
     assert not set(held_out) & set(test_set["name"])
@@ -163,8 +181,9 @@ def test_prototypes_are_prepared_once_saved_and_restored(trained):
   for name, value in expected.items():
     np.testing.assert_array_equal(state.constants["prototypes"][name], value)
   # The frozen backbone in the checkpoint is the initial one: 40 steps never touched it.
-  for old, new in zip(jax.tree.leaves(template.constants["params"]),
-                      jax.tree.leaves(state.constants["params"])):
+  for old, new in zip(
+    jax.tree.leaves(template.constants["params"]), jax.tree.leaves(state.constants["params"])
+  ):
     np.testing.assert_array_equal(old, new)
   # The stage is deterministic: preparing again gives the same prototypes.
   again = train.prepare_state(resolved, model, template, [folder])
@@ -178,7 +197,8 @@ def _fitted(config, category):
   config = models.resolve(config, [len(category_folder(config).train)])
   model, _, template, _ = train.initial_state(config, [len(category_folder(config).train)])
   return train.prepare_state(config, model, template, [category_folder(config)]).constants[
-      "prototypes"]
+    "prototypes"
+  ]
 
 
 def test_categories_in_one_program_get_their_own_prototypes(dataset_root, tmp_path):
@@ -214,47 +234,63 @@ def test_pretrained_weights_are_loaded_before_step_0(dataset_root, tmp_path):
   experiment.run(config, tmp_path / "run", mode="train")
   _, _, state = _restored(config, tmp_path / "run")
   for collection in ("params", "batch_stats"):
-    for want, got in zip(jax.tree.leaves(weights[collection]),
-                         jax.tree.leaves(state.constants[collection]["backbone"])):
+    for want, got in zip(
+      jax.tree.leaves(weights[collection]), jax.tree.leaves(state.constants[collection]["backbone"])
+    ):
       np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"backbone.pretrained": True},
-     "config.backbone.weights is empty: PRN's frozen backbone needs pretrained resnet18"),
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (
+      {"backbone.pretrained": True},
+      "config.backbone.weights is empty: PRN's frozen backbone needs pretrained resnet18",
+    ),
     ({"backbone.name": "resnet19"}, "config.backbone.name='resnet19': expected one of"),
-    ({"model.num_prototypes": 9}, r"config.model.num_prototypes=9: more prototypes than "
-                                  r"training images \(8\)"),
-    ({"data.num_real_anomalies": 7}, "config.data.num_real_anomalies=7: the test set of pill "
-                                     ".* has only 6 defect images"),
+    (
+      {"model.num_prototypes": 9},
+      r"config.model.num_prototypes=9: more prototypes than "
+      r"training images \(8\)",
+    ),
+    (
+      {"data.num_real_anomalies": 7},
+      "config.data.num_real_anomalies=7: the test set of pill .* has only 6 defect images",
+    ),
     ({"loss.focal_alpha": 1.5}, "config.loss.focal_alpha=1.5"),
-])
-def test_bad_prn_settings_fail_before_anything_is_written(dataset_root, tmp_path, overrides,
-                                                          message):
+  ],
+)
+def test_bad_prn_settings_fail_before_anything_is_written(
+  dataset_root, tmp_path, overrides, message
+):
   config = _prn_config(dataset_root, **overrides)
   with pytest.raises((ValueError, DataError), match=message):
     experiment.run(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 
-def test_a_wrong_weights_file_lists_its_keys_before_anything_is_written(dataset_root,
-                                                                        tmp_path):
+def test_a_wrong_weights_file_lists_its_keys_before_anything_is_written(dataset_root, tmp_path):
   weights = backbone.flatten(backbone.init_variables("resnet18"))
   weights.pop("params/layer1_0/conv1/kernel")
   weights["params/fc/kernel"] = np.zeros((512, 10))
   np.savez(tmp_path / "bad.npz", **{k: np.asarray(v) for k, v in weights.items()})
   config = _prn_config(dataset_root, **{"backbone.pretrained": True})
   config.backbone.weights = str(tmp_path / "bad.npz")
-  with pytest.raises(ValueError, match=r"config.backbone.weights: .*bad.npz does not hold "
-                                       r"resnet18 weights \(2 problems\)") as error:
+  with pytest.raises(
+    ValueError,
+    match=r"config.backbone.weights: .*bad.npz does not hold "
+    r"resnet18 weights \(2 problems\)",
+  ) as error:
     experiment.run(config, tmp_path / "run")
   assert "missing params/layer1_0/conv1/kernel" in str(error.value)
   assert "extra params/fc/kernel" in str(error.value)
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name, channels, head_params", [
-    ("resnet18", (64, 128, 256), 9_318_914), ("wide_resnet50_2", (256, 512, 1024), 16_814_594)])
+@pytest.mark.parametrize(
+  "name, channels, head_params",
+  [("resnet18", (64, 128, 256), 9_318_914), ("wide_resnet50_2", (256, 512, 1024), 16_814_594)],
+)
 def test_full_size_config_shapes(name, channels, head_params):
   """configs/prn.py at full size (256 px, width 64), K from 200 training images: shapes and
   parameter counts (the head's: a regression anchor for our reading of the paper)."""
@@ -263,8 +299,9 @@ def test_full_size_config_shapes(name, channels, head_params):
   config = models.resolve(config, [200])
   assert config.model.num_prototypes == 20
   model = models.get("prn").build(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)),
-                                             train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+  )
   protos = [shapes["prototypes"][f"scale_{i}"].shape for i in range(prn.NUM_SCALES)]
   assert protos == [(20, 256 // s, 256 // s, c) for s, c in zip((4, 8, 16), channels)]
   params, _, constants = models.split_variables(shapes, ("backbone",))
@@ -272,6 +309,7 @@ def test_full_size_config_shapes(name, channels, head_params):
   assert backbone_count == {"resnet18": 11_176_512, "wide_resnet50_2": 66_834_240}[name]
   assert set(params) == {"discriminative"}
   assert sum(x.size for x in jax.tree.leaves(params)) == head_params
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
-                       jnp.zeros((2, 256, 256, 3)))
+  out = jax.eval_shape(
+    lambda v, x: model.apply(v, x, train=False), shapes, jnp.zeros((2, 256, 256, 3))
+  )
   assert out["anomaly_map"].shape == (2, 256, 256) and out["logits"].shape == (2, 256, 256, 2)

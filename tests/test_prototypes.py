@@ -50,8 +50,7 @@ def test_empty_cluster_keeps_its_centroid():
 
 def test_kmeans_finds_the_clusters_as_well_as_scikit_learn():
   points = _blobs()
-  centroids, assignment = prototypes.kmeans(jnp.asarray(points, jnp.float32), 4,
-                                            jax.random.key(0))
+  centroids, assignment = prototypes.kmeans(jnp.asarray(points, jnp.float32), 4, jax.random.key(0))
   inertia = float(((points - np.asarray(centroids)[np.asarray(assignment)]) ** 2).sum())
   oracle = KMeans(4, n_init=10, random_state=0).fit(points)
   assert inertia <= oracle.inertia_ * 1.001
@@ -74,15 +73,19 @@ def test_kmeans_plus_plus_picks_distinct_points_when_possible():
   points = jnp.asarray(_blobs(per_blob=5), jnp.float32)
   start = np.asarray(prototypes.kmeans_plus_plus(points, 4, jax.random.key(0)))
   rows = {tuple(r) for r in start}
-  assert len(rows) == 4 and all(any(np.array_equal(r, p) for p in np.asarray(points))
-                                for r in start)
+  assert len(rows) == 4 and all(
+    any(np.array_equal(r, p) for p in np.asarray(points)) for r in start
+  )
 
 
 def test_nearest_prototype_and_residual():
   protos = jnp.stack([jnp.zeros((2, 2, 3)), jnp.ones((2, 2, 3))])
   features = jnp.stack([jnp.full((2, 2, 3), 0.9), jnp.full((2, 2, 3), 0.2)])
-  np.testing.assert_array_equal(prototypes.nearest_prototype(features, protos),
-                                jnp.stack([protos[1], protos[0]]))
-  np.testing.assert_allclose(prototypes.residual(features, protos),
-                             jnp.stack([jnp.full((2, 2, 3), 0.01), jnp.full((2, 2, 3), 0.04)]),
-                             rtol=1e-5)
+  np.testing.assert_array_equal(
+    prototypes.nearest_prototype(features, protos), jnp.stack([protos[1], protos[0]])
+  )
+  np.testing.assert_allclose(
+    prototypes.residual(features, protos),
+    jnp.stack([jnp.full((2, 2, 3), 0.01), jnp.full((2, 2, 3), 0.04)]),
+    rtol=1e-5,
+  )

@@ -16,12 +16,15 @@ def test_mesh_shape_resolves_the_rest():
   assert sharding.mesh_shape((("data", -1), ("model", 2)), 8) == {"data": 4, "model": 2}
 
 
-@pytest.mark.parametrize("axes,message", [
+@pytest.mark.parametrize(
+  "axes,message",
+  [
     ((("data", 2),), "uses 2 of the 8 devices"),
     ((("data", -1), ("model", 3)), "3 does not divide the 8 devices"),
     ((("data", -1), ("model", -1)), "at most one -1"),
     ((("model", -1),), "needs a 'data' axis"),
-])
+  ],
+)
 def test_bad_meshes_are_named(axes, message):
   with pytest.raises(ValueError, match=message):
     sharding.mesh_shape(axes, 8)
@@ -37,10 +40,14 @@ def test_config_mesh_on_this_process(tiny_config):
 
 def _assert_equal_on_eight_devices(script: str) -> None:
   """Runs `script` in a fresh interpreter with 8 simulated CPU devices; it prints EQUAL."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "EQUAL" in result.stdout
 

@@ -39,15 +39,16 @@ def test_stacked_run_equals_separate_runs(stacked_run, dataset_root, tmp_path):
   config, workdir, results = stacked_run
   stacked = _final_state(config, workdir)
   assert stacked.params["reconstructive"]["head"]["Conv_0"]["kernel"].shape[0] == 2
-  logged = [json.loads(l) for l in (workdir / "scalars.jsonl").read_text().splitlines()]
+  logged = [json.loads(line) for line in (workdir / "scalars.jsonl").read_text().splitlines()]
   for i, category in enumerate(CATEGORIES):
     alone = make_tiny_config("draem", dataset_root)
     alone.data.category = category
     alone.train.log_every = 1
     experiment.run(alone, tmp_path / category, mode="train")
     separate = _final_state(alone, tmp_path / category)
-    alone_logged = [json.loads(l) for l in (tmp_path / category / "scalars.jsonl").read_text()
-                    .splitlines()]
+    alone_logged = [
+      json.loads(line) for line in (tmp_path / category / "scalars.jsonl").read_text().splitlines()
+    ]
     stacked_losses = [r[f"loss/{category}"] for r in logged]
     alone_losses = [r["loss"] for r in alone_logged]
     # Same data, same initialisation: the first loss agrees to float32 rounding; later ones
@@ -76,7 +77,7 @@ def test_export_one_category_of_a_stacked_run(stacked_run, tmp_path):
   with pytest.raises(ValueError, match=r"--category='': .* trained \['weave', 'pill'\]"):
     export.export(workdir, tmp_path / "a")
   from pouta_jax import artifact
+
   art = artifact.load(export.export(workdir, tmp_path / "pill", category="pill"))
   assert art.manifest["category"] == "pill"
-  assert art.manifest["metrics"] == pytest.approx(results["metrics"]["draem"]["pill"],
-                                                  nan_ok=True)
+  assert art.manifest["metrics"] == pytest.approx(results["metrics"]["draem"]["pill"], nan_ok=True)

@@ -13,15 +13,26 @@ def config():
 
 
 def test_product_zip_and_seeds(config):
-  points = sweep.expand(config, ["optim.lr=1e-4,3e-4"],
-                        ["model.compare=both,encoder", "model.guidance=True,False"], seeds=2)
+  points = sweep.expand(
+    config,
+    ["optim.lr=1e-4,3e-4"],
+    ["model.compare=both,encoder", "model.guidance=True,False"],
+    seeds=2,
+  )
   assert len(points) == 2 * 2 * 2
-  assert points[0] == {"optim.lr": "1e-4", "model.compare": "both", "model.guidance": "True",
-                       "train.seed": "0"}
+  assert points[0] == {
+    "optim.lr": "1e-4",
+    "model.compare": "both",
+    "model.guidance": "True",
+    "train.seed": "0",
+  }
   assert {(p["model.compare"], p["model.guidance"]) for p in points} == {
-      ("both", "True"), ("encoder", "False")}
+    ("both", "True"),
+    ("encoder", "False"),
+  }
   assert sweep.point_name(points[-1]) == (
-      "optim.lr=3e-4,model.compare=encoder,model.guidance=False,train.seed=1")
+    "optim.lr=3e-4,model.compare=encoder,model.guidance=False,train.seed=1"
+  )
   assert sweep.expand(config, [], []) == [{}]
 
 
@@ -37,8 +48,11 @@ def test_bad_sweeps_name_the_flag(config):
 def _fake_run(root, name, compare, seed, category, value):
   folder = root / name / category
   folder.mkdir(parents=True)
-  config = {"model": {"name": "pouta", "compare": compare}, "data": {"category": category},
-            "train": {"seed": seed}}
+  config = {
+    "model": {"name": "pouta", "compare": compare},
+    "data": {"category": category},
+    "train": {"seed": seed},
+  }
   (folder / "config.json").write_text(json.dumps(config))
   (folder / "metrics.json").write_text(json.dumps({"pouta": {category: {"pixel_ap": value}}}))
 
@@ -73,8 +87,11 @@ def test_config_get_sweep_is_the_ablation_study():
   spec = config_lib.load_sweep(config_lib.CONFIG_DIR / "pouta.py", "weave,tiny")
   zipped = [f"{k}={','.join(map(str, v))}" for k, v in spec["zip"].items()]
   points = sweep.expand(config_lib.load("pouta", "weave,tiny"), [], zipped)
-  assert points[0] == {"model.compare": "both", "model.guidance": "True",
-                       "loss.deep_supervision": "True"}
+  assert points[0] == {
+    "model.compare": "both",
+    "model.guidance": "True",
+    "loss.deep_supervision": "True",
+  }
   # The full model, then one idea off at a time.
   off = [sum(v not in ("both", "True") for v in p.values()) for p in points]
   assert off == [0, 1, 1, 1, 1]
@@ -83,13 +100,19 @@ def test_config_get_sweep_is_the_ablation_study():
 
 
 def test_jobs_name_workdirs_by_point_and_category():
-  jobs = sweep.jobs("configs/pouta.py", "tiny", ["weave", "pill"], "runs",
-                    [{"optim.lr": "1e-4"}], ["--mode=train"])
+  jobs = sweep.jobs(
+    "configs/pouta.py", "tiny", ["weave", "pill"], "runs", [{"optim.lr": "1e-4"}], ["--mode=train"]
+  )
   assert [(j.category, j.workdir) for j in jobs] == [
-      ("weave", "runs/optim.lr=1e-4/weave"), ("pill", "runs/optim.lr=1e-4/pill")]
+    ("weave", "runs/optim.lr=1e-4/weave"),
+    ("pill", "runs/optim.lr=1e-4/pill"),
+  ]
   assert jobs[1].command("python")[3:] == [
-      "--config=configs/pouta.py:pill,tiny", "--workdir=runs/optim.lr=1e-4/pill",
-      "--config.optim.lr=1e-4", "--mode=train"]
+    "--config=configs/pouta.py:pill,tiny",
+    "--workdir=runs/optim.lr=1e-4/pill",
+    "--config.optim.lr=1e-4",
+    "--mode=train",
+  ]
 
 
 def test_unknown_categories_are_named(tmp_path):
@@ -106,18 +129,31 @@ def test_aggregate_reads_every_category_of_a_one_program_run(tmp_path):
   _fake_run(tmp_path, "alone", "both", 0, "weave", 0.4)
   folder = tmp_path / "stacked0" / "stacked"
   folder.mkdir(parents=True)
-  config = {"model": {"name": "pouta", "compare": "both"},
-            "data": {"category": "weave", "categories": ["weave", "pill"]}, "train": {"seed": 1}}
+  config = {
+    "model": {"name": "pouta", "compare": "both"},
+    "data": {"category": "weave", "categories": ["weave", "pill"]},
+    "train": {"seed": 1},
+  }
   (folder / "config.json").write_text(json.dumps(config))
-  (folder / "metrics.json").write_text(json.dumps(
-      {"pouta": {"weave": {"pixel_ap": 0.6}, "pill": {"pixel_ap": 0.8}, "mean": {}}}))
+  (folder / "metrics.json").write_text(
+    json.dumps({"pouta": {"weave": {"pixel_ap": 0.6}, "pill": {"pixel_ap": 0.8}, "mean": {}}})
+  )
   rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
-  assert rows == [["setting", "pill", "weave", "mean"],
-                  ["default", "80.0 ± 0.0", "50.0 ± 10.0", "65.0"]]
+  assert rows == [
+    ["setting", "pill", "weave", "mean"],
+    ["default", "80.0 ± 0.0", "50.0 ± 10.0", "65.0"],
+  ]
 
 
 def test_one_program_jobs_train_all_categories_per_point():
-  jobs = sweep.jobs("configs/pouta.py", "tiny", ["weave", "pill"], "runs",
-                    [{"train.seed": "0"}, {"train.seed": "1"}], [], one_program=True)
+  jobs = sweep.jobs(
+    "configs/pouta.py",
+    "tiny",
+    ["weave", "pill"],
+    "runs",
+    [{"train.seed": "0"}, {"train.seed": "1"}],
+    [],
+    one_program=True,
+  )
   assert [j.workdir for j in jobs] == ["runs/train.seed=0/stacked", "runs/train.seed=1/stacked"]
   assert jobs[0].args[0] == "--config=configs/pouta.py:weave,pill,tiny"

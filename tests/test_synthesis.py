@@ -35,8 +35,9 @@ def test_rotate_equals_scipy(shape):
   rng = np.random.default_rng(len(shape))
   image = rng.random(shape).astype(np.float32)
   for degrees in [0.0, 90.0, -90.0, 45.0, -30.0, *rng.uniform(-90, 90, 20)]:
-    expected = ndimage.rotate(image, degrees, axes=(1, 0), reshape=False, order=1,
-                              mode="constant", cval=0.0)
+    expected = ndimage.rotate(
+      image, degrees, axes=(1, 0), reshape=False, order=1, mode="constant", cval=0.0
+    )
     out = synthesis.rotate(image, degrees)
     assert out.dtype == np.float32 and out.shape == shape
     np.testing.assert_allclose(out, expected, atol=1e-6, err_msg=f"{degrees} degrees")
@@ -50,15 +51,17 @@ def test_gamma_and_hue_augmenters_follow_their_formulas():
     rng = np.random.default_rng(seed)
     gamma = rng.uniform(0.5, 2.0, size=3)
     expected = np.round(255 * (x / 255.0) ** gamma).astype(np.uint8)
-    np.testing.assert_array_equal(synthesis._gamma_contrast(np.random.default_rng(seed), x),
-                                  expected)
+    np.testing.assert_array_equal(
+      synthesis._gamma_contrast(np.random.default_rng(seed), x), expected
+    )
     rng = np.random.default_rng(seed)
     hsv = np.asarray(Image.fromarray(x).convert("HSV")).astype(np.int32)
     hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51) * 255 / 180)) % 256
     hsv[..., 1] = np.clip(hsv[..., 1] + rng.integers(-50, 51), 0, 255)
     expected = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
-    np.testing.assert_array_equal(synthesis._hue_saturation(np.random.default_rng(seed), x),
-                                  expected)
+    np.testing.assert_array_equal(
+      synthesis._hue_saturation(np.random.default_rng(seed), x), expected
+    )
 
 
 def test_blend_follows_draem():
@@ -101,6 +104,7 @@ def test_synthesis_is_a_function_of_the_generator():
 
 def test_folder_textures_in_dtd_layout(tmp_path):
   from PIL import Image
+
   for cls in ("banded", "dotted"):
     (tmp_path / "images" / cls).mkdir(parents=True)
     Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "images" / cls / "a.jpg")
@@ -151,8 +155,9 @@ def test_pasted_defect_lands_on_the_object_with_its_own_pixels():
   defect_mask[5:9, 50:56] = True  # a 4 x 6 defect far from the centre
   defect[defect_mask] = (200, 20, 20)
   for seed in range(20):
-    augmented, mask = synthesis.paste_anomaly(np.random.default_rng(seed), clean, defect,
-                                              defect_mask)
+    augmented, mask = synthesis.paste_anomaly(
+      np.random.default_rng(seed), clean, defect, defect_mask
+    )
     assert mask.dtype == np.float32 and 0 < mask.sum() <= 24
     assert not (mask.astype(bool) & ~disc).any()  # only on the object
     np.testing.assert_array_equal(augmented[mask == 0], clean[mask == 0])
@@ -173,18 +178,24 @@ def test_real_anomalies_are_pasted_in_their_share_of_anomalous_samples():
   config = synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0, real_anomaly_prob=0.5)
   pasted = 0
   for seed in range(40):
-    sample = synthesis.synthesize(np.random.default_rng(seed), image, texture, config,
-                                  ((defect, defect_mask),))
+    sample = synthesis.synthesize(
+      np.random.default_rng(seed), image, texture, config, ((defect, defect_mask),)
+    )
     assert sample["has_anomaly"] == 1
     # A pasted square: 16 pixels at most (a Perlin mask of exactly that shape is unlikely).
-    pasted += int(sample["mask"].sum() <= 16 and np.all(sample["augmented"][sample["mask"] == 1]
-                                                        >= 0.8 - 1e-6))
+    pasted += int(
+      sample["mask"].sum() <= 16 and np.all(sample["augmented"][sample["mask"] == 1] >= 0.8 - 1e-6)
+    )
   assert 10 <= pasted <= 30
   # Without real anomalies the stream is DRAEM's exactly, whatever real_anomaly_prob says.
   for seed in range(5):
     a = synthesis.synthesize(np.random.default_rng(seed), image, texture, config)
-    b = synthesis.synthesize(np.random.default_rng(seed), image, texture,
-                             synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0))
+    b = synthesis.synthesize(
+      np.random.default_rng(seed),
+      image,
+      texture,
+      synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0),
+    )
     np.testing.assert_array_equal(a["augmented"], b["augmented"])
 
 
@@ -199,8 +210,12 @@ def _perlin_reference(angles, size, res):
       y, x = row * ry / size, col * rx / size
       i, j = int(y), int(x)
       fy, fx = y - i, x - j
-      dots = {(dy, dx): np.sin(angles[i + dy, j + dx]) * (fy - dy)
-              + np.cos(angles[i + dy, j + dx]) * (fx - dx) for dy in (0, 1) for dx in (0, 1)}
+      dots = {
+        (dy, dx): np.sin(angles[i + dy, j + dx]) * (fy - dy)
+        + np.cos(angles[i + dy, j + dx]) * (fx - dx)
+        for dy in (0, 1)
+        for dx in (0, 1)
+      }
       u, v = fade(fy), fade(fx)
       top = dots[0, 0] * (1 - v) + dots[0, 1] * v
       bottom = dots[1, 0] * (1 - v) + dots[1, 1] * v

@@ -42,12 +42,16 @@ def test_tfds_copy_reads_like_the_folder(mvtec_copy, built, category):
   want, got = folder.load_test_set(from_folder, 32), folder.load_test_set(from_tfds, 32)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key])
+
   # The training stream: identical batches, synthesised in a grain worker process.
   def stream(train, workers):
-    sample = pipeline.SynthesizedSample(tuple(train), textures.ProceduralTextures(), 32,
-                                        synthesis.SynthesisConfig(), seed=0)
-    return list(pipeline.train_batches(pipeline.BatchBlock((sample,), 4, 0, 4), 3,
-                                       num_workers=workers))
+    sample = pipeline.SynthesizedSample(
+      tuple(train), textures.ProceduralTextures(), 32, synthesis.SynthesisConfig(), seed=0
+    )
+    return list(
+      pipeline.train_batches(pipeline.BatchBlock((sample,), 4, 0, 4), 3, num_workers=workers)
+    )
+
   for a, b in zip(stream(from_folder.train, 0), stream(from_tfds.train, 1)):
     for key in a:
       np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
@@ -81,13 +85,25 @@ def test_stored_at_256_reads_like_the_folder_at_256(mvtec_copy, tmp_path):
 
 def test_anomaly_folder_and_the_command_line(dataset_root, tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "pouta_jax.data.build", "--dataset=anomaly_folder", "--name=emb",
-       "--categories=pill,washer", f"--manual_dir={dataset_root}", f"--data_dir={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "pouta_jax.data.build",
+      "--dataset=anomaly_folder",
+      "--name=emb",
+      "--categories=pill,washer",
+      f"--manual_dir={dataset_root}",
+      f"--data_dir={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "built anomaly_folder/emb/1.0.0" in result.stdout
   lines = result.stdout.splitlines()
-  assert any(l.startswith("pill") for l in lines) and any(l.startswith("washer") for l in lines)
+  assert any(x.startswith("pill") for x in lines) and any(x.startswith("washer") for x in lines)
   pill = reader.category_folder(tmp_path, "anomaly_folder/emb", "pill")
   assert len(pill.train) == len(folder.scan(dataset_root, "pill").train)
   with pytest.raises(folder.DataError, match=r"no category 'weave' in .*pill, washer"):
@@ -97,8 +113,15 @@ def test_anomaly_folder_and_the_command_line(dataset_root, tmp_path):
 
 
 def test_mvtec_build_prints_the_licence_once(mvtec_copy, tmp_path):
-  command = [sys.executable, "-m", "pouta_jax.data.build", "--dataset=mvtec_ad",
-             "--categories=bottle", f"--manual_dir={mvtec_copy}", f"--data_dir={tmp_path}"]
+  command = [
+    sys.executable,
+    "-m",
+    "pouta_jax.data.build",
+    "--dataset=mvtec_ad",
+    "--categories=bottle",
+    f"--manual_dir={mvtec_copy}",
+    f"--data_dir={tmp_path}",
+  ]
   first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-2000:]
   assert "CC BY-NC-SA 4.0" in first.stdout
@@ -180,13 +203,20 @@ def _visa_copy(root: Path, mask_values: int = 1) -> Path:
 def test_visa_split_by_its_csv_with_binarised_masks(tmp_path):
   copy = _visa_copy(tmp_path / "visa")
   data_dir = tmp_path / "tfds"
-  builder, = build.builders("visa", ["pcb1"], 0, str(data_dir))
+  (builder,) = build.builders("visa", ["pcb1"], 0, str(data_dir))
   build.prepare(builder, str(copy))
   pcb1 = reader.category_folder(data_dir, "visa/pcb1", "pcb1")
   assert len(pcb1.train) == 4 and [s.defect for s in pcb1.test] == ["anomaly"] * 2 + ["good"] * 2
   test_set = folder.load_test_set(pcb1, 32)
-  want = np.asarray(Image.fromarray(np.pad(np.ones((15, 20), np.uint8), ((5, 20), (10, 18))) * 255)
-                    .resize((32, 32), Image.BILINEAR), np.float32) >= 127.5
+  want = (
+    np.asarray(
+      Image.fromarray(np.pad(np.ones((15, 20), np.uint8), ((5, 20), (10, 18))) * 255).resize(
+        (32, 32), Image.BILINEAR
+      ),
+      np.float32,
+    )
+    >= 127.5
+  )
   np.testing.assert_array_equal(test_set["mask"][0], want)  # a 0/1 mask, read as defective
   assert test_set["label"].tolist() == [1, 1, 0, 0]
 
@@ -197,8 +227,7 @@ def test_visa_row_pointing_at_a_missing_file(tmp_path):
   with pytest.raises(folder.DataError, match=r"1cls\.csv:4: .*0002\.JPG does not exist"):
     build.prepare(build.builders("visa", ["candle"], 0, str(tmp_path / "tfds"))[0], str(copy))
   with pytest.raises(folder.DataError, match=r"no split_csv/1cls\.csv"):
-    build.prepare(build.builders("visa", ["candle"], 0, str(tmp_path / "tfds"))[0],
-                  str(tmp_path))
+    build.prepare(build.builders("visa", ["candle"], 0, str(tmp_path / "tfds"))[0], str(tmp_path))
   assert not list((tmp_path / "tfds").rglob("dataset_info.json"))
 
 
@@ -210,14 +239,16 @@ def test_dtd_textures_read_like_the_folder(tmp_path, monkeypatch):
       path.parent.mkdir(parents=True, exist_ok=True)
       Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(path)
   (tmp_path / "dtd" / "images" / "banded" / "notes.txt").write_text("not an image")
-  builder, = build.builders("dtd", [], 0, str(tmp_path / "tfds"))
+  (builder,) = build.builders("dtd", [], 0, str(tmp_path / "tfds"))
   build.prepare(builder, str(tmp_path / "dtd"))
   assert build.counts(builder) == {"banded": {"train": 3}, "dotted": {"train": 3}}
   from_folder = textures.texture_source(str(tmp_path / "dtd"))
   from_tfds = textures.texture_source("tfds:dtd_textures", str(tmp_path / "tfds"))
   for seed in range(4):
-    np.testing.assert_array_equal(from_tfds.sample(np.random.default_rng(seed), 32),
-                                  from_folder.sample(np.random.default_rng(seed), 32))
+    np.testing.assert_array_equal(
+      from_tfds.sample(np.random.default_rng(seed), 32),
+      from_folder.sample(np.random.default_rng(seed), 32),
+    )
   with pytest.raises(folder.DataError, match="needs config.data.tfds_data_dir"):
     textures.texture_source("tfds:dtd_textures")
 
@@ -225,6 +256,7 @@ def test_dtd_textures_read_like_the_folder(tmp_path, monkeypatch):
 def test_training_and_evaluation_from_tfds(built, dataset_root, tmp_path):
   from pouta_jax import experiment
   from tests.conftest import make_tiny_config
+
   config = make_tiny_config("draem", dataset_root)
   config.data.category = "grid"
   config.data.tfds_dataset = "mvtec_ad/grid"

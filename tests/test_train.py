@@ -18,7 +18,7 @@ def test_schedule_decays_at_milestones(tiny_config):
   params = {"w": np.zeros(())}
   lrs = []
   state = tx.init(params)
-  for step in range(100):
+  for _ in range(100):
     updates, state = tx.update({"w": np.ones(())}, state, params)
     lrs.append(-float(updates["w"]))
   np.testing.assert_allclose(lrs[79], 1.0, rtol=1e-4)
@@ -32,10 +32,13 @@ def test_steps_from_epochs(tiny_config):
   assert train.num_train_steps(tiny_config, 10) == 3 * 3  # ceil(10 / 4) steps an epoch
 
 
-@pytest.mark.parametrize("model,terms", [
+@pytest.mark.parametrize(
+  "model,terms",
+  [
     ("draem", {"l2", "ssim", "focal"}),
     ("pouta", {"l2", "ssim", "focal"} | {f"focal_level{i}" for i in range(4)}),
-])
+  ],
+)
 def test_training_lowers_the_loss(dataset_root, tmp_path, model, terms):
   config = make_tiny_config(model, dataset_root)
   config.train.num_steps = 40
@@ -110,8 +113,7 @@ class _StateBeforeConstants(flax.struct.PyTreeNode):
 
 def test_checkpoints_written_before_constants_existed_still_restore(tiny_config, tmp_path):
   model, tx, state, _ = train.initial_state(tiny_config, [8])
-  state = state.replace(step=state.step + 7,
-                        params=jax.tree.map(lambda x: x + 1.0, state.params))
+  state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1.0, state.params))
   old = _StateBeforeConstants(state.step, state.params, state.batch_stats, state.opt_state)
   mngr = checkpoint.manager(tmp_path, 1)
   mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)), force=True)

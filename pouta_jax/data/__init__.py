@@ -5,12 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 from pouta_jax.data import embedded
-from pouta_jax.data.folder import (CategoryFolder, DataError, few_shot, hold_out_real_anomalies,
-                                   scan)
+from pouta_jax.data.folder import CategoryFolder, DataError, few_shot, hold_out_real_anomalies, scan
 
 
-def category_folder(config: ml_collections.ConfigDict,
-                    category: str | None = None) -> CategoryFolder:
+def category_folder(
+  config: ml_collections.ConfigDict, category: str | None = None
+) -> CategoryFolder:
   """A category's files (default: the configured one; or its few-shot subset, and without the
   real anomalies held out for training); builds the embedded dataset first when no root is
   given."""
@@ -18,17 +18,21 @@ def category_folder(config: ml_collections.ConfigDict,
   root = config.data.root
   if config.data.tfds_dataset:
     from pouta_jax.data.tfds import reader  # tensorflow-datasets only when asked for
+
     if not config.data.tfds_data_dir:
-      raise DataError(f"config.data.tfds_dataset={config.data.tfds_dataset!r} needs "
-                      f"config.data.tfds_data_dir, the folder it was built into")
-    folder = reader.category_folder(config.data.tfds_data_dir, config.data.tfds_dataset,
-                                    category)
+      raise DataError(
+        f"config.data.tfds_dataset={config.data.tfds_dataset!r} needs "
+        f"config.data.tfds_data_dir, the folder it was built into"
+      )
+    folder = reader.category_folder(config.data.tfds_data_dir, config.data.tfds_dataset, category)
   elif not root:
     if category not in embedded.CATEGORIES:
       key = "data.categories" if config.data.categories else "data.category"
-      raise DataError(f"config.{key}: {category!r} is not an embedded category (expected one "
-                      f"of {sorted(embedded.CATEGORIES)}); set config.data.root to use another "
-                      f"dataset")
+      raise DataError(
+        f"config.{key}: {category!r} is not an embedded category (expected one "
+        f"of {sorted(embedded.CATEGORIES)}); set config.data.root to use another "
+        f"dataset"
+      )
     folder = scan(embedded.build(config.data.embedded_dir, categories=(category,)), category)
   else:
     folder = scan(root, category)

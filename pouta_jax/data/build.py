@@ -12,8 +12,8 @@ without --categories; dtd builds `dtd_textures` (use it with
 `--config.data.anomaly_source=tfds:dtd_textures`); anomaly_folder builds config --name from the
 given categories. The copy is checked first (layout, masks, readable 8-bit images), leftovers
 of an interrupted build are removed, and a summary of counts per category and defect type
-follows, checked against the official counts when the whole of MVTec AD was built. Train with `--config.data.tfds_dataset=mvtec_ad/all
---config.data.tfds_data_dir=DIR`.
+follows, checked against the official counts when the whole of MVTec AD was built. Train with
+`--config.data.tfds_dataset=mvtec_ad/all --config.data.tfds_data_dir=DIR`.
 """
 
 from __future__ import annotations
@@ -23,36 +23,38 @@ import shutil
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import flags
 
+from pouta_jax import errors
 from pouta_jax.data.tfds import AnomalyConfig, AnomalyFolder, DtdTextures, MvtecAd, Visa, reader
 
 # MVTec AD's published totals (Bergmann et al.): training images, good and defective test images.
 MVTEC_AD_COUNTS = {"train": 3629, "test_good": 467, "test_defective": 1258}
 
 
-def builders(dataset: str, categories: list[str], image_size: int, data_dir: str,
-             name: str = "") -> list[tfds.core.GeneratorBasedBuilder]:
+def builders(
+  dataset: str, categories: list[str], image_size: int, data_dir: str, name: str = ""
+) -> list[tfds.core.GeneratorBasedBuilder]:
   """The builders to prepare for a build command; ValueError for unknown names."""
   suffix = f"_{image_size}" if image_size else ""
   if dataset in ("mvtec_ad", "visa"):
     cls = {"mvtec_ad": MvtecAd, "visa": Visa}[dataset]
     if image_size not in (0, 256):
-      raise ValueError(f"--image_size={image_size}: {dataset} stores 0 (original) or 256")
+      raise errors.ConfigError(f"--image_size={image_size}: {dataset} stores 0 (original) or 256")
     known = {c.name for c in cls.BUILDER_CONFIGS}
     unknown = [c for c in categories if f"{c}{suffix}" not in known]
     if unknown:
-      raise ValueError(f"--categories: {unknown} are not {dataset} categories")
+      raise errors.ConfigError(f"--categories: {unknown} are not {dataset} categories")
     names = [f"{c}{suffix}" for c in categories] or [f"all{suffix}"]
     return [cls(config=n, data_dir=data_dir) for n in names]
   if dataset == "dtd":
     return [DtdTextures(data_dir=data_dir)]
   if dataset == "anomaly_folder":
     if not categories or not name:
-      raise ValueError("--dataset=anomaly_folder needs --name and --categories")
+      raise errors.ConfigError("--dataset=anomaly_folder needs --name and --categories")
     config = AnomalyConfig(name=name, categories=tuple(categories), image_size=image_size)
     return [AnomalyFolder(config=config, data_dir=data_dir)]
-  raise ValueError(f"--dataset={dataset!r}: expected mvtec_ad, visa, dtd or anomaly_folder")
+  raise errors.ConfigError(f"--dataset={dataset!r}: expected mvtec_ad, visa, dtd or anomaly_folder")
 
 
 def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str) -> None:
@@ -60,8 +62,7 @@ def prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: str) -> None:
   config_dir = Path(builder.data_dir).parent
   for leftover in config_dir.glob("incomplete.*"):
     shutil.rmtree(leftover)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def counts(builder: tfds.core.GeneratorBasedBuilder) -> dict[str, collections.Counter]:
@@ -84,28 +85,36 @@ def summary(table: dict[str, collections.Counter], dataset: str) -> str:
   lines = [f"{'category':<14} {'train':>6} {'test':>6}  test by defect type"]
   for category, counter in sorted(table.items()):
     tests = {k[5:]: v for k, v in sorted(counter.items()) if k.startswith("test/")}
-    lines.append(f"{category:<14} {counter['train']:>6} {sum(tests.values()):>6}  " +
-                 ", ".join(f"{k} {v}" for k, v in tests.items()))
+    lines.append(
+      f"{category:<14} {counter['train']:>6} {sum(tests.values()):>6}  "
+      + ", ".join(f"{k} {v}" for k, v in tests.items())
+    )
   if dataset == "mvtec_ad" and len(table) == 15:
-    totals = {"train": sum(c["train"] for c in table.values()),
-              "test_good": sum(c["test/good"] for c in table.values()),
-              "test_defective": sum(v for c in table.values() for k, v in c.items()
-                                    if k.startswith("test/") and k != "test/good")}
-    verdict = ("match the official counts" if totals == MVTEC_AD_COUNTS else
-               f"DIFFER from the official counts {MVTEC_AD_COUNTS}: is the copy complete?")
+    totals = {
+      "train": sum(c["train"] for c in table.values()),
+      "test_good": sum(c["test/good"] for c in table.values()),
+      "test_defective": sum(
+        v
+        for c in table.values()
+        for k, v in c.items()
+        if k.startswith("test/") and k != "test/good"
+      ),
+    }
+    verdict = (
+      "match the official counts"
+      if totals == MVTEC_AD_COUNTS
+      else f"DIFFER from the official counts {MVTEC_AD_COUNTS}: is the copy complete?"
+    )
     lines.append(f"totals {totals} {verdict}")
   return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   data_dir = str(Path(f.data_dir).expanduser())
-  try:
-    chosen = builders(f.dataset, f.categories, f.image_size, data_dir, f.name)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  chosen = builders(f.dataset, f.categories, f.image_size, data_dir, f.name)
   table = {}
   for builder in chosen:
     prepare(builder, f.manual_dir)
@@ -121,4 +130,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_size", 0, "Stored size: 0 keeps the original resolution.")
   flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Where TFDS datasets are written.")
   flags.DEFINE_string("name", "", "anomaly_folder: the config name of this dataset.")
-  app.run(main)
+  errors.run(main)

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pouta_jax import errors
+
 Array = np.ndarray
 
 
@@ -66,8 +68,7 @@ def _object_pose(rng: np.random.Generator, size: int) -> tuple[Array, Array, flo
   cy, cx = size / 2 + rng.uniform(-3, 3, size=2)
   angle = rng.uniform(-0.15, 0.15)
   dy, dx = yy - cy, xx - cx
-  return (np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy,
-          angle)
+  return (np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy, angle)
 
 
 def _washer(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
@@ -144,8 +145,9 @@ def _crack(rng, size, region):
       point = point + rng.uniform(1.5, 3.5) * np.array([np.cos(heading), np.sin(heading)])
       path.append(point)
     lines.append(path)
-  mask = _draw_mask(size, lambda d: [d.line([tuple(p) for p in l], fill=255, width=3)
-                                     for l in lines])
+  mask = _draw_mask(
+    size, lambda d: [d.line([tuple(p) for p in line], fill=255, width=3) for line in lines]
+  )
   return mask & region, np.zeros(3), rng.uniform(0.5, 0.9)
 
 
@@ -186,8 +188,12 @@ def _missing_piece(rng, size, region):
 
 
 DEFECTS = {
-    "scratch": _scratch, "crack": _crack, "contamination": _contamination,
-    "stain": _stain, "hole": _hole, "missing_piece": _missing_piece,
+  "scratch": _scratch,
+  "crack": _crack,
+  "contamination": _contamination,
+  "stain": _stain,
+  "hole": _hole,
+  "missing_piece": _missing_piece,
 }
 
 
@@ -200,10 +206,10 @@ class Category:
 
 
 CATEGORIES = {
-    "weave": Category(_weave, ("scratch", "hole", "stain")),
-    "granite": Category(_granite, ("crack", "contamination", "stain"), grayscale=True),
-    "washer": Category(_washer, ("scratch", "missing_piece", "contamination"), texture=False),
-    "pill": Category(_pill, ("crack", "contamination", "stain"), texture=False),
+  "weave": Category(_weave, ("scratch", "hole", "stain")),
+  "granite": Category(_granite, ("crack", "contamination", "stain"), grayscale=True),
+  "washer": Category(_washer, ("scratch", "missing_piece", "contamination"), texture=False),
+  "pill": Category(_pill, ("crack", "contamination", "stain"), texture=False),
 }
 
 
@@ -216,8 +222,9 @@ def render_normal(category: str, seed: int, split: str, index: int, size: int) -
   return image
 
 
-def render_defect(category: str, defect: str, seed: int, index: int,
-                  size: int) -> tuple[Array, Array]:
+def render_defect(
+  category: str, defect: str, seed: int, index: int, size: int
+) -> tuple[Array, Array]:
   """A defective test image (H, W, C) in [0, 1] and its boolean mask (H, W)."""
   rng = _rng(seed, category, "test", defect, index)
   cat = CATEGORIES[category]
@@ -267,11 +274,14 @@ def _save_png(path: Path, image: Array) -> None:
 def _write_category(folder: Path, category: str, spec: BuildSpec) -> None:
   size = spec.image_size
   for i in range(spec.num_train):
-    _save_png(folder / "train" / "good" / f"{i:03d}.png",
-              render_normal(category, spec.seed, "train", i, size))
+    _save_png(
+      folder / "train" / "good" / f"{i:03d}.png",
+      render_normal(category, spec.seed, "train", i, size),
+    )
   for i in range(spec.num_test_good):
-    _save_png(folder / "test" / "good" / f"{i:03d}.png",
-              render_normal(category, spec.seed, "test", i, size))
+    _save_png(
+      folder / "test" / "good" / f"{i:03d}.png", render_normal(category, spec.seed, "test", i, size)
+    )
   for defect in CATEGORIES[category].defects:
     for i in range(spec.num_test_per_defect):
       image, mask = render_defect(category, defect, spec.seed, i, size)
@@ -279,16 +289,18 @@ def _write_category(folder: Path, category: str, spec: BuildSpec) -> None:
       _save_png(folder / "ground_truth" / defect / f"{i:03d}_mask.png", mask.astype(float))
 
 
-def build(root: str | Path, spec: BuildSpec = BuildSpec(),
-          categories: tuple[str, ...] | None = None) -> Path:
+def build(
+  root: str | Path, spec: BuildSpec = BuildSpec(), categories: tuple[str, ...] | None = None
+) -> Path:
   """Writes the embedded dataset under `root` (skipping categories already built with `spec`)."""
   root = Path(root)
   root.mkdir(parents=True, exist_ok=True)
   stamp = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
   for category in categories or tuple(CATEGORIES):
     if category not in CATEGORIES:
-      raise ValueError(f"unknown embedded category {category!r}; expected one of "
-                       f"{sorted(CATEGORIES)}")
+      raise errors.ConfigError(
+        f"unknown embedded category {category!r}; expected one of {sorted(CATEGORIES)}"
+      )
     target = root / category
     marker = target / "BUILD.json"
     if marker.is_file() and marker.read_text() == stamp:

@@ -20,11 +20,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from pouta_jax.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-  """A dataset on disk is not what the code expects; the message names the path."""
 
 
 # Where a file is: a Path, or a record of a built TFDS dataset (data/tfds/reader.py) that the
@@ -59,8 +57,9 @@ def images_in(folder: Path) -> list[Path]:
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
       images.append(path)
     else:
-      logging.warning("Skipping %s: not an image file (expected one of %s).", path,
-                      ", ".join(IMAGE_SUFFIXES))
+      logging.warning(
+        "Skipping %s: not an image file (expected one of %s).", path, ", ".join(IMAGE_SUFFIXES)
+      )
   return images
 
 
@@ -79,8 +78,10 @@ def check_readable(path: Path) -> None:
   except Exception as e:  # PIL raises many types for broken files
     raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
   if mode in WIDE_MODES:
-    raise DataError(f"{path}: a {mode} (16-bit or float) image; expected 8-bit grayscale or "
-                    f"RGB (convert it first: its range is not known here)")
+    raise DataError(
+      f"{path}: a {mode} (16-bit or float) image; expected 8-bit grayscale or "
+      f"RGB (convert it first: its range is not known here)"
+    )
   if mode in ("RGBA", "LA", "PA"):
     logging.warning("%s: %s image, its alpha channel is ignored", path, mode)
 
@@ -90,8 +91,9 @@ def _find_mask(category_dir: Path, defect: str, image: Path) -> Path:
   for name in (f"{image.stem}_mask{image.suffix}", f"{image.stem}_mask.png", image.name):
     if (masks / name).is_file():
       return masks / name
-  raise DataError(f"{image}: defect image without its mask; expected "
-                  f"{masks / (image.stem + '_mask.png')}")
+  raise DataError(
+    f"{image}: defect image without its mask; expected {masks / (image.stem + '_mask.png')}"
+  )
 
 
 def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryFolder:
@@ -102,11 +104,13 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   category_dir = root / category
   if not category_dir.is_dir():
     if (root / "train").is_dir():
-      raise DataError(f"{root} looks like a category folder itself; pass its parent as the "
-                      f"dataset root")
+      raise DataError(
+        f"{root} looks like a category folder itself; pass its parent as the dataset root"
+      )
     found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
-    raise DataError(f"no category {category!r} under {root} (categories found: "
-                    f"{', '.join(found) or 'none'})")
+    raise DataError(
+      f"no category {category!r} under {root} (categories found: {', '.join(found) or 'none'})"
+    )
   train_dir, test_dir = category_dir / "train" / "good", category_dir / "test"
   if not train_dir.is_dir():
     raise DataError(f"{category_dir}: missing train/good folder of defect-free images")
@@ -128,8 +132,10 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   for masks in sorted(p for p in (category_dir / "ground_truth").glob("*") if p.is_dir()):
     for mask in images_in(masks):
       if mask not in used:
-        raise DataError(f"{mask}: mask without its image (expected it in "
-                        f"{test_dir / masks.name}); is the copy complete?")
+        raise DataError(
+          f"{mask}: mask without its image (expected it in "
+          f"{test_dir / masks.name}); is the copy complete?"
+        )
 
   if check_files:
     for path in train + tuple(p for s in test for p in (s.image, s.mask) if p is not None):
@@ -143,8 +149,10 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
 def few_shot(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
   """The same category with `count` training images chosen by `seed` (kept in file order)."""
   if count > len(folder.train):
-    raise DataError(f"config.data.few_shot={count}: only {len(folder.train)} training images "
-                    f"in {folder.root / folder.category / 'train' / 'good'}")
+    raise DataError(
+      f"config.data.few_shot={count}: only {len(folder.train)} training images "
+      f"in {folder.root / folder.category / 'train' / 'good'}"
+    )
   chosen = np.random.default_rng(seed).choice(len(folder.train), count, replace=False)
   return dataclasses.replace(folder, train=tuple(folder.train[i] for i in sorted(chosen)))
 
@@ -158,13 +166,17 @@ def hold_out_real_anomalies(folder: CategoryFolder, count: int, seed: int) -> Ca
   defect types, moved from the test set to `real_anomalies`: trained on, never scored."""
   defects = [s for s in folder.test if s.label]
   if count > len(defects):
-    raise DataError(f"config.data.num_real_anomalies={count}: the test set of "
-                    f"{folder.category} in {folder.root} has only {len(defects)} defect images")
-  chosen = np.random.default_rng((seed, REAL_ANOMALY_STREAM)).choice(len(defects), count,
-                                                                     replace=False)
+    raise DataError(
+      f"config.data.num_real_anomalies={count}: the test set of "
+      f"{folder.category} in {folder.root} has only {len(defects)} defect images"
+    )
+  chosen = np.random.default_rng((seed, REAL_ANOMALY_STREAM)).choice(
+    len(defects), count, replace=False
+  )
   real = tuple(defects[i] for i in sorted(chosen))
-  return dataclasses.replace(folder, test=tuple(s for s in folder.test if s not in real),
-                             real_anomalies=real)
+  return dataclasses.replace(
+    folder, test=tuple(s for s in folder.test if s not in real), real_anomalies=real
+  )
 
 
 def sample_name(sample: TestSample) -> str:
@@ -201,8 +213,10 @@ def load_image_cached(path, size: int) -> np.ndarray:
 
 def check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
   if mask_size != image_size:
-    raise DataError(f"{path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
-                    f"{image_size[0]}x{image_size[1]}")
+    raise DataError(
+      f"{path}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
+      f"{image_size[0]}x{image_size[1]}"
+    )
 
 
 def load_mask(path, size: int, image_size: tuple[int, int]) -> np.ndarray:
@@ -236,9 +250,9 @@ def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
   """All test images (uint8), masks (bool), labels, defect names and file names, in order."""
   images, masks = zip(*(load_test_sample(sample, size) for sample in folder.test))
   return {
-      "image": np.stack(images),
-      "mask": np.stack(masks),
-      "label": np.array([s.label for s in folder.test], np.int32),
-      "defect": np.array([s.defect for s in folder.test]),
-      "name": np.array([sample_name(s) for s in folder.test]),
+    "image": np.stack(images),
+    "mask": np.stack(masks),
+    "label": np.array([s.label for s in folder.test], np.int32),
+    "defect": np.array([s.defect for s in folder.test]),
+    "name": np.array([sample_name(s) for s in folder.test]),
   }

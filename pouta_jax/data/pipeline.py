@@ -55,12 +55,15 @@ IMAGE_KEYS = ("image", "augmented")
 
 def encode(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A synthesised float sample as uint8: images x 255 rounded, masks and flags as 0/1."""
-  return {key: np.rint(value * 255.0 if key in IMAGE_KEYS else value).astype(np.uint8)
-          for key, value in sample.items()}
+  return {
+    key: np.rint(value * 255.0 if key in IMAGE_KEYS else value).astype(np.uint8)
+    for key, value in sample.items()
+  }
 
 
 def decode(batch: dict) -> dict:
   """float32 batch of an `encode`d one (inside the jitted step); float inputs pass unchanged."""
+
   def to_float(key, value):
     if value.dtype != jnp.uint8:
       return value
@@ -103,13 +106,16 @@ WORKER_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
 IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def train_batches(block: BatchBlock, num_steps: int, start_step: int = 0,
-                  num_workers: int = 0) -> grain.IterDataset:
+def train_batches(
+  block: BatchBlock, num_steps: int, start_step: int = 0, num_workers: int = 0
+) -> grain.IterDataset:
   """This process's block of the batches of steps [start_step, num_steps), flattened to one
   leading dim, synthesised in `num_workers` processes."""
-  dataset = (grain.MapDataset.range(0, num_steps * block.per_step)
-             .map(block)
-             .batch(block.per_step, drop_remainder=True))[start_step:]
+  dataset = (
+    grain.MapDataset.range(0, num_steps * block.per_step)
+    .map(block)
+    .batch(block.per_step, drop_remainder=True)
+  )[start_step:]
   iterable = dataset.to_iter_dataset(WORKER_READ if num_workers > 0 else IN_PROCESS_READ)
   if num_workers > 0:
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -41,7 +41,7 @@ def perlin_noise(rng: np.random.Generator, size: int, res: tuple[int, int]) -> n
     fx = (np.arange(size // rx) * rx / size).astype(np.float32)[None, None, None, :]
 
     def grid(g, dy, dx):
-      return g[dy:dy + ry, dx:dx + rx][:, None, :, None]
+      return g[dy : dy + ry, dx : dx + rx][:, None, :, None]
 
   def corner(dy: int, dx: int) -> np.ndarray:
     return grid(gy, dy, dx) * (fy - dy) + grid(gx, dy, dx) * (fx - dx)
@@ -65,8 +65,9 @@ def _inside_rotated(height: int, width: int, degrees: float) -> np.ndarray:
   cols = np.arange(width, dtype=np.float64)[None, :]
   source_row = (c * rows + s * cols) + offset[0]
   source_col = (-s * rows + c * cols) + offset[1]
-  return (source_row >= 0) & (source_row <= height - 1) & (source_col >= 0) & (
-      source_col <= width - 1)
+  return (
+    (source_row >= 0) & (source_row <= height - 1) & (source_col >= 0) & (source_col <= width - 1)
+  )
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -77,15 +78,24 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
   the edge (equal to float32 rounding, tested against scipy).
   """
   channels = image[..., None] if image.ndim == 2 else image
-  out = np.stack([
-      np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c], np.float32), "F").rotate(
-          degrees, resample=Image.BILINEAR)) for c in range(channels.shape[-1])], axis=-1)
+  out = np.stack(
+    [
+      np.asarray(
+        Image.fromarray(np.ascontiguousarray(channels[..., c], np.float32), "F").rotate(
+          degrees, resample=Image.BILINEAR
+        )
+      )
+      for c in range(channels.shape[-1])
+    ],
+    axis=-1,
+  )
   out *= _inside_rotated(*image.shape[:2], degrees)[..., None]
   return out.reshape(image.shape)
 
 
-def perlin_mask(rng: np.random.Generator, size: int, max_scale_log2: int = 5,
-                threshold: float = 0.5) -> np.ndarray:
+def perlin_mask(
+  rng: np.random.Generator, size: int, max_scale_log2: int = 5, threshold: float = 0.5
+) -> np.ndarray:
   """DRAEM's anomaly mask: noise at 2^k cells per axis (k in [0, max]), rotated, thresholded."""
   res = tuple(2 ** rng.integers(0, max_scale_log2 + 1, size=2))
   noise = rotate(perlin_noise(rng, size, res), rng.uniform(-90, 90))
@@ -145,8 +155,18 @@ def _affine_rotate(rng, x):
   return np.round(rotate(x.astype(np.float32), rng.uniform(-45, 45))).astype(np.uint8)
 
 
-AUGMENTERS = (_gamma_contrast, _multiply_add_brightness, _sharpness, _hue_saturation, _solarize,
-              _posterize, _invert, _autocontrast, _equalize, _affine_rotate)
+AUGMENTERS = (
+  _gamma_contrast,
+  _multiply_add_brightness,
+  _sharpness,
+  _hue_saturation,
+  _solarize,
+  _posterize,
+  _invert,
+  _autocontrast,
+  _equalize,
+  _affine_rotate,
+)
 
 
 def augment_texture(rng: np.random.Generator, texture: np.ndarray, count: int = 3) -> np.ndarray:
@@ -183,12 +203,14 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     return everywhere
   distance = np.linalg.norm(image - background, axis=-1)
   foreground = ndimage.binary_fill_holes(
-      ndimage.binary_opening(distance > max(3 * spread, 0.05), iterations=2))
+    ndimage.binary_opening(distance > max(3 * spread, 0.05), iterations=2)
+  )
   return foreground if foreground.mean() > 0.01 else everywhere
 
 
-def paste_anomaly(rng: np.random.Generator, clean: np.ndarray, defect_image: np.ndarray,
-                  defect_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def paste_anomaly(
+  rng: np.random.Generator, clean: np.ndarray, defect_image: np.ndarray, defect_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """A real defect moved onto a clean image: the defect's pixels (uint8 image, bool mask) turned
   by a random quarter turn and flip, scaled in brightness by U(0.8, 1.2), centred on a random
   foreground pixel of `clean` (float RGB) and cut to the foreground. Returns the image and mask."""
@@ -219,10 +241,13 @@ def paste_anomaly(rng: np.random.Generator, clean: np.ndarray, defect_image: np.
   return clean.astype(np.float32), pasted
 
 
-def synthesize(rng: np.random.Generator, image: np.ndarray, texture: np.ndarray,
-               config: SynthesisConfig,
-               real_anomalies: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
-               ) -> dict[str, np.ndarray]:
+def synthesize(
+  rng: np.random.Generator,
+  image: np.ndarray,
+  texture: np.ndarray,
+  config: SynthesisConfig,
+  real_anomalies: tuple[tuple[np.ndarray, np.ndarray], ...] = (),
+) -> dict[str, np.ndarray]:
   """One training sample from a clean uint8 image and a uint8 source texture (and, optionally,
   real defects as (uint8 image, bool mask) pairs to paste).
 
@@ -242,15 +267,16 @@ def synthesize(rng: np.random.Generator, image: np.ndarray, texture: np.ndarray,
     else:
       augmented, mask = _texture_anomaly(rng, clean, texture, config)
   return {
-      "image": clean,
-      "augmented": augmented.astype(np.float32),
-      "mask": mask,
-      "has_anomaly": np.float32(mask.any()),
+    "image": clean,
+    "augmented": augmented.astype(np.float32),
+    "mask": mask,
+    "has_anomaly": np.float32(mask.any()),
   }
 
 
-def _texture_anomaly(rng: np.random.Generator, clean: np.ndarray, texture: np.ndarray,
-                     config: SynthesisConfig) -> tuple[np.ndarray, np.ndarray]:
+def _texture_anomaly(
+  rng: np.random.Generator, clean: np.ndarray, texture: np.ndarray, config: SynthesisConfig
+) -> tuple[np.ndarray, np.ndarray]:
   """DRAEM's anomaly: an augmented texture blended into a thresholded Perlin mask."""
   mask = perlin_mask(rng, clean.shape[0], config.perlin_max_scale_log2).astype(np.float32)
   source = augment_texture(rng, texture, config.num_augmenters).astype(np.float32) / 255.0

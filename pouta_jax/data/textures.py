@@ -29,8 +29,10 @@ class FolderTextures:
     base = root / "images" if (root / "images").is_dir() else root
     paths = sorted(str(p) for p in base.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-      raise DataError(f"{base}: no texture images in <class>/ subfolders (DTD layout "
-                      f"images/<class>/*.jpg expected)")
+      raise DataError(
+        f"{base}: no texture images in <class>/ subfolders (DTD layout "
+        f"images/<class>/*.jpg expected)"
+      )
     return cls(tuple(paths))
 
   def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -80,15 +82,17 @@ class ProceduralTextures:
 TFDS_PREFIX = "tfds:"
 
 
-def texture_source(path: str | None,
-                   tfds_data_dir: str = "") -> FolderTextures | ProceduralTextures:
+def texture_source(
+  path: str | None, tfds_data_dir: str = ""
+) -> FolderTextures | ProceduralTextures:
   """A DTD-layout folder, `tfds:<dataset>` (a built `dtd_textures`, read from `tfds_data_dir`),
   or, without a path, procedural textures."""
   if not path:
     return ProceduralTextures()
   if path.startswith(TFDS_PREFIX):
     from pouta_jax.data.tfds import reader  # tensorflow-datasets only when asked for
+
     if not tfds_data_dir:
       raise DataError(f"config.data.anomaly_source={path!r} needs config.data.tfds_data_dir")
-    return FolderTextures(reader.texture_refs(tfds_data_dir, path[len(TFDS_PREFIX):]))
+    return FolderTextures(reader.texture_refs(tfds_data_dir, path[len(TFDS_PREFIX) :]))
   return FolderTextures.from_root(path)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import ml_collections
 import numpy as np
 
-from pouta_jax import objectives
+from pouta_jax import errors, objectives
 from pouta_jax.models import prn
 from pouta_jax.models.draem import DRAEM
 from pouta_jax.models.pouta import COMPARE_MODES, LEVEL_MULTIPLIERS, POUTA
@@ -31,16 +31,23 @@ def _no_checks(config: Config) -> None:
 
 def _check_pouta(config: Config) -> None:
   if config.model.compare not in COMPARE_MODES:
-    raise ValueError(f"config.model.compare={config.model.compare!r}: expected one of "
-                     f"{COMPARE_MODES}")
+    raise errors.ConfigError(
+      f"config.model.compare={config.model.compare!r}: expected one of {COMPARE_MODES}"
+    )
   if not isinstance(config.model.guidance, bool):
-    raise ValueError(f"config.model.guidance={config.model.guidance!r}: expected True or False")
+    raise errors.ConfigError(
+      f"config.model.guidance={config.model.guidance!r}: expected True or False"
+    )
   weights = tuple(config.loss.level_weights)
   if len(weights) != len(LEVEL_MULTIPLIERS) or any(w < 0 for w in weights):
-    raise ValueError(f"config.loss.level_weights={weights!r}: expected "
-                     f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first")
+    raise errors.ConfigError(
+      f"config.loss.level_weights={weights!r}: expected "
+      f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first"
+    )
   if config.loss.final_weight < 0:
-    raise ValueError(f"config.loss.final_weight={config.loss.final_weight!r}: expected >= 0")
+    raise errors.ConfigError(
+      f"config.loss.final_weight={config.loss.final_weight!r}: expected >= 0"
+    )
 
 
 def _conv_weight_grad(config: Config) -> str:
@@ -77,32 +84,38 @@ class ModelSpec:
 
 
 REGISTRY = {
-    "draem": ModelSpec(
-        build=lambda c: DRAEM(c.model.base_width, _conv_weight_grad(c)),
-        objective=lambda c: objectives.draem_objective),
-    "pouta": ModelSpec(
-        build=lambda c: POUTA(c.model.base_width, c.model.compare, c.model.guidance,
-                              _conv_weight_grad(c)),
-        objective=lambda c: objectives.pouta_objective(
-            tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision),
-        validate=_check_pouta),
-    "prn": ModelSpec(
-        build=lambda c: prn.PRN(c.backbone.name, c.model.base_width, c.model.num_prototypes,
-                                _conv_weight_grad(c)),
-        objective=lambda c: objectives.prn_objective(c.loss.smooth_l1_weight,
-                                                     c.loss.focal_weight, c.loss.focal_alpha,
-                                                     c.loss.focal_gamma),
-        validate=prn.check_config,
-        frozen=("backbone",),
-        derive=prn.derived_settings,
-        prepare=prn.prepare,
-        size_bound=True),
+  "draem": ModelSpec(
+    build=lambda c: DRAEM(c.model.base_width, _conv_weight_grad(c)),
+    objective=lambda c: objectives.draem_objective,
+  ),
+  "pouta": ModelSpec(
+    build=lambda c: POUTA(
+      c.model.base_width, c.model.compare, c.model.guidance, _conv_weight_grad(c)
+    ),
+    objective=lambda c: objectives.pouta_objective(
+      tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision
+    ),
+    validate=_check_pouta,
+  ),
+  "prn": ModelSpec(
+    build=lambda c: prn.PRN(
+      c.backbone.name, c.model.base_width, c.model.num_prototypes, _conv_weight_grad(c)
+    ),
+    objective=lambda c: objectives.prn_objective(
+      c.loss.smooth_l1_weight, c.loss.focal_weight, c.loss.focal_alpha, c.loss.focal_gamma
+    ),
+    validate=prn.check_config,
+    frozen=("backbone",),
+    derive=prn.derived_settings,
+    prepare=prn.prepare,
+    size_bound=True,
+  ),
 }
 
 
 def get(name: str) -> ModelSpec:
   if name not in REGISTRY:
-    raise ValueError(f"config.model.name={name!r}: expected one of {sorted(REGISTRY)}")
+    raise errors.ConfigError(f"config.model.name={name!r}: expected one of {sorted(REGISTRY)}")
   return REGISTRY[name]
 
 
@@ -121,14 +134,17 @@ def resolve(config: Config, train_sizes: Sequence[int]) -> Config:
 def split_variables(variables: dict, frozen: tuple[str, ...]) -> tuple[dict, dict, dict]:
   """(trainable params, trainable batch stats, constants): the `frozen` submodules' params and
   batch stats and every other collection (e.g. "prototypes") go to the constants."""
+
   def part(collection: str, keep_frozen: bool) -> dict:
-    return {k: v for k, v in variables.get(collection, {}).items()
-            if (k in frozen) == keep_frozen}
+    return {k: v for k, v in variables.get(collection, {}).items() if (k in frozen) == keep_frozen}
 
   constants = {c: part(c, True) for c in ("params", "batch_stats")}
   constants.update({c: v for c, v in variables.items() if c not in ("params", "batch_stats")})
-  return (part("params", False), part("batch_stats", False),
-          {c: v for c, v in constants.items() if v})
+  return (
+    part("params", False),
+    part("batch_stats", False),
+    {c: v for c, v in constants.items() if v},
+  )
 
 
 def merge_variables(params: dict, batch_stats: dict, constants: dict) -> dict:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pouta_jax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,21 +39,27 @@ class BackboneSpec:
 
 
 BACKBONES = {
-    "resnet18": BackboneSpec("basic", (2, 2, 2, 2)),
-    "wide_resnet50_2": BackboneSpec("bottleneck", (3, 4, 6, 3), width_per_group=128),
+  "resnet18": BackboneSpec("basic", (2, 2, 2, 2)),
+  "wide_resnet50_2": BackboneSpec("bottleneck", (3, 4, 6, 3), width_per_group=128),
 }
 
 
 def spec(name: str) -> BackboneSpec:
   if name not in BACKBONES:
-    raise ValueError(f"backbone {name!r}: expected one of {sorted(BACKBONES)}")
+    raise errors.ConfigError(f"backbone {name!r}: expected one of {sorted(BACKBONES)}")
   return BACKBONES[name]
 
 
 def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
   pad = size // 2
-  return nn.Conv(features, (size, size), strides=(stride, stride), padding=((pad, pad),) * 2,
-                 use_bias=False, name=name)
+  return nn.Conv(
+    features,
+    (size, size),
+    strides=(stride, stride),
+    padding=((pad, pad),) * 2,
+    use_bias=False,
+    name=name,
+  )
 
 
 def _bn(name: str) -> nn.BatchNorm:
@@ -125,8 +133,10 @@ def init_variables(backbone: str) -> dict:
 
 def flatten(variables: dict) -> dict:
   """{"params/layer1_0/conv1/kernel": leaf, ...}"""
-  return {"/".join(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  return {
+    "/".join(k.key for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+  }
 
 
 def save_weights(variables: dict, path: str | Path) -> Path:
@@ -134,7 +144,7 @@ def save_weights(variables: dict, path: str | Path) -> Path:
   all; loads without torch or the training code."""
   path = Path(path)
   if path.suffix != ".npz":
-    raise ValueError(f"{path}: backbone weights are saved as .npz")
+    raise errors.ConfigError(f"{path}: backbone weights are saved as .npz")
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
     np.savez(f, **{k: np.asarray(v) for k, v in flatten(variables).items()})
@@ -150,21 +160,31 @@ def load_weights(path: str | Path, backbone: str) -> dict:
   is listed in the error."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no backbone weights file (convert one with python -m "
-                            f"pouta_jax.convert --from=torchvision_resnet)")
+    raise errors.NotFoundError(
+      f"{path}: no backbone weights file (convert one with python -m "
+      f"pouta_jax.convert --from=torchvision_resnet)"
+    )
   template = jax.eval_shape(lambda: init_variables(backbone))
   want = {k: v.shape for k, v in flatten(template).items()}
   with np.load(path) as stored:
     got = {k: stored[k] for k in stored.files}
   problems = [f"missing {k} {shape}" for k, shape in want.items() if k not in got]
   problems += [f"extra {k}" for k in got if k not in want]
-  problems += [f"mis-shaped {k}: {got[k].shape}, expected {want[k]}" for k in want
-               if k in got and got[k].shape != want[k]]
+  problems += [
+    f"mis-shaped {k}: {got[k].shape}, expected {want[k]}"
+    for k in want
+    if k in got and got[k].shape != want[k]
+  ]
   if problems:
-    shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
-                                     if len(problems) > MAX_LISTED else [])
-    raise ValueError(f"{path} does not hold {backbone} weights ({len(problems)} problems):\n  "
-                     + "\n  ".join(shown))
-  leaves = [got["/".join(k.key for k in p)].astype(np.float32)
-            for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    shown = problems[:MAX_LISTED] + (
+      [f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
+    )
+    raise errors.ConfigError(
+      f"{path} does not hold {backbone} weights ({len(problems)} problems):\n  "
+      + "\n  ".join(shown)
+    )
+  leaves = [
+    got["/".join(k.key for k in p)].astype(np.float32)
+    for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]
+  ]
   return jax.tree.unflatten(jax.tree.structure(template), leaves)

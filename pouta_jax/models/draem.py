@@ -54,9 +54,10 @@ class DRAEM(nn.Module):
       # Trained end to end; at test time the official code detaches the reconstruction.
       seg_input = reconstruction if train else jax.lax.stop_gradient(reconstruction)
       logits = DiscriminativeNetwork(self.base_width // 2, name="discriminative")(
-          jnp.concatenate([seg_input, x], axis=-1), train)
+        jnp.concatenate([seg_input, x], axis=-1), train
+      )
     return {
-        "reconstruction": reconstruction,
-        "logits": logits,
-        "anomaly_map": jax.nn.softmax(logits, axis=-1)[..., 1],
+      "reconstruction": reconstruction,
+      "logits": logits,
+      "anomaly_map": jax.nn.softmax(logits, axis=-1)[..., 1],
     }

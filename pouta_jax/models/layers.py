@@ -74,8 +74,9 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=_DIMENSIONS)
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS
+  )
 
 
 def _pad1(x: jax.Array) -> jax.Array:
@@ -86,8 +87,12 @@ def _kernel_grad_matmuls(x: jax.Array, grad: jax.Array) -> jax.Array:
   """dK[i, j] = x shifted by (i - 1, j - 1), transposed, times grad: over every pixel."""
   _, h, w, c = x.shape
   padded, flat_grad = _pad1(x), grad.reshape(-1, grad.shape[-1])
-  return jnp.stack([jnp.stack([padded[:, i:i + h, j:j + w, :].reshape(-1, c).T @ flat_grad
-                               for j in range(3)]) for i in range(3)])
+  return jnp.stack(
+    [
+      jnp.stack([padded[:, i : i + h, j : j + w, :].reshape(-1, c).T @ flat_grad for j in range(3)])
+      for i in range(3)
+    ]
+  )
 
 
 def _input_grad_matmuls(kernel: jax.Array, grad: jax.Array) -> jax.Array:
@@ -98,7 +103,7 @@ def _input_grad_matmuls(kernel: jax.Array, grad: jax.Array) -> jax.Array:
   for i in range(3):
     for j in range(3):
       tap = jax.lax.dot_general(flat_grad, kernel[i, j], (((1,), (1,)), ((), ())))
-      padded = padded.at[:, i:i + h, j:j + w, :].add(tap.reshape(b, h, w, -1))
+      padded = padded.at[:, i : i + h, j : j + w, :].add(tap.reshape(b, h, w, -1))
   return padded[:, 1:-1, 1:-1, :]
 
 
@@ -134,13 +139,19 @@ def _conv3x3_bwd(residuals, grad: jax.Array):
 conv3x3_shifted_matmul_grad.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def _flax_conv_fn(lhs, rhs, window_strides, padding, dimension_numbers=None,
-                  feature_group_count: int = 1, **unused) -> jax.Array:
+def _flax_conv_fn(
+  lhs, rhs, window_strides, padding, dimension_numbers=None, feature_group_count: int = 1, **unused
+) -> jax.Array:
   """nn.Conv's `conv_general_dilated` hook: the shifted-matmul convolution for Conv3x3."""
   del unused  # dilations of 1 and default precision: what Conv3x3 passes
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSIONS)
-  if (tuple(window_strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
-      or dimension_numbers != nhwc or feature_group_count != 1 or rhs.shape[:2] != (3, 3)):
+  if (
+    tuple(window_strides) != (1, 1)
+    or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
+    or dimension_numbers != nhwc
+    or feature_group_count != 1
+    or rhs.shape[:2] != (3, 3)
+  ):
     raise ValueError("the shifted-matmul gradient serves 3x3 'same' NHWC convolutions only")
   return conv3x3_shifted_matmul_grad(lhs, rhs)
 
@@ -155,12 +166,12 @@ class Conv3x3(nn.Module):
     fan_in = 9 * x.shape[-1]
     custom = _weight_grad_mode.get() == "shifted_matmul"
     return nn.Conv(
-        self.features,
-        (3, 3),
-        padding=1,
-        kernel_init=conv_kernel_init,
-        bias_init=_torch_bias_init(fan_in),
-        conv_general_dilated=_flax_conv_fn if custom else None,
+      self.features,
+      (3, 3),
+      padding=1,
+      kernel_init=conv_kernel_init,
+      bias_init=_torch_bias_init(fan_in),
+      conv_general_dilated=_flax_conv_fn if custom else None,
     )(x)
 
 
@@ -173,10 +184,10 @@ class ConvBNReLU(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv3x3(self.features)(x)
     x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        scale_init=_bn_scale_init,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      scale_init=_bn_scale_init,
     )(x)
     return nn.relu(x)
 

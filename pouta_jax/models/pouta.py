@@ -19,8 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pouta_jax.models.layers import (Conv3x3, ConvBNReLU, conv_kernel_init, conv_weight_grad,
-                                     upsample_bilinear)
+from pouta_jax.models.layers import (
+  Conv3x3,
+  ConvBNReLU,
+  conv_kernel_init,
+  conv_weight_grad,
+  upsample_bilinear,
+)
 from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
 # Width of each supervised level (x the discriminative base width), finest first; the four
@@ -63,7 +68,8 @@ class HighLevelGuidance(nn.Module):
     guide = upsample_bilinear(coarser, feature.shape[1] // coarser.shape[1])
     gate = jax.nn.sigmoid(_conv1x1(self.features, "gate")(guide))
     return ConvBNReLU(self.features, name="refine")(
-        jnp.concatenate([feature * gate, guide], -1), train)
+      jnp.concatenate([feature * gate, guide], -1), train
+    )
 
 
 class POUTADiscriminative(nn.Module):
@@ -80,7 +86,8 @@ class POUTADiscriminative(nn.Module):
     for level in reversed(range(len(LEVEL_MULTIPLIERS))):
       width = LEVEL_MULTIPLIERS[level] * self.base_width
       feature = FeatureComparison(width, self.compare, name=f"compare_{level}")(
-          encoder[level], decoder[level], train)
+        encoder[level], decoder[level], train
+      )
       if self.guidance and refined is not None:
         feature = HighLevelGuidance(width, name=f"guide_{level}")(feature, refined, train)
       refined = feature
@@ -103,11 +110,12 @@ class POUTA(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> dict:
     with conv_weight_grad(self.conv_weight_grad):
       recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
-      seg = POUTADiscriminative(self.base_width // 2, self.compare, self.guidance,
-                                name="discriminative")(recon["encoder"], recon["decoder"], train)
+      seg = POUTADiscriminative(
+        self.base_width // 2, self.compare, self.guidance, name="discriminative"
+      )(recon["encoder"], recon["decoder"], train)
     return {
-        "reconstruction": recon["reconstruction"],
-        "logits": seg["logits"],
-        "level_logits": seg["level_logits"],
-        "anomaly_map": jax.nn.softmax(seg["logits"], axis=-1)[..., 1],
+      "reconstruction": recon["reconstruction"],
+      "logits": seg["logits"],
+      "level_logits": seg["level_logits"],
+      "anomaly_map": jax.nn.softmax(seg["logits"], axis=-1)[..., 1],
     }

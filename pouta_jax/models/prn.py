@@ -23,9 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pouta_jax import errors
 from pouta_jax.models import backbone as backbone_lib, prototypes as prototypes_lib
-from pouta_jax.models.layers import (Conv3x3, ConvBNReLU, conv_kernel_init, conv_weight_grad,
-                                     upsample_bilinear)
+from pouta_jax.models.layers import (
+  Conv3x3,
+  ConvBNReLU,
+  conv_kernel_init,
+  conv_weight_grad,
+  upsample_bilinear,
+)
 
 NUM_SCALES = 3  # layers 1-3 carry prototypes and residuals
 WINDOW_DIVISORS = (1, 2, 4, 8)  # MSA windows: the map's side / divisor
@@ -45,8 +51,7 @@ class StridedDown(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.times):
-      x = nn.Conv(self.features, (3, 3), strides=(2, 2), padding=1,
-                  kernel_init=conv_kernel_init)(x)
+      x = nn.Conv(self.features, (3, 3), strides=(2, 2), padding=1, kernel_init=conv_kernel_init)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
       if i + 1 < self.times:
         x = nn.relu(x)
@@ -99,8 +104,9 @@ class DepthwiseProjection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    return (x * self.param("scale", nn.initializers.ones, (c,))
-            + self.param("bias", nn.initializers.zeros, (c,)))
+    return x * self.param("scale", nn.initializers.ones, (c,)) + self.param(
+      "bias", nn.initializers.zeros, (c,)
+    )
 
 
 class MultiSizeAttention(nn.Module):
@@ -127,8 +133,14 @@ class PRNHead(nn.Module):
   width: int = 64
 
   @nn.compact
-  def __call__(self, features: list[jax.Array], residuals: list[jax.Array],
-               deepest: jax.Array, output_size: int, train: bool) -> jax.Array:
+  def __call__(
+    self,
+    features: list[jax.Array],
+    residuals: list[jax.Array],
+    deepest: jax.Array,
+    output_size: int,
+    train: bool,
+  ) -> jax.Array:
     if len(features) != NUM_SCALES or len(residuals) != NUM_SCALES:
       raise ValueError(f"PRN takes {NUM_SCALES} scales of features and residuals")
     widths = tuple(self.width * 2**i for i in range(NUM_SCALES))
@@ -167,18 +179,24 @@ class PRN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
     if self.num_prototypes < 1:
-      raise ValueError(f"PRN(num_prototypes={self.num_prototypes}): resolve the count from the "
-                       f"data first (models.resolve)")
+      raise ValueError(
+        f"PRN(num_prototypes={self.num_prototypes}): resolve the count from the "
+        f"data first (models.resolve)"
+      )
     features = backbone_lib.ResNetFeatures(self.backbone, name="backbone")(x)
     features = [jax.lax.stop_gradient(f) for f in features]
     scales = features[:NUM_SCALES]
-    protos = [self.variable("prototypes", f"scale_{i}", jnp.zeros,
-                            (self.num_prototypes,) + f.shape[1:], f.dtype).value
-              for i, f in enumerate(scales)]
+    protos = [
+      self.variable(
+        "prototypes", f"scale_{i}", jnp.zeros, (self.num_prototypes,) + f.shape[1:], f.dtype
+      ).value
+      for i, f in enumerate(scales)
+    ]
     residuals = [prototypes_lib.residual(f, p) for f, p in zip(scales, protos)]
     with conv_weight_grad(self.conv_weight_grad):
-      logits = PRNHead(self.width, name="discriminative")(scales, residuals,
-                                                          features[NUM_SCALES], x.shape[1], train)
+      logits = PRNHead(self.width, name="discriminative")(
+        scales, residuals, features[NUM_SCALES], x.shape[1], train
+      )
     return {"logits": logits, "anomaly_map": jax.nn.softmax(logits, axis=-1)[..., 1]}
 
 
@@ -187,24 +205,30 @@ def num_prototypes(num_train_images: int, fraction: float) -> int:
   return max(1, int(round(fraction * num_train_images)))
 
 
-def fit_prototypes(model: PRN, variables: dict, images: np.ndarray, key: jax.Array,
-                   batch_size: int = 16) -> dict:
+def fit_prototypes(
+  model: PRN, variables: dict, images: np.ndarray, key: jax.Array, batch_size: int = 16
+) -> dict:
   """The "prototypes" collection: per scale, k-means (K = model.num_prototypes) over the
   backbone features of the normal training `images` (N, H, W, 3) in [0, 1], each image's
   flattened feature map one point. Deterministic given `key`."""
   if model.num_prototypes > len(images):
-    raise ValueError(f"{model.num_prototypes} prototypes need at least as many training images "
-                     f"(there are {len(images)})")
+    raise errors.ConfigError(
+      f"{model.num_prototypes} prototypes need at least as many training images "
+      f"(there are {len(images)})"
+    )
   backbone = backbone_lib.ResNetFeatures(model.backbone)
   backbone_vars = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
   extract = jax.jit(lambda v, x: backbone.apply(v, x)[:NUM_SCALES])
-  per_batch = [extract(backbone_vars, jnp.asarray(images[i:i + batch_size]))
-               for i in range(0, len(images), batch_size)]
+  per_batch = [
+    extract(backbone_vars, jnp.asarray(images[i : i + batch_size]))
+    for i in range(0, len(images), batch_size)
+  ]
   result = {}
   for scale in range(NUM_SCALES):
     features = jnp.concatenate([b[scale] for b in per_batch])
-    centroids, _ = prototypes_lib.kmeans(features.reshape(len(images), -1),
-                                         model.num_prototypes, jax.random.fold_in(key, scale))
+    centroids, _ = prototypes_lib.kmeans(
+      features.reshape(len(images), -1), model.num_prototypes, jax.random.fold_in(key, scale)
+    )
     result[f"scale_{scale}"] = centroids.reshape((model.num_prototypes,) + features.shape[1:])
   return result
 
@@ -212,58 +236,72 @@ def fit_prototypes(model: PRN, variables: dict, images: np.ndarray, key: jax.Arr
 # The registry's hooks for PRN (models/__init__.py): config checks, the prototype count from
 # the data, and the stage before step 0.
 
-CONVERT_HINT = ("convert torchvision's weights once: python -m pouta_jax.convert "
-                "--from=torchvision_resnet --weights=resnet18.pth --backbone=resnet18 "
-                "--out=resnet18.npz")
+CONVERT_HINT = (
+  "convert torchvision's weights once: python -m pouta_jax.convert "
+  "--from=torchvision_resnet --weights=resnet18.pth --backbone=resnet18 "
+  "--out=resnet18.npz"
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """PRN's keys; loads the backbone weights once, so a wrong file fails before any work."""
   name = config.backbone.name
   if name not in backbone_lib.BACKBONES:
-    raise ValueError(f"config.backbone.name={name!r}: expected one of "
-                     f"{sorted(backbone_lib.BACKBONES)}")
+    raise errors.ConfigError(
+      f"config.backbone.name={name!r}: expected one of {sorted(backbone_lib.BACKBONES)}"
+    )
   if not isinstance(config.backbone.pretrained, bool):
-    raise ValueError(f"config.backbone.pretrained={config.backbone.pretrained!r}: expected True "
-                     f"or False")
+    raise errors.ConfigError(
+      f"config.backbone.pretrained={config.backbone.pretrained!r}: expected True or False"
+    )
   if config.backbone.pretrained:
     if not config.backbone.weights:
-      raise ValueError(f"config.backbone.weights is empty: PRN's frozen backbone needs "
-                       f"pretrained {name} weights ({CONVERT_HINT}); or set "
-                       f"--config.backbone.pretrained=False to train on a random backbone")
+      raise errors.ConfigError(
+        f"config.backbone.weights is empty: PRN's frozen backbone needs "
+        f"pretrained {name} weights ({CONVERT_HINT}); or set "
+        f"--config.backbone.pretrained=False to train on a random backbone"
+      )
     try:
       backbone_lib.load_weights(config.backbone.weights, name)
     except (OSError, ValueError) as e:
-      raise ValueError(f"config.backbone.weights: {e}") from e
+      raise errors.ConfigError(f"config.backbone.weights: {e}") from e
   if config.model.num_prototypes < 0:
-    raise ValueError(f"config.model.num_prototypes={config.model.num_prototypes}: expected a "
-                     f"count, or 0 for model.prototype_fraction of the training images")
+    raise errors.ConfigError(
+      f"config.model.num_prototypes={config.model.num_prototypes}: expected a "
+      f"count, or 0 for model.prototype_fraction of the training images"
+    )
   if not 0 < config.model.prototype_fraction <= 1:
-    raise ValueError(f"config.model.prototype_fraction={config.model.prototype_fraction}: "
-                     f"expected a fraction in (0, 1]")
+    raise errors.ConfigError(
+      f"config.model.prototype_fraction={config.model.prototype_fraction}: "
+      f"expected a fraction in (0, 1]"
+    )
   for key in ("smooth_l1_weight", "focal_weight", "focal_gamma"):
     if config.loss[key] < 0:
-      raise ValueError(f"config.loss.{key}={config.loss[key]}: expected >= 0")
+      raise errors.ConfigError(f"config.loss.{key}={config.loss[key]}: expected >= 0")
   if not 0 <= config.loss.focal_alpha <= 1:
-    raise ValueError(f"config.loss.focal_alpha={config.loss.focal_alpha}: expected a weight in "
-                     f"[0, 1]")
+    raise errors.ConfigError(
+      f"config.loss.focal_alpha={config.loss.focal_alpha}: expected a weight in [0, 1]"
+    )
 
 
-def derived_settings(config: ml_collections.ConfigDict,
-                     train_sizes: Sequence[int]) -> dict[str, Any]:
+def derived_settings(
+  config: ml_collections.ConfigDict, train_sizes: Sequence[int]
+) -> dict[str, Any]:
   """K: `model.num_prototypes`, or `model.prototype_fraction` of the training images (of the
   smallest category when several share one program, since their prototypes are stacked)."""
   smallest = min(train_sizes)
-  count = (config.model.num_prototypes
-           or num_prototypes(smallest, config.model.prototype_fraction))
+  count = config.model.num_prototypes or num_prototypes(smallest, config.model.prototype_fraction)
   if count > smallest:
-    raise ValueError(f"config.model.num_prototypes={count}: more prototypes than training "
-                     f"images ({smallest}); k-means needs K <= N")
+    raise errors.ConfigError(
+      f"config.model.num_prototypes={count}: more prototypes than training "
+      f"images ({smallest}); k-means needs K <= N"
+    )
   return {"model.num_prototypes": count}
 
 
-def prepare(config: ml_collections.ConfigDict, model: PRN, variables: dict, images: np.ndarray,
-            key: jax.Array) -> dict:
+def prepare(
+  config: ml_collections.ConfigDict, model: PRN, variables: dict, images: np.ndarray, key: jax.Array
+) -> dict:
   """Before step 0: the pretrained backbone (unless `backbone.pretrained` is False), then the
   prototypes from its features of the normal training images."""
   variables = dict(variables)

@@ -17,8 +17,11 @@ import jax.numpy as jnp
 
 def squared_distances(points: jax.Array, centroids: jax.Array) -> jax.Array:
   """(N, K) squared L2 distances, as |x|^2 - 2 x.c + |c|^2 (one matmul), clipped at 0."""
-  distances = (jnp.sum(points**2, axis=1)[:, None] - 2.0 * points @ centroids.T
-               + jnp.sum(centroids**2, axis=1)[None, :])
+  distances = (
+    jnp.sum(points**2, axis=1)[:, None]
+    - 2.0 * points @ centroids.T
+    + jnp.sum(centroids**2, axis=1)[None, :]
+  )
   return jnp.maximum(distances, 0.0)
 
 
@@ -44,8 +47,9 @@ def kmeans_plus_plus(points: jax.Array, k: int, key: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="max_iters")
-def lloyd(points: jax.Array, centroids: jax.Array, max_iters: int = 100
-          ) -> tuple[jax.Array, jax.Array]:
+def lloyd(
+  points: jax.Array, centroids: jax.Array, max_iters: int = 100
+) -> tuple[jax.Array, jax.Array]:
   """Lloyd iterations from `centroids` until no assignment changes (or `max_iters`): final
   centroids and assignments. A cluster that loses all its points keeps its centroid."""
   k = centroids.shape[0]
@@ -68,17 +72,20 @@ def lloyd(points: jax.Array, centroids: jax.Array, max_iters: int = 100
 
   assignment = jnp.argmin(squared_distances(points, centroids), axis=1)
   centroids, assignment, _, _ = jax.lax.while_loop(
-      running, step, (centroids, assignment, jnp.array(True), 0))
+    running, step, (centroids, assignment, jnp.array(True), 0)
+  )
   return centroids, assignment
 
 
-def kmeans(points: jax.Array, k: int, key: jax.Array, max_iters: int = 100
-           ) -> tuple[jax.Array, jax.Array]:
+def kmeans(
+  points: jax.Array, k: int, key: jax.Array, max_iters: int = 100
+) -> tuple[jax.Array, jax.Array]:
   """(k, D) centroids and (N,) assignments of `points` (N, D); deterministic given `key`."""
   n = points.shape[0]
   if not 1 <= k <= n:
-    raise ValueError(f"k-means with K={k} prototypes needs 1 <= K <= {n} (the number of "
-                     f"training images)")
+    raise ValueError(
+      f"k-means with K={k} prototypes needs 1 <= K <= {n} (the number of training images)"
+    )
   return lloyd(points, kmeans_plus_plus(points, k, key), max_iters)
 
 

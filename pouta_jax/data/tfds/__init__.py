@@ -5,7 +5,6 @@ Importing this package registers `mvtec_ad`, `anomaly_folder`, `visa` and `dtd_t
 tensorflow-datasets (`dtd_textures`, not `dtd`: TFDS's own `dtd` downloads, ours reads a copy).
 """
 
-from pouta_jax.data.tfds.builders import (AnomalyConfig, AnomalyFolder, DtdTextures, MvtecAd,
-                                          Visa)
+from pouta_jax.data.tfds.builders import AnomalyConfig, AnomalyFolder, DtdTextures, MvtecAd, Visa
 
 __all__ = ["AnomalyConfig", "AnomalyFolder", "DtdTextures", "MvtecAd", "Visa"]

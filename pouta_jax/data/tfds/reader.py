@@ -40,12 +40,16 @@ class RecordRef:
 def dataset_dir(data_dir: str | Path, dataset: str) -> Path:
   """The newest prepared version of `dataset` ("<name>/<config>") under `data_dir`."""
   parent = Path(data_dir) / dataset
-  versions = sorted((p for p in parent.glob("*.*.*") if (p / "dataset_info.json").is_file()),
-                    key=lambda p: tuple(int(x) for x in p.name.split(".")))
+  versions = sorted(
+    (p for p in parent.glob("*.*.*") if (p / "dataset_info.json").is_file()),
+    key=lambda p: tuple(int(x) for x in p.name.split(".")),
+  )
   if not versions:
-    raise DataError(f"no prepared TFDS dataset {dataset!r} under {data_dir} (expected "
-                    f"{parent}/<version>/dataset_info.json); build it with python -m "
-                    f"pouta_jax.data.build")
+    raise DataError(
+      f"no prepared TFDS dataset {dataset!r} under {data_dir} (expected "
+      f"{parent}/<version>/dataset_info.json); build it with python -m "
+      f"pouta_jax.data.build"
+    )
   return versions[-1]
 
 
@@ -61,8 +65,15 @@ def record_index(path: str, split: str) -> tuple[tuple[str, str, str, int, bool]
   rows = []
   for index in range(len(source)):
     record = source[index]
-    rows.append((record["category"].decode(), record["name"].decode(),
-                 record["defect"].decode(), index, bool(record["mask"])))
+    rows.append(
+      (
+        record["category"].decode(),
+        record["name"].decode(),
+        record["defect"].decode(),
+        index,
+        bool(record["mask"]),
+      )
+    )
   return tuple(sorted(rows, key=lambda r: r[1]))
 
 
@@ -75,12 +86,18 @@ def category_folder(data_dir: str | Path, dataset: str, category: str) -> Catego
     raise DataError(f"no category {category!r} in {path} (categories: {', '.join(found)})")
   test = [r for r in record_index(path, "test") if r[0] == category]
   return CategoryFolder(
-      root=Path(path), category=category,
-      train=tuple(RecordRef(path, "train", i, "image", name) for _, name, _, i, _ in train),
-      test=tuple(TestSample(RecordRef(path, "test", i, "image", name),
-                            RecordRef(path, "test", i, "mask", name) if has_mask else None,
-                            defect)
-                 for _, name, defect, i, has_mask in test))
+    root=Path(path),
+    category=category,
+    train=tuple(RecordRef(path, "train", i, "image", name) for _, name, _, i, _ in train),
+    test=tuple(
+      TestSample(
+        RecordRef(path, "test", i, "image", name),
+        RecordRef(path, "test", i, "mask", name) if has_mask else None,
+        defect,
+      )
+      for _, name, defect, i, has_mask in test
+    ),
+  )
 
 
 def texture_refs(data_dir: str | Path, dataset: str) -> tuple[RecordRef, ...]:

@@ -1,0 +1,32 @@
+"""Checkpoint saves on a full disk: refused before writing when the state cannot fit, and
+cleaned up when the disk fills during the write; either way the newest good step is named."""
+
+import numpy as np
+import pytest
+
+from pouta_jax import checkpoint, errors, train
+
+
+def _state(megabytes: float) -> train.TrainState:
+  size = int(megabytes * 2**20 / 4)  # random: orbax compresses constant arrays to nothing
+  weights = {"w": np.random.default_rng(0).random(size, np.float32)}
+  return train.TrainState(step=np.int32(0), params=weights, batch_stats={}, opt_state=())
+
+
+def test_a_state_that_cannot_fit_is_refused_before_writing(small_disk):
+  mngr = checkpoint.manager(small_disk, keep=2)
+  checkpoint.save(mngr, 1, _state(0.05))
+  with pytest.raises(errors.DiskFullError, match=r"step 2 .* needs about .*newest good .* step 1"):
+    checkpoint.save(mngr, 2, _state(1))
+  mngr.close()
+  assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_disk_that_fills_during_the_write_leaves_no_partial_checkpoint(small_disk, monkeypatch):
+  monkeypatch.setattr(checkpoint, "SPACE_MARGIN", 0.0)  # as if another writer took the space
+  mngr = checkpoint.manager(small_disk, keep=2)
+  checkpoint.save(mngr, 1, _state(0.05))
+  with pytest.raises(errors.DiskFullError, match=r"step 2 .* not written .*newest good .* step 1"):
+    checkpoint.save(mngr, 2, _state(1))
+  mngr.close()
+  assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["1"]

@@ -1,0 +1,119 @@
+"""A workdir belongs to one run at a time and to one config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pouta_jax import config as config_lib, errors, experiment, files
+from tests.conftest import make_tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _store(workdir: Path, config, allow_changes=()) -> None:
+  with experiment.claimed_workdir(workdir, config, allow_changes):
+    pass
+
+
+def test_output_only_keys_are_config_keys():
+  for model in ("draem", "pouta", "prn"):
+    stored = json.loads(config_lib.load(model).to_json_best_effort())
+    assert all(config_lib.has_key(stored, key) for key in config_lib.OUTPUT_ONLY_KEYS)
+
+
+@pytest.mark.parametrize(
+  "key, value",
+  [("optim.lr", 0.123), ("train.seed", 7), ("data.anomaly_prob", 0.9), ("data.root", "/else")],
+)
+def test_a_changed_key_is_refused_unless_allowed_and_then_recorded(
+  tiny_config, tmp_path, key, value
+):
+  _store(tmp_path, tiny_config)
+  stored = (tmp_path / "config.json").read_text()
+  section, name = key.split(".")
+  old = tiny_config[section][name]
+  changed = tiny_config.copy_and_resolve_references()
+  changed[section][name] = value
+  changed.train.log_every = 1  # output-only keys may differ alongside
+  with pytest.raises(errors.ConfigError, match=rf"config\.{key}: stored {old!r}, now {value!r}"):
+    _store(tmp_path, changed)
+  assert (tmp_path / "config.json").read_text() == stored
+  assert not (tmp_path / experiment.CHANGES_FILE).exists()
+
+  _store(tmp_path, changed, allow_changes=(key,))
+  assert config_lib.from_workdir(tmp_path)[section][name] == value
+  records = [
+    json.loads(line) for line in (tmp_path / experiment.CHANGES_FILE).read_text().splitlines()
+  ]
+  assert [(r["key"], r["stored"], r["new"]) for r in records] == [(key, old, value)]
+
+
+def test_output_only_changes_need_no_flag(tiny_config, tmp_path):
+  _store(tmp_path, tiny_config)
+  changed = tiny_config.copy_and_resolve_references()
+  changed.train.log_every, changed.eval.num_heatmaps = 1, 0
+  _store(tmp_path, changed)
+  assert config_lib.from_workdir(tmp_path).train.log_every == 1
+  assert not (tmp_path / experiment.CHANGES_FILE).exists()
+  with pytest.raises(errors.ConfigError, match=r"\['optim.learning_rate'\] are not config keys"):
+    _store(tmp_path, changed, allow_changes=("optim.learning_rate",))
+
+
+def test_a_run_in_progress_is_not_disturbed_by_a_second(dataset_root, tmp_path):
+  config = make_tiny_config("draem", dataset_root)
+  overrides = {
+    "data.root": dataset_root,
+    "model.base_width": config.model.base_width,
+    "data.image_size": config.data.image_size,
+    "data.batch_size": config.data.batch_size,
+    "data.num_workers": 0,
+    "train.num_steps": 40,
+    "train.log_every": 1,
+    "train.checkpoint_every": 5,
+  }
+  command = [
+    sys.executable,
+    "-m",
+    "pouta_jax.main",
+    "--config=configs/draem.py:weave,tiny",
+    f"--workdir={tmp_path}",
+    "--mode=train",
+    *(f"--config.{k}={v}" for k, v in overrides.items()),
+  ]
+  first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  lock = tmp_path / files.LOCK_NAME
+  while not (lock.exists() and lock.read_text()):
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    time.sleep(0.05)
+  started = time.monotonic()
+  second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+  refused_after = time.monotonic() - started
+  _, first_err = first.communicate(timeout=600)
+  assert first.returncode == 0, first_err[-3000:]
+  assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+  assert f"FATAL: workdir {tmp_path} is in use by host " in second.stderr
+  assert f"pid {first.pid}" in second.stderr
+  # Refused at start, before reading data or building the model (jax's import dominates).
+  assert refused_after < 60
+  steps = [
+    json.loads(line)["step"] for line in (tmp_path / "scalars.jsonl").read_text().splitlines()
+  ]
+  assert steps == list(range(1, 41))  # one writer: no duplicates, none lost
+  assert not lock.exists()
+
+
+def test_the_refusal_names_the_flag_and_writes_nothing(dataset_root, tmp_path):
+  config = make_tiny_config("draem", dataset_root)
+  _store(tmp_path, config)
+  changed = config.copy_and_resolve_references()
+  changed.optim.lr = 0.25
+  with pytest.raises(errors.ConfigError, match="--allow_config_change=optim.lr"):
+    experiment.run(changed, tmp_path, mode="eval")
+  assert os.listdir(tmp_path) == ["config.json"]
