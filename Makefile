@@ -23,9 +23,12 @@ demo-all: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)-all --models=draem,pouta,prn \
 		--backbone_weights=$(BACKBONE_WEIGHTS)
 
-# pytest exits 5 when it collects no tests: that is a failure here, said out loud.
+# pytest exits 5 when it collects no tests: that is a failure here, said out loud. The suite
+# runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time so its
+# module fixtures are built once; most tests keep one core busy compiling.
+TEST_WORKERS ?= 2
 test: install
-	@$(BIN)/python -m pytest; rc=$$?; \
+	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
 
 # The formatter and linter (ruff, settings in pyproject.toml); `ruff format .` fixes the layout.

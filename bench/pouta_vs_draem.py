@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     config = config_lib.load(name)
     config.model.base_width = _WIDTH.value
     model = models.get(name).build(config)
-    state = train.init_state(model, optax.identity(), _SIZE.value, seed=0)
+    state = train.fresh_state(model, optax.identity(), _SIZE.value, seed=0)
     profile = evaluate.profile(model, state.variables, _SIZE.value, _FILTER, repeats=1)
     setups[name] = (evaluate.make_predict_fn(model, _FILTER), state.variables, profile)
 

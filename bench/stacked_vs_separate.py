@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from pouta_jax import config as config_lib, models, sharding, train
+from pouta_jax.data import pipeline
 
 _MODEL = flags.DEFINE_enum("model", "draem", ["draem", "pouta"], "Model.")
 _CATEGORIES = flags.DEFINE_integer("categories", 4, "Number of categories.")
@@ -62,9 +63,9 @@ def _setup(config):
   loop = train.category_loop(config)
   mesh = sharding.make_mesh(config)
   n = len(config_lib.categories_of(config))
-  model, tx, state, _ = train.initial_state(config, [1] * n)
+  model, tx, state, _ = train.setup(config, [1] * n)
   state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
-  batch = _batch(np.random.default_rng(0), train.batch_shape(config))
+  batch = _batch(np.random.default_rng(0), pipeline.batch_shape(config))
   step = train.make_train_step(
     model, models.get(config.model.name).objective(config), tx, mesh, loop
   )

@@ -63,7 +63,7 @@ def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None
   config.data.batch_size = setting.batch_size
   model = models.get("draem").build(config)
   tx = train.make_optimizer(config, num_steps=10**6)
-  state = train.init_state(model, tx, setting.image_size, seed=0)
+  state = train.fresh_state(model, tx, setting.image_size, seed=0)
   mesh = sharding.make_mesh(config)
   step = train.make_train_step(model, models.get("draem").objective(config), tx, mesh)
   batch = jax.device_put(_batch(setting), sharding.batch_sharding(mesh, False))

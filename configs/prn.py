@@ -6,7 +6,7 @@ on DRAEM's synthetic anomalies plus a few real ones ("seen") taken out of the te
     Weights: python -m pouta_jax.convert --from=torchvision_resnet --weights=resnet18.pth \\
                  --backbone=resnet18 --out=resnet18.npz
     Without weights (a random backbone, e.g. the demo): --config.backbone.pretrained=False
-Defaults follow the one public reimplementation (../shared/reference/prn.md): ResNet18, K = 10%
+Defaults follow the one public reimplementation (third_party/ALGORITHMS.md): ResNet18, K = 10%
 of the training images, Smooth-L1 + 5 x focal (alpha 0.5, gamma 4), Adam 1e-4 with weight decay
 1e-2, batch 48, 700 epochs, 256 px, 10 real anomalies per category.
 """

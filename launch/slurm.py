@@ -24,7 +24,7 @@ from pathlib import Path
 from absl import flags
 
 from pouta_jax import errors, sweep
-from pouta_jax.train import PREEMPTED_EXIT_CODE
+from pouta_jax.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 
 sweep.define_launch_flags()
 _PARTITION = flags.DEFINE_string("partition", None, "SLURM partition.")

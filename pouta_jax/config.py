@@ -181,11 +181,34 @@ def is_stacked(config: ml_collections.ConfigDict) -> bool:
 
 
 def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
-  """The config a run stored in its workdir (`config.json`)."""
+  """The config a run stored in its workdir (`config.json`), as today's code reads it."""
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise errors.NotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    stored = json.loads(path.read_text())
+    name = stored["model"]["name"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise errors.ConfigError(f"{path}: not a stored config ({type(e).__name__}: {e})") from None
+  if not (CONFIG_DIR / f"{name}.py").is_file():
+    raise errors.ConfigError(f"{path}: config.model.name={name!r} is not a model of this version")
+  return upgrade(stored)
+
+
+def upgrade(stored: dict) -> ml_collections.ConfigDict:
+  """A config stored by any version, as today's code reads it: the stored values laid over
+  the defaults of its model's config file, so a key added since (say data.real_anomaly_prob)
+  has its default. The one place that knows older workdirs; code reads keys plainly."""
+  config = load(stored["model"]["name"])
+  for key, value in _flat(stored).items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      if section not in node:  # a section this version no longer has
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[name] = tuple(value) if isinstance(value, list) else value
+  return config
 
 
 # Keys that change only what is written, or how the same computation is laid out, never the
@@ -228,73 +251,91 @@ def has_key(config: dict, key: str) -> bool:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key when a setting cannot work."""
-
-  def check(ok: bool, key: str, expected: str) -> None:
-    if not ok:
-      section, name = key.split(".")
-      raise errors.ConfigError(f"config.{key}={config[section][name]!r}: expected {expected}")
-
+  """Raises ConfigError naming the key when a setting cannot work."""
   size = config.data.image_size
-  check(
+  errors.check(
+    config,
     size > 0 and size % SIZE_MULTIPLE == 0,
     "data.image_size",
     f"a positive multiple of {SIZE_MULTIPLE} (the network downsamples 5 times)",
   )
-  check(
+  errors.check(
+    config,
     config.model.base_width >= 2 and config.model.base_width % 2 == 0,
     "model.base_width",
     "an even number >= 2 (the discriminative width is half of it)",
   )
-  check(
+  errors.check(
+    config,
     config.model.conv_weight_grad in CONV_WEIGHT_GRAD_MODES,
     "model.conv_weight_grad",
     f"one of {CONV_WEIGHT_GRAD_MODES}",
   )
   categories = tuple(config.data.categories)
-  check(len(set(categories)) == len(categories), "data.categories", "distinct category names")
-  check(config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count")
-  check(config.data.batch_size > 0, "data.batch_size", "a positive batch size")
-  check(config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
-  check(0 <= config.data.anomaly_prob <= 1, "data.anomaly_prob", "a probability in [0, 1]")
-  check(0 <= config.data.rotate_prob <= 1, "data.rotate_prob", "a probability in [0, 1]")
-  check(0 <= config.data.beta_max <= 1, "data.beta_max", "an opacity in [0, 1]")
-  check(
+  errors.check(
+    config, len(set(categories)) == len(categories), "data.categories", "distinct category names"
+  )
+  errors.check(
+    config, config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count"
+  )
+  errors.check(config, config.data.batch_size > 0, "data.batch_size", "a positive batch size")
+  errors.check(config, config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
+  errors.check(
+    config, 0 <= config.data.anomaly_prob <= 1, "data.anomaly_prob", "a probability in [0, 1]"
+  )
+  errors.check(
+    config, 0 <= config.data.rotate_prob <= 1, "data.rotate_prob", "a probability in [0, 1]"
+  )
+  errors.check(config, 0 <= config.data.beta_max <= 1, "data.beta_max", "an opacity in [0, 1]")
+  errors.check(
+    config,
     0 <= config.data.perlin_max_scale_log2 <= 8,
     "data.perlin_max_scale_log2",
     "an integer in [0, 8]",
   )
-  check(0 <= config.data.num_augmenters <= 10, "data.num_augmenters", "0 to 10 augmenters")
-  check(
+  errors.check(
+    config, 0 <= config.data.num_augmenters <= 10, "data.num_augmenters", "0 to 10 augmenters"
+  )
+  errors.check(
+    config,
     config.data.num_real_anomalies >= 0,
     "data.num_real_anomalies",
     "0 or a number of test-set defect images to train on",
   )
-  check(
-    0 <= config.data.real_anomaly_prob <= 1, "data.real_anomaly_prob", "a probability in [0, 1]"
+  errors.check(
+    config,
+    0 <= config.data.real_anomaly_prob <= 1,
+    "data.real_anomaly_prob",
+    "a probability in [0, 1]",
   )
-  check(config.optim.lr > 0, "optim.lr", "a positive learning rate")
-  check(config.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
+  errors.check(config, config.optim.lr > 0, "optim.lr", "a positive learning rate")
+  errors.check(config, config.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
   milestones = tuple(config.optim.milestones)
-  check(
+  errors.check(
+    config,
     all(0 < m < 1 for m in milestones) and list(milestones) == sorted(milestones),
     "optim.milestones",
     "increasing fractions of training in (0, 1)",
   )
-  check(
+  errors.check(
+    config,
     config.train.num_steps > 0 or config.train.num_epochs > 0,
     "train.num_steps",
     "a positive number of steps (or train.num_epochs > 0)",
   )
-  check(config.train.log_every > 0, "train.log_every", "a positive interval")
-  check(config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval")
-  check(config.train.keep_checkpoints > 0, "train.keep_checkpoints", "at least 1")
-  check(
+  errors.check(config, config.train.log_every > 0, "train.log_every", "a positive interval")
+  errors.check(
+    config, config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval"
+  )
+  errors.check(config, config.train.keep_checkpoints > 0, "train.keep_checkpoints", "at least 1")
+  errors.check(
+    config,
     config.train.category_loop in ("auto", "vmap", "unroll"),
     "train.category_loop",
     "'auto', 'vmap' or 'unroll'",
   )
-  check(
+  errors.check(
+    config,
     config.eval.score_filter_size % 2 == 1,
     "eval.score_filter_size",
     "an odd filter size (centred mean filter)",

@@ -259,7 +259,7 @@ def convert(
   workdir = Path(workdir)
   if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
     raise errors.ExistsError(f"{workdir}/checkpoints is not empty; convert into a new --workdir")
-  _, _, state, _ = train.initial_state(config, [1])
+  state = train.setup(config, [1]).state
   variables = to_variables(state_dicts, swap_seg_input, state.variables)  # before any write
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   with experiment.claimed_workdir(workdir, config) as workdir:

@@ -54,6 +54,17 @@ class DivergedError(Error, FloatingPointError):
   """Training produced a non-finite loss or gradient; nothing after the last good step saved."""
 
 
+def check(config, ok: bool, key: str, expected: str) -> None:
+  """Raises ConfigError `config.<key>=<its value>: expected <expected>` unless `ok`; `key` is
+  dotted ("optim.lr"). The one way every config check words its error."""
+  if ok:
+    return
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error`, or anything in its cause chain, is ENOSPC (orbax and tensorstore wrap it;
   tensorstore only says so in its message)."""

@@ -203,7 +203,7 @@ def _trained_predictors(
 ) -> tuple[dict, dict]:
   """Trains (unless mode is eval) or restores; model -> category -> predict function, and the
   model's profile."""
-  model, _, initial, _ = train.initial_state(config, [len(f.train) for f in folders])
+  model, _, initial, _ = train.setup(config, [len(f.train) for f in folders])
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     state = checkpoint.restore_latest(mngr, initial)
@@ -217,7 +217,7 @@ def _trained_predictors(
   # Every process evaluates on its own devices, from host copies of the state.
   variants = {config.model.name: sharding.to_host(state.variables)}
   if include_untrained:  # as training starts: after the prepare stage (PRN's prototypes)
-    initial = train.prepare_state(config, model, initial, folders)
+    initial = train.prepared_state(config, model, initial, folders)
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
   filter_size = config.eval.score_filter_size
   predictors = {

@@ -43,7 +43,7 @@ def _state_of(workdir: Path, config) -> train.TrainState:
     if mngr.latest_step() is None:
       raise errors.NotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
     # The step count only sets the optimizer's schedule, not the state's shapes.
-    _, _, template, _ = train.initial_state(config, [1] * len(config_lib.categories_of(config)))
+    template = train.setup(config, [1] * len(config_lib.categories_of(config))).state
     return checkpoint.restore_latest(mngr, template)
   finally:
     mngr.close()

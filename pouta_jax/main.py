@@ -22,7 +22,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, errors, experiment, sharding, train
+from pouta_jax import config as config_lib, errors, experiment, preemption, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file and argument, e.g. configs/draem.py:bottle,tiny.", lock_config=True
@@ -68,9 +68,9 @@ def main(argv: list[str]) -> None:
       artifact_path=_ARTIFACT.value,
       allow_changes=_ALLOW_CHANGE.value,
     )
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.EXIT_CODE)
   if results and sharding.is_primary():
     print(f"Outputs in {_WORKDIR.value}: metrics.json, results.md, heatmaps/")
 

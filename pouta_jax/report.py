@@ -1,4 +1,5 @@
-"""Outputs: scalar logs, metrics.json, results tables and heatmap panels.
+"""Outputs: scalar logs, results tables and heatmap panels (experiment.write_results puts the
+tables and metrics.json together).
 
 Every file is written to a temporary name and renamed into place (`files.write_atomic`), so a
 crash never leaves a half-written results file.

@@ -7,33 +7,25 @@ from __future__ import annotations
 
 import collections
 import functools
-import gc
 import math
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from grain._src.python.ipc import shared_memory_array
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from pouta_jax import checkpoint, config as config_lib, errors, models, report, sharding
+from pouta_jax import checkpoint, config as config_lib, errors, models, preemption, report, sharding
 from pouta_jax.data import pipeline
 from pouta_jax.data.folder import CategoryFolder, load_image
-from pouta_jax.data.synthesis import SynthesisConfig
-from pouta_jax.data.textures import texture_source
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -69,7 +61,7 @@ def make_optimizer(
     tuple(config.optim.milestones),
     config.optim.decay,
     num_steps,
-    config.optim.get("weight_decay", 0.0),
+    config.optim.weight_decay,
   )
 
 
@@ -92,7 +84,7 @@ def _jitted_init(model: nn.Module, image_size: int) -> Callable:
   return jax.jit(lambda key: model.init(key, dummy, train=False))
 
 
-def init_state(
+def fresh_state(
   model: nn.Module,
   tx: optax.GradientTransformation,
   image_size: int,
@@ -111,9 +103,16 @@ def init_state(
   )
 
 
-def initial_state(
-  config: ml_collections.ConfigDict, train_sizes: Sequence[int]
-) -> tuple[nn.Module, optax.GradientTransformation, TrainState, int]:
+class Setup(NamedTuple):
+  """What a run trains: the model, its optimizer, the step-0 state and the number of steps."""
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  state: TrainState
+  num_steps: int
+
+
+def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int]) -> Setup:
   """The model, its optimizer, the step-0 state and the number of steps, for categories with
   `train_sizes` training images each. With `data.categories` the state is stacked over them
   (every category starts from the same initialisation, as separate runs with one seed do)."""
@@ -128,17 +127,17 @@ def initial_state(
   spec = models.get(config.model.name)
   model = spec.build(config)
   tx = make_optimizer(config, num_steps)
-  state = init_state(model, tx, config.data.image_size, config.train.seed, spec.frozen)
+  state = fresh_state(model, tx, config.data.image_size, config.train.seed, spec.frozen)
   if config_lib.is_stacked(config):
     state = jax.tree.map(lambda x: jnp.repeat(x[None], len(train_sizes), axis=0), state)
-  return model, tx, state, num_steps
+  return Setup(model, tx, state, num_steps)
 
 
 # The stream of train.seed that the prepare stage draws from (init uses the seed itself).
 PREPARE_STREAM = 1
 
 
-def prepare_state(
+def prepared_state(
   config: ml_collections.ConfigDict,
   model: nn.Module,
   state: TrainState,
@@ -267,105 +266,9 @@ def make_train_step(
   )
 
 
-def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The leading dims of a global batch: (batch,), or (categories, batch) when stacked."""
-  if config_lib.is_stacked(config):
-    return (len(config.data.categories), config.data.batch_size)
-  return (config.data.batch_size,)
-
-
-def training_batches(
-  config: ml_collections.ConfigDict,
-  folders: Sequence[CategoryFolder],
-  mesh: Mesh,
-  num_steps: int,
-  start_step: int = 0,
-) -> grain.IterDataset:
-  """This process's block of every global batch (see `sharding.process_block`)."""
-  synthesis = SynthesisConfig(
-    anomaly_prob=config.data.anomaly_prob,
-    rotate_prob=config.data.rotate_prob,
-    beta_max=config.data.beta_max,
-    perlin_max_scale_log2=config.data.perlin_max_scale_log2,
-    num_augmenters=config.data.num_augmenters,
-    real_anomaly_prob=config.data.get("real_anomaly_prob", 0.5),
-  )
-  textures = texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir)
-  samples = tuple(
-    pipeline.SynthesizedSample(
-      train_paths=tuple(folder.train),
-      textures=textures,
-      image_size=config.data.image_size,
-      synthesis=synthesis,
-      seed=config.train.seed,
-      real_anomalies=folder.real_anomalies,
-    )
-    for folder in folders
-  )
-  stacked = config_lib.is_stacked(config)
-  block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
-  rows = block[-1]
-  local_samples = samples[block[0]] if stacked else samples
-  return pipeline.train_batches(
-    pipeline.BatchBlock(local_samples, config.data.batch_size, rows.start, rows.stop - rows.start),
-    num_steps,
-    start_step,
-    config.data.num_workers,
-  )
-
-
 # How many dispatched steps may be unfinished on the device (see `train`): 2 keeps the device
 # busy (the next step is queued while one runs) and bounds the host's lead.
 MAX_STEPS_IN_FLIGHT = 2
-
-
-class Preempted(Exception):
-  """Training stopped on a preemption notice (SIGTERM) after saving a checkpoint."""
-
-
-# The exit status of a preempted run: what a process killed by SIGTERM returns, so schedulers
-# that requeue on it see the usual code.
-PREEMPTED_EXIT_CODE = 128 + 15
-
-
-class PreemptionNotice:
-  """Whether the scheduler asked this job to stop, checked once per step.
-
-  With several processes, JAX's preemption service (started by jax.distributed) takes the
-  SIGTERM and agrees on a step all processes reach; alone, a SIGTERM handler sets a flag.
-  """
-
-  def __init__(self):
-    self._requested = threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._requested.set())
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested.is_set()
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def _close(batches: grain.DatasetIterator) -> None:
-  """Stops grain's workers and frees their shared memory. grain's close can fail after a worker
-  died; that must not hide the error that ended training."""
-  try:
-    batches.close()
-  except Exception as e:
-    logging.warning("closing the data pipeline failed: %s: %s", type(e).__name__, e)
-  # The last batches' shared memory is held in reference cycles inside grain's iterators, and
-  # grain unlinks it on a thread of its own (one thread, first in first out). Collect, then
-  # pass a no-op through that thread: it returns once every unlink queued before is done, so a
-  # process that ends now leaks none (a preempted run left 20 behind otherwise).
-  gc.collect()
-  deleter = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
-  if deleter is not None:
-    deleter.apply(lambda: None)
 
 
 def _checked_scalars(
@@ -401,19 +304,19 @@ def train(
   restarted run continues with the batch that followed the checkpoint and ends bitwise equal
   to an uninterrupted one. A non-finite loss stops training with DivergedError before
   anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
-  checkpoint and raises Preempted.
+  checkpoint and raises preemption.Preempted.
   """
   workdir = Path(workdir)
   stacked = config_lib.is_stacked(config)
   mesh = sharding.make_mesh(config)
-  model, tx, initial, num_steps = initial_state(config, [len(f.train) for f in folders])
+  model, tx, initial, num_steps = setup(config, [len(f.train) for f in folders])
   state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   state = checkpoint.restore_latest(mngr, jax.device_put(initial, state_sharding))
   if state is not None:
     logging.info("Resumed from step %d in %s", current_step(state), workdir)
   else:
-    state = jax.device_put(prepare_state(config, model, initial, folders), state_sharding)
+    state = jax.device_put(prepared_state(config, model, initial, folders), state_sharding)
   start = current_step(state)
   if start >= num_steps:
     mngr.close()
@@ -421,15 +324,15 @@ def train(
 
   objective = models.get(config.model.name).objective(config)
   train_step = make_train_step(model, objective, tx, mesh, category_loop(config))
-  batches = iter(training_batches(config, folders, mesh, num_steps))
+  batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
   if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
     batches.close()
-    batches = iter(training_batches(config, folders, mesh, num_steps, start))
-  batch_sharding, leading = sharding.batch_sharding(mesh, stacked), batch_shape(config)
+    batches = iter(pipeline.training_batches(config, folders, mesh, num_steps, start))
+  batch_sharding, leading = sharding.batch_sharding(mesh, stacked), pipeline.batch_shape(config)
   categories = tuple(f.category for f in folders) if stacked else None
   # From a checkpoint, records after its step are dropped: they belong to the lost steps.
   writer = report.ScalarWriter(workdir, start) if sharding.is_primary() else None
-  notice = PreemptionNotice()
+  notice = preemption.Notice()
   last_time, last_step = time.perf_counter(), start
   in_flight: collections.deque = collections.deque()  # dispatched steps' losses
   try:
@@ -459,7 +362,7 @@ def train(
             _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
           if mngr.latest_step() != step:
             checkpoint.save(mngr, step, state, batches)
-          raise Preempted(
+          raise preemption.Preempted(
             f"preempted: saved step {step} of {num_steps} in {workdir}/checkpoints;"
             f" run the same command again to resume"
           )
@@ -489,6 +392,6 @@ def train(
     notice.close()
     if writer is not None:
       writer.close()
-    _close(batches)
+    pipeline.close(batches)
     mngr.close()
   return state

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 
-import pytest
-from absl import flags
+# One persistent XLA compilation cache for this test session, its subprocesses included (they
+# inherit the environment): the tests compile the same tiny programs in many processes. Set
+# before jax is imported, which reads these at import. A fresh folder per session.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pouta_jax_test_compilation_cache_")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from pouta_jax import config as config_lib
-from pouta_jax.data import embedded
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+from pouta_jax import config as config_lib  # noqa: E402
+from pouta_jax.data import embedded  # noqa: E402
 
 # grain reads absl flags; outside app.run they must be marked parsed.
 if not flags.FLAGS.is_parsed():

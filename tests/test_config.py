@@ -1,8 +1,10 @@
+import json
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib
+from pouta_jax import config as config_lib, errors
 
 CONFIG_FILE = "configs/draem.py"
 
@@ -76,3 +78,32 @@ def test_several_categories_make_one_program():
   assert len(config_lib.MVTEC_AD_CATEGORIES) == 15
   one = _parse(f"--config={CONFIG_FILE}:pill")
   assert not config_lib.is_stacked(one) and config_lib.categories_of(one) == ("pill",)
+
+
+def test_a_config_stored_by_an_older_version_reads_as_today(tmp_path):
+  stored = json.loads(config_lib.load("pouta", "pill,tiny").to_json_best_effort())
+  # keys added since that version
+  del stored["data"]["real_anomaly_prob"], stored["model"]["conv_weight_grad"]
+  del stored["optim"]["weight_decay"], stored["data"]["categories"]
+  stored["optim"]["lr"] = 0.123
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  config = config_lib.from_workdir(tmp_path)
+  defaults = config_lib.load("pouta")
+  assert config.data.real_anomaly_prob == defaults.data.real_anomaly_prob
+  assert config.model.conv_weight_grad == defaults.model.conv_weight_grad
+  assert config.optim.weight_decay == defaults.optim.weight_decay
+  assert config.data.categories == ()
+  # what it stored wins, tuples come back as tuples, and the model's own sections are there
+  assert config.optim.lr == 0.123 and config.data.category == "pill"
+  assert config.optim.milestones == defaults.optim.milestones
+  assert isinstance(config.loss.level_weights, tuple)
+  config_lib.validate(config)
+
+
+def test_a_damaged_stored_config_is_named(tmp_path):
+  (tmp_path / "config.json").write_text('{"model": ')
+  with pytest.raises(errors.ConfigError, match=f"{tmp_path / 'config.json'}: not a stored config"):
+    config_lib.from_workdir(tmp_path)
+  (tmp_path / "config.json").write_text('{"model": {"name": "resnet"}}')
+  with pytest.raises(errors.ConfigError, match="'resnet' is not a model of this version"):
+    config_lib.from_workdir(tmp_path)

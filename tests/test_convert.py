@@ -22,7 +22,7 @@ def _template(width: int = WIDTH):
   config = config_lib.load("draem", "weave,tiny")
   config.model.base_width = width
   config.data.image_size = 32
-  return config, train.initial_state(config, [1])[2]
+  return config, train.setup(config, [1]).state
 
 
 def _torch_named(variables) -> dict[str, dict[str, np.ndarray]]:

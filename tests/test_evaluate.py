@@ -16,7 +16,7 @@ def test_mean_filter_max_matches_zero_padded_uniform_filter():
 
 def test_predict_pads_the_last_batch_and_matches_direct_apply():
   model = DRAEM(4)
-  state = train.init_state(model, optax.adam(1e-3), 32, 0)
+  state = train.fresh_state(model, optax.adam(1e-3), 32, 0)
   images = (np.random.default_rng(0).random((5, 32, 32, 3)) * 255).astype(np.uint8)
   predict_fn = evaluate.model_predict_fn(model, state.variables, filter_size=3)
   maps, scores = evaluate.predict(predict_fn, images, batch_size=4)

@@ -11,7 +11,7 @@ import pytest
 
 from pouta_jax import checkpoint, config as config_lib, evaluate, experiment, export, models, train
 from pouta_jax.artifact import load as load_artifact
-from pouta_jax.data import DataError, category_folder
+from pouta_jax.data import DataError, category_folder, pipeline
 from pouta_jax.data.folder import load_image, load_test_set, sample_name
 from pouta_jax.models import backbone, prn
 from tests.conftest import make_tiny_config
@@ -56,7 +56,7 @@ def trained(dataset_root, tmp_path_factory):
 def _restored(config, workdir):
   sizes = [len(category_folder(config, c).train) for c in config_lib.categories_of(config)]
   resolved = models.resolve(config, sizes)
-  _, _, template, _ = train.initial_state(resolved, sizes)
+  template = train.setup(resolved, sizes).state
   mngr = checkpoint.manager(workdir, 2)
   state = checkpoint.restore_latest(mngr, template)
   mngr.close()
@@ -86,7 +86,7 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
   config = _prn_config(dataset_root)
   config = models.resolve(config, [8])
   assert config.model.num_prototypes == 1  # 10% of 8 images, at least 1
-  model, tx, state, _ = train.initial_state(config, [8])
+  model, tx, state, _ = train.setup(config, [8])
   assert set(state.params) == {"discriminative"}
   assert set(state.constants) == {"params", "batch_stats", "prototypes"}
   assert set(state.constants["params"]) == {"backbone"}
@@ -97,12 +97,12 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
   folder = category_folder(config)
   mesh = train.sharding.make_mesh(config)
   step = train.make_train_step(model, models.get("prn").objective(config), tx, mesh)
-  batch = next(iter(train.training_batches(config, [folder], mesh, 1)))
+  batch = next(iter(pipeline.training_batches(config, [folder], mesh, 1)))
   before = jax.device_get(state)
   after, metrics = step(
     state,
     train.sharding.global_batch(
-      train.sharding.batch_sharding(mesh, False), batch, train.batch_shape(config)
+      train.sharding.batch_sharding(mesh, False), batch, pipeline.batch_shape(config)
     ),
   )
   after = jax.device_get(after)
@@ -186,7 +186,7 @@ def test_prototypes_are_prepared_once_saved_and_restored(trained):
   ):
     np.testing.assert_array_equal(old, new)
   # The stage is deterministic: preparing again gives the same prototypes.
-  again = train.prepare_state(resolved, model, template, [folder])
+  again = train.prepared_state(resolved, model, template, [folder])
   for name, value in expected.items():
     np.testing.assert_array_equal(again.constants["prototypes"][name], value)
 
@@ -195,8 +195,8 @@ def _fitted(config, category):
   """The prototypes a fresh single-category run of `category` prepares."""
   config = _prn_config(config.data.root, **{"data.category": category})
   config = models.resolve(config, [len(category_folder(config).train)])
-  model, _, template, _ = train.initial_state(config, [len(category_folder(config).train)])
-  return train.prepare_state(config, model, template, [category_folder(config)]).constants[
+  model, _, template, _ = train.setup(config, [len(category_folder(config).train)])
+  return train.prepared_state(config, model, template, [category_folder(config)]).constants[
     "prototypes"
   ]
 

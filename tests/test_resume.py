@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pouta_jax import checkpoint, train
+from pouta_jax import checkpoint, preemption, train
 from tests.conftest import make_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def _signal_after(process: subprocess.Popen, workdir: Path, step: int, sig: int)
 
 
 def _final_state(config, workdir: Path) -> train.TrainState:
-  _, _, template, _ = train.initial_state(config, [8])
+  template = train.setup(config, [8]).state
   mngr = checkpoint.manager(workdir, 2)
   state = checkpoint.restore_latest(mngr, template)
   mngr.close()
@@ -93,7 +93,7 @@ def test_sigterm_saves_and_sigkill_resumes_bitwise_equal(dataset_root, tmp_path)
   process = _start(_command(dataset_root, interrupted), env)
   target = int(rng.integers(6, 10))
   stderr = _signal_after(process, interrupted, target, signal.SIGTERM)
-  assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr
+  assert process.returncode == preemption.EXIT_CODE, stderr
   assert "run the same command again" in stderr
   assert "leaked shared_memory" not in stderr  # the grain worker's batches were freed
   mngr = checkpoint.manager(interrupted, 2)
@@ -133,7 +133,7 @@ def _curve(workdir: Path) -> list[tuple[int, float]]:
 SLOW_RUN = """
 import dataclasses, sys, time
 import jax, jax.numpy as jnp
-from pouta_jax import models, train
+from pouta_jax import models, preemption, train
 from pouta_jax.data import category_folder
 from tests.conftest import make_tiny_config
 
@@ -161,8 +161,8 @@ config = make_tiny_config("draem", root)
 config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 200, 100, 100
 try:
   train.train(config, workdir, [category_folder(config, "weave")])
-except train.Preempted:
-  sys.exit(train.PREEMPTED_EXIT_CODE)
+except preemption.Preempted:
+  sys.exit(preemption.EXIT_CODE)
 """
 
 
@@ -181,7 +181,7 @@ def test_preemption_saves_within_a_few_step_times(dataset_root, tmp_path):
   steps_started = len(started.read_text())
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert process.returncode == preemption.EXIT_CODE, stderr[-3000:]
   mngr = checkpoint.manager(tmp_path / "run", 2)
   saved = mngr.latest_step()
   mngr.close()

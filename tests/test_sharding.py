@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent("""
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), ("data",))
-      state = train.init_state(model, tx, 32, seed=0)
+      state = train.fresh_state(model, tx, 32, seed=0)
       state = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, state)
       state = jax.device_put(state, sharding.replicated(mesh))
       step = train.make_train_step(model, objective, tx, mesh)
@@ -107,7 +107,7 @@ SCRIPT = textwrap.dedent("""
     single = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     step1 = train.make_train_step(model, objective, tx, single)
     init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
-                        jax.device_get(train.init_state(model, tx, 32, seed=0)))  # host copy
+                        jax.device_get(train.fresh_state(model, tx, 32, seed=0)))  # host copy
     separate = [step1(jax.device_put(init, sharding.replicated(single)), b)
                 for b in (batch, flipped)]
     stacked_batch = {k: np.stack([batch[k], flipped[k]]) for k in batch}
@@ -153,7 +153,7 @@ PRN_SCRIPT = textwrap.dedent("""
     mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
     batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
              "has_anomaly": mask.max(axis=(1, 2))}
-    init = jax.device_get(train.init_state(model, tx, 32, seed=0, frozen=spec.frozen))
+    init = jax.device_get(train.fresh_state(model, tx, 32, seed=0, frozen=spec.frozen))
     init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, init)
     # Prototypes that are not zero, so residuals take part.
     init = init.replace(constants={**init.constants, "prototypes": jax.tree.map(

@@ -21,7 +21,7 @@ def _stacked_config(root):
 
 
 def _final_state(config, workdir):
-  _, _, template, _ = train.initial_state(config, [8] * len(config_lib.categories_of(config)))
+  template = train.setup(config, [8] * len(config_lib.categories_of(config))).state
   mngr = checkpoint.manager(workdir, 2)
   state = checkpoint.restore_latest(mngr, template)
   mngr.close()

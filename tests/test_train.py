@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pouta_jax import checkpoint, models, objectives, sharding, train
-from pouta_jax.data import category_folder
+from pouta_jax.data import category_folder, pipeline
 from tests.conftest import make_tiny_config
 
 
@@ -90,9 +90,9 @@ def test_checkpoint_holds_the_data_iterator(tiny_config, tmp_path):
   state = train.train(tiny_config, tmp_path, folder)
   mngr = checkpoint.manager(tmp_path, 2)
   mesh = sharding.make_mesh(tiny_config)
-  batches = iter(train.training_batches(tiny_config, folder, mesh, 6))
+  batches = iter(pipeline.training_batches(tiny_config, folder, mesh, 6))
   assert checkpoint.restore_data_iterator(mngr, 3, batches)
-  expected = next(iter(train.training_batches(tiny_config, folder, mesh, 6, start_step=3)))
+  expected = next(iter(pipeline.training_batches(tiny_config, folder, mesh, 6, start_step=3)))
   restored = next(batches)
   for key in expected:
     np.testing.assert_array_equal(restored[key], expected[key])
@@ -112,13 +112,13 @@ class _StateBeforeConstants(flax.struct.PyTreeNode):
 
 
 def test_checkpoints_written_before_constants_existed_still_restore(tiny_config, tmp_path):
-  model, tx, state, _ = train.initial_state(tiny_config, [8])
+  model, tx, state, _ = train.setup(tiny_config, [8])
   state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1.0, state.params))
   old = _StateBeforeConstants(state.step, state.params, state.batch_stats, state.opt_state)
   mngr = checkpoint.manager(tmp_path, 1)
   mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)), force=True)
   mngr.wait_until_finished()
-  _, _, template, _ = train.initial_state(tiny_config, [8])
+  template = train.setup(tiny_config, [8]).state
   restored = checkpoint.restore_latest(mngr, template)
   mngr.close()
   assert restored.constants == {} and int(restored.step) == 7

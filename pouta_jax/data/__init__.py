@@ -39,6 +39,6 @@ def category_folder(
   if config.data.few_shot:
     folder = few_shot(folder, config.data.few_shot, config.train.seed)
   # .get: configs stored by versions without the key (a workdir's config.json) have none.
-  if config.data.get("num_real_anomalies", 0):
+  if config.data.num_real_anomalies:
     folder = hold_out_real_anomalies(folder, config.data.num_real_anomalies, config.train.seed)
   return folder

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from pouta_jax import errors, objectives
-from pouta_jax.models import prn
+from pouta_jax.models import prn, prn_hooks
 from pouta_jax.models.draem import DRAEM
 from pouta_jax.models.pouta import COMPARE_MODES, LEVEL_MULTIPLIERS, POUTA
 
@@ -30,29 +30,16 @@ def _no_checks(config: Config) -> None:
 
 
 def _check_pouta(config: Config) -> None:
-  if config.model.compare not in COMPARE_MODES:
-    raise errors.ConfigError(
-      f"config.model.compare={config.model.compare!r}: expected one of {COMPARE_MODES}"
-    )
-  if not isinstance(config.model.guidance, bool):
-    raise errors.ConfigError(
-      f"config.model.guidance={config.model.guidance!r}: expected True or False"
-    )
-  weights = tuple(config.loss.level_weights)
-  if len(weights) != len(LEVEL_MULTIPLIERS) or any(w < 0 for w in weights):
-    raise errors.ConfigError(
-      f"config.loss.level_weights={weights!r}: expected "
-      f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first"
-    )
-  if config.loss.final_weight < 0:
-    raise errors.ConfigError(
-      f"config.loss.final_weight={config.loss.final_weight!r}: expected >= 0"
-    )
-
-
-def _conv_weight_grad(config: Config) -> str:
-  # Workdirs written before the key existed (their config.json) get the default.
-  return config.model.get("conv_weight_grad", "auto")
+  compare, weights = config.model.compare, tuple(config.loss.level_weights)
+  errors.check(config, compare in COMPARE_MODES, "model.compare", f"one of {COMPARE_MODES}")
+  errors.check(config, isinstance(config.model.guidance, bool), "model.guidance", "True or False")
+  errors.check(
+    config,
+    len(weights) == len(LEVEL_MULTIPLIERS) and all(w >= 0 for w in weights),
+    "loss.level_weights",
+    f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first",
+  )
+  errors.check(config, config.loss.final_weight >= 0, "loss.final_weight", ">= 0")
 
 
 def _nothing_derived(config: Config, train_sizes: Sequence[int]) -> dict[str, Any]:
@@ -85,29 +72,40 @@ class ModelSpec:
 
 REGISTRY = {
   "draem": ModelSpec(
-    build=lambda c: DRAEM(c.model.base_width, _conv_weight_grad(c)),
+    build=lambda c: DRAEM(base_width=c.model.base_width, conv_weight_grad=c.model.conv_weight_grad),
     objective=lambda c: objectives.draem_objective,
   ),
   "pouta": ModelSpec(
     build=lambda c: POUTA(
-      c.model.base_width, c.model.compare, c.model.guidance, _conv_weight_grad(c)
+      base_width=c.model.base_width,
+      compare=c.model.compare,
+      guidance=c.model.guidance,
+      conv_weight_grad=c.model.conv_weight_grad,
     ),
     objective=lambda c: objectives.pouta_objective(
-      tuple(c.loss.level_weights), c.loss.final_weight, c.loss.deep_supervision
+      level_weights=tuple(c.loss.level_weights),
+      final_weight=c.loss.final_weight,
+      deep_supervision=c.loss.deep_supervision,
     ),
     validate=_check_pouta,
   ),
   "prn": ModelSpec(
     build=lambda c: prn.PRN(
-      c.backbone.name, c.model.base_width, c.model.num_prototypes, _conv_weight_grad(c)
+      backbone=c.backbone.name,
+      width=c.model.base_width,
+      num_prototypes=c.model.num_prototypes,
+      conv_weight_grad=c.model.conv_weight_grad,
     ),
     objective=lambda c: objectives.prn_objective(
-      c.loss.smooth_l1_weight, c.loss.focal_weight, c.loss.focal_alpha, c.loss.focal_gamma
+      smooth_l1_weight=c.loss.smooth_l1_weight,
+      focal_weight=c.loss.focal_weight,
+      alpha=c.loss.focal_alpha,
+      gamma=c.loss.focal_gamma,
     ),
-    validate=prn.check_config,
+    validate=prn_hooks.check_config,
     frozen=("backbone",),
-    derive=prn.derived_settings,
-    prepare=prn.prepare,
+    derive=prn_hooks.derived_settings,
+    prepare=prn_hooks.prepare,
     size_bound=True,
   ),
 }

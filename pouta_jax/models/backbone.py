@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pouta_jax import errors
+from pouta_jax.models.layers import batch_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +64,7 @@ def _conv(features: int, size: int, stride: int, name: str) -> nn.Conv:
 
 
 def _bn(name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+  return batch_norm(train=False, name=name)  # frozen: always the running statistics
 
 
 class BasicBlock(nn.Module):

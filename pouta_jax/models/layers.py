@@ -175,6 +175,18 @@ class Conv3x3(nn.Module):
     )(x)
 
 
+def batch_norm(train: bool, name: str | None = None, **kwargs) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's BatchNorm2d settings (its momentum 0.1 is flax's 0.9), the one
+  setting every network here uses; running averages outside training."""
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name, **kwargs
+  )
+
+
+def conv1x1(features: int, name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (1, 1), kernel_init=conv_kernel_init, name=name)
+
+
 class ConvBNReLU(nn.Module):
   """Conv3x3 -> BatchNorm -> ReLU, the unit every DRAEM/POUTA block is made of."""
 
@@ -183,12 +195,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv3x3(self.features)(x)
-    x = nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      scale_init=_bn_scale_init,
-    )(x)
+    x = batch_norm(train, scale_init=_bn_scale_init)(x)
     return nn.relu(x)
 
 

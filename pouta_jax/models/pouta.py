@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pouta_jax.models.layers import (
   Conv3x3,
   ConvBNReLU,
-  conv_kernel_init,
+  conv1x1,
   conv_weight_grad,
   upsample_bilinear,
 )
@@ -32,10 +32,6 @@ from pouta_jax.models.reconstructive import ReconstructiveNetwork
 # levels are the resolutions of the reconstructive decoder's four stages (H, H/2, H/4, H/8).
 LEVEL_MULTIPLIERS = (1, 1, 2, 4)
 COMPARE_MODES = ("both", "encoder", "decoder")
-
-
-def _conv1x1(features: int, name: str) -> nn.Conv:
-  return nn.Conv(features, (1, 1), kernel_init=conv_kernel_init, name=name)
 
 
 class FeatureComparison(nn.Module):
@@ -48,10 +44,10 @@ class FeatureComparison(nn.Module):
   def __call__(self, encoder: jax.Array, decoder: jax.Array, train: bool) -> jax.Array:
     parts = []
     if self.compare in ("both", "encoder"):
-      e = _conv1x1(self.features, "project_encoder")(encoder)
+      e = conv1x1(self.features, "project_encoder")(encoder)
       parts.append(e)
     if self.compare in ("both", "decoder"):
-      d = _conv1x1(self.features, "project_decoder")(decoder)
+      d = conv1x1(self.features, "project_decoder")(decoder)
       parts.append(d)
     if self.compare == "both":
       parts.append(jnp.abs(e - d))
@@ -66,7 +62,7 @@ class HighLevelGuidance(nn.Module):
   @nn.compact
   def __call__(self, feature: jax.Array, coarser: jax.Array, train: bool) -> jax.Array:
     guide = upsample_bilinear(coarser, feature.shape[1] // coarser.shape[1])
-    gate = jax.nn.sigmoid(_conv1x1(self.features, "gate")(guide))
+    gate = jax.nn.sigmoid(conv1x1(self.features, "gate")(guide))
     return ConvBNReLU(self.features, name="refine")(
       jnp.concatenate([feature * gate, guide], -1), train
     )
@@ -91,7 +87,7 @@ class POUTADiscriminative(nn.Module):
       if self.guidance and refined is not None:
         feature = HighLevelGuidance(width, name=f"guide_{level}")(feature, refined, train)
       refined = feature
-      level_logits.insert(0, _conv1x1(2, f"head_{level}")(refined))
+      level_logits.insert(0, conv1x1(2, f"head_{level}")(refined))
     return {"logits": Conv3x3(2, name="head")(refined), "level_logits": level_logits}
 
 

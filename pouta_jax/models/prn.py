@@ -1,6 +1,7 @@
 """PRN's trainable network (Zhang et al., CVPR 2023): from backbone features and their
 prototype residuals to a 2-class anomaly map. Our reading of the paper; no official code exists,
-and sizes beyond its description follow the defaults in ../shared/reference/prn.md.
+and sizes beyond its description follow the one public reimplementation's defaults
+(third_party/ALGORITHMS.md).
 
 Inputs: the frozen backbone's features of layers 1-3 (strides 4, 8, 16), their residuals
 against the nearest prototype (models/prototypes.py), and layer 4 (stride 32).
@@ -15,12 +16,9 @@ against the nearest prototype (models/prototypes.py), and layer 4 (stride 32).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from pouta_jax import errors
@@ -28,6 +26,8 @@ from pouta_jax.models import backbone as backbone_lib, prototypes as prototypes_
 from pouta_jax.models.layers import (
   Conv3x3,
   ConvBNReLU,
+  batch_norm,
+  conv1x1,
   conv_kernel_init,
   conv_weight_grad,
   upsample_bilinear,
@@ -36,10 +36,6 @@ from pouta_jax.models.layers import (
 NUM_SCALES = 3  # layers 1-3 carry prototypes and residuals
 WINDOW_DIVISORS = (1, 2, 4, 8)  # MSA windows: the map's side / divisor
 MSA_BLOCKS = 3
-
-
-def _conv1x1(features: int, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (1, 1), kernel_init=conv_kernel_init, name=name)
 
 
 class StridedDown(nn.Module):
@@ -52,7 +48,7 @@ class StridedDown(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.times):
       x = nn.Conv(self.features, (3, 3), strides=(2, 2), padding=1, kernel_init=conv_kernel_init)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+      x = batch_norm(train)(x)
       if i + 1 < self.times:
         x = nn.relu(x)
     return x
@@ -68,12 +64,12 @@ class MultiScaleFusion(nn.Module):
   def __call__(self, xs: list[jax.Array], train: bool) -> list[jax.Array]:
     fused = []
     for i, width in enumerate(self.widths):
-      total = _conv1x1(width, f"to{i}_from{i}")(xs[i])
+      total = conv1x1(width, f"to{i}_from{i}")(xs[i])
       for j, x in enumerate(xs):
         if j < i:
           total = total + StridedDown(width, i - j, name=f"to{i}_from{j}")(x, train)
         elif j > i:
-          total = total + upsample_bilinear(_conv1x1(width, f"to{i}_from{j}")(x), 2 ** (j - i))
+          total = total + upsample_bilinear(conv1x1(width, f"to{i}_from{j}")(x), 2 ** (j - i))
       fused.append(nn.relu(total))
     return fused
 
@@ -121,8 +117,8 @@ class MultiSizeAttention(nn.Module):
       window = window_size(side, divisor)
       q, k, v = (DepthwiseProjection(name=f"{n}_{divisor}")(x) for n in "qkv")
       outs.append(window_attention(q, k, v, window))
-    y = _conv1x1(x.shape[-1], "project")(jnp.concatenate(outs, -1))
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(y)
+    y = conv1x1(x.shape[-1], "project")(jnp.concatenate(outs, -1))
+    y = batch_norm(train)(y)
     return nn.relu(x + y)
 
 
@@ -231,83 +227,3 @@ def fit_prototypes(
     )
     result[f"scale_{scale}"] = centroids.reshape((model.num_prototypes,) + features.shape[1:])
   return result
-
-
-# The registry's hooks for PRN (models/__init__.py): config checks, the prototype count from
-# the data, and the stage before step 0.
-
-CONVERT_HINT = (
-  "convert torchvision's weights once: python -m pouta_jax.convert "
-  "--from=torchvision_resnet --weights=resnet18.pth --backbone=resnet18 "
-  "--out=resnet18.npz"
-)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """PRN's keys; loads the backbone weights once, so a wrong file fails before any work."""
-  name = config.backbone.name
-  if name not in backbone_lib.BACKBONES:
-    raise errors.ConfigError(
-      f"config.backbone.name={name!r}: expected one of {sorted(backbone_lib.BACKBONES)}"
-    )
-  if not isinstance(config.backbone.pretrained, bool):
-    raise errors.ConfigError(
-      f"config.backbone.pretrained={config.backbone.pretrained!r}: expected True or False"
-    )
-  if config.backbone.pretrained:
-    if not config.backbone.weights:
-      raise errors.ConfigError(
-        f"config.backbone.weights is empty: PRN's frozen backbone needs "
-        f"pretrained {name} weights ({CONVERT_HINT}); or set "
-        f"--config.backbone.pretrained=False to train on a random backbone"
-      )
-    try:
-      backbone_lib.load_weights(config.backbone.weights, name)
-    except (OSError, ValueError) as e:
-      raise errors.ConfigError(f"config.backbone.weights: {e}") from e
-  if config.model.num_prototypes < 0:
-    raise errors.ConfigError(
-      f"config.model.num_prototypes={config.model.num_prototypes}: expected a "
-      f"count, or 0 for model.prototype_fraction of the training images"
-    )
-  if not 0 < config.model.prototype_fraction <= 1:
-    raise errors.ConfigError(
-      f"config.model.prototype_fraction={config.model.prototype_fraction}: "
-      f"expected a fraction in (0, 1]"
-    )
-  for key in ("smooth_l1_weight", "focal_weight", "focal_gamma"):
-    if config.loss[key] < 0:
-      raise errors.ConfigError(f"config.loss.{key}={config.loss[key]}: expected >= 0")
-  if not 0 <= config.loss.focal_alpha <= 1:
-    raise errors.ConfigError(
-      f"config.loss.focal_alpha={config.loss.focal_alpha}: expected a weight in [0, 1]"
-    )
-
-
-def derived_settings(
-  config: ml_collections.ConfigDict, train_sizes: Sequence[int]
-) -> dict[str, Any]:
-  """K: `model.num_prototypes`, or `model.prototype_fraction` of the training images (of the
-  smallest category when several share one program, since their prototypes are stacked)."""
-  smallest = min(train_sizes)
-  count = config.model.num_prototypes or num_prototypes(smallest, config.model.prototype_fraction)
-  if count > smallest:
-    raise errors.ConfigError(
-      f"config.model.num_prototypes={count}: more prototypes than training "
-      f"images ({smallest}); k-means needs K <= N"
-    )
-  return {"model.num_prototypes": count}
-
-
-def prepare(
-  config: ml_collections.ConfigDict, model: PRN, variables: dict, images: np.ndarray, key: jax.Array
-) -> dict:
-  """Before step 0: the pretrained backbone (unless `backbone.pretrained` is False), then the
-  prototypes from its features of the normal training images."""
-  variables = dict(variables)
-  if config.backbone.pretrained:
-    weights = backbone_lib.load_weights(config.backbone.weights, model.backbone)
-    for collection in ("params", "batch_stats"):
-      variables[collection] = {**variables[collection], "backbone": weights[collection]}
-  variables["prototypes"] = fit_prototypes(model, variables, images, key)
-  return variables
