@@ -11,7 +11,7 @@ categories, vmapped or unrolled (`train.category_loop`). Steps are timed interle
 warm-up; compile time is measured apart (separate processes would each compile their own copy).
 Prints images/s and compile times, then `name=value` lines: each loop's throughput and compile
 time relative to separate programs, and `stacked_throughput_ratio` for the loop that
-`category_loop=auto` takes on this platform (issue #5's target: >= 1.2).
+`category_loop=auto` takes on this platform (target: >= 1.2).
 """
 
 from __future__ import annotations

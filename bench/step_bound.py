@@ -11,6 +11,8 @@ Ends with `step_bound_cost_<setting>=<bounded seconds / unbounded seconds - 1>` 
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def loop(setting: str, max_in_flight: int) -> tuple:
   """A contender: one timed iteration is a whole train run of a fresh workdir."""
   width, size, batch, steps = SETTINGS[setting]
   scratch = Path(tempfile.mkdtemp(prefix="step_bound_"))
+  atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # data and checkpoints: GBs
   spec = embedded.BuildSpec(image_size=64, num_train=16)
   root = embedded.build(scratch / "data", spec, categories=("weave",))
   config = config_lib.load("draem", "weave,tiny")

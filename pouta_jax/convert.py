@@ -25,6 +25,7 @@ into an .npz that `models.backbone.load_weights` reads.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -88,23 +89,11 @@ def to_variables(
 ) -> dict:
   """{"reconstructive": sd, "discriminative": sd} (torch names, numpy arrays) -> pouta_jax
   variables shaped like `template`; ConversionError lists every missing, extra or mis-shaped
-  key."""
+  key (BatchNorm counters are ignored)."""
   params = jax.tree.map(np.asarray, template["params"])
   stats = jax.tree.map(np.asarray, template["batch_stats"])
-  problems, used = [], {name: set() for name in state_dicts}
-
-  def take(subnetwork: str, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    sd = state_dicts[subnetwork]
-    if key not in sd:
-      problems.append(f"missing {subnetwork} {key} {shape}")
-      return None
-    used[subnetwork].add(key)
-    value = np.asarray(sd[key], np.float32)
-    if value.shape != shape:
-      problems.append(f"mis-shaped {subnetwork} {key}: {value.shape}, expected {shape}")
-      return None
-    return value
-
+  # "<subnetwork> <torch key>" -> (its torch shape, the dict and key it fills, a layout change)
+  targets = {}
   for subnetwork in (RECON, SEG):
     for prefix, path in _torch_module_paths(subnetwork).items():
       node_p, node_s = params[subnetwork], stats[subnetwork]
@@ -112,33 +101,47 @@ def to_variables(
         node_p, node_s = node_p[part], node_s.get(part, {})
       conv = node_p["Conv_0"] if "Conv_0" in node_p else node_p["Conv3x3_0"]["Conv_0"]
       kh, kw, cin, cout = conv["kernel"].shape
-      kernel = take(subnetwork, f"{prefix}.weight", (cout, cin, kh, kw))
-      if kernel is not None:
-        kernel = kernel.transpose(2, 3, 1, 0)
-        if swap_seg_input and subnetwork == SEG and prefix.endswith("block1.0"):
-          kernel = np.concatenate([kernel[:, :, cin // 2 :], kernel[:, :, : cin // 2]], axis=2)
-        conv["kernel"] = kernel
-      bias = take(subnetwork, f"{prefix}.bias", (cout,))
-      if bias is not None:
-        conv["bias"] = bias
-      if "BatchNorm_0" not in node_p:
-        continue
-      bn = _bn_prefix(prefix)
-      for ours, theirs, tree in (
-        ("scale", "weight", node_p),
-        ("bias", "bias", node_p),
-        ("mean", "running_mean", node_s),
-        ("var", "running_var", node_s),
-      ):
-        value = take(subnetwork, f"{bn}.{theirs}", (cout,))
-        if value is not None:
-          tree["BatchNorm_0"][ours] = value
-      used[subnetwork].add(f"{bn}.num_batches_tracked")
-  for subnetwork, sd in state_dicts.items():
-    problems += [f"extra {subnetwork} {k}" for k in sorted(set(sd) - used[subnetwork])]
+      swap = swap_seg_input and subnetwork == SEG and prefix.endswith("block1.0")
+      targets[f"{subnetwork} {prefix}.weight"] = (
+        (cout, cin, kh, kw),
+        conv,
+        "kernel",
+        functools.partial(_torch_kernel, swap_input_halves=swap),
+      )
+      targets[f"{subnetwork} {prefix}.bias"] = ((cout,), conv, "bias", None)
+      if "BatchNorm_0" in node_p:
+        bn = _bn_prefix(prefix)
+        for ours, theirs, tree in (
+          ("scale", "weight", node_p),
+          ("bias", "bias", node_p),
+          ("mean", "running_mean", node_s),
+          ("var", "running_var", node_s),
+        ):
+          targets[f"{subnetwork} {bn}.{theirs}"] = ((cout,), tree["BatchNorm_0"], ours, None)
+  given = {
+    f"{subnetwork} {k}": np.shape(v)
+    for subnetwork, sd in state_dicts.items()
+    for k, v in sd.items()
+    if not k.endswith("num_batches_tracked")
+  }
+  problems = errors.key_problems({k: t[0] for k, t in targets.items()}, given)
   if problems:
-    raise ConversionError("the weights do not fit DRAEM:\n  " + "\n  ".join(problems))
+    raise ConversionError(f"the weights do not fit DRAEM {errors.listing(problems, limit=50)}")
+  for name, (_, tree, leaf, change) in targets.items():
+    subnetwork, key = name.split(" ")
+    value = np.asarray(state_dicts[subnetwork][key], np.float32)
+    tree[leaf] = change(value) if change else value
   return {"params": params, "batch_stats": stats}
+
+
+def _torch_kernel(kernel: np.ndarray, swap_input_halves: bool) -> np.ndarray:
+  """OIHW -> HWIO; anomalib's first discriminative convolution takes (input, reconstruction)
+  where ours takes (reconstruction, input): its input channels' halves swap."""
+  kernel = kernel.transpose(2, 3, 1, 0)
+  if swap_input_halves:
+    half = kernel.shape[2] // 2
+    kernel = np.concatenate([kernel[:, :, half:], kernel[:, :, :half]], axis=2)
+  return kernel
 
 
 def split_anomalib(state_dict: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -184,30 +187,28 @@ def torchvision_to_variables(state_dict: dict[str, np.ndarray], backbone: str) -
   """A torchvision ResNet state dict as `backbone`'s variables; ConversionError lists every
   missing, extra or mis-shaped key (the classifier fc.* and BatchNorm counters are ignored)."""
   template = jax.eval_shape(lambda: backbone_lib.init_variables(backbone))
-  flat = backbone_lib.flatten(jax.tree.map(lambda s: np.empty(s.shape, s.dtype), template))
-  problems, used, values = [], set(), {}
-  for key, like in flat.items():
-    torch_key = _torchvision_key(key)
-    if torch_key not in state_dict:
-      problems.append(f"missing {torch_key}")
-      continue
-    used.add(torch_key)
-    value = np.asarray(state_dict[torch_key], np.float32)
-    if value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if value.shape != like.shape:
-      problems.append(f"mis-shaped {torch_key}: {state_dict[torch_key].shape}")
-      continue
-    values[key] = value
-  problems += [
-    f"extra {k}"
-    for k in state_dict
-    if k not in used and not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-  ]
+  ours = backbone_lib.flatten(template)
+  torch_keys = {key: _torchvision_key(key) for key in ours}
+  # torch's shapes: kernels are OIHW where ours are HWIO
+  expected = {
+    torch_keys[k]: (s.shape[3], s.shape[2], *s.shape[:2]) if len(s.shape) == 4 else s.shape
+    for k, s in ours.items()
+  }
+  given = {
+    k: np.shape(v)
+    for k, v in state_dict.items()
+    if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+  }
+  problems = errors.key_problems(expected, given)
   if problems:
-    raise ConversionError(f"not a torchvision {backbone} state dict:\n  " + "\n  ".join(problems))
+    raise ConversionError(f"not a torchvision {backbone} state dict {errors.listing(problems)}")
+
+  def ours_of(key: str) -> np.ndarray:
+    value = np.asarray(state_dict[torch_keys[key]], np.float32)
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value  # OIHW -> HWIO
+
   leaves = [
-    values["/".join(k.key for k in path)]
+    ours_of("/".join(k.key for k in path))
     for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]
   ]
   return jax.tree.unflatten(jax.tree.structure(template), leaves)

@@ -65,6 +65,28 @@ def check(config, ok: bool, key: str, expected: str) -> None:
   raise ConfigError(f"config.{key}={value!r}: expected {expected}")
 
 
+def key_problems(
+  expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]
+) -> list[str]:
+  """Every missing, extra and mis-shaped key between two {key: shape} maps: what weight files
+  are checked by (see `listing`)."""
+  problems = [f"missing {k} {tuple(shape)}" for k, shape in expected.items() if k not in given]
+  problems += [f"extra {k}" for k in given if k not in expected]
+  problems += [
+    f"mis-shaped {k}: {tuple(given[k])}, expected {tuple(shape)}"
+    for k, shape in expected.items()
+    if k in given and tuple(given[k]) != tuple(shape)
+  ]
+  return problems
+
+
+def listing(problems: list[str], limit: int = 20) -> str:
+  """`key_problems`' lines for a message: their count, then the first `limit` of them (a file
+  of another network differs in hundreds of keys)."""
+  shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if problems[limit:] else [])
+  return f"({len(problems)} problems):\n  " + "\n  ".join(shown)
+
+
 def is_disk_full(error: BaseException) -> bool:
   """Whether `error`, or anything in its cause chain, is ENOSPC (orbax and tensorstore wrap it;
   tensorstore only says so in its message)."""

@@ -153,9 +153,6 @@ def save_weights(variables: dict, path: str | Path) -> Path:
   return path
 
 
-MAX_LISTED = 20  # a file of another backbone differs in hundreds of keys
-
-
 def load_weights(path: str | Path, backbone: str) -> dict:
   """Variables of `backbone` from `save_weights`'s file; every missing, extra or mis-shaped key
   is listed in the error."""
@@ -169,21 +166,9 @@ def load_weights(path: str | Path, backbone: str) -> dict:
   want = {k: v.shape for k, v in flatten(template).items()}
   with np.load(path) as stored:
     got = {k: stored[k] for k in stored.files}
-  problems = [f"missing {k} {shape}" for k, shape in want.items() if k not in got]
-  problems += [f"extra {k}" for k in got if k not in want]
-  problems += [
-    f"mis-shaped {k}: {got[k].shape}, expected {want[k]}"
-    for k in want
-    if k in got and got[k].shape != want[k]
-  ]
+  problems = errors.key_problems(want, {k: v.shape for k, v in got.items()})
   if problems:
-    shown = problems[:MAX_LISTED] + (
-      [f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
-    )
-    raise errors.ConfigError(
-      f"{path} does not hold {backbone} weights ({len(problems)} problems):\n  "
-      + "\n  ".join(shown)
-    )
+    raise errors.ConfigError(f"{path} does not hold {backbone} weights {errors.listing(problems)}")
   leaves = [
     got["/".join(k.key for k in p)].astype(np.float32)
     for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]
