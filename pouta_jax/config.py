@@ -200,7 +200,7 @@ def upgrade(stored: dict) -> ml_collections.ConfigDict:
   the defaults of its model's config file, so a key added since (say data.real_anomaly_prob)
   has its default. The one place that knows older workdirs; code reads keys plainly."""
   config = load(stored["model"]["name"])
-  for key, value in _flat(stored).items():
+  for key, value in flatten(stored).items():
     *sections, name = key.split(".")
     node = config
     for section in sections:
@@ -228,11 +228,12 @@ OUTPUT_ONLY_KEYS = frozenset(
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  """Nested dicts as one level of dotted keys ("optim.lr")."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -242,12 +243,12 @@ def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]
   """(dotted key, stored value, current value) for each key whose values differ between two
   configs as JSON. Keys only one side has are skipped: an older version's config lacks keys
   added since, and another model's sections differ (model.name tells those apart)."""
-  old, new = _flat(stored), _flat(current)
+  old, new = flatten(stored), flatten(current)
   return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
 
 
 def has_key(config: dict, key: str) -> bool:
-  return key in _flat(config)
+  return key in flatten(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -186,16 +186,6 @@ def _get(config: dict, key: str):
   return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      flat[f"{prefix}{k}"] = v
-  return flat
-
-
 def aggregate(
   root: str | Path, swept: list[str] | None = None, metric: str = "pixel_ap"
 ) -> tuple[str, str]:
@@ -213,7 +203,7 @@ def aggregate(
   if not runs:
     raise SweepError(f"no run with metrics.json and config.json under {root}")
   if swept is None:
-    flat = [{k: json.dumps(v) for k, v in _flatten(c).items()} for c, _, _ in runs]
+    flat = [{k: json.dumps(v) for k, v in config_lib.flatten(c).items()} for c, _, _ in runs]
     keys = set().union(*flat) - {"train.seed", "data.category", "data.categories"}
     swept = sorted(k for k in keys if len({f.get(k) for f in flat}) > 1)
   table: dict[tuple, dict[str, list[float]]] = {}

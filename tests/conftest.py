@@ -52,6 +52,31 @@ def make_tiny_config(model: str, root):
   return config
 
 
+def tiny_main_command(
+  root, workdir, mode: str = "train", num_workers: int = 0, **overrides
+) -> list[str]:
+  """`python -m pouta_jax.main` arguments (after the interpreter) that train `make_tiny_config`'s
+  DRAEM on `root`'s weave; `overrides`: more config keys, `_` for `.` ("train__num_steps")."""
+  config = make_tiny_config("draem", root)
+  keys = {
+    "data.root": root,
+    "model.base_width": config.model.base_width,
+    "data.image_size": config.data.image_size,
+    "data.batch_size": config.data.batch_size,
+    "data.num_workers": num_workers,
+    "eval.score_filter_size": config.eval.score_filter_size,
+    **{k.replace("__", "."): v for k, v in overrides.items()},
+  }
+  return [
+    "-m",
+    "pouta_jax.main",
+    "--config=configs/draem.py:weave,tiny",
+    f"--workdir={workdir}",
+    f"--mode={mode}",
+    *(f"--config.{k}={v}" for k, v in keys.items()),
+  ]
+
+
 @pytest.fixture
 def tiny_config(dataset_root):
   return make_tiny_config("draem", dataset_root)

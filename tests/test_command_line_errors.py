@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, tiny_main_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,26 +33,8 @@ class Case:
   named: list[str]
 
 
-def _tiny_main(root: Path, workdir: Path, *overrides: str, mode: str = "train") -> list[str]:
-  config = make_tiny_config("draem", root)
-  base = {
-    "data.root": root,
-    "model.base_width": config.model.base_width,
-    "data.image_size": config.data.image_size,
-    "data.batch_size": config.data.batch_size,
-    "data.num_workers": 0,
-    "train.num_steps": 2,
-    "eval.score_filter_size": 3,
-  }
-  return [
-    "-m",
-    "pouta_jax.main",
-    "--config=configs/draem.py:weave,tiny",
-    f"--workdir={workdir}",
-    f"--mode={mode}",
-    *(f"--config.{k}={v}" for k, v in base.items()),
-    *overrides,
-  ]
+def _tiny_main(root: Path, workdir: Path, *extra: str, mode: str = "train") -> list[str]:
+  return [*tiny_main_command(root, workdir, mode, train__num_steps=2), *extra]
 
 
 def _copy_category(dataset_root: Path, tmp: Path) -> Path:

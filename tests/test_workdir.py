@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pouta_jax import config as config_lib, errors, experiment, files
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, tiny_main_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,25 +67,11 @@ def test_output_only_changes_need_no_flag(tiny_config, tmp_path):
 
 
 def test_a_run_in_progress_is_not_disturbed_by_a_second(dataset_root, tmp_path):
-  config = make_tiny_config("draem", dataset_root)
-  overrides = {
-    "data.root": dataset_root,
-    "model.base_width": config.model.base_width,
-    "data.image_size": config.data.image_size,
-    "data.batch_size": config.data.batch_size,
-    "data.num_workers": 0,
-    "train.num_steps": 40,
-    "train.log_every": 1,
-    "train.checkpoint_every": 5,
-  }
   command = [
     sys.executable,
-    "-m",
-    "pouta_jax.main",
-    "--config=configs/draem.py:weave,tiny",
-    f"--workdir={tmp_path}",
-    "--mode=train",
-    *(f"--config.{k}={v}" for k, v in overrides.items()),
+    *tiny_main_command(
+      dataset_root, tmp_path, train__num_steps=40, train__log_every=1, train__checkpoint_every=5
+    ),
   ]
   first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   lock = tmp_path / files.LOCK_NAME
