@@ -95,7 +95,6 @@ def test_sigterm_saves_and_sigkill_resumes_bitwise_equal(dataset_root, tmp_path)
   stderr = _signal_after(process, interrupted, target, signal.SIGTERM)
   assert process.returncode == preemption.EXIT_CODE, stderr
   assert "run the same command again" in stderr
-  assert "leaked shared_memory" not in stderr  # the grain worker's batches were freed
   mngr = checkpoint.manager(interrupted, 2)
   preempted_at = mngr.latest_step()
   mngr.close()
