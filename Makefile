@@ -23,14 +23,20 @@ demo-all: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)-all --models=draem,pouta,prn \
 		--backbone_weights=$(BACKBONE_WEIGHTS)
 
-# pytest exits 5 when it collects no tests: that is a failure here, said out loud.
-# TEST_WORKERS=2 runs test files in 2 processes (pytest-xdist): about twice as fast on 2 cores,
-# but there the two-process tests (test_multihost.py) can miss jax's 30 s collective start-up
-# under the other worker's load, so the default is one process.
-TEST_WORKERS ?= 0
+# Two phases: every test file but the multi-process ones in TEST_WORKERS processes
+# (pytest-xdist, whole files per process), then the tests marked `serial` alone: jax's CPU
+# collectives (Gloo) give up after 30 s when one process of a program lags behind the other,
+# which the other tests' load caused. Both phases share one compilation cache. pytest exits 5
+# when it collects no tests: that is a failure here, said out loud (also for an empty phase).
+TEST_WORKERS ?= 2
 test: install
-	@$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; exit $$rc
+	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; export JAX_COMPILATION_CACHE_DIR=$$cache; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
+	$(BIN)/python -m pytest -p no:xdist -m serial; serial=$$?; \
+	for rc in $$parallel $$serial; do \
+	  if [ $$rc -eq 5 ]; then echo "ERROR: a pytest phase collected no tests" >&2; fi; \
+	done; \
+	if [ $$parallel -ne 0 ]; then exit $$parallel; fi; exit $$serial
 
 # The formatter and linter (ruff, settings in pyproject.toml); `ruff format .` fixes the layout.
 lint: install

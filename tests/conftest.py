@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
-# One persistent XLA compilation cache for this test session, its subprocesses included (they
-# inherit the environment): the tests compile the same tiny programs in many processes. Set
-# before jax is imported, which reads these at import. A fresh folder per session.
-os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pouta_jax_test_compilation_cache_")
-)
+# One persistent XLA compilation cache for this test session, its subprocesses and xdist
+# workers included (they inherit the environment): the tests compile the same tiny programs in
+# many processes. Set before jax is imported, which reads these at import. A fresh folder per
+# session, removed at its end by the process that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+    prefix="pouta_jax_test_compilation_cache_"
+  )
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402

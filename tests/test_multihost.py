@@ -5,14 +5,21 @@ train as one model, and process 0 alone writes the outputs."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import make_tiny_config
+
+# Alone, after the other tests (make test): two processes of one program lagging more than 30 s
+# apart under other load fail Gloo's collectives.
+pytestmark = pytest.mark.serial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,34 +67,71 @@ def _run_one_process(command: list[str]) -> None:
   subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
 
 
-def _run_two_processes(workdir: Path, command, devices_per_process: int) -> list[tuple[str, str]]:
-  """Runs `command(workdir, *process flags)` as processes 0 and 1; their (stdout, stderr)."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+def _run_two_processes(
+  workdir: Path, command, devices_per_process: int, evaluates: bool = True
+) -> list[tuple[str, str]]:
+  """Runs `command(workdir, *process flags)` as processes 0 and 1; their (stdout, stderr).
+
+  Their output goes to files, so neither can block on a full pipe while the other is waited for
+  (the two wait for each other at jax.distributed's shutdown barrier). One still running after
+  the deadline, or after the other failed, is sent SIGABRT: Python's faulthandler then prints
+  where each of its threads is.
+  """
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+    "PYTHONFAULTHANDLER": "1",
+  }
   port = _free_port()
-  processes = [
-    subprocess.Popen(
-      command(
-        workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"
-      ),
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
+  logs = [
+    (workdir.with_name(f"{workdir.name}_{i}.out"), workdir.with_name(f"{workdir.name}_{i}.err"))
     for i in range(2)
   ]
-  outputs = [p.communicate(timeout=400) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "Outputs in" in outputs[0][0] and "Outputs in" not in outputs[1][0]
+  processes = []
+  for i, (out, err) in enumerate(logs):
+    with out.open("w") as stdout, err.open("w") as stderr:
+      processes.append(
+        subprocess.Popen(
+          command(
+            workdir,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+          ),
+          cwd=REPO,
+          env=env,
+          stdout=stdout,
+          stderr=stderr,
+          text=True,
+        )
+      )
+  deadline = time.monotonic() + 600
+  while any(p.poll() is None for p in processes):
+    failed = any(p.returncode not in (None, 0) for p in processes)
+    if failed or time.monotonic() > deadline:
+      for p in processes:
+        if p.poll() is None:
+          p.send_signal(signal.SIGABRT)
+          p.wait()
+    time.sleep(0.5)
+  outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+  report = "\n".join(
+    f"--- process {i}: exit {p.returncode}, stderr ends:\n{err[-4000:]}"
+    for i, (p, (_, err)) in enumerate(zip(processes, outputs))
+  )
+  assert all(p.returncode == 0 for p in processes), report
+  if evaluates:
+    assert "Outputs in" in outputs[0][0] and "Outputs in" not in outputs[1][0]
   return outputs
 
 
 def test_two_processes_train_as_one(dataset_root, tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
-  outputs = _run_two_processes(multi, lambda *a: _command(dataset_root, *a), 1)
-  _run_one_process(_command(dataset_root, single))
+  # Training only: the other test covers evaluation over processes.
+  outputs = _run_two_processes(
+    multi, lambda *a: _command(dataset_root, *a, "--mode=train"), 1, evaluates=False
+  )
+  _run_one_process(_command(dataset_root, single, "--mode=train"))
 
   # One program: both processes log the same loss at every step.
   logged = [re.findall(r"process (\d) step (\d+) loss (\S+)", err) for _, err in outputs]
@@ -104,8 +148,6 @@ def test_two_processes_train_as_one(dataset_root, tmp_path):
     "process_0-of-2.json",
     "process_1-of-2.json",
   ]
-  metrics = json.loads((multi / "metrics.json").read_text())
-  assert set(metrics["draem"]["weave"]) >= {"image_auroc", "pixel_ap"}
 
 
 def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
@@ -123,7 +165,9 @@ def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
 
   single, multi = tmp_path / "single", tmp_path / "multi"
   _run_two_processes(multi, command, 2)
-  _run_one_process(_command(dataset_root, single, config_arg="configs/draem.py:weave,pill,tiny"))
+  _run_one_process(
+    _command(dataset_root, single, "--mode=train", config_arg="configs/draem.py:weave,pill,tiny")
+  )
 
   for category in ("weave", "pill"):
     multi_losses = _losses(multi, f"loss/{category}")

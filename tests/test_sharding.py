@@ -1,12 +1,15 @@
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import pytest
 
-from pouta_jax import sharding
+from pouta_jax import config as config_lib, sharding
+from pouta_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +39,23 @@ def test_config_mesh_on_this_process(tiny_config):
   tiny_config.mesh.axes = (("data", 2),)
   with pytest.raises(ValueError, match=r"config.mesh.axes=.*2 does not divide the 1 devices"):
     sharding.make_mesh(tiny_config)
+
+
+def test_required_platform_is_checked_and_every_run_says_where_it_runs(tiny_config):
+  tiny_config.mesh.require_platform = "cpu"
+  mesh = sharding.make_mesh(tiny_config)
+  assert sharding.describe(mesh) == (
+    f"cpu ({jax.devices()[0].device_kind}): 1 devices of 1, 1 local; process 0 of 1; mesh data 1"
+  )
+  for platform, install in (("tpu", ".[tpu]"), ("gpu", ".[cuda12]")):
+    tiny_config.mesh.require_platform = platform
+    with pytest.raises(ConfigError, match=rf"require_platform='{platform}', but jax runs on cpu"):
+      sharding.make_mesh(tiny_config)
+    with pytest.raises(ConfigError, match=re.escape(install)):
+      sharding.make_mesh(tiny_config)
+  tiny_config.mesh.require_platform = "TPU"
+  with pytest.raises(ConfigError, match=r"config.mesh.require_platform='TPU': expected ''"):
+    config_lib.validate(tiny_config)
 
 
 def _assert_equal_on_eight_devices(script: str) -> None:
@@ -88,6 +108,8 @@ SCRIPT = textwrap.dedent("""
       state = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, state)
       state = jax.device_put(state, sharding.replicated(mesh))
       step = train.make_train_step(model, objective, tx, mesh)
+      if len(devices) == 1:
+        single, step1 = mesh, step  # compiled once, used again below
       state, metrics = step(state, batch)
       results.append((float(metrics["loss"]), jax.device_get(state)))
       assert state.params["reconstructive"]["head"]["Conv_0"]["kernel"].sharding.is_fully_replicated
@@ -104,8 +126,6 @@ SCRIPT = textwrap.dedent("""
     mesh = sharding.make_mesh(config)
     assert dict(mesh.shape) == {"category": 2, "data": 4}
     flipped = {k: v[::-1] for k, v in batch.items()}  # the second category's batch
-    single = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    step1 = train.make_train_step(model, objective, tx, single)
     init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
                         jax.device_get(train.fresh_state(model, tx, 32, seed=0)))  # host copy
     separate = [step1(jax.device_put(init, sharding.replicated(single)), b)
