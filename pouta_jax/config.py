@@ -92,8 +92,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   )
   # Device mesh: (axis name, size) pairs, one size may be -1 ("the rest"). The batch is split
   # over "data"; parameters are replicated, or, with data.categories, split over an optional
-  # "category" axis.
-  config.mesh = dict(axes=(("data", -1),))
+  # "category" axis. require_platform: "tpu", "gpu" or "cpu" refuses to start on any other
+  # (a TPU VM or GPU node whose jax lacks the accelerator's plugin falls back to its CPU).
+  config.mesh = dict(axes=(("data", -1),), require_platform="")
   # weight_decay: added to the gradients before Adam (PyTorch's Adam weight_decay).
   config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2, weight_decay=0.0)
   config.train = dict(
@@ -222,6 +223,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "eval.num_heatmaps",
     "eval.batch_size",  # memory only; float rounding aside, the same maps
     "mesh.axes",  # a resumed job may land on another slice shape
+    "mesh.require_platform",  # a check at start, not a setting of the run
     "train.category_loop",  # vmap and unroll compute the same steps
     "model.conv_weight_grad",  # two ways to the same gradients
   }
@@ -251,8 +253,17 @@ def has_key(config: dict, key: str) -> bool:
   return key in flatten(config)
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the key when a setting cannot work."""
+  errors.check(
+    config,
+    config.mesh.require_platform in ("", *PLATFORMS),
+    "mesh.require_platform",
+    f"'' (any platform) or one of {PLATFORMS}",
+  )
   size = config.data.image_size
   errors.check(
     config,

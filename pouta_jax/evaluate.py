@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pouta_jax import metrics
+from pouta_jax import errors, metrics
 
 
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
@@ -65,23 +65,35 @@ def predict(
   return np.concatenate(maps), np.concatenate(scores)
 
 
-def evaluate(
-  predict_fn: PredictFn, test_set: dict, batch_size: int
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+class Evaluation(NamedTuple):
+  metrics: dict[str, float]
+  maps: np.ndarray  # (N, H, W)
+  scores: np.ndarray  # (N,)
+  # The image-score and pixel thresholds that maximise F1 on the test set (anomalib's adaptive
+  # F1 threshold; MVTec AD has no validation split). None where the test set lacks normal or
+  # defective examples.
+  thresholds: dict[str, float | None]
+
+
+def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluation:
   """Metrics of one category, with the maps and scores they came from."""
   maps, scores = predict(predict_fn, test_set["image"], batch_size)
-  return (metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps), maps, scores)
-
-
-def thresholds(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
-  """The image-score and pixel thresholds that maximise F1 on `test_set` (anomalib's adaptive
-  F1 threshold; MVTec AD has no validation split, so it is tuned on the test set). None where
-  the test set lacks normal or defective examples."""
+  if np.isnan(maps).any() or np.isnan(scores).any():
+    raise errors.DivergedError(
+      f"the model's anomaly maps hold {int(np.isnan(maps).sum())} NaN values (of {maps.size}): "
+      f"its weights are not finite, or it overflows on these images"
+    )
+  curves = metrics.curve(test_set["label"], scores), metrics.curve(test_set["mask"], maps)
   found = {
-    "image": metrics.f1_max(test_set["label"], scores)[1],
-    "pixel": metrics.f1_max(test_set["mask"].ravel(), maps.ravel())[1],
+    kind: metrics.f1_max(c)[1] if c.has_both_classes else None
+    for kind, c in zip(("image", "pixel"), curves)
   }
-  return {k: None if np.isnan(v) else v for k, v in found.items()}
+  return Evaluation(
+    metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps, curves),
+    maps,
+    scores,
+    found,
+  )
 
 
 def profile(

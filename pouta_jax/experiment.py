@@ -119,7 +119,8 @@ def run(
     raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
-  sharding.make_mesh(config)  # the mesh must fit the devices, the batch and the categories
+  # The mesh must fit the platform, the devices, the batch and the categories.
+  logging.info("Devices: %s", sharding.describe(sharding.make_mesh(config)))
   exported = None
   if artifact_path is not None:
     if mode != "eval":
@@ -172,19 +173,17 @@ def _run_in(
   for name, per_category in predictors.items():
     for category, predict_fn in per_category.items():
       test_set = test_sets[category]
-      category_metrics, maps, scores = evaluate.evaluate(
-        predict_fn, test_set, config.eval.batch_size
-      )
-      results.setdefault(name, {})[category] = category_metrics
-      logging.info("%s %s: %s", name, category, category_metrics)
+      evaluation = evaluate.evaluate(predict_fn, test_set, config.eval.batch_size)
+      results.setdefault(name, {})[category] = evaluation.metrics
+      logging.info("%s %s: %s", name, category, evaluation.metrics)
       if name == main_name and sharding.is_primary():
-        found[category] = evaluate.thresholds(test_set, maps, scores)
-        pixel = found[category]["pixel"]
+        found[category] = evaluation.thresholds
+        pixel = evaluation.thresholds["pixel"]
         heatmaps = workdir / "heatmaps" / (category if len(categories) > 1 else "")
         report.write_heatmaps(
           heatmaps,
           test_set,
-          maps,
+          evaluation.maps,
           float("nan") if pixel is None else pixel,
           config.eval.num_heatmaps,
         )

@@ -1,93 +1,139 @@
-"""Anomaly-detection metrics in plain numpy, exact (sort-based), ties handled as scikit-learn.
+"""Anomaly-detection metrics in plain numpy, exact, ties handled as scikit-learn.
 
-Equal scores form one threshold, so no result depends on the order of tied items; an AUROC tie
-counts half, as in the Mann-Whitney U statistic. Nothing here knows of models or configs.
+Every threshold metric reads one `Curve`: the positives and negatives at or above each distinct
+score. It is built from one sort of the scores (values only; an index sort of the positives
+alone, which are few among pixels), so one category's pixel AUROC, AP, F1-max and AUPRO share
+it. Equal scores form one threshold, so no result depends on the order of tied items; an AUROC
+tie counts half, as in the Mann-Whitney U statistic. Nothing here knows of models or configs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from scipy import ndimage
 
 
-def _curve(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None):
-  """Cumulative (positives, negatives) above each distinct threshold, highest threshold first.
+@dataclasses.dataclass(frozen=True)
+class Curve:
+  """Counts at or above each distinct score, highest score first.
 
-  With `weights`, positives and negatives are summed weights instead of counts.
+  `positive_order` sorts the positive items by score (ascending) and `positives_below` says,
+  per threshold, how many of them score below it: with these, any weighting of the positives
+  (AUPRO's per-region weights) is one cumulative sum, without sorting again.
   """
+
+  thresholds: np.ndarray
+  positives: np.ndarray  # int64: positive items scoring >= the threshold (true positives)
+  negatives: np.ndarray  # int64: negative items scoring >= the threshold (false positives)
+  positive_order: np.ndarray
+  positives_below: np.ndarray
+
+  @property
+  def num_positive(self) -> int:
+    return int(self.positives[-1])
+
+  @property
+  def num_negative(self) -> int:
+    return int(self.negatives[-1])
+
+  @property
+  def has_both_classes(self) -> bool:
+    return self.num_positive > 0 and self.num_negative > 0
+
+
+def curve(labels: np.ndarray, scores: np.ndarray) -> Curve:
+  """The `Curve` of binary `labels` and their `scores` (any shape, flattened alike)."""
   labels = np.asarray(labels).ravel().astype(bool)
   scores = np.asarray(scores).ravel()
-  order = np.argsort(scores, kind="stable")[::-1]
-  scores, labels = scores[order], labels[order]
-  last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-  if weights is None:
-    pos = np.cumsum(labels, dtype=np.float64)
-    neg = np.arange(1, labels.size + 1, dtype=np.float64) - pos
-  else:
-    weights = np.asarray(weights, np.float64).ravel()[order]
-    pos = np.cumsum(np.where(labels, weights, 0.0))
-    neg = np.cumsum(np.where(labels, 0.0, weights))
-  return pos[last_of_tie], neg[last_of_tie], scores[last_of_tie]
+  if labels.size != scores.size:
+    raise ValueError(f"{labels.size} labels but {scores.size} scores")
+  if labels.size == 0:
+    raise ValueError("no scores to evaluate")
+  nan = np.isnan(scores)
+  if nan.any():
+    raise ValueError(f"{int(nan.sum())} of {scores.size} scores are NaN")
+  ascending = np.sort(scores)
+  starts = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])
+  positive_scores = scores[labels]
+  positive_order = np.argsort(positive_scores)
+  below = np.searchsorted(positive_scores[positive_order], ascending[starts], side="left")
+  at_or_above = scores.size - starts
+  positives = positive_scores.size - below
+  return Curve(
+    thresholds=ascending[starts][::-1],
+    positives=positives[::-1],
+    negatives=(at_or_above - positives)[::-1],
+    positive_order=positive_order,
+    positives_below=below[::-1],
+  )
 
 
-def _both_classes(labels: np.ndarray) -> bool:
-  labels = np.asarray(labels).astype(bool)
-  return bool(labels.any() and not labels.all())
+def _as_curve(labels_or_curve, scores) -> Curve:
+  return labels_or_curve if isinstance(labels_or_curve, Curve) else curve(labels_or_curve, scores)
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """Area under the ROC curve; nan when only one class is present."""
-  if not _both_classes(labels):
+def roc_auc(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> float:
+  """Area under the ROC curve; nan when only one class is present. Takes labels and scores, or
+  their `Curve` (so do the other threshold metrics)."""
+  c = _as_curve(labels, scores)
+  if not c.has_both_classes:
     return float("nan")
-  tp, fp, _ = _curve(labels, scores)
-  tpr, fpr = np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]
+  tpr = np.r_[0.0, c.positives / c.num_positive]
+  fpr = np.r_[0.0, c.negatives / c.num_negative]
   return float(np.trapezoid(tpr, fpr))
 
 
-def _precision_recall(labels: np.ndarray, scores: np.ndarray):
-  tp, fp, thresholds = _curve(labels, scores)
-  return tp / (tp + fp), tp / tp[-1], thresholds
+def _precision_recall(c: Curve) -> tuple[np.ndarray, np.ndarray]:
+  return c.positives / (c.positives + c.negatives), c.positives / c.num_positive
 
 
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+def average_precision(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> float:
   """Step-wise area under the precision-recall curve (scikit-learn's definition)."""
-  if not _both_classes(labels):
+  c = _as_curve(labels, scores)
+  if not c.has_both_classes:
     return float("nan")
-  precision, recall, _ = _precision_recall(labels, scores)
+  precision, recall = _precision_recall(c)
   return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+def f1_max(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> tuple[float, float]:
   """The best F1 over all thresholds, and that threshold (predict positive at score >= it)."""
-  if not _both_classes(labels):
+  c = _as_curve(labels, scores)
+  if not c.has_both_classes:
     return float("nan"), float("nan")
-  precision, recall, thresholds = _precision_recall(labels, scores)
+  precision, recall = _precision_recall(c)
   f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
   best = int(np.argmax(f1))
-  return float(f1[best]), float(thresholds[best])
+  return float(f1[best]), float(c.thresholds[best])
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+def aupro(
+  masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, pixel_curve: Curve | None = None
+) -> float:
   """Normalised area under the per-region-overlap curve up to `max_fpr` (Bergmann et al.).
 
   Each 8-connected region of each ground-truth mask weighs equally in the mean overlap; the
   false-positive rate is over all defect-free pixels. Exact: every distinct score is a threshold.
+  `pixel_curve`: `curve(masks, maps)`, when the caller has it already.
   """
   masks = np.asarray(masks).astype(bool)
-  maps = np.asarray(maps, np.float64)
+  c = curve(masks, maps) if pixel_curve is None else pixel_curve
   regions = np.zeros(masks.shape, np.int64)
   offset = 0
   for i, mask in enumerate(masks):
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
     regions[i] = np.where(labelled > 0, labelled + offset, 0)
     offset += count
-  num_normal = int((~masks).sum())
-  if offset == 0 or num_normal == 0:
+  if offset == 0 or c.num_negative == 0:
     return float("nan")
-  region_sizes = np.bincount(regions.ravel(), minlength=offset + 1).astype(np.float64)
-  weights = np.where(masks, 1.0 / (offset * region_sizes[regions]), 1.0 / num_normal)
-  pro, fpr, _ = _curve(masks, maps, weights)
-  fpr, pro = np.r_[0.0, fpr], np.r_[0.0, pro]
+  region_of_positive = regions[masks]  # the same order as the curve's positive items
+  region_sizes = np.bincount(region_of_positive, minlength=offset + 1).astype(np.float64)
+  weights = 1.0 / (offset * region_sizes[region_of_positive])
+  weight_below = np.r_[0.0, np.cumsum(weights[c.positive_order])]
+  pro = np.r_[0.0, weight_below[-1] - weight_below[c.positives_below]]
+  fpr = np.r_[0.0, c.negatives / c.num_negative]
   # Cut the curve at max_fpr, interpolating the overlap there.
   end = int(np.searchsorted(fpr, max_fpr, side="right"))
   if end < fpr.size:
@@ -97,17 +143,22 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
 
 
 def category_metrics(
-  labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray
+  labels: np.ndarray,
+  scores: np.ndarray,
+  masks: np.ndarray,
+  maps: np.ndarray,
+  curves: tuple[Curve, Curve] | None = None,
 ) -> dict[str, float]:
-  """All reported metrics of one category: image labels/scores, pixel masks/maps."""
-  pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
+  """All reported metrics of one category: image labels/scores, pixel masks/maps. `curves`:
+  the (image, pixel) `Curve`s, when the caller has them already."""
+  image, pixel = curves or (curve(labels, scores), curve(masks, maps))
   return {
-    "image_auroc": roc_auc(labels, scores),
-    "pixel_auroc": roc_auc(pixel_labels, pixel_scores),
-    "pixel_ap": average_precision(pixel_labels, pixel_scores),
-    "aupro": aupro(masks, maps),
-    "image_f1_max": f1_max(labels, scores)[0],
-    "pixel_f1_max": f1_max(pixel_labels, pixel_scores)[0],
+    "image_auroc": roc_auc(image),
+    "pixel_auroc": roc_auc(pixel),
+    "pixel_ap": average_precision(pixel),
+    "aupro": aupro(masks, maps, pixel_curve=pixel),
+    "image_f1_max": f1_max(image)[0],
+    "pixel_f1_max": f1_max(pixel)[0],
   }
 
 

@@ -46,9 +46,37 @@ def mesh_shape(axes: tuple[tuple[str, int], ...], num_devices: int) -> dict[str,
   return dict(zip(names, sizes))
 
 
+# What installs jax for each accelerator platform (pyproject.toml's extras).
+INSTALL = {"tpu": "pip install -e '.[tpu]'", "gpu": "pip install -e '.[cuda12]'"}
+
+
+def check_platform(required: str) -> None:
+  """Refuses to run on another platform than `required` ("" accepts any): on a TPU VM or GPU
+  node without the accelerator's jax plugin, jax silently falls back to the CPU."""
+  platform = jax.default_backend()
+  if required and platform != required:
+    raise errors.ConfigError(
+      f"config.mesh.require_platform={required!r}, but jax runs on {platform} "
+      f"({jax.device_count()} {jax.devices()[0].device_kind} devices); "
+      f"{INSTALL.get(required, 'install jax for ' + required)} on this machine"
+    )
+
+
+def describe(mesh: Mesh) -> str:
+  """Platform, device kind and count, processes and mesh: logged at the start of every run."""
+  device = mesh.devices.flat[0]
+  shape = ", ".join(f"{name} {size}" for name, size in mesh.shape.items())
+  return (
+    f"{device.platform} ({device.device_kind}): {mesh.devices.size} devices of "
+    f"{jax.device_count()}, {jax.local_device_count()} local; process {jax.process_index()} "
+    f"of {jax.process_count()}; mesh {shape}"
+  )
+
+
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The config's mesh over all devices; checks that the batch splits over the data axis and
-  the categories over the category axis."""
+  """The config's mesh over all devices; checks the platform (`mesh.require_platform`), that
+  the batch splits over the data axis and the categories over the category axis."""
+  check_platform(config.mesh.require_platform)
   shape = mesh_shape(tuple(tuple(a) for a in config.mesh.axes), jax.device_count())
   if config.data.batch_size % shape[DATA_AXIS]:
     raise errors.ConfigError(

@@ -1,6 +1,7 @@
 """The benchmark harness (bench/harness.py): turns, per-process contenders, failures, no peer."""
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,3 +72,19 @@ def test_missing_peer_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "anomalib", None)
   with pytest.raises(SystemExit, match=r"(torch|anomalib) missing.*pip install -e '\.\[bench\]'"):
     harness.require_peer()
+
+
+def test_eval_metrics_bench_checks_values_and_prints_its_figures():
+  """bench/eval_metrics.py on small maps: ours agrees with scikit-learn (the script asserts
+  it before timing) and the headline figures end the output."""
+  bench = Path(__file__).resolve().parents[1] / "bench" / "eval_metrics.py"
+  result = subprocess.run(
+    [sys.executable, str(bench), "--num_maps=6", "--image_size=32", "--repeats=1"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = dict(line.split("=") for line in result.stdout.splitlines() if "=" in line)
+  assert float(figures["eval_metrics_speedup"]) > 0 and float(figures["aupro_seconds"]) > 0
+  assert "| scikit-learn | pixel AUROC, AP, F1-max |" in result.stdout

@@ -119,6 +119,14 @@ def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
     ),
   )
 
+  add(
+    "platform_mismatch",
+    lambda f: Case(
+      _tiny_main(dataset_root, f / "run", "--config.mesh.require_platform=tpu"),
+      ["config.mesh.require_platform='tpu'", "jax runs on cpu", "pip install -e '.[tpu]'"],
+    ),
+  )
+
   def read_only(folder: Path) -> Case:
     (folder / "file").write_text("")  # a workdir below a file cannot be created, even by root
     return Case(_tiny_main(dataset_root, folder / "file" / "run"), [str(folder / "file" / "run")])
@@ -242,6 +250,7 @@ CASES = [
   "image_size",
   "negative_lr",
   "unknown_key",
+  "platform_mismatch",
   "unwritable_workdir",
   "changed_config",
   "corrupted_artifact",

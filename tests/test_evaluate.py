@@ -1,8 +1,10 @@
 import numpy as np
 import optax
+import pytest
 from scipy import ndimage
 
-from pouta_jax import evaluate, train
+from pouta_jax import evaluate, metrics, train
+from pouta_jax.errors import DivergedError
 from pouta_jax.models.draem import DRAEM
 
 
@@ -24,3 +26,45 @@ def test_predict_pads_the_last_batch_and_matches_direct_apply():
   assert maps.shape == (5, 32, 32) and scores.shape == (5,)
   np.testing.assert_allclose(maps, direct["anomaly_map"], atol=1e-5)
   np.testing.assert_allclose(scores, evaluate.mean_filter_max(direct["anomaly_map"], 3), atol=1e-5)
+
+
+def _fake_predict(images: np.ndarray):
+  """Maps = the images' red channel, scores = their maximum: a known predictor."""
+  maps = images[..., 0]
+  return maps, maps.max(axis=(1, 2))
+
+
+def test_evaluate_reports_metrics_and_f1_thresholds_from_the_same_curves():
+  rng = np.random.default_rng(0)
+  masks = np.zeros((6, 16, 16), bool)
+  masks[3, 2:6, 2:6] = masks[4, 8:12, 1:4] = masks[5, 0:3, 10:16] = True
+  images = (rng.random((6, 16, 16, 3)) * 120 + 100 * masks[..., None]).astype(np.uint8)
+  test_set = {"image": images, "label": masks.any(axis=(1, 2)), "mask": masks}
+  result = evaluate.evaluate(_fake_predict, test_set, batch_size=4)
+  maps, scores = _fake_predict(images.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(result.maps, maps)
+  assert result.metrics == metrics.category_metrics(test_set["label"], scores, masks, maps)
+  assert result.thresholds == {
+    "image": metrics.f1_max(test_set["label"], scores)[1],
+    "pixel": metrics.f1_max(masks, maps)[1],
+  }
+  normal_only = {k: v[:3] for k, v in test_set.items()}
+  assert evaluate.evaluate(_fake_predict, normal_only, 4).thresholds == {
+    "image": None,
+    "pixel": None,
+  }
+
+
+def test_nan_maps_are_one_clear_error():
+  test_set = {
+    "image": np.zeros((2, 8, 8, 3), np.uint8),
+    "label": np.array([False, True]),
+    "mask": np.zeros((2, 8, 8), bool),
+  }
+
+  def nan_predict(images):
+    maps = np.full(images.shape[:3], np.nan, np.float32)
+    return maps, maps.max(axis=(1, 2))
+
+  with pytest.raises(DivergedError, match=r"anomaly maps hold 128 NaN values \(of 128\)"):
+    evaluate.evaluate(nan_predict, test_set, batch_size=2)
