@@ -1,3 +1,4 @@
+import json
 import shlex
 import subprocess
 import sys
@@ -195,3 +196,83 @@ def test_slurm_without_sbatch_says_so_and_writes_nothing(tmp_path):
   )
   assert result.returncode != 0 and "sbatch not found" in result.stderr
   assert not (tmp_path / "runs").exists()
+
+
+def _local(*flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "launch/local.py", "--workdir=runs/x", *flags],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+
+
+def test_local_launcher_gives_each_job_its_own_gpus():
+  result = _local(
+    "--categories=weave,pill,washer",
+    "--devices=0,1,2,3",
+    "--devices_per_job=2",
+    "--memory_fraction=0.45",
+    "--dry_run",
+  )
+  assert result.returncode == 0, result.stderr
+  lines = [shlex.split(line) for line in result.stdout.strip().splitlines()]
+  assert [w for line in lines for w in line if w.startswith("CUDA_VISIBLE_DEVICES=")] == [
+    "CUDA_VISIBLE_DEVICES=0,1",
+    "CUDA_VISIBLE_DEVICES=2,3",
+    "CUDA_VISIBLE_DEVICES=0,1",
+  ]
+  assert all("XLA_PYTHON_CLIENT_MEM_FRACTION=0.45" in line for line in lines)
+
+
+def test_local_launcher_refuses_gpu_groups_that_cannot_work():
+  for flags, message in (
+    (["--devices=0,1,2", "--devices_per_job=2"], "--devices_per_job=2 does not divide the 3 GPUs"),
+    (["--devices=0,0"], "--devices=0,0: a GPU is listed twice"),
+    (["--devices_per_job=2"], "--devices_per_job and --memory_fraction need --devices"),
+  ):
+    result = _local("--categories=weave", *flags, "--dry_run")
+    assert result.returncode == 1 and f"FATAL: {message}" in result.stderr, result.stderr
+
+
+RUN_ALL = """
+import json, sys
+sys.path.insert(0, "launch")
+import local
+# One write per line (shorter than the pipe's atomic size): jobs share the launcher's stdout.
+job = ("import json, os, sys, time; start = time.time(); time.sleep(0.6); "
+       "line = json.dumps([sys.argv[1], os.environ['CUDA_VISIBLE_DEVICES'], start, time.time()]); "
+       "os.write(1, (line + '\\\\n').encode()); sys.exit(sys.argv[1] == 'bad')")
+names = ["a", "b", "c", "bad", "e"]
+slots = [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+failed = local.run_all([[sys.executable, "-c", job, n] for n in names], {}, slots)
+print(json.dumps(failed))
+"""
+
+
+def test_local_launcher_never_runs_two_jobs_on_the_same_gpus():
+  result = subprocess.run(
+    [sys.executable, "-c", RUN_ALL], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  *runs, failed = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert sorted(name for name, *_ in runs) == ["a", "b", "bad", "c", "e"]
+  assert len(failed) == 1 and failed[0].endswith(" bad")
+  for gpus in ("0,1", "2,3"):
+    spans = sorted((start, end) for _, g, start, end in runs if g == gpus)
+    assert spans and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # one at a time
+  assert {g for _, g, *_ in runs} == {"0,1", "2,3"}
+
+
+def test_all_categories_are_mvtec_ads_fifteen(tmp_path):
+  from pouta_jax.config import MVTEC_AD_CATEGORIES
+
+  for category in MVTEC_AD_CATEGORIES:
+    (tmp_path / category / "train" / "good").mkdir(parents=True)
+  result = _local("--categories=all", "--dry_run", "--", f"--config.data.root={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  configs = [
+    w for line in result.stdout.splitlines() for w in shlex.split(line) if w.startswith("--config=")
+  ]
+  assert configs == [f"--config=configs/draem.py:{c}" for c in MVTEC_AD_CATEGORIES]
