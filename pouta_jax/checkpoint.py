@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import grain.checkpoint
@@ -23,14 +24,37 @@ import orbax.checkpoint as ocp
 from pouta_jax import errors
 
 
-def _not_orbax_info(record: logging.LogRecord) -> bool:
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+def _orbax_record_wanted(record: logging.LogRecord) -> bool:
+  """orbax logs every save at INFO, and a failed write once per writer thread with a traceback
+  (hundreds of lines when the disk fills): keep its warnings and other errors; `save` reports a
+  full disk once, as a DiskFullError."""
+  if "orbax" not in record.pathname:
+    return True
+  failure = record.exc_info[1] if record.exc_info else None
+  return record.levelno >= logging.WARNING and not (failure and errors.is_disk_full(failure))
+
+
+def _drop_late_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable-exception hook around `previous` that drops "Event loop is closed": after a
+  write fails, orbax closes its event loop while tensorstore's other writes are in flight, and
+  their completions arrive later, into the closed loop, from a tensorstore thread."""
+
+  def hook(unraisable: Any) -> None:
+    late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+      unraisable.exc_value
+    )
+    if not late:
+      previous(unraisable)
+
+  hook.drops_late_callbacks = True
+  return hook
 
 
 def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
-  # orbax logs every save step at INFO through absl; keep its warnings only.
-  if _not_orbax_info not in logging.getLogger("absl").filters:
-    logging.getLogger("absl").addFilter(_not_orbax_info)
+  if _orbax_record_wanted not in logging.getLogger("absl").filters:
+    logging.getLogger("absl").addFilter(_orbax_record_wanted)
+  if not getattr(sys.unraisablehook, "drops_late_callbacks", False):
+    sys.unraisablehook = _drop_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
     Path(workdir).absolute() / "checkpoints",
     options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

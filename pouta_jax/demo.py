@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
   runs = [(m, c, _config(m, c)) for m in _MODELS.value for c in _CATEGORIES.value]
   for _, _, config in runs:  # every category checked and built before any run starts
     category_folder(config)
-  results, profiles, configs = {}, {}, {}
+  finished, results, profiles, configs = {}, {}, {}, {}
   with contextlib.ExitStack() as stack:
     pool = stack.enter_context(
       concurrent.futures.ProcessPoolExecutor(
@@ -118,18 +118,18 @@ def main(argv: list[str]) -> None:
       )
     for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
       model, category, log = futures[future]
-      run = future.result()
-      metrics = run["metrics"][model][category]
+      finished[model, category] = future.result()
+      metrics = finished[model, category]["metrics"][model][category]
       print(
         f"[{done}/{len(runs)}] {model} {category}: image AUROC "
         f"{100 * metrics['image_auroc']:.1f}, pixel AP {100 * metrics['pixel_ap']:.1f} "
         f"({(time.perf_counter() - start) / 60:.1f} min since the start; log: {log})",
         flush=True,
       )
-  for (model, _, config), future in zip(runs, futures):
-    for name, per_category in future.result()["metrics"].items():
+  for model, category, config in runs:  # merged in the order of the runs, not of their ends
+    for name, per_category in finished[model, category]["metrics"].items():
       results.setdefault(name, {}).update(per_category)
-    profiles.update(future.result()["profiles"])
+    profiles.update(finished[model, category]["profiles"])
     configs[model] = config
   minutes = (time.perf_counter() - start) / 60
   peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

@@ -51,10 +51,9 @@ def curve(labels: np.ndarray, scores: np.ndarray) -> Curve:
     raise ValueError(f"{labels.size} labels but {scores.size} scores")
   if labels.size == 0:
     raise ValueError("no scores to evaluate")
-  nan = np.isnan(scores)
-  if nan.any():
-    raise ValueError(f"{int(nan.sum())} of {scores.size} scores are NaN")
   ascending = np.sort(scores)
+  if np.isnan(ascending[-1]):  # sorted last: one look instead of a pass over the scores
+    raise ValueError(f"{int(np.isnan(ascending).sum())} of {scores.size} scores are NaN")
   starts = np.flatnonzero(np.r_[True, ascending[1:] != ascending[:-1]])
   positive_scores = scores[labels]
   positive_order = np.argsort(positive_scores)

@@ -58,10 +58,16 @@ def make_tiny_config(model: str, root):
 
 
 def tiny_main_command(
-  root, workdir, mode: str = "train", num_workers: int = 0, **overrides
+  root,
+  workdir,
+  mode: str = "train",
+  num_workers: int = 0,
+  config_arg: str = "configs/draem.py:weave,tiny",
+  **overrides,
 ) -> list[str]:
-  """`python -m pouta_jax.main` arguments (after the interpreter) that train `make_tiny_config`'s
-  DRAEM on `root`'s weave; `overrides`: more config keys, `_` for `.` ("train__num_steps")."""
+  """`python -m pouta_jax.main` arguments (after the interpreter) that run `make_tiny_config`'s
+  DRAEM sizes on `root`'s categories named in `config_arg`; `overrides`: more config keys, `_`
+  for `.` ("train__num_steps")."""
   config = make_tiny_config("draem", root)
   keys = {
     "data.root": root,
@@ -75,7 +81,7 @@ def tiny_main_command(
   return [
     "-m",
     "pouta_jax.main",
-    "--config=configs/draem.py:weave,tiny",
+    f"--config={config_arg}",
     f"--workdir={workdir}",
     f"--mode={mode}",
     *(f"--config.{k}={v}" for k, v in keys.items()),

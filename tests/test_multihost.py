@@ -15,40 +15,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_tiny_config
+from tests.conftest import tiny_main_command
 
 # Alone, after the other tests (make test): two processes of one program lagging more than 30 s
 # apart under other load fail Gloo's collectives.
 pytestmark = pytest.mark.serial
 
 REPO = Path(__file__).resolve().parents[1]
+STACKED = "configs/draem.py:weave,pill,tiny"
 
 
-def _command(
-  root: Path, workdir: Path, *extra: str, config_arg: str = "configs/draem.py:weave,tiny"
-) -> list[str]:
-  config = make_tiny_config("draem", root)
-  overrides = {
-    "data.root": root,
-    "model.base_width": config.model.base_width,
-    "data.image_size": config.data.image_size,
-    "data.batch_size": config.data.batch_size,
-    "data.num_workers": 0,
-    "train.num_steps": 4,
-    "train.checkpoint_every": 2,
-    "train.log_every": 1,
-    "eval.batch_size": 8,
-    "eval.num_heatmaps": 1,
-  }
-  return [
-    sys.executable,
-    "-m",
-    "pouta_jax.main",
-    f"--config={config_arg}",
-    f"--workdir={workdir}",
-    *(f"--config.{k}={v}" for k, v in overrides.items()),
-    *extra,
-  ]
+def _command(root: Path, workdir: Path, *extra: str, **keywords) -> list[str]:
+  command = tiny_main_command(
+    root,
+    workdir,
+    train__num_steps=4,
+    train__checkpoint_every=2,
+    train__log_every=1,
+    eval__batch_size=8,
+    eval__num_heatmaps=1,
+    **keywords,
+  )
+  return [sys.executable, *command, *extra]
 
 
 def _free_port() -> int:
@@ -128,10 +116,8 @@ def _run_two_processes(
 def test_two_processes_train_as_one(dataset_root, tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   # Training only: the other test covers evaluation over processes.
-  outputs = _run_two_processes(
-    multi, lambda *a: _command(dataset_root, *a, "--mode=train"), 1, evaluates=False
-  )
-  _run_one_process(_command(dataset_root, single, "--mode=train"))
+  outputs = _run_two_processes(multi, lambda *a: _command(dataset_root, *a), 1, evaluates=False)
+  _run_one_process(_command(dataset_root, single))
 
   # One program: both processes log the same loss at every step.
   logged = [re.findall(r"process (\d) step (\d+) loss (\S+)", err) for _, err in outputs]
@@ -160,14 +146,13 @@ def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
       workdir,
       *extra,
       "--config.mesh.axes=(('category',2),('data',2))",
-      config_arg="configs/draem.py:weave,pill,tiny",
+      mode="train_and_eval",
+      config_arg=STACKED,
     )
 
   single, multi = tmp_path / "single", tmp_path / "multi"
   _run_two_processes(multi, command, 2)
-  _run_one_process(
-    _command(dataset_root, single, "--mode=train", config_arg="configs/draem.py:weave,pill,tiny")
-  )
+  _run_one_process(_command(dataset_root, single, config_arg=STACKED))
 
   for category in ("weave", "pill"):
     multi_losses = _losses(multi, f"loss/{category}")
