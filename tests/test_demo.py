@@ -1,7 +1,8 @@
 """`make demo`'s command on a short schedule: runs in worker processes, one log per run, one
-table for all."""
+table for all, programs in the compilation cache; here on the validation draw of the data."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,8 +23,11 @@ def test_demo_runs_in_workers_and_gathers_every_run(tmp_path):
       "--categories=weave,pill",
       "--num_steps=2",
       "--jobs=2",
+      f"--compilation_cache={tmp_path / 'cache'}",
+      "--embedded_seed=1",
     ],
     cwd=tmp_path,  # the embedded dataset lands in tmp_path/outputs/data
+    env={k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
     capture_output=True,
     text=True,
     timeout=600,
@@ -37,4 +41,12 @@ def test_demo_runs_in_workers_and_gathers_every_run(tmp_path):
   for category in ("weave", "pill"):
     assert f"train {category}" in (workdir / "draem" / f"{category}.log").read_text()
     assert (workdir / "draem" / category / "heatmaps").is_dir()
-  assert "2 runs at once" in (workdir / "results.md").read_text()
+  caption = (workdir / "results.md").read_text()
+  assert "2 runs at once" in caption and "validation draw, seed 1" in caption
+  # The runs trained on the validation draw, not on the dataset the README reports.
+  config = json.loads((workdir / "draem" / "weave" / "config.json").read_text())
+  assert config["data"]["root"] == "outputs/data/embedded_seed1"
+  assert (tmp_path / "outputs/data/embedded_seed1/pill/BUILD.json").is_file()
+  assert not (tmp_path / "outputs/data/embedded").exists()
+  # The runs' programs went to the demo's compilation cache (the train step among them).
+  assert any("step" in p.name for p in (tmp_path / "cache").iterdir())

@@ -70,11 +70,7 @@ def _final_state(config, workdir: Path) -> train.TrainState:
 
 
 def test_sigterm_saves_and_sigkill_resumes_bitwise_equal(dataset_root, tmp_path):
-  env = {
-    **os.environ,
-    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  }
+  env = dict(os.environ)  # the session's compilation cache: the other CLI tests' programs
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   subprocess.run(
     _command(dataset_root, straight), cwd=REPO, env=env, check=True, capture_output=True
