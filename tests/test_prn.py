@@ -8,6 +8,9 @@ import pytest
 
 from pouta_jax.models import backbone, prn, prototypes
 
+# Scheduled first (see conftest): a long file started last would leave the other worker idle.
+pytestmark = pytest.mark.heavy
+
 
 def _naive_window_attention(q, k, v, window):
   b, h, w, c = q.shape

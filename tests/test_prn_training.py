@@ -16,6 +16,9 @@ from pouta_jax.data.folder import load_image, load_test_set, sample_name
 from pouta_jax.models import backbone, prn
 from tests.conftest import make_tiny_config
 
+# Scheduled first (see conftest): a long file started last would leave the other worker idle.
+pytestmark = pytest.mark.heavy
+
 NUM_REAL = 3
 
 

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from pouta_jax import checkpoint, preemption, train
 from tests.conftest import make_tiny_config, tiny_main_command
+
+# Scheduled first (see conftest): a long file started last would leave the other worker idle.
+pytestmark = pytest.mark.heavy
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30

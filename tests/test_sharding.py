@@ -11,6 +11,9 @@ import pytest
 from pouta_jax import config as config_lib, sharding
 from pouta_jax.errors import ConfigError
 
+# Scheduled first (see conftest): a long file started last would leave the other worker idle.
+pytestmark = pytest.mark.heavy
+
 REPO = Path(__file__).resolve().parents[1]
 
 
