@@ -5,16 +5,22 @@ state, one JSON file per process, written by grain's orbax handler). Restoring b
 training on exactly the batch that followed the checkpoint. orbax writes each step into a
 temporary folder and renames it when complete, so an interrupted save never leaves a
 checkpoint that looks valid.
+
+Saves are asynchronous: `save` returns once the state is copied off the devices and the
+iterator's state is written (both happen before the next step can change them), and the
+arrays are written while training goes on. A write that fails is raised by the next `save` or
+`wait`; the last save of a run and a preemption's save wait for their write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain
 import grain.checkpoint
@@ -51,13 +57,16 @@ def _drop_late_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], Non
 
 
 def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
+  """The workdir's checkpoints, keeping the newest `keep`; saves through it are asynchronous."""
   if _orbax_record_wanted not in logging.getLogger("absl").filters:
     logging.getLogger("absl").addFilter(_orbax_record_wanted)
   if not getattr(sys.unraisablehook, "drops_late_callbacks", False):
     sys.unraisablehook = _drop_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
     Path(workdir).absolute() / "checkpoints",
-    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=True
+    ),
   )
 
 
@@ -80,43 +89,68 @@ def _good_steps(directory: Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def _disk_full(directory: Path, step: int | str, what: str) -> errors.DiskFullError:
+  good = _good_steps(directory)
+  newest = f"step {good[-1]}" if good else "none (no step was saved)"
+  return errors.DiskFullError(
+    f"disk full: checkpoint step {step} in {directory} {what}; the newest good checkpoint is "
+    f"{newest}; free space and run the same command again to resume"
+  )
+
+
+@contextlib.contextmanager
+def _full_disk_reported(directory: Path, step: int | None = None) -> Iterator[None]:
+  """Turns a write (of `step`, or of the step being written in the background) that filled the
+  disk into one DiskFullError naming it, after removing the partial checkpoint (orbax leaves
+  its temporary folder behind)."""
+  try:
+    yield
+  except Exception as e:
+    if not errors.is_disk_full(e):
+      raise
+    partials = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+    written = step if step is not None else ", ".join(p.name.split(".")[0] for p in partials)
+    for partial in partials:
+      shutil.rmtree(partial, ignore_errors=True)
+    raise _disk_full(
+      directory, written or "in progress", "was not written (the partial one is removed)"
+    ) from None
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Returns when every save is on disk; raises what a write in the background raised."""
+  with _full_disk_reported(Path(mngr.directory)):
+    mngr.wait_until_finished()
+
+
 def save(
   mngr: ocp.CheckpointManager,
   step: int,
   state: Any,
   data_iterator: grain.DatasetIterator | None = None,
+  block: bool = True,
 ) -> None:
-  """Saves `state` (and the iterator that produced its batches) as step `step`; blocks.
+  """Saves `state` (and the iterator that produced its batches) as step `step`. With `block`,
+  returns once it is on disk; otherwise once the state is copied and the write has started.
 
-  A full disk raises DiskFullError naming the newest good checkpoint: before writing when the
-  free space cannot hold the state, or after removing the partial checkpoint (orbax leaves its
-  temporary folder behind) when the disk fills during the write."""
+  The previous save's write is finished first (one write at a time bounds host memory). A full
+  disk raises DiskFullError naming the newest good checkpoint: before writing when the free
+  space cannot hold the state, or when a write fills the disk."""
   directory = Path(mngr.directory)
-
-  def disk_full(what: str) -> errors.DiskFullError:
-    good = _good_steps(directory)
-    newest = f"step {good[-1]}" if good else "none (no step was saved)"
-    return errors.DiskFullError(
-      f"disk full: checkpoint step {step} in {directory} {what}; the newest good checkpoint is "
-      f"{newest}; free space and run the same command again to resume"
-    )
-
+  wait(mngr)
   needed = sum(x.nbytes for x in jax.tree.leaves(state)) * SPACE_MARGIN
   free = shutil.disk_usage(directory).free
   if free < needed:
-    raise disk_full(f"needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free")
+    raise _disk_full(
+      directory, step, f"needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
+    )
   items = {"state": ocp.args.StandardSave(_fields(state))}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  try:
+  with _full_disk_reported(directory, step):
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    mngr.wait_until_finished()
-  except Exception as e:
-    if not errors.is_disk_full(e):
-      raise
-    for partial in directory.glob("*.orbax-checkpoint-tmp*"):
-      shutil.rmtree(partial, ignore_errors=True)
-    raise disk_full("was not written (the partial one is removed)") from None
+  if block:
+    wait(mngr)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:

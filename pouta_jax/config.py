@@ -11,6 +11,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import ml_collections
 from absl import flags
@@ -90,11 +91,13 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     batch_size=8,
     num_workers=2,
   )
-  # Device mesh: (axis name, size) pairs, one size may be -1 ("the rest"). The batch is split
-  # over "data"; parameters are replicated, or, with data.categories, split over an optional
-  # "category" axis. require_platform: "tpu", "gpu" or "cpu" refuses to start on any other
+  # Device mesh: ("auto",) (--config.mesh.axes=auto) lays the devices out from the stacked
+  # runs and the batch (sharding.layouts), or (axis name, size) pairs, one size may be -1 ("the
+  # rest"). The batch is split over "data"; parameters are replicated, or, with
+  # data.categories, split over a "category" axis. num_devices: how many of the devices the
+  # run uses (0: all). require_platform: "tpu", "gpu" or "cpu" refuses to start on any other
   # (a TPU VM or GPU node whose jax lacks the accelerator's plugin falls back to its CPU).
-  config.mesh = dict(axes=(("data", -1),), require_platform="")
+  config.mesh = dict(axes=("auto",), num_devices=0, require_platform="")
   # weight_decay: added to the gradients before Adam (PyTorch's Adam weight_decay).
   config.optim = dict(lr=1e-4, milestones=(0.8, 0.9), decay=0.2, weight_decay=0.0)
   config.train = dict(
@@ -111,6 +114,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   return config
 
 
+def expand_categories(names: Sequence[str]) -> list[str]:
+  """Category names with `all` standing for MVTec AD's 15."""
+  return [c for name in names for c in (MVTEC_AD_CATEGORIES if name == "all" else (name,))]
+
+
 def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies `categories[,preset]` from `--config=configs/<model>.py:bottle,tiny`.
 
@@ -123,10 +131,9 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collect
       for key, value in PRESETS[part].items():
         section, name = key.split(".")
         config[section][name] = value
-    elif part == "all":
-      categories.extend(MVTEC_AD_CATEGORIES)
     else:
       categories.append(part)
+  categories = expand_categories(categories)
   if categories:
     config.data.category = categories[0]
   if len(categories) > 1:
@@ -223,6 +230,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "eval.num_heatmaps",
     "eval.batch_size",  # memory only; float rounding aside, the same maps
     "mesh.axes",  # a resumed job may land on another slice shape
+    "mesh.num_devices",
     "mesh.require_platform",  # a check at start, not a setting of the run
     "train.category_loop",  # vmap and unroll compute the same steps
     "model.conv_weight_grad",  # two ways to the same gradients
@@ -263,6 +271,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.mesh.require_platform in ("", *PLATFORMS),
     "mesh.require_platform",
     f"'' (any platform) or one of {PLATFORMS}",
+  )
+  errors.check(
+    config, config.mesh.num_devices >= 0, "mesh.num_devices", "0 (all devices) or a count"
   )
   size = config.data.image_size
   errors.check(

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import jax
 import ml_collections
 from absl import logging
+from jax.sharding import Mesh
 
 from pouta_jax import (
   artifact,
@@ -120,7 +121,8 @@ def run(
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
   # The mesh must fit the platform, the devices, the batch and the categories.
-  logging.info("Devices: %s", sharding.describe(sharding.make_mesh(config)))
+  mesh = sharding.make_mesh(config)
+  logging.info("Devices: %s", sharding.describe(mesh))
   exported = None
   if artifact_path is not None:
     if mode != "eval":
@@ -139,13 +141,14 @@ def run(
   if exported is None:
     config = models.resolve(config, [len(f.train) for f in folders])
   with claimed_workdir(workdir, config, allow_changes) as workdir:
-    return _run_in(config, workdir, mode, folders, test_sets, exported, include_untrained)
+    return _run_in(config, workdir, mode, mesh, folders, test_sets, exported, include_untrained)
 
 
 def _run_in(
   config: ml_collections.ConfigDict,
   workdir: Path,
   mode: str,
+  mesh: Mesh,
   folders: list,
   test_sets: dict,
   exported: artifact.Artifact | None,
@@ -164,7 +167,9 @@ def _run_in(
     predictors = {exported.manifest["model"]: {c: exported.predict for c in categories}}
     profiles = {}
   else:
-    predictors, profiles = _trained_predictors(config, workdir, mode, folders, include_untrained)
+    predictors, profiles = _trained_predictors(
+      config, workdir, mode, mesh, folders, include_untrained
+    )
     if mode == "train":
       return {}
 
@@ -197,6 +202,7 @@ def _trained_predictors(
   config: ml_collections.ConfigDict,
   workdir: Path,
   mode: str,
+  mesh: Mesh,
   folders: list,
   include_untrained: bool,
 ) -> tuple[dict, dict]:
@@ -210,7 +216,7 @@ def _trained_predictors(
     if state is None:
       raise errors.NotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
   else:
-    state = train.train(config, workdir, folders)
+    state = train.train(config, workdir, folders, mesh)
     if mode == "train":
       return {}, {}
   # Every process evaluates on its own devices, from host copies of the state.

@@ -1,10 +1,13 @@
 """Device mesh and shardings for data-parallel training (jax.sharding, no pmap), multi-host.
 
-The mesh comes from `config.mesh.axes`: (name, size) pairs where one size may be -1 for "all
-remaining devices". The batch is split over the `data` axis, parameters and optimizer state are
-replicated, and the jit-compiled step computes BatchNorm statistics and gradients over the global
-batch: XLA inserts the collectives. With several processes (jax.distributed), each process
-synthesises only its rows of every global batch and process 0 alone writes outputs.
+The mesh comes from `config.mesh.axes`: "auto" (the default: a category axis as large as the
+stacked runs and the devices allow, the rest over the batch), or (name, size) pairs where one
+size may be -1 for "all remaining devices"; `config.mesh.num_devices` takes a subset of the
+devices. The batch is split over the `data` axis, parameters and optimizer state are
+replicated (or split over the category axis when stacked), and the jit-compiled step computes
+BatchNorm statistics and gradients over the global batch: XLA inserts the collectives. With
+several processes (jax.distributed), each process synthesises only its rows of every global
+batch and process 0 alone writes outputs.
 """
 
 from __future__ import annotations
@@ -73,11 +76,73 @@ def describe(mesh: Mesh) -> str:
   )
 
 
+AUTO = ("auto",)  # config.mesh.axes: the layout chosen from the devices, runs and batch
+
+
+def layouts(num_devices: int, num_runs: int, batch: int) -> list[dict[str, int]]:
+  """Every mesh of exactly `num_devices`: a category axis that divides the `num_runs` stacked
+  runs (none for a single run) times a data axis that divides the batch; the largest category
+  axis first. All do the same work per device; the category axis needs no collectives."""
+  found = []
+  for runs in range(num_devices, 0, -1):
+    data = num_devices // runs
+    if runs * data != num_devices or batch % data or (num_runs % runs if num_runs else runs > 1):
+      continue
+    found.append({CATEGORY_AXIS: runs, DATA_AXIS: data} if num_runs else {DATA_AXIS: data})
+  return found
+
+
+def _mesh_devices(num_devices: int) -> list:
+  """The first `num_devices` devices (0: all), the same number from every process."""
+  devices = jax.devices()
+  if not num_devices:
+    return devices
+  processes = jax.process_count()
+  if num_devices > len(devices) or num_devices % processes:
+    raise errors.ConfigError(
+      f"config.mesh.num_devices={num_devices}: expected 0 (all) or a multiple of the "
+      f"{processes} processes up to the {len(devices)} devices"
+    )
+  per_process = num_devices // processes
+  return [
+    d for p in range(processes) for d in [d for d in devices if d.process_index == p][:per_process]
+  ]
+
+
+def _describe_layout(shape: dict[str, int]) -> str:
+  return " x ".join(f"{name} {size}" for name, size in shape.items())
+
+
+def _auto_layout(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  num_runs = len(config.data.categories)
+  batch = config.data.batch_size
+  found = layouts(num_devices, num_runs, batch)
+  if found:
+    return found[0]
+  processes = jax.process_count()
+  smaller = [
+    f"mesh.num_devices={n} ({_describe_layout(layouts(n, num_runs, batch)[0])})"
+    for n in range(num_devices - 1, 0, -1)
+    if n % processes == 0 and layouts(n, num_runs, batch)
+  ]
+  runs = f"{num_runs} stacked runs (data.categories) and " if num_runs else ""
+  raise errors.ConfigError(
+    f"config.mesh.axes=auto: no mesh of all {num_devices} devices holds {runs}a batch of "
+    f"{batch} (config.data.batch_size); layouts that would: {', '.join(smaller[:4])}"
+  )
+
+
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The config's mesh over all devices; checks the platform (`mesh.require_platform`), that
-  the batch splits over the data axis and the categories over the category axis."""
+  """The config's mesh over its devices (`mesh.num_devices`); checks the platform
+  (`mesh.require_platform`), that the batch splits over the data axis and the categories over
+  the category axis. `mesh.axes` "auto" chooses the layout (`layouts`)."""
   check_platform(config.mesh.require_platform)
-  shape = mesh_shape(tuple(tuple(a) for a in config.mesh.axes), jax.device_count())
+  devices = _mesh_devices(config.mesh.num_devices)
+  axes = tuple(config.mesh.axes)
+  if axes == AUTO:
+    shape = _auto_layout(config, len(devices))
+  else:
+    shape = mesh_shape(tuple(tuple(a) for a in axes), len(devices))
   if config.data.batch_size % shape[DATA_AXIS]:
     raise errors.ConfigError(
       f"config.data.batch_size={config.data.batch_size} does not split over the "
@@ -87,12 +152,10 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
     num_categories = len(config.data.categories)
     if not num_categories or num_categories % shape[CATEGORY_AXIS]:
       raise errors.ConfigError(
-        f"config.mesh.axes={tuple(map(tuple, config.mesh.axes))!r}: the "
-        f"{shape[CATEGORY_AXIS]} devices of the {CATEGORY_AXIS!r} axis must "
-        f"divide the {num_categories} config.data.categories"
+        f"config.mesh.axes={axes!r}: the {shape[CATEGORY_AXIS]} devices of the "
+        f"{CATEGORY_AXIS!r} axis must divide the {num_categories} config.data.categories"
       )
-  devices = np.asarray(jax.devices()).reshape(tuple(shape.values()))
-  return Mesh(devices, tuple(shape))
+  return Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
 
 
 def state_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:

@@ -143,9 +143,7 @@ def define_launch_flags() -> None:
   """The flags every launcher in launch/ shares: what to run, and where its workdirs go."""
   flags.DEFINE_string("config", "configs/draem.py", "Config file (without argument).")
   flags.DEFINE_string("preset", "", "Size preset appended to each category, e.g. tiny.")
-  flags.DEFINE_list(
-    "categories", None, "Categories, one run each; all: MVTec AD's 15.", required=True
-  )
+  flags.DEFINE_list("categories", None, "Categories, one run each; all: MVTec AD's 15.")
   flags.DEFINE_string("workdir", None, "Parent of the per-run workdirs.", required=True)
   flags.DEFINE_multi_string("sweep", [], "key=v1,v2,...: one product axis each.")
   flags.DEFINE_multi_string("zip", [], "key=v1,v2,...: all --zip flags form one axis.")
@@ -163,8 +161,9 @@ def jobs_from_flags(extra: list[str]) -> list[Job]:
   """The launch flags' jobs, checked (keys, categories) before anything runs; `extra` are
   pouta_jax.main arguments given after `--`."""
   f = flags.FLAGS
-  # `all`: MVTec AD's 15, as in a config argument.
-  categories = list(config_lib.MVTEC_AD_CATEGORIES) if f.categories == ["all"] else f.categories
+  if not f.categories:
+    raise SweepError("--categories: expected category names (or all: MVTec AD's 15)")
+  categories = config_lib.expand_categories(f.categories)
   arg = ",".join(p for p in (categories[0], f.preset) if p)
   base = config_lib.load_file(f.config, arg)
   sweeps, zips = list(f.sweep), list(f.zip)

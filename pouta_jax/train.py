@@ -299,7 +299,10 @@ def _checked_scalars(
 
 
 def train(
-  config: ml_collections.ConfigDict, workdir: str | Path, folders: Sequence[CategoryFolder]
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  folders: Sequence[CategoryFolder],
+  mesh: Mesh | None = None,
 ) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
@@ -308,11 +311,12 @@ def train(
   restarted run continues with the batch that followed the checkpoint and ends bitwise equal
   to an uninterrupted one. A non-finite loss stops training with DivergedError before
   anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
-  checkpoint and raises preemption.Preempted.
+  checkpoint and raises preemption.Preempted. `mesh`: the config's (`sharding.make_mesh`) unless
+  the caller built it already.
   """
   workdir = Path(workdir)
   stacked = config_lib.is_stacked(config)
-  mesh = sharding.make_mesh(config)
+  mesh = mesh or sharding.make_mesh(config)
   model, tx, initial, num_steps = setup(config, [len(f.train) for f in folders])
   state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
@@ -389,8 +393,8 @@ def train(
             logging.info("process %d step %d loss %.9g", jax.process_index(), step, scalars["loss"])
           if writer is not None:
             writer.write(step, scalars)
-        if save_now:
-          checkpoint.save(mngr, step, state, batches)
+        if save_now:  # in the background, but the run's last save is on disk when it ends
+          checkpoint.save(mngr, step, state, batches, block=step == num_steps)
       finish(0)
   finally:
     notice.close()

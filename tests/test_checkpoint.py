@@ -1,6 +1,7 @@
 """Checkpoint saves on a full disk: refused before writing when the state cannot fit, and
 cleaned up when the disk fills during the write; either way the newest good step is named."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -36,3 +37,29 @@ def test_a_disk_that_fills_during_the_write_leaves_no_partial_checkpoint(
   assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["1"]
   # One error, not a traceback per orbax writer thread (hundreds of lines on the command line).
   assert [r.getMessage()[:80] for r in caplog.records if r.exc_info] == []
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_background_write_that_fills_the_disk_is_raised_by_the_next_wait(small_disk, monkeypatch):
+  monkeypatch.setattr(checkpoint, "SPACE_MARGIN", 0.0)
+  mngr = checkpoint.manager(small_disk, keep=2)
+  checkpoint.save(mngr, 1, _state(0.05), block=False)
+  checkpoint.wait(mngr)
+  with pytest.raises(errors.DiskFullError, match=r"step 2 .* not written .*newest good .* step 1"):
+    checkpoint.save(mngr, 2, _state(1), block=False)  # the write fails in the background...
+    checkpoint.wait(mngr)  # ...and is raised here at the latest
+  mngr.close()
+  assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_background_save_holds_the_state_it_was_given(tmp_path):
+  """The loop goes on while the write runs, and donates the state's buffers to the next step."""
+  mngr = checkpoint.manager(tmp_path, keep=2)
+  state = jax.device_put(_state(4))
+  saved = np.asarray(state.params["w"]).copy()
+  checkpoint.save(mngr, 1, state, block=False)
+  jax.tree.map(lambda x: x.delete(), state)  # what donating it to the next step does
+  checkpoint.wait(mngr)
+  restored = checkpoint.restore_latest(mngr, jax.device_put(_state(4)))
+  mngr.close()
+  np.testing.assert_array_equal(restored.params["w"], saved)

@@ -1,7 +1,9 @@
+import base64
 import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,34 +144,102 @@ def test_slurm_dry_run_prints_the_array_script_jobs_and_submit(tmp_path):
   assert lines[-1] == f"sbatch --parsable {slurm}/array.sbatch"
 
 
-def test_tpu_vm_dry_run_runs_each_job_on_every_worker():
+def _tpu_vm(*args: str) -> tuple[str, list[list[str]]]:
+  """The driver script and the commands `launch/tpu_vm.py --dry_run` prints."""
+  lines = _dry_run("launch/tpu_vm.py", "--tpu=pod", "--zone=us-central2-b", "--project=p", *args)
+  split = lines.index("# commands")
+  assert lines[0] == "# driver script (every worker)"
+  return "\n".join(lines[1:split]) + "\n", [shlex.split(c) for c in lines[split + 1 :]]
+
+
+SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b", "--project=p"]
+
+
+def test_tpu_vm_dry_run_starts_one_detached_driver_on_every_worker():
+  script, commands = _tpu_vm("--categories=weave,pill", "--workdir=/mnt/runs", "--seeds=2")
+  assert len(commands) == 1
+  assert commands[0][:-1] == SSH + ["--worker=all"]
+  remote = commands[0][-1].removeprefix("--command=")
+  assert remote.startswith("cd ~/pouta_jax && mkdir -p /mnt/runs/logs && ")
+  assert "(setsid nohup bash /mnt/runs/logs/driver-$(hostname).sh >> " in remote
+  encoded = next(w for w in shlex.split(remote) if len(w) > 100)  # the script, in base64
+  assert base64.b64decode(encoded).decode() == script
+  job = (
+    "python3 -m pouta_jax.main --config=configs/draem.py:pill "
+    "--workdir=/mnt/runs/train.seed=1/pill --config.train.seed=1 --distributed"
+  )
+  assert f"\n  {job}\n" in script
+  assert script.count("for attempt in $(seq 0 3)") == 4  # --relaunch's default, per job
+
+
+def test_tpu_vm_follow_and_attach_tail_the_worker_logs():
+  tail = SSH + ["--worker=0", "--command=cd ~/pouta_jax && tail -n +1 -F /r/logs/worker-*.log"]
+  _, commands = _tpu_vm("--categories=weave", "--workdir=/r", "--follow")
+  assert len(commands) == 2 and commands[1] == tail
   lines = _dry_run(
-    "launch/tpu_vm.py",
-    "--tpu=pod",
-    "--zone=us-central2-b",
-    "--project=p",
-    "--categories=weave,pill",
-    "--workdir=/mnt/runs",
-    "--seeds=2",
+    "launch/tpu_vm.py", "--tpu=pod", "--zone=us-central2-b", "--project=p", "--workdir=/r",
+    "--attach",
+  )  # fmt: skip
+  assert [shlex.split(line) for line in lines] == [tail]
+
+
+def test_tpu_vm_refuses_worker_logs_in_a_bucket():
+  result = subprocess.run(
+    [sys.executable, "launch/tpu_vm.py", "--tpu=pod", "--zone=z", "--categories=weave"]
+    + ["--workdir=gs://bucket/runs", "--dry_run"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
-  assert len(lines) == 2 * 2
-  words = shlex.split(lines[-1])
-  assert words[:9] == [
-    "gcloud",
-    "compute",
-    "tpus",
-    "tpu-vm",
-    "ssh",
-    "pod",
-    "--zone=us-central2-b",
-    "--project=p",
-    "--worker=all",
+  assert result.returncode == 1
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .startswith("FATAL: --worker_log_dir=gs://bucket/runs/logs: the workers append their logs")
+  )
+  assert result.stdout == ""
+
+
+def test_tpu_vm_driver_runs_detached_and_restarts_preempted_jobs(tmp_path):
+  """The start command, run by bash as a worker would: it returns at once; the driver then
+  runs each job, restarts the preempted one and counts the failed one."""
+  calls = tmp_path / "calls.txt"
+  stub = tmp_path / "python"  # exits 143 (preempted) on pill's first run, 3 on weave
+  stub.write_text(
+    "#!/bin/bash\n"
+    f'echo "$*" >> {calls}\n'
+    'case "$*" in\n'
+    f'  *:pill*) [ "$(grep -c :pill {calls})" -ge 2 ] && exit 0 || {{ sleep 1; exit 143; }} ;;\n'
+    "  *) exit 3 ;;\n"
+    "esac\n"
+  )
+  stub.chmod(0o755)
+  _, commands = _tpu_vm(
+    "--categories=pill,weave",
+    f"--workdir={tmp_path}/runs",
+    f"--repo_dir={tmp_path}",
+    f"--python={stub}",
+    "--relaunch=2",
+  )
+  remote = commands[0][-1].removeprefix("--command=")
+  started = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, timeout=10)
+  assert started.returncode == 0, started.stderr
+  log = next((tmp_path / "runs" / "logs").glob("worker-*.log"))
+  assert started.stdout.strip().endswith(f"log: {log}")
+  assert "all 2 jobs ended" not in log.read_text()  # still running: pill sleeps first
+  deadline = time.monotonic() + 30
+  while "all 2 jobs ended" not in log.read_text() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  text = log.read_text()
+  assert [line.split(" ", 1)[1] for line in text.splitlines() if "ended" in line] == [
+    "job 1/2 ended with exit code 0",
+    "job 2/2 ended with exit code 3",
+    "all 2 jobs ended; 1 failed",
   ]
-  assert words[9] == (
-    "--command=cd ~/pouta_jax && python3 -m pouta_jax.main "
-    "--config=configs/draem.py:pill --workdir=/mnt/runs/train.seed=1/pill "
-    "--config.train.seed=1 --distributed"
-  )
+  runs = calls.read_text().splitlines()
+  assert [r.split()[2].split(":")[1] for r in runs] == ["pill", "pill", "weave"]
+  assert all(r.endswith("--distributed") for r in runs)
 
 
 def test_launchers_reject_unknown_categories_before_running():

@@ -36,11 +36,39 @@ def test_bad_meshes_are_named(axes, message):
     sharding.mesh_shape(axes, 8)
 
 
+@pytest.mark.parametrize(
+  "devices,layout",
+  [
+    (1, {"category": 1, "data": 1}),
+    (2, {"category": 1, "data": 2}),
+    (6, {"category": 3, "data": 2}),
+    (8, {"category": 1, "data": 8}),
+    (12, {"category": 3, "data": 4}),
+    (15, {"category": 15, "data": 1}),
+    (16, None),  # 15 runs and a batch of 8 do not fill 16 devices
+  ],
+)
+def test_auto_layout_of_fifteen_stacked_categories(devices, layout):
+  found = sharding.layouts(devices, num_runs=15, batch=8)
+  assert (found[0] if found else None) == layout
+  for shape in found:  # every layout listed works: it fills the devices, splits runs and batch
+    assert shape["category"] * shape["data"] == devices
+    assert 15 % shape["category"] == 0 and 8 % shape["data"] == 0
+
+
+def test_auto_layout_of_a_single_run_splits_the_batch():
+  assert sharding.layouts(8, num_runs=0, batch=8) == [{"data": 8}]
+  assert sharding.layouts(8, num_runs=0, batch=12) == []
+
+
 def test_config_mesh_on_this_process(tiny_config):
   tiny_config.data.batch_size = 3
   assert dict(sharding.make_mesh(tiny_config).shape) == {"data": 1}  # one device: any batch
   tiny_config.mesh.axes = (("data", 2),)
   with pytest.raises(ValueError, match=r"config.mesh.axes=.*2 does not divide the 1 devices"):
+    sharding.make_mesh(tiny_config)
+  tiny_config.mesh.num_devices = 2
+  with pytest.raises(ConfigError, match=r"mesh.num_devices=2: expected 0 .* up to the 1 devices"):
     sharding.make_mesh(tiny_config)
 
 
@@ -85,11 +113,21 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     config = config_lib.load("draem", "weave,tiny")
     config.data.batch_size = 12
-    try:
-      sharding.make_mesh(config)
-      raise AssertionError("a batch of 12 cannot split over 8 devices")
-    except ValueError as e:
-      assert "config.data.batch_size=12 does not split over the 8 devices" in str(e), e
+    for axes, message in [
+        (("auto",), "no mesh of all 8 devices holds a batch of 12 (config.data.batch_size); "
+                    "layouts that would: mesh.num_devices=6 (data 6), mesh.num_devices=4 "
+                    "(data 4), mesh.num_devices=3 (data 3), mesh.num_devices=2 (data 2)"),
+        ((("data", -1),), "config.data.batch_size=12 does not split over the 8 devices")]:
+      config.mesh.axes = axes
+      try:
+        sharding.make_mesh(config)
+        raise AssertionError("a batch of 12 cannot split over 8 devices")
+      except ValueError as e:
+        assert message in str(e), e
+    config.mesh.axes = ("auto",)
+    config.mesh.num_devices = 6  # a subset of the devices
+    assert dict(sharding.make_mesh(config).shape) == {"data": 6}
+    config.mesh.num_devices = 0
     config.data.batch_size = 8
     assert dict(sharding.make_mesh(config).shape) == {"data": 8}
     config.model.base_width = 4
@@ -125,6 +163,7 @@ SCRIPT = textwrap.dedent("""
     # Two categories in one program: state stacked and split over a category axis (2 x 4
     # devices), the step vmapped; each category's update equals its own single-device step.
     config.data.categories = ("weave", "pill")
+    assert dict(sharding.make_mesh(config).shape) == {"category": 2, "data": 4}  # auto
     config.mesh.axes = (("category", 2), ("data", -1))
     mesh = sharding.make_mesh(config)
     assert dict(mesh.shape) == {"category": 2, "data": 4}
@@ -148,6 +187,9 @@ SCRIPT = textwrap.dedent("""
                         jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked_state))):
           np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     config.data.categories = ("weave", "pill", "washer")
+    config.mesh.axes, config.mesh.num_devices = ("auto",), 6
+    assert dict(sharding.make_mesh(config).shape) == {"category": 3, "data": 2}
+    config.mesh.axes, config.mesh.num_devices = (("category", 2), ("data", -1)), 0
     try:
       sharding.make_mesh(config)
       raise AssertionError("3 categories cannot split over a category axis of 2")

@@ -17,7 +17,9 @@ workers on 2 cores (bench/synthesis.py). `decode` turns a batch back into float3
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import multiprocessing.util
 import signal
 from typing import Sequence
 
@@ -145,6 +147,7 @@ def train_batches(
   )[start_step:]
   iterable = dataset.to_iter_dataset(WORKER_READ if num_workers > 0 else IN_PROCESS_READ)
   if num_workers > 0:
+    _release_at_exit()
     iterable = iterable.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=num_workers),
       worker_init_fn=leave_stopping_to_the_parent,
@@ -201,6 +204,20 @@ def close(batches: grain.DatasetIterator) -> None:
     batches.close()
   except Exception as e:
     logging.warning("closing the data pipeline failed: %s: %s", type(e).__name__, e)
+  release_shared_memory()
+
+
+@functools.cache
+def _release_at_exit() -> None:
+  """A process started by multiprocessing (the demo's run processes) ends without a last garbage
+  collection, and its exit stops grain's unlink thread first (exitpriority 15), so a batch left
+  in a reference cycle leaked its segment (the demo's end warned of 1-2): collect and unlink
+  before that."""
+  multiprocessing.util.Finalize(None, release_shared_memory, exitpriority=20)
+
+
+def release_shared_memory() -> None:
+  """Unlinks the shared memory of every batch no longer referenced, before returning."""
   # The last batches' shared memory is held in reference cycles inside grain's iterators, and
   # grain unlinks it on a thread of its own (one thread, first in first out). Collect, then
   # pass a no-op through that thread: it returns once every unlink queued before is done, so a
