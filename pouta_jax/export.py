@@ -15,9 +15,12 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import flags
 
@@ -47,6 +50,40 @@ def _state_of(workdir: Path, config) -> train.TrainState:
     return checkpoint.restore_latest(mngr, template)
   finally:
     mngr.close()
+
+
+class TrainedModel(NamedTuple):
+  config: ml_collections.ConfigDict
+  category: str
+  model: nn.Module
+  variables: dict  # host arrays of `category`'s model
+  state: train.TrainState  # the whole (possibly stacked) newest state
+
+
+def trained_model(
+  workdir: Path, category: str = "", config: ml_collections.ConfigDict | None = None
+) -> TrainedModel:
+  """The newest checkpoint's model of `category` (needed only for a run that trained several
+  categories at once); ConfigError listing the categories otherwise."""
+  config = config or config_lib.from_workdir(workdir)
+  categories = config_lib.categories_of(config)
+  if not config_lib.is_stacked(config):
+    category = category or config.data.category  # a single-category run needs no --category
+  if category not in categories:
+    raise errors.ConfigError(
+      f"--category={category!r}: {workdir} trained {list(categories)}; choose one of them"
+    )
+  model = models.get(config.model.name).build(config)
+  state = _state_of(workdir, config)
+  variables = train.category_variables(
+    config, sharding.to_host(state.variables), categories.index(category)
+  )
+  return TrainedModel(config, category, model, variables, state)
+
+
+def read_thresholds(workdir: Path, category: str) -> dict | None:
+  """The run's test-set F1-max thresholds of `category` (None: never evaluated)."""
+  return (_read_json(workdir / "thresholds.json") or {}).get(category)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -86,18 +123,7 @@ def export(
     raise errors.ConfigError(
       f"--batch_size={batch_size}: expected 0 (any) or a positive batch size"
     )
-  categories = config_lib.categories_of(config)
-  if not config_lib.is_stacked(config):
-    category = category or config.data.category  # a single-category run needs no --category
-  if category not in categories:
-    raise errors.ConfigError(
-      f"--category={category!r}: {workdir} trained {list(categories)}; choose one of them"
-    )
-  model = models.get(config.model.name).build(config)
-  state = _state_of(workdir, config)
-  variables = train.category_variables(
-    config, sharding.to_host(state.variables), categories.index(category)
-  )
+  _, category, model, variables, state = trained_model(workdir, category, config)
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -108,7 +134,7 @@ def export(
     programs[size] = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
 
   metrics = _read_json(workdir / "metrics.json") or {}
-  thresholds = (_read_json(workdir / "thresholds.json") or {}).get(category)
+  thresholds = read_thresholds(workdir, category)
   manifest = {
     "format": artifact.FORMAT,
     "model": config.model.name,

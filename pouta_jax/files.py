@@ -68,16 +68,23 @@ def write_json(path: str | Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path) -> Iterator[Path]:
+def atomic_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
   """Yields a temporary folder beside `out` that becomes `out` when the block succeeds and is
-  removed when it fails; `out` must not exist."""
+  removed when it fails; `out` must not exist, unless `replace`: then the old `out` is removed
+  once the new one is complete."""
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
   try:
     staging.chmod(0o777 & ~umask())
     yield staging
-    staging.rename(out)
+    if replace and out.exists():
+      old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+      out.rename(old / out.name)
+      staging.rename(out)
+      shutil.rmtree(old)
+    else:
+      staging.rename(out)
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(e, OSError) and errors.is_disk_full(e):

@@ -138,7 +138,7 @@ def results_table(
   return "\n".join(lines)
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
+def colormap(values: np.ndarray) -> np.ndarray:
   """A perceptually ordered dark-blue -> red -> yellow map of values in [0, 1] (uint8 RGB)."""
   anchors = np.array([[0, 0, 0.3], [0.3, 0, 0.6], [0.85, 0.1, 0.3], [1, 0.6, 0], [1, 1, 0.6]])
   grid = np.linspace(0, 1, len(anchors))
@@ -152,7 +152,7 @@ def heatmap_panel(
 ) -> np.ndarray:
   """image | ground truth | anomaly map over the image | map >= threshold, side by side."""
   gray = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
-  overlay = np.round(0.5 * image + 0.5 * _colormap(anomaly_map)).astype(np.uint8)
+  overlay = np.round(0.5 * image + 0.5 * colormap(anomaly_map)).astype(np.uint8)
   predicted = np.repeat((anomaly_map >= threshold)[..., None].astype(np.uint8) * 255, 3, -1)
   gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
   return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)

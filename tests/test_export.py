@@ -1,6 +1,7 @@
 """Exported artifacts: equal to the in-process model, loadable without flax or the model code,
 evaluable like a checkpoint, and never written from bad input."""
 
+import csv
 import json
 import stat
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from pouta_jax import artifact, evaluate, experiment, export, files, models
+from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +209,38 @@ def test_outputs_are_readable_as_any_file_the_user_creates(trained, tmp_path):
   for path in outputs:
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
   assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~mask
+
+
+def _predict_cli(*args: str) -> dict:
+  result = subprocess.run(
+    [sys.executable, "-m", "pouta_jax.predict", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {
+    row["path"]: float(row["image_score"])
+    for row in csv.DictReader(open(args[-1].removeprefix("--out=") + "/scores.csv"))
+  }
+
+
+def test_predict_command_scores_images_with_an_artifact_or_a_workdir(
+  trained, dataset_root, tmp_path
+):
+  config, workdir, variables, _ = trained
+  art = artifact.load(export.export(workdir, tmp_path / "art"))
+  images = dataset_root / "weave" / "test"
+  from_artifact = _predict_cli(f"--artifact={art.path}", f"--input={images}", f"--out={tmp_path}/a")
+  from_workdir = _predict_cli(f"--workdir={workdir}", f"--input={images}", f"--out={tmp_path}/w")
+  paths = sorted(from_artifact)
+  assert paths == sorted(from_workdir) and len(paths) == len(list(images.rglob("*.png")))
+  # The scores are the model's on the images read as in training.
+  pixels = np.stack([load_image(p, config.data.image_size) for p in paths]) / np.float32(255)
+  _, want = art.predict(pixels.astype(np.float32))
+  np.testing.assert_allclose([from_artifact[p] for p in paths], want, atol=1e-5)
+  np.testing.assert_allclose([from_workdir[p] for p in paths], want, atol=1e-5)
+  summary = json.loads((tmp_path / "a" / "predict.json").read_text())
+  assert summary["threshold"] == art.thresholds["image"]
+  assert summary["threshold_rule"].startswith("oracle: F1-max on the training run's test set")

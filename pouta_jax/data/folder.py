@@ -190,7 +190,8 @@ def _file(path):
   return path if isinstance(path, (str, Path)) else io.BytesIO(path.read_bytes())
 
 
-def _open(path, mode: str) -> Image.Image:
+def open_image(path, mode: str) -> Image.Image:
+  """The decoded image converted to `mode`; DataError naming the file if it cannot be read."""
   try:
     with Image.open(_file(path)) as image:
       image.load()
@@ -201,7 +202,11 @@ def _open(path, mode: str) -> Image.Image:
 
 def load_image(path, size: int) -> np.ndarray:
   """An image as uint8 RGB (size, size, 3); grayscale is repeated over 3 channels."""
-  image = _open(path, "RGB")
+  return resize_image(open_image(path, "RGB"), size)
+
+
+def resize_image(image: Image.Image, size: int) -> np.ndarray:
+  """What the models see of an image: Pillow's bilinear resize to (size, size), uint8."""
   return np.asarray(image.resize((size, size), Image.BILINEAR))
 
 
@@ -221,7 +226,7 @@ def check_mask_size(path, mask_size: tuple[int, int], image_size: tuple[int, int
 
 def load_mask(path, size: int, image_size: tuple[int, int]) -> np.ndarray:
   """A binary mask (size, size) bool; it must have the size of its image."""
-  mask = _open(path, "L")
+  mask = open_image(path, "L")
   check_mask_size(path, mask.size, image_size)
   return resize_mask(mask, size)
 

@@ -1,0 +1,262 @@
+"""Scores new images with a trained model: an exported artifact or a workdir's newest checkpoint.
+
+    python -m pouta_jax.predict --artifact=exported/bottle --input='line3/*.png' --out=scored
+    python -m pouta_jax.predict --workdir=runs/bottle --input=images/ --out=scored \
+        [--threshold=0.62] [--map_format=npy] [--batch_size=16] [--overwrite]
+
+`--input` is an image file, a folder (searched recursively) or a glob pattern; PNG, JPEG, BMP
+and TIFF of any size, grayscale, RGB or RGBA, preprocessed as in training (RGB, Pillow's
+bilinear resize to the training size). `--out` gets:
+
+    scores.csv            path, image score, decision (anomalous / normal at the threshold)
+    maps/<name>.png       the anomaly map at the image's own size: 16-bit, value / 65535 is the
+                          per-pixel anomaly probability (or maps/<name>.npy, float32)
+    overlays/<name>.png   the map over the image, with the score and the decision written in
+    errors.csv            files that could not be read, and why (all others are scored)
+    predict.json          the model, the threshold and where it came from, the counts
+
+`<name>` is the file's path below the input folder, "/" written as "__". The folder is written
+whole or not at all; an existing `--out` is replaced only with `--overwrite`. The default
+threshold is the run's test-set F1-max (an oracle value: it was chosen on the test labels);
+`--threshold=<value>` sets one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pouta_jax import artifact as artifact_lib, errors, evaluate, files, report
+from pouta_jax.data.folder import open_image, resize_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAP_FORMATS = ("png16", "npy")
+ORACLE_RULE = "oracle: F1-max on the training run's test set (chosen on the test labels)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A model ready to score images: float32 (B, S, S, 3) in [0, 1] -> maps (B, S, S) in [0, 1]
+  and image scores (B,), with the threshold its run suggests."""
+
+  source: str  # what was loaded, for predict.json
+  model: str
+  image_size: int
+  batch_size: int  # the program's fixed batch; 0: any
+  fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  image_threshold: float | None
+  threshold_rule: str
+
+  def score(self, images: Sequence[Image.Image], batch_size: int) -> list[tuple[np.ndarray, float]]:
+    """(anomaly map at each image's own size, image score) of decoded RGB images, in batches
+    padded to one shape (one compilation)."""
+    batch = self.batch_size or batch_size
+    out: list[tuple[np.ndarray, float]] = []
+    for start in range(0, len(images), batch):
+      chunk = images[start : start + batch]
+      pixels = np.stack([resize_image(im, self.image_size) for im in chunk])
+      pixels = pixels.astype(np.float32) / 255.0
+      padded = np.concatenate([pixels, np.zeros((batch - len(chunk),) + pixels.shape[1:], "f4")])
+      maps, scores = jax.device_get(self.fn(padded))
+      for image, m, s in zip(chunk, maps, scores):
+        full = Image.fromarray(np.asarray(m, np.float32), mode="F").resize(
+          image.size, Image.BILINEAR
+        )
+        out.append((np.clip(np.asarray(full), 0.0, 1.0), float(s)))
+    return out
+
+
+def from_artifact(path: str | Path) -> Predictor:
+  art = artifact_lib.load(path)
+  batch = art.manifest["batch_size"]
+  return Predictor(
+    source=f"artifact {Path(path).absolute()}",
+    model=art.manifest["model"],
+    image_size=art.image_sizes[0],
+    batch_size=0 if batch == "any" else int(batch),
+    fn=art.predict,
+    image_threshold=art.thresholds.get("image"),
+    threshold_rule=ORACLE_RULE,
+  )
+
+
+def from_workdir(workdir: str | Path, category: str = "") -> Predictor:
+  from pouta_jax import export  # the training code: only for workdirs
+
+  workdir = Path(workdir)
+  config, category, model, variables, state = export.trained_model(workdir, category)
+  thresholds = export.read_thresholds(workdir, category) or {}
+  step = int(np.asarray(state.step).reshape(-1)[0])
+  return Predictor(
+    source=f"workdir {workdir.absolute()} (category {category}, step {step})",
+    model=config.model.name,
+    image_size=config.data.image_size,
+    batch_size=0,
+    fn=evaluate.model_predict_fn(model, variables, config.eval.score_filter_size),
+    image_threshold=thresholds.get("image"),
+    threshold_rule=ORACLE_RULE,
+  )
+
+
+def input_files(spec: str) -> tuple[list[Path], Path]:
+  """The image files `--input` names, and the folder their output names are relative to."""
+  path = Path(spec)
+  if path.is_file():
+    return [path], path.parent
+  if path.is_dir():
+    found, root = [p for p in path.rglob("*") if p.is_file()], path
+  elif any(c in spec for c in "*?["):
+    found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+    root = Path(os.path.commonpath([p.parent.absolute() for p in found])) if found else path
+    found = [p.absolute() for p in found]
+  else:
+    raise errors.NotFoundError(f"--input={spec}: no such file or folder, and not a glob pattern")
+  images = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+  if not images:
+    raise errors.NotFoundError(f"--input={spec}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+  return images, root
+
+
+def output_name(path: Path, root: Path) -> str:
+  return str(path.relative_to(root)).replace(os.sep, "__")
+
+
+def _overlay(image: Image.Image, anomaly_map: np.ndarray, score: float, decision: str) -> bytes:
+  rgb = np.asarray(image, np.float32)
+  blended = np.round(0.5 * rgb + 0.5 * report.colormap(anomaly_map)).astype(np.uint8)
+  picture = Image.fromarray(blended)
+  draw = ImageDraw.Draw(picture)
+  text = f"score {score:.4f}" + (f" {decision}" if decision else "")
+  box = draw.textbbox((2, 2), text)
+  draw.rectangle(box, fill=(0, 0, 0))
+  draw.text((2, 2), text, fill=(255, 80, 80) if decision == "anomalous" else (255, 255, 255))
+  out = io.BytesIO()
+  picture.save(out, format="PNG")
+  return out.getvalue()
+
+
+def _map_bytes(anomaly_map: np.ndarray, map_format: str) -> bytes:
+  out = io.BytesIO()
+  if map_format == "npy":
+    np.save(out, anomaly_map.astype(np.float32))
+  else:
+    Image.fromarray(np.round(anomaly_map * 65535).astype(np.uint16)).save(out, format="PNG")
+  return out.getvalue()
+
+
+def _csv(rows: list[list]) -> str:
+  out = io.StringIO()
+  csv.writer(out, lineterminator="\n").writerows(rows)
+  return out.getvalue()
+
+
+def predict(
+  predictor: Predictor,
+  input_spec: str,
+  out: str | Path,
+  threshold: float | None = None,
+  batch_size: int = 16,
+  map_format: str = "png16",
+  overwrite: bool = False,
+) -> dict:
+  """Scores every image `input_spec` names and writes the outputs (module docstring) to `out`;
+  returns predict.json's content. `threshold` overrides the predictor's."""
+  out = Path(out)
+  if map_format not in MAP_FORMATS:
+    raise errors.ConfigError(f"--map_format={map_format!r}: expected one of {MAP_FORMATS}")
+  if batch_size <= 0:
+    raise errors.ConfigError(f"--batch_size={batch_size}: expected a positive batch size")
+  if out.exists() and not overwrite:
+    raise errors.ExistsError(f"--out={out} exists; choose another path or add --overwrite")
+  paths, root = input_files(input_spec)
+  rule = predictor.threshold_rule
+  if threshold is None:
+    threshold = predictor.image_threshold
+  else:
+    rule = "given (--threshold)"
+  rows, failures = [["path", "image_score", "decision"]], [["path", "error"]]
+  suffix = ".npy" if map_format == "npy" else ".png"
+  with files.atomic_folder(out, replace=overwrite) as staging:
+    (staging / "maps").mkdir()
+    (staging / "overlays").mkdir()
+    batch = predictor.batch_size or batch_size
+    with tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True) as bar:
+      for start in range(0, len(paths), batch):
+        readable = []
+        for path in paths[start : start + batch]:
+          try:
+            readable.append((path, open_image(path, "RGB")))
+          except errors.DataError as e:
+            failures.append([str(path), str(e)])
+        scored = predictor.score([image for _, image in readable], batch)
+        for (path, image), (anomaly_map, score) in zip(readable, scored):
+          decision = "" if threshold is None else ("anomalous" if score >= threshold else "normal")
+          name = output_name(path, root)
+          rows.append([str(path), f"{score:.6f}", decision])
+          files.write_atomic(
+            staging / "maps" / f"{name}{suffix}", _map_bytes(anomaly_map, map_format)
+          )
+          files.write_atomic(
+            staging / "overlays" / f"{name}.png", _overlay(image, anomaly_map, score, decision)
+          )
+        bar.update(len(paths[start : start + batch]))
+    summary = {
+      "source": predictor.source,
+      "model": predictor.model,
+      "image_size": predictor.image_size,
+      "input": input_spec,
+      "images": len(paths),
+      "scored": len(rows) - 1,
+      "unreadable": len(failures) - 1,
+      "threshold": threshold,
+      "threshold_rule": rule if threshold is not None else "none: no decisions",
+      "maps": f"{map_format}: " + ("float32" if map_format == "npy" else "uint16, value / 65535"),
+    }
+    files.write_atomic(staging / "scores.csv", _csv(rows))
+    files.write_atomic(staging / "errors.csv", _csv(failures))
+    files.write_json(staging / "predict.json", summary)
+  return summary
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  if bool(f.artifact) == bool(f.workdir):
+    raise errors.ConfigError("give one of --artifact=DIR (exported) or --workdir=DIR (trained)")
+  if f.threshold:
+    try:
+      threshold = float(f.threshold)
+    except ValueError:
+      raise errors.ConfigError(f"--threshold={f.threshold}: expected a number") from None
+  else:
+    threshold = None
+  predictor = from_artifact(f.artifact) if f.artifact else from_workdir(f.workdir, f.category)
+  summary = predict(predictor, f.input, f.out, threshold, f.batch_size, f.map_format, f.overwrite)
+  print(json.dumps(summary, indent=2))
+  print(f"Outputs: {Path(f.out).absolute()}/scores.csv, maps/, overlays/, errors.csv")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("artifact", "", "An exported artifact folder.")
+  flags.DEFINE_string("workdir", "", "A trained run's workdir (its newest checkpoint).")
+  flags.DEFINE_string("category", "", "Which category, for a workdir that trained several.")
+  flags.DEFINE_string("input", None, "An image file, a folder or a glob pattern.", required=True)
+  flags.DEFINE_string("out", None, "Folder for the outputs.", required=True)
+  flags.DEFINE_string("threshold", "", "Image-score threshold (default: the run's oracle).")
+  flags.DEFINE_integer("batch_size", 16, "Images per program call.")
+  flags.DEFINE_enum("map_format", "png16", list(MAP_FORMATS), "How anomaly maps are written.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+  errors.run(main)

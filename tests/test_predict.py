@@ -1,0 +1,131 @@
+"""Scoring new images: inputs of any format, size and mode; outputs at each image's size; bad
+files listed and skipped; outputs written whole and never over an existing folder unasked."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pouta_jax import errors, predict
+
+SIZE = 32
+
+
+def _brightness(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A stand-in model with a known answer: the map is the pixel brightness."""
+  maps = images.mean(axis=-1)
+  return maps, maps.max(axis=(1, 2))
+
+
+def _predictor(batch_size: int = 0, threshold: float | None = 0.5) -> predict.Predictor:
+  return predict.Predictor(
+    "test", "brightness", SIZE, batch_size, _brightness, threshold, predict.ORACLE_RULE
+  )
+
+
+def _images(folder):
+  """Files of every accepted kind, each with its own size, mode and brightness."""
+  rng = np.random.default_rng(0)
+  (folder / "sub").mkdir(parents=True)
+  specs = {
+    "dark.png": ("L", (40, 30), 0.2),
+    "bright.jpg": ("RGB", (64, 48), 0.9),
+    "sub/alpha.png": ("RGBA", (20, 20), 0.6),
+    "photo.bmp": ("RGB", (33, 17), 0.4),
+    "scan.tiff": ("L", (50, 50), 0.7),
+  }
+  for name, (mode, size, level) in specs.items():
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = np.clip(level * 255 + rng.normal(0, 3, (size[1], size[0], channels)), 0, 255)
+    pixels = pixels.astype(np.uint8)
+    if mode == "RGBA":
+      pixels[..., 3] = 255
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(folder / name)
+  return specs
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_every_image_is_scored_at_its_own_size(tmp_path):
+  specs = _images(tmp_path / "in")
+  summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out", batch_size=2)
+  assert summary["scored"] == 5 and summary["unreadable"] == 0
+  assert summary["threshold"] == 0.5 and summary["threshold_rule"].startswith("oracle")
+  rows = {r["path"].split("/in/")[1]: r for r in _rows(tmp_path / "out" / "scores.csv")}
+  assert sorted(rows) == sorted(specs)
+  for name, (_, size, _) in specs.items():
+    # What the model saw: the image read as in training (RGB, bilinear to 32 x 32).
+    image = Image.open(tmp_path / "in" / name).convert("RGB")
+    seen = np.asarray(image.resize((SIZE, SIZE), Image.BILINEAR))
+    want_map = seen.astype(np.float32).mean(axis=-1) / 255
+    assert float(rows[name]["image_score"]) == pytest.approx(want_map.max(), abs=1e-6)
+    assert rows[name]["decision"] == ("anomalous" if want_map.max() >= 0.5 else "normal")
+    stored = np.asarray(Image.open(tmp_path / "out" / "maps" / f"{name.replace('/', '__')}.png"))
+    assert stored.dtype == np.uint16 and stored.shape == (size[1], size[0])
+    full = Image.fromarray(want_map, "F").resize(size, Image.BILINEAR)
+    np.testing.assert_allclose(stored / 65535, np.asarray(full), atol=1 / 65535 + 1e-6)
+    overlay = Image.open(tmp_path / "out" / "overlays" / f"{name.replace('/', '__')}.png")
+    assert overlay.size == size and overlay.mode == "RGB"
+  assert json.loads((tmp_path / "out" / "predict.json").read_text()) == summary
+
+
+def test_a_fixed_batch_program_and_npy_maps(tmp_path):
+  _images(tmp_path / "in")
+  predictor = _predictor(batch_size=3)
+  out = tmp_path / "out"
+  predict.predict(predictor, str(tmp_path / "in" / "*.png"), out, threshold=0.0, map_format="npy")
+  rows = _rows(out / "scores.csv")
+  assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["dark.png"]  # the glob: not sub/
+  assert [r["decision"] for r in rows] == ["anomalous"]
+  assert np.load(out / "maps" / "dark.png.npy").shape == (30, 40)
+
+
+def test_unreadable_files_are_listed_and_the_rest_scored(tmp_path):
+  _images(tmp_path / "in")
+  (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  (tmp_path / "in" / "notes.txt").write_text("not an image file, not looked at")
+  summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
+  assert (summary["scored"], summary["unreadable"]) == (5, 1)
+  (failure,) = _rows(tmp_path / "out" / "errors.csv")
+  assert failure["path"].endswith("broken.png") and "cannot decode image" in failure["error"]
+
+
+def test_outputs_are_never_overwritten_unasked_and_never_half_written(tmp_path, monkeypatch):
+  _images(tmp_path / "in")
+  out = tmp_path / "out"
+  predict.predict(_predictor(), str(tmp_path / "in"), out)
+  before = (out / "scores.csv").read_text()
+  with pytest.raises(errors.ExistsError, match=r"--out=.*out exists; .* --overwrite"):
+    predict.predict(_predictor(threshold=0.95), str(tmp_path / "in"), out)
+  assert (out / "scores.csv").read_text() == before
+
+  def fail(*args):
+    raise RuntimeError("the model failed")
+
+  with pytest.raises(RuntimeError):  # a failure half-way keeps the old outputs, whole
+    predict.predict(
+      predict.Predictor("t", "m", SIZE, 0, fail, 0.5, ""), str(tmp_path / "in"), out, overwrite=True
+    )
+  assert (out / "scores.csv").read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+  predict.predict(_predictor(threshold=0.95), str(tmp_path / "in"), out, overwrite=True)
+  assert {r["decision"] for r in _rows(out / "scores.csv")} == {"normal"}
+
+
+@pytest.mark.parametrize(
+  "spec,message",
+  [
+    ("missing", "no such file or folder, and not a glob pattern"),
+    ("empty/*.png", "no image files"),
+  ],
+)
+def test_inputs_that_name_no_image_are_refused(tmp_path, spec, message):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(errors.NotFoundError, match=message):
+    predict.predict(_predictor(), str(tmp_path / spec), tmp_path / "out")
+  assert not (tmp_path / "out").exists()
