@@ -141,6 +141,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   axes = tuple(config.mesh.axes)
   if axes == AUTO:
     shape = _auto_layout(config, len(devices))
+  elif not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in axes):
+    raise errors.ConfigError(
+      f"config.mesh.axes={axes!r}: expected auto or (name, size) pairs, e.g. "
+      f"\"(('category', 5), ('data', -1))\""
+    )
   else:
     shape = mesh_shape(tuple(tuple(a) for a in axes), len(devices))
   if config.data.batch_size % shape[DATA_AXIS]:

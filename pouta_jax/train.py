@@ -316,7 +316,7 @@ def train(
   """
   workdir = Path(workdir)
   stacked = config_lib.is_stacked(config)
-  mesh = mesh or sharding.make_mesh(config)
+  mesh = sharding.make_mesh(config) if mesh is None else mesh
   model, tx, initial, num_steps = setup(config, [len(f.train) for f in folders])
   state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)

@@ -4,7 +4,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, errors
+from pouta_jax import config as config_lib, errors, sharding
 
 CONFIG_FILE = "configs/draem.py"
 
@@ -78,6 +78,15 @@ def test_several_categories_make_one_program():
   assert len(config_lib.MVTEC_AD_CATEGORIES) == 15
   one = _parse(f"--config={CONFIG_FILE}:pill")
   assert not config_lib.is_stacked(one) and config_lib.categories_of(one) == ("pill",)
+
+
+def test_mesh_axes_on_the_command_line():
+  assert tuple(_parse(f"--config={CONFIG_FILE}:pill").mesh.axes) == sharding.AUTO
+  assert tuple(_parse(f"--config={CONFIG_FILE}:pill", "--config.mesh.axes=auto").mesh.axes) == (
+    sharding.AUTO
+  )
+  pairs = _parse(f"--config={CONFIG_FILE}:pill", "--config.mesh.axes=(('category',2),('data',-1))")
+  assert tuple(pairs.mesh.axes) == (("category", 2), ("data", -1))
 
 
 def test_a_config_stored_by_an_older_version_reads_as_today(tmp_path):

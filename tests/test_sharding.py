@@ -70,6 +70,9 @@ def test_config_mesh_on_this_process(tiny_config):
   tiny_config.mesh.num_devices = 2
   with pytest.raises(ConfigError, match=r"mesh.num_devices=2: expected 0 .* up to the 1 devices"):
     sharding.make_mesh(tiny_config)
+  tiny_config.mesh.axes, tiny_config.mesh.num_devices = ("automatic",), 0  # a typo
+  with pytest.raises(ConfigError, match=r"mesh.axes=\('automatic',\): expected auto or \(name"):
+    sharding.make_mesh(tiny_config)
 
 
 def test_required_platform_is_checked_and_every_run_says_where_it_runs(tiny_config):
