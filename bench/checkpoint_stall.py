@@ -68,8 +68,8 @@ def loop(setting: str, every: int, blocking: bool) -> tuple:
     train.train(config, workdir, [folder])
     shutil.rmtree(workdir)
 
-  state = jax.eval_shape(lambda: train.setup(config, [len(folder.train)]).state)
-  megabytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2**20
+  state = train.setup(config, [len(folder.train)]).state
+  megabytes = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
   return run, {"state_mib": megabytes}
 
 
