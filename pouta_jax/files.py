@@ -73,8 +73,13 @@ def atomic_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
   removed when it fails; `out` must not exist, unless `replace`: then the old `out` is removed
   once the new one is complete."""
   out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+  except OSError as e:
+    if errors.is_disk_full(e):
+      raise _disk_full(out, e) from e
+    raise errors.WorkdirError(f"{out}: cannot write in {e.filename} ({e.strerror})") from None
   try:
     staging.chmod(0o777 & ~umask())
     yield staging

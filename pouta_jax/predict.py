@@ -6,7 +6,8 @@
 
 `--input` is an image file, a folder (searched recursively) or a glob pattern; PNG, JPEG, BMP
 and TIFF of any size, grayscale, RGB or RGBA, preprocessed as in training (RGB, Pillow's
-bilinear resize to the training size). `--out` gets:
+bilinear resize to the training size). 16-bit and float images are refused as in training
+(their range is not known; convert them first) and listed in errors.csv. `--out` gets:
 
     scores.csv            path, image score, decision (anomalous / normal at the threshold)
     maps/<name>.png       the anomaly map at the image's own size: 16-bit, value / 65535 is the
@@ -39,7 +40,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pouta_jax import artifact as artifact_lib, errors, evaluate, files, report
-from pouta_jax.data.folder import open_image, resize_image
+from pouta_jax.data.folder import check_readable, open_image, resize_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAP_FORMATS = ("png16", "npy")
@@ -197,6 +198,7 @@ def predict(
         readable = []
         for path in paths[start : start + batch]:
           try:
+            check_readable(path)  # 16-bit and float images refused, as in training
             readable.append((path, open_image(path, "RGB")))
           except errors.DataError as e:
             failures.append([str(path), str(e)])

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from pouta_jax import artifact, evaluate, experiment, export, files, models
+from pouta_jax import artifact, evaluate, experiment, export, files, models, predict
 from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
 
@@ -233,7 +233,9 @@ def test_predict_command_scores_images_with_an_artifact_or_a_workdir(
   art = artifact.load(export.export(workdir, tmp_path / "art"))
   images = dataset_root / "weave" / "test"
   from_artifact = _predict_cli(f"--artifact={art.path}", f"--input={images}", f"--out={tmp_path}/a")
-  from_workdir = _predict_cli(f"--workdir={workdir}", f"--input={images}", f"--out={tmp_path}/w")
+  predict.predict(predict.from_workdir(workdir), str(images), tmp_path / "w")  # in-process
+  with open(tmp_path / "w" / "scores.csv") as f:
+    from_workdir = {row["path"]: float(row["image_score"]) for row in csv.DictReader(f)}
   paths = sorted(from_artifact)
   assert paths == sorted(from_workdir) and len(paths) == len(list(images.rglob("*.png")))
   # The scores are the model's on the images read as in training.

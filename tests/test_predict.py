@@ -89,10 +89,20 @@ def test_unreadable_files_are_listed_and_the_rest_scored(tmp_path):
   _images(tmp_path / "in")
   (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
   (tmp_path / "in" / "notes.txt").write_text("not an image file, not looked at")
+  wide = np.full((8, 8), 40000, np.uint16)  # 16 bits: its range is unknown, as in training
+  Image.fromarray(wide).save(tmp_path / "in" / "wide.png")
   summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
-  assert (summary["scored"], summary["unreadable"]) == (5, 1)
-  (failure,) = _rows(tmp_path / "out" / "errors.csv")
-  assert failure["path"].endswith("broken.png") and "cannot decode image" in failure["error"]
+  assert (summary["scored"], summary["unreadable"]) == (5, 2)
+  broken, wide = _rows(tmp_path / "out" / "errors.csv")
+  assert broken["path"].endswith("broken.png") and "not a readable image" in broken["error"]
+  assert wide["path"].endswith("wide.png") and "16-bit or float" in wide["error"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+  _images(tmp_path / "in")
+  (tmp_path / "a_file").write_text("not a folder")  # unwritable for root too
+  with pytest.raises(errors.WorkdirError, match=r"a_file/out: cannot write in .*a_file"):
+    predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "a_file" / "out")
 
 
 def test_outputs_are_never_overwritten_unasked_and_never_half_written(tmp_path, monkeypatch):
