@@ -173,7 +173,7 @@ def _run_in(
     if mode == "train":
       return {}
 
-  results, found = {}, {}
+  results, found, rows = {}, {}, [["category", "path", "defect", "label", "image_score"]]
   main_name = next(iter(predictors))
   for name, per_category in predictors.items():
     for category, predict_fn in per_category.items():
@@ -183,6 +183,12 @@ def _run_in(
       logging.info("%s %s: %s", name, category, evaluation.metrics)
       if name == main_name and sharding.is_primary():
         found[category] = evaluation.thresholds
+        rows += [
+          [category, path, defect, int(label), f"{score:.9g}"]  # float32 exactly
+          for path, defect, label, score in zip(
+            test_set["path"], test_set["defect"], test_set["label"], evaluation.scores
+          )
+        ]
         pixel = evaluation.thresholds["pixel"]
         heatmaps = workdir / "heatmaps" / (category if len(categories) > 1 else "")
         report.write_heatmaps(
@@ -194,6 +200,7 @@ def _run_in(
         )
   if sharding.is_primary():
     files.write_json(workdir / "thresholds.json", found)
+    files.write_atomic(workdir / "test_scores.csv", report.csv_text(rows))
     write_results(workdir, results, profiles)
   return {"metrics": results, "profiles": profiles}
 

@@ -153,6 +153,7 @@ def category_metrics(
   image, pixel = curves or (curve(labels, scores), curve(masks, maps))
   return {
     "image_auroc": roc_auc(image),
+    "image_ap": average_precision(image),
     "pixel_auroc": roc_auc(pixel),
     "pixel_ap": average_precision(pixel),
     "aupro": aupro(masks, maps, pixel_curve=pixel),

@@ -24,7 +24,6 @@ threshold is the run's test-set F1-max (an oracle value: it was chosen on the te
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
 import io
@@ -157,12 +156,6 @@ def _map_bytes(anomaly_map: np.ndarray, map_format: str) -> bytes:
   return out.getvalue()
 
 
-def _csv(rows: list[list]) -> str:
-  out = io.StringIO()
-  csv.writer(out, lineterminator="\n").writerows(rows)
-  return out.getvalue()
-
-
 def predict(
   predictor: Predictor,
   input_spec: str,
@@ -226,8 +219,8 @@ def predict(
       "threshold_rule": rule if threshold is not None else "none: no decisions",
       "maps": f"{map_format}: " + ("float32" if map_format == "npy" else "uint16, value / 65535"),
     }
-    files.write_atomic(staging / "scores.csv", _csv(rows))
-    files.write_atomic(staging / "errors.csv", _csv(failures))
+    files.write_atomic(staging / "scores.csv", report.csv_text(rows))
+    files.write_atomic(staging / "errors.csv", report.csv_text(failures))
     files.write_json(staging / "predict.json", summary)
   return summary
 

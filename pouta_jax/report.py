@@ -7,6 +7,7 @@ crash never leaves a half-written results file.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -20,7 +21,15 @@ from pouta_jax import errors, files
 
 # Panels of small test images are enlarged (nearest neighbour) to at least this height.
 MIN_PANEL_HEIGHT = 256
-METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "image_f1_max", "pixel_f1_max")
+METRIC_COLUMNS = (
+  "image_auroc",
+  "image_ap",
+  "pixel_auroc",
+  "pixel_ap",
+  "aupro",
+  "image_f1_max",
+  "pixel_f1_max",
+)
 
 
 def _records_until(path: Path, step: int) -> str:
@@ -174,6 +183,12 @@ def write_heatmaps(
     files.write_atomic(path, _png_bytes(panel))
     written.append(path)
   return written
+
+
+def csv_text(rows: list[list]) -> str:
+  out = io.StringIO()
+  csv.writer(out, lineterminator="\n").writerows(rows)
+  return out.getvalue()
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -1,5 +1,6 @@
 """End to end: the command line, outputs, resume/eval, and every bad input named by the issue."""
 
+import csv
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pouta_jax import experiment, report
 from pouta_jax.data import DataError
@@ -58,6 +60,19 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   assert "| draem |" in (workdir / "results.md").read_text()
   assert len(list((workdir / "heatmaps").glob("*.png"))) == 3
   assert (workdir / "checkpoints" / "4").is_dir()
+  # One row per test image; its scores are those the image metrics were computed from.
+  with open(workdir / "test_scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  test_images = sorted((dataset_root / "pill" / "test").rglob("*.png"))
+  assert sorted(r["path"] for r in rows) == [str(p) for p in test_images]
+  assert all(r["label"] == str(int(r["defect"] != "good")) for r in rows)
+  labels, scores = [int(r["label"]) for r in rows], [float(r["image_score"]) for r in rows]
+  assert metrics["draem"]["pill"]["image_auroc"] == pytest.approx(
+    roc_auc_score(labels, scores), abs=1e-6
+  )
+  assert metrics["draem"]["pill"]["image_ap"] == pytest.approx(
+    average_precision_score(labels, scores), abs=1e-6
+  )
 
   (workdir / "metrics.json").unlink()
   result = _cli(*_tiny_flags(dataset_root, workdir), "--mode=eval")

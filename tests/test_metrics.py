@@ -124,6 +124,8 @@ def test_pixel_metrics_from_one_shared_curve_match_sklearn():
     labels, scores, masks, maps, (metrics.curve(labels, scores), metrics.curve(masks, maps))
   )
   assert shared == metrics.category_metrics(labels, scores, masks, maps)
+  assert shared["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+  assert shared["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
   assert shared["pixel_auroc"] == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-6)
   assert shared["pixel_ap"] == pytest.approx(
     average_precision_score(flat_masks, flat_maps), abs=1e-6

@@ -252,7 +252,7 @@ def load_test_sample_cached(sample: TestSample, size: int) -> tuple[np.ndarray, 
 
 
 def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
-  """All test images (uint8), masks (bool), labels, defect names and file names, in order."""
+  """All test images (uint8), masks (bool), labels, defect names, names and paths, in order."""
   images, masks = zip(*(load_test_sample(sample, size) for sample in folder.test))
   return {
     "image": np.stack(images),
@@ -260,4 +260,5 @@ def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
     "label": np.array([s.label for s in folder.test], np.int32),
     "defect": np.array([s.defect for s in folder.test]),
     "name": np.array([sample_name(s) for s in folder.test]),
+    "path": np.array([str(s.image) for s in folder.test]),
   }
