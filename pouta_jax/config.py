@@ -110,6 +110,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
     category_loop="auto",
   )
+  # num_heatmaps: test images drawn as heatmap panels (-1: every one).
   config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
   return config
 
@@ -362,6 +363,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.eval.score_filter_size % 2 == 1,
     "eval.score_filter_size",
     "an odd filter size (centred mean filter)",
+  )
+  errors.check(
+    config,
+    config.eval.num_heatmaps >= -1,
+    "eval.num_heatmaps",
+    "a count of test images, or -1 for every one",
   )
 
 

@@ -73,6 +73,7 @@ class Evaluation(NamedTuple):
   # F1 threshold; MVTec AD has no validation split). None where the test set lacks normal or
   # defective examples.
   thresholds: dict[str, float | None]
+  curves: dict[str, metrics.Curve]  # "image" and "pixel"
 
 
 def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluation:
@@ -83,16 +84,19 @@ def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluati
       f"the model's anomaly maps hold {int(np.isnan(maps).sum())} NaN values (of {maps.size}): "
       f"its weights are not finite, or it overflows on these images"
     )
-  curves = metrics.curve(test_set["label"], scores), metrics.curve(test_set["mask"], maps)
-  found = {
-    kind: metrics.f1_max(c)[1] if c.has_both_classes else None
-    for kind, c in zip(("image", "pixel"), curves)
+  curves = {
+    "image": metrics.curve(test_set["label"], scores),
+    "pixel": metrics.curve(test_set["mask"], maps),
   }
+  found = {kind: metrics.f1_max(c)[1] if c.has_both_classes else None for kind, c in curves.items()}
   return Evaluation(
-    metrics.category_metrics(test_set["label"], scores, test_set["mask"], maps, curves),
+    metrics.category_metrics(
+      test_set["label"], scores, test_set["mask"], maps, (curves["image"], curves["pixel"])
+    ),
     maps,
     scores,
     found,
+    curves,
   )
 
 

@@ -190,13 +190,16 @@ def _run_in(
           )
         ]
         pixel = evaluation.thresholds["pixel"]
-        heatmaps = workdir / "heatmaps" / (category if len(categories) > 1 else "")
+        subfolder = category if len(categories) > 1 else ""
         report.write_heatmaps(
-          heatmaps,
+          workdir / "heatmaps" / subfolder,
           test_set,
           evaluation.maps,
           float("nan") if pixel is None else pixel,
           config.eval.num_heatmaps,
+        )
+        report.write_curves(
+          workdir / "curves" / subfolder, evaluation.curves, evaluation.scores, test_set["label"]
         )
   if sharding.is_primary():
     files.write_json(workdir / "thresholds.json", found)

@@ -79,13 +79,23 @@ def roc_auc(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> flo
   c = _as_curve(labels, scores)
   if not c.has_both_classes:
     return float("nan")
-  tpr = np.r_[0.0, c.positives / c.num_positive]
-  fpr = np.r_[0.0, c.negatives / c.num_negative]
+  fpr, tpr = roc_points(c)
   return float(np.trapezoid(tpr, fpr))
+
+
+def roc_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
+  """False and true positive rates from (0, 0), one point per threshold; needs both classes."""
+  return np.r_[0.0, c.negatives / c.num_negative], np.r_[0.0, c.positives / c.num_positive]
 
 
 def _precision_recall(c: Curve) -> tuple[np.ndarray, np.ndarray]:
   return c.positives / (c.positives + c.negatives), c.positives / c.num_positive
+
+
+def pr_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
+  """Recall and precision, one point per threshold; needs both classes."""
+  precision, recall = _precision_recall(c)
+  return recall, precision
 
 
 def average_precision(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> float:

@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from tensorboardX import SummaryWriter
 
-from pouta_jax import errors, files
+from pouta_jax import errors, files, metrics
 
 # Panels of small test images are enlarged (nearest neighbour) to at least this height.
 MIN_PANEL_HEIGHT = 256
@@ -170,9 +170,11 @@ def heatmap_panel(
 def write_heatmaps(
   folder: str | Path, test_set: dict, maps: np.ndarray, threshold: float, count: int
 ) -> list[Path]:
-  """Panels of up to `count` test images, defective ones first, as `<defect>_<name>.png`."""
+  """Panels of up to `count` test images (-1: all of them), defective ones first, as
+  `<defect>_<name>.png`."""
   # Defective first, grouped by defect type; stepping through spreads the picks over the types.
   order = np.lexsort((test_set["defect"], -test_set["label"]))
+  count = len(order) if count == -1 else count
   step = max(1, len(order) // max(count, 1))
   written = []
   for i in order[::step][:count]:
@@ -192,6 +194,88 @@ def csv_text(rows: list[list]) -> str:
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
+  return _image_png(Image.fromarray(array))
+
+
+PLOT_SIZE, PLOT_MARGIN = 360, 40
+IMAGE_COLOR, PIXEL_COLOR = (40, 90, 200), (220, 60, 40)  # also good / defective in histograms
+
+
+def _axes(title: str, xlabel: str, ylabel: str, xrange: tuple[float, float]) -> tuple:
+  """A white canvas with a framed plot area; returns (image, draw, x_to_px, y_to_px)."""
+  image = Image.new("RGB", (PLOT_SIZE, PLOT_SIZE), (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  low, high, span = PLOT_MARGIN, PLOT_SIZE - PLOT_MARGIN // 2, PLOT_SIZE - 1.5 * PLOT_MARGIN
+  draw.rectangle((low, PLOT_MARGIN // 2, high, PLOT_SIZE - PLOT_MARGIN), outline=(0, 0, 0))
+  draw.text((low, 4), title, fill=(0, 0, 0))
+  draw.text((low, PLOT_SIZE - PLOT_MARGIN + 16), xlabel, fill=(0, 0, 0))
+  draw.text((4, PLOT_MARGIN // 2), ylabel[:6], fill=(0, 0, 0))
+  x0, x1 = xrange
+  draw.text((low, PLOT_SIZE - PLOT_MARGIN + 2), f"{x0:.3g}", fill=(0, 0, 0))
+  draw.text((high - 24, PLOT_SIZE - PLOT_MARGIN + 2), f"{x1:.3g}", fill=(0, 0, 0))
+
+  def x_px(x):
+    return low + (np.asarray(x) - x0) / max(x1 - x0, 1e-12) * span
+
+  def y_px(y):
+    return PLOT_SIZE - PLOT_MARGIN - np.asarray(y) * span
+
+  return image, draw, x_px, y_px
+
+
+def _legend(draw, labels: list[tuple[str, tuple]]) -> None:
+  for i, (label, color) in enumerate(labels):
+    y = PLOT_MARGIN // 2 + 6 + 12 * i
+    draw.text((PLOT_SIZE - 150, y), label, fill=color)
+
+
+def curve_png(
+  title: str, xlabel: str, ylabel: str, series: list[tuple[str, tuple, np.ndarray, np.ndarray]]
+) -> bytes:
+  """Line plots of (label, RGB, x, y) series on [0, 1] x [0, 1] (at most 4000 points each)."""
+  image, draw, x_px, y_px = _axes(title, xlabel, ylabel, (0.0, 1.0))
+  for _, color, x, y in series:
+    keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), 4000)).astype(int))
+    points = list(zip(x_px(x[keep]).tolist(), y_px(y[keep]).tolist()))
+    draw.line(points, fill=color, width=2)
+  _legend(draw, [(label, color) for label, color, _, _ in series])
+  return _image_png(image)
+
+
+def histogram_png(title: str, good: np.ndarray, defective: np.ndarray, bins: int = 30) -> bytes:
+  """Image scores of good and defective test images as outlined histograms, each scaled to its
+  own largest bin (so a small class stays visible)."""
+  scores = np.r_[good, defective]
+  edges = np.linspace(scores.min(), max(scores.max(), scores.min() + 1e-6), bins + 1)
+  image, draw, x_px, y_px = _axes(title, "image score", "share", (edges[0], edges[-1]))
+  for values, color in ((good, IMAGE_COLOR), (defective, PIXEL_COLOR)):
+    if len(values):
+      counts = np.histogram(values, edges)[0]
+      heights = counts / counts.max()
+      xs = np.repeat(edges, 2)[1:-1]
+      points = list(zip(x_px(xs).tolist(), y_px(np.repeat(heights, 2)).tolist()))
+      draw.line(points, fill=color, width=2)
+  _legend(
+    draw, [(f"good ({len(good)})", IMAGE_COLOR), (f"defective ({len(defective)})", PIXEL_COLOR)]
+  )
+  return _image_png(image)
+
+
+def write_curves(folder: str | Path, curves: dict, scores: np.ndarray, labels: np.ndarray) -> None:
+  """roc.png and pr.png (image and pixel level) and scores.png (the image-score histogram)."""
+  folder = Path(folder)
+  levels = [(kind, c) for kind, c in curves.items() if c.has_both_classes]
+  colors = {"image": IMAGE_COLOR, "pixel": PIXEL_COLOR}
+  if levels:
+    roc = [(kind, colors[kind], *metrics.roc_points(c)) for kind, c in levels]
+    pr = [(kind, colors[kind], *metrics.pr_points(c)) for kind, c in levels]
+    files.write_atomic(folder / "roc.png", curve_png("ROC", "false positive rate", "TPR", roc))
+    files.write_atomic(folder / "pr.png", curve_png("precision-recall", "recall", "prec.", pr))
+  good, defective = scores[labels == 0], scores[labels == 1]
+  files.write_atomic(folder / "scores.png", histogram_png("image scores", good, defective))
+
+
+def _image_png(image: Image.Image) -> bytes:
   out = io.BytesIO()
-  Image.fromarray(array).save(out, format="PNG")
+  image.save(out, format="PNG")
   return out.getvalue()

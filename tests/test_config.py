@@ -57,6 +57,8 @@ def test_unknown_key_is_an_error_naming_it():
     ("model.base_width", 5, "even number"),
     ("optim.milestones", (0.9, 0.8), "increasing fractions"),
     ("eval.score_filter_size", 4, "odd filter size"),
+    ("eval.num_heatmaps", -2, "or -1 for every one"),
+    ("mesh.num_devices", -1, "0 .all devices. or a count"),
     ("data.anomaly_prob", 1.5, r"probability in \[0, 1\]"),
     ("data.categories", ("pill", "pill"), "distinct category names"),
   ],

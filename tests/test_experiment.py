@@ -59,6 +59,11 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   assert json.loads((workdir / "config.json").read_text())["data"]["category"] == "pill"
   assert "| draem |" in (workdir / "results.md").read_text()
   assert len(list((workdir / "heatmaps").glob("*.png"))) == 3
+  assert sorted(p.name for p in (workdir / "curves").iterdir()) == [
+    "pr.png",
+    "roc.png",
+    "scores.png",
+  ]
   assert (workdir / "checkpoints" / "4").is_dir()
   # One row per test image; its scores are those the image metrics were computed from.
   with open(workdir / "test_scores.csv") as f:

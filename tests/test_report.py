@@ -1,7 +1,9 @@
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pouta_jax import files, report
 
@@ -64,3 +66,27 @@ def test_write_heatmaps_spread_over_defect_types_and_upscale_small_maps(tmp_path
   from PIL import Image
 
   assert Image.open(written[0]).size[1] == report.MIN_PANEL_HEIGHT
+  every = report.write_heatmaps(tmp_path / "all", test_set, np.zeros((6, 8, 8)), 0.5, count=-1)
+  assert sorted(p.stem for p in every) == sorted(n.replace("/", "_") for n in test_set["name"])
+
+
+def test_curves_are_drawn_where_their_points_are():
+  """A ROC curve through (0.5, 0.5): the plot's centre pixel is the series' colour."""
+  x = y = np.linspace(0, 1, 101)
+  picture = np.asarray(
+    Image.open(io.BytesIO(report.curve_png("t", "x", "y", [("a", (1, 2, 3), x, y)])))
+  )
+  assert picture.shape == (report.PLOT_SIZE, report.PLOT_SIZE, 3)
+  low, span = report.PLOT_MARGIN, report.PLOT_SIZE - 1.5 * report.PLOT_MARGIN
+  centre_x, centre_y = (
+    round(low + 0.5 * span),
+    round(report.PLOT_SIZE - report.PLOT_MARGIN - 0.5 * span),
+  )
+  assert tuple(picture[centre_y, centre_x]) == (1, 2, 3)
+  assert tuple(picture[centre_y - 30, centre_x - 30]) == (255, 255, 255)  # off the diagonal
+
+
+def test_score_histogram_shows_both_classes():
+  png = report.histogram_png("scores", np.array([0.1, 0.2, 0.2]), np.array([0.8, 0.9]))
+  colours = {tuple(c) for c in np.asarray(Image.open(io.BytesIO(png))).reshape(-1, 3)}
+  assert report.IMAGE_COLOR in colours and report.PIXEL_COLOR in colours
