@@ -229,7 +229,7 @@ def _predict_cli(*args: str) -> dict:
 def test_predict_command_scores_images_with_an_artifact_or_a_workdir(
   trained, dataset_root, tmp_path
 ):
-  config, workdir, variables, _ = trained
+  _, workdir, _, _ = trained
   art = artifact.load(export.export(workdir, tmp_path / "art"))
   images = dataset_root / "weave" / "test"
   from_artifact = _predict_cli(f"--artifact={art.path}", f"--input={images}", f"--out={tmp_path}/a")
@@ -239,7 +239,7 @@ def test_predict_command_scores_images_with_an_artifact_or_a_workdir(
   paths = sorted(from_artifact)
   assert paths == sorted(from_workdir) and len(paths) == len(list(images.rglob("*.png")))
   # The scores are the model's on the images read as in training.
-  pixels = np.stack([load_image(p, config.data.image_size) for p in paths]) / np.float32(255)
+  pixels = np.stack([load_image(p, art.image_sizes[0]) for p in paths]) / np.float32(255)
   _, want = art.predict(pixels.astype(np.float32))
   np.testing.assert_allclose([from_artifact[p] for p in paths], want, atol=1e-5)
   np.testing.assert_allclose([from_workdir[p] for p in paths], want, atol=1e-5)
