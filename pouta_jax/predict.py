@@ -39,9 +39,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pouta_jax import artifact as artifact_lib, errors, evaluate, files, report
-from pouta_jax.data.folder import check_readable, open_image, resize_image
+from pouta_jax.data.folder import IMAGE_SUFFIXES, check_readable, open_image, resize_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAP_FORMATS = ("png16", "npy")
 ORACLE_RULE = "oracle: F1-max on the training run's test set (chosen on the test labels)"
 
@@ -134,26 +133,21 @@ def output_name(path: Path, root: Path) -> str:
 
 
 def _overlay(image: Image.Image, anomaly_map: np.ndarray, score: float, decision: str) -> bytes:
-  rgb = np.asarray(image, np.float32)
-  blended = np.round(0.5 * rgb + 0.5 * report.colormap(anomaly_map)).astype(np.uint8)
-  picture = Image.fromarray(blended)
+  picture = Image.fromarray(report.overlaid(np.asarray(image), anomaly_map))
   draw = ImageDraw.Draw(picture)
   text = f"score {score:.4f}" + (f" {decision}" if decision else "")
   box = draw.textbbox((2, 2), text)
   draw.rectangle(box, fill=(0, 0, 0))
   draw.text((2, 2), text, fill=(255, 80, 80) if decision == "anomalous" else (255, 255, 255))
-  out = io.BytesIO()
-  picture.save(out, format="PNG")
-  return out.getvalue()
+  return report.png_bytes(picture)
 
 
 def _map_bytes(anomaly_map: np.ndarray, map_format: str) -> bytes:
-  out = io.BytesIO()
   if map_format == "npy":
+    out = io.BytesIO()
     np.save(out, anomaly_map.astype(np.float32))
-  else:
-    Image.fromarray(np.round(anomaly_map * 65535).astype(np.uint16)).save(out, format="PNG")
-  return out.getvalue()
+    return out.getvalue()
+  return report.png_bytes(Image.fromarray(np.round(anomaly_map * 65535).astype(np.uint16)))
 
 
 def predict(

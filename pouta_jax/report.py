@@ -156,12 +156,19 @@ def colormap(values: np.ndarray) -> np.ndarray:
   return np.round(255 * rgb).astype(np.uint8)
 
 
+def overlaid(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
+  """The anomaly map's colours blended half and half over the uint8 RGB image."""
+  return np.round(0.5 * np.asarray(image, np.float32) + 0.5 * colormap(anomaly_map)).astype(
+    np.uint8
+  )
+
+
 def heatmap_panel(
   image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray, threshold: float
 ) -> np.ndarray:
   """image | ground truth | anomaly map over the image | map >= threshold, side by side."""
   gray = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
-  overlay = np.round(0.5 * image + 0.5 * colormap(anomaly_map)).astype(np.uint8)
+  overlay = overlaid(image, anomaly_map)
   predicted = np.repeat((anomaly_map >= threshold)[..., None].astype(np.uint8) * 255, 3, -1)
   gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
   return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)
@@ -182,7 +189,7 @@ def write_heatmaps(
     scale = max(1, MIN_PANEL_HEIGHT // panel.shape[0])
     panel = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
     path = Path(folder) / (str(test_set["name"][i]).replace("/", "_") + ".png")
-    files.write_atomic(path, _png_bytes(panel))
+    files.write_atomic(path, png_bytes(Image.fromarray(panel)))
     written.append(path)
   return written
 
@@ -191,10 +198,6 @@ def csv_text(rows: list[list]) -> str:
   out = io.StringIO()
   csv.writer(out, lineterminator="\n").writerows(rows)
   return out.getvalue()
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-  return _image_png(Image.fromarray(array))
 
 
 PLOT_SIZE, PLOT_MARGIN = 360, 40
@@ -239,7 +242,7 @@ def curve_png(
     points = list(zip(x_px(x[keep]).tolist(), y_px(y[keep]).tolist()))
     draw.line(points, fill=color, width=2)
   _legend(draw, [(label, color) for label, color, _, _ in series])
-  return _image_png(image)
+  return png_bytes(image)
 
 
 def histogram_png(title: str, good: np.ndarray, defective: np.ndarray, bins: int = 30) -> bytes:
@@ -258,7 +261,7 @@ def histogram_png(title: str, good: np.ndarray, defective: np.ndarray, bins: int
   _legend(
     draw, [(f"good ({len(good)})", IMAGE_COLOR), (f"defective ({len(defective)})", PIXEL_COLOR)]
   )
-  return _image_png(image)
+  return png_bytes(image)
 
 
 def write_curves(folder: str | Path, curves: dict, scores: np.ndarray, labels: np.ndarray) -> None:
@@ -275,7 +278,7 @@ def write_curves(folder: str | Path, curves: dict, scores: np.ndarray, labels: n
   files.write_atomic(folder / "scores.png", histogram_png("image scores", good, defective))
 
 
-def _image_png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
   out = io.BytesIO()
   image.save(out, format="PNG")
   return out.getvalue()
