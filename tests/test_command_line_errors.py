@@ -22,8 +22,8 @@ from PIL import Image
 
 from tests.conftest import make_tiny_config, tiny_main_command
 
-# Scheduled first (see conftest): a long file started last would leave the other worker idle.
-pytestmark = pytest.mark.heavy
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(113)
 
 REPO = Path(__file__).resolve().parents[1]
 

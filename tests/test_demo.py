@@ -12,8 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Scheduled first (see conftest): a long file started last would leave the other worker idle.
-pytestmark = pytest.mark.heavy
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(62)
 
 
 def test_demo_runs_in_workers_and_gathers_every_run(tmp_path):

@@ -14,6 +14,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from pouta_jax import experiment, report
 from pouta_jax.data import DataError
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(44)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

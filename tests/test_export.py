@@ -16,6 +16,9 @@ from pouta_jax import artifact, evaluate, experiment, export, files, models, pre
 from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(65)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,7 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(46)
 
 
 def test_local_launcher_dry_run_prints_one_command_per_category():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_main_command
+from tests.conftest import tiny_main_command, xla_flags
 
 # Alone, after the other tests (make test): two processes of one program lagging more than 30 s
 # apart under other load fail Gloo's collectives.
@@ -51,7 +51,7 @@ def _losses(workdir: Path, key: str = "loss") -> list[float]:
 
 
 def _run_one_process(command: list[str]) -> None:
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1")}
   subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
 
 
@@ -67,7 +67,7 @@ def _run_two_processes(
   """
   env = {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+    "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"),
     "PYTHONFAULTHANDLER": "1",
   }
   port = _free_port()

@@ -8,6 +8,9 @@ from pouta_jax.data import DataError, category_folder
 from pouta_jax.models.pouta import POUTA
 from tests.conftest import make_tiny_config
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(51)
+
 
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -16,8 +16,8 @@ import pytest
 from pouta_jax import checkpoint, preemption, train
 from tests.conftest import make_tiny_config, tiny_main_command
 
-# Scheduled first (see conftest): a long file started last would leave the other worker idle.
-pytestmark = pytest.mark.heavy
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(125)
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30

@@ -10,9 +10,10 @@ import pytest
 
 from pouta_jax import config as config_lib, sharding
 from pouta_jax.errors import ConfigError
+from tests.conftest import xla_flags
 
-# Scheduled first (see conftest): a long file started last would leave the other worker idle.
-pytestmark = pytest.mark.heavy
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(126)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def _assert_equal_on_eight_devices(script: str) -> None:
   """Runs `script` in a fresh interpreter with 8 simulated CPU devices; it prints EQUAL."""
   env = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
     "JAX_PLATFORMS": "cpu",
   }
   result = subprocess.run(
@@ -145,12 +146,13 @@ SCRIPT = textwrap.dedent("""
     mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
     batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
              "has_anomaly": mask.max(axis=(1, 2))}
+    # A host copy in float64 (astype on device arrays would compile one program per shape).
+    init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
+                        jax.device_get(train.fresh_state(model, tx, 32, seed=0)))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), ("data",))
-      state = train.fresh_state(model, tx, 32, seed=0)
-      state = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, state)
-      state = jax.device_put(state, sharding.replicated(mesh))
+      state = jax.device_put(init, sharding.replicated(mesh))
       step = train.make_train_step(model, objective, tx, mesh)
       if len(devices) == 1:
         single, step1 = mesh, step  # compiled once, used again below
@@ -164,31 +166,29 @@ SCRIPT = textwrap.dedent("""
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
     # Two categories in one program: state stacked and split over a category axis (2 x 4
-    # devices), the step vmapped; each category's update equals its own single-device step.
+    # devices), the step vmapped (the accelerators' loop; the CPU's "unroll" is checked against
+    # separate runs in test_stacked); each category's update equals its own single-device step.
     config.data.categories = ("weave", "pill")
     assert dict(sharding.make_mesh(config).shape) == {"category": 2, "data": 4}  # auto
     config.mesh.axes = (("category", 2), ("data", -1))
     mesh = sharding.make_mesh(config)
     assert dict(mesh.shape) == {"category": 2, "data": 4}
     flipped = {k: v[::-1] for k, v in batch.items()}  # the second category's batch
-    init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
-                        jax.device_get(train.fresh_state(model, tx, 32, seed=0)))  # host copy
     separate = [step1(jax.device_put(init, sharding.replicated(single)), b)
                 for b in (batch, flipped)]
     stacked_batch = {k: np.stack([batch[k], flipped[k]]) for k in batch}
-    for loop in ("vmap", "unroll"):
-      stacked_state = jax.tree.map(lambda x: np.stack([x, x]), init)
-      stacked_state = jax.device_put(stacked_state, sharding.state_sharding(mesh, True))
-      step_c = train.make_train_step(model, objective, tx, mesh, loop)
-      stacked_state, stacked_metrics = step_c(stacked_state, stacked_batch)
-      kernel = stacked_state.params["reconstructive"]["head"]["Conv_0"]["kernel"]
-      assert kernel.sharding.spec == PartitionSpec("category"), kernel.sharding
-      stacked_state = jax.device_get(stacked_state)
-      for i, (state_i, metrics_i) in enumerate(separate):
-        np.testing.assert_allclose(stacked_metrics["loss"][i], metrics_i["loss"], rtol=1e-10)
-        for a, b in zip(jax.tree.leaves(jax.device_get(state_i)),
-                        jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked_state))):
-          np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    stacked_state = jax.tree.map(lambda x: np.stack([x, x]), init)
+    stacked_state = jax.device_put(stacked_state, sharding.state_sharding(mesh, True))
+    step_c = train.make_train_step(model, objective, tx, mesh, "vmap")
+    stacked_state, stacked_metrics = step_c(stacked_state, stacked_batch)
+    kernel = stacked_state.params["reconstructive"]["head"]["Conv_0"]["kernel"]
+    assert kernel.sharding.spec == PartitionSpec("category"), kernel.sharding
+    stacked_state = jax.device_get(stacked_state)
+    for i, (state_i, metrics_i) in enumerate(separate):
+      np.testing.assert_allclose(stacked_metrics["loss"][i], metrics_i["loss"], rtol=1e-10)
+      for a, b in zip(jax.tree.leaves(jax.device_get(state_i)),
+                      jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     config.data.categories = ("weave", "pill", "washer")
     config.mesh.axes, config.mesh.num_devices = ("auto",), 6
     assert dict(sharding.make_mesh(config).shape) == {"category": 3, "data": 2}

@@ -10,6 +10,9 @@ import pytest
 from pouta_jax import checkpoint, config as config_lib, experiment, export, train
 from tests.conftest import make_tiny_config
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(53)
+
 CATEGORIES = ("weave", "pill")
 
 

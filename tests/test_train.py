@@ -10,6 +10,9 @@ from pouta_jax import checkpoint, models, objectives, sharding, train
 from pouta_jax.data import category_folder, pipeline
 from tests.conftest import make_tiny_config
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(85)
+
 
 def test_schedule_decays_at_milestones(tiny_config):
   tiny_config.optim.lr = 1.0

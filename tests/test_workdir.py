@@ -16,6 +16,9 @@ from tests.conftest import make_tiny_config, tiny_main_command
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(45)
+
 
 def _store(workdir: Path, config, allow_changes=()) -> None:
   with experiment.claimed_workdir(workdir, config, allow_changes):
