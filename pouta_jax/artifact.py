@@ -3,7 +3,8 @@
 This file imports nothing else from pouta_jax and nothing of flax or the model code: a
 downstream user can copy it next to their evaluation code. An artifact is a folder:
 
-    artifact.json              what the programs expect and return, thresholds, config,
+    artifact.json              what the programs expect and return, thresholds (oracle, and
+                               calibrated on good images once calibrated), config,
                                metrics, and the sha256 of itself and of every other file
                                (checked at load)
     weights.npz                the variables, keys joined by "/" ("params/encoder/...")
@@ -13,7 +14,7 @@ downstream user can copy it next to their evaluation code. An artifact is a fold
 
     art = artifact.load("exported/bottle")
     maps, scores = art.predict(art.preprocess(uint8_images))
-    anomalous = scores >= art.thresholds["image"]
+    anomalous = scores >= art.calibration["image_threshold"]  # or the oracle thresholds["image"]
 """
 
 from __future__ import annotations
@@ -76,8 +77,15 @@ class Artifact:
 
   @property
   def thresholds(self) -> dict[str, float | None]:
-    """Suggested image-score and pixel thresholds (F1-max on the training run's test set)."""
+    """Image-score and pixel thresholds of F1-max on the training run's test set: oracle values,
+    chosen on the test labels (see `calibration` for one set on good images)."""
     return self.manifest["thresholds"]
+
+  @property
+  def calibration(self) -> dict[str, Any] | None:
+    """The image threshold at a false-positive rate on good images (`image_threshold`,
+    `target_fpr`, `observed_fpr`, `num_good`, ...), set by `python -m pouta_jax.calibrate`."""
+    return self.manifest.get("calibration")
 
   def preprocess(self, images: np.ndarray, image_size: int | None = None) -> np.ndarray:
     """uint8 images (N, H, W[, C]) -> float32 (N, S, S, 3) in [0, 1], as in training:

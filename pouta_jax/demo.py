@@ -120,7 +120,10 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   seed = _EMBEDDED_SEED.value
   workdir = Path(_WORKDIR.value if seed == 0 or _WORKDIR.present else f"outputs/demo_seed{seed}")
-  runs = [(m, c, _config(m, c)) for m in _MODELS.value for c in _CATEGORIES.value]
+  # Models interleaved: the first runs at once are different models, each compiling its own
+  # programs; every later run finds them in the compilation cache (two runs of one model
+  # starting together would both compile the same programs).
+  runs = [(m, c, _config(m, c)) for c in _CATEGORIES.value for m in _MODELS.value]
   for _, category, config in runs:  # every category checked and built before any run starts
     if seed:
       embedded.build(config.data.root, embedded.BuildSpec(seed=seed), (category,))

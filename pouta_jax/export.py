@@ -156,7 +156,8 @@ def export(
       "padding)",
     },
     "thresholds": thresholds or {"image": None, "pixel": None},
-    "thresholds_rule": "F1-max on the run's test set (null: the run was never evaluated)",
+    "thresholds_rule": "oracle: F1-max on the run's test set, chosen on the test labels (null: "
+    "the run was never evaluated); python -m pouta_jax.calibrate sets one on good images",
     "metrics": metrics.get(config.model.name, {}).get(category),
     "config": config.to_dict(),
     "versions": {"jax": jax.__version__},

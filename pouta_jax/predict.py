@@ -17,9 +17,13 @@ bilinear resize to the training size). 16-bit and float images are refused as in
     predict.json          the model, the threshold and where it came from, the counts
 
 `<name>` is the file's path below the input folder, "/" written as "__". The folder is written
-whole or not at all; an existing `--out` is replaced only with `--overwrite`. The default
-threshold is the run's test-set F1-max (an oracle value: it was chosen on the test labels);
-`--threshold=<value>` sets one.
+whole or not at all; an existing `--out` is replaced only with `--overwrite`.
+
+`--threshold` picks the image threshold: `calibrated` (set on known-good images by
+`python -m pouta_jax.calibrate`, artifacts only), `oracle` (the run's test-set F1-max: chosen on
+the test labels, so its decisions there are optimistic), `validation` (once runs keep a
+validation split), or a number. The default is `calibrated` where the artifact has one, else
+`oracle`; predict.json says which was used.
 """
 
 from __future__ import annotations
@@ -43,20 +47,43 @@ from pouta_jax.data.folder import IMAGE_SUFFIXES, check_readable, open_image, re
 
 MAP_FORMATS = ("png16", "npy")
 ORACLE_RULE = "oracle: F1-max on the training run's test set (chosen on the test labels)"
+THRESHOLD_SOURCES = ("calibrated", "validation", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
   """A model ready to score images: float32 (B, S, S, 3) in [0, 1] -> maps (B, S, S) in [0, 1]
-  and image scores (B,), with the threshold its run suggests."""
+  and image scores (B,), with the image thresholds it carries."""
 
   source: str  # what was loaded, for predict.json
   model: str
   image_size: int
   batch_size: int  # the program's fixed batch; 0: any
   fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-  image_threshold: float | None
-  threshold_rule: str
+  thresholds: dict[str, tuple[float, str]]  # source (THRESHOLD_SOURCES) -> (value, rule)
+
+  def threshold(self, choice: str = "") -> tuple[float | None, str]:
+    """The image threshold and how it was set, for `--threshold=choice`: a source, a number, or
+    "" (calibrated if there is one, else the oracle; None when there is neither)."""
+    if not choice:
+      for source in ("calibrated", "oracle"):
+        if source in self.thresholds:
+          return self.thresholds[source]
+      return None, "none: no decisions"
+    if choice in THRESHOLD_SOURCES:
+      if choice not in self.thresholds:
+        has = ", ".join(self.thresholds) or "none"
+        raise errors.ConfigError(
+          f"--threshold={choice}: {self.source} has no {choice} threshold (it has: {has})"
+          + ("; set one with python -m pouta_jax.calibrate" if choice == "calibrated" else "")
+        )
+      return self.thresholds[choice]
+    try:
+      return float(choice), "given (--threshold)"
+    except ValueError:
+      raise errors.ConfigError(
+        f"--threshold={choice}: expected {', '.join(THRESHOLD_SOURCES)} or a number"
+      ) from None
 
   def score(self, images: Sequence[Image.Image], batch_size: int) -> list[tuple[np.ndarray, float]]:
     """(anomaly map at each image's own size, image score) of decoded RGB images, in batches
@@ -80,14 +107,23 @@ class Predictor:
 def from_artifact(path: str | Path) -> Predictor:
   art = artifact_lib.load(path)
   batch = art.manifest["batch_size"]
+  thresholds = {}
+  if art.calibration:
+    c = art.calibration
+    thresholds["calibrated"] = (
+      c["image_threshold"],
+      f"calibrated: false-positive rate {c['observed_fpr']:.4g} (target {c['target_fpr']}) "
+      f"on {c['num_good']} good images ({c['good']})",
+    )
+  if art.thresholds.get("image") is not None:
+    thresholds["oracle"] = (art.thresholds["image"], ORACLE_RULE)
   return Predictor(
     source=f"artifact {Path(path).absolute()}",
     model=art.manifest["model"],
     image_size=art.image_sizes[0],
     batch_size=0 if batch == "any" else int(batch),
     fn=art.predict,
-    image_threshold=art.thresholds.get("image"),
-    threshold_rule=ORACLE_RULE,
+    thresholds=thresholds,
   )
 
 
@@ -96,7 +132,7 @@ def from_workdir(workdir: str | Path, category: str = "") -> Predictor:
 
   workdir = Path(workdir)
   config, category, model, variables, state = export.trained_model(workdir, category)
-  thresholds = export.read_thresholds(workdir, category) or {}
+  oracle = (export.read_thresholds(workdir, category) or {}).get("image")
   step = int(np.asarray(state.step).reshape(-1)[0])
   return Predictor(
     source=f"workdir {workdir.absolute()} (category {category}, step {step})",
@@ -104,8 +140,7 @@ def from_workdir(workdir: str | Path, category: str = "") -> Predictor:
     image_size=config.data.image_size,
     batch_size=0,
     fn=evaluate.model_predict_fn(model, variables, config.eval.score_filter_size),
-    image_threshold=thresholds.get("image"),
-    threshold_rule=ORACLE_RULE,
+    thresholds={} if oracle is None else {"oracle": (oracle, ORACLE_RULE)},
   )
 
 
@@ -154,13 +189,13 @@ def predict(
   predictor: Predictor,
   input_spec: str,
   out: str | Path,
-  threshold: float | None = None,
+  threshold: str = "",
   batch_size: int = 16,
   map_format: str = "png16",
   overwrite: bool = False,
 ) -> dict:
   """Scores every image `input_spec` names and writes the outputs (module docstring) to `out`;
-  returns predict.json's content. `threshold` overrides the predictor's."""
+  returns predict.json's content. `threshold`: as `Predictor.threshold`."""
   out = Path(out)
   if map_format not in MAP_FORMATS:
     raise errors.ConfigError(f"--map_format={map_format!r}: expected one of {MAP_FORMATS}")
@@ -168,12 +203,8 @@ def predict(
     raise errors.ConfigError(f"--batch_size={batch_size}: expected a positive batch size")
   if out.exists() and not overwrite:
     raise errors.ExistsError(f"--out={out} exists; choose another path or add --overwrite")
+  threshold, rule = predictor.threshold(threshold)
   paths, root = input_files(input_spec)
-  rule = predictor.threshold_rule
-  if threshold is None:
-    threshold = predictor.image_threshold
-  else:
-    rule = "given (--threshold)"
   rows, failures = [["path", "image_score", "decision"]], [["path", "error"]]
   suffix = ".npy" if map_format == "npy" else ".png"
   with files.atomic_folder(out, replace=overwrite) as staging:
@@ -210,7 +241,7 @@ def predict(
       "scored": len(rows) - 1,
       "unreadable": len(failures) - 1,
       "threshold": threshold,
-      "threshold_rule": rule if threshold is not None else "none: no decisions",
+      "threshold_rule": rule,
       "maps": f"{map_format}: " + ("float32" if map_format == "npy" else "uint16, value / 65535"),
     }
     files.write_atomic(staging / "scores.csv", report.csv_text(rows))
@@ -225,15 +256,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if bool(f.artifact) == bool(f.workdir):
     raise errors.ConfigError("give one of --artifact=DIR (exported) or --workdir=DIR (trained)")
-  if f.threshold:
-    try:
-      threshold = float(f.threshold)
-    except ValueError:
-      raise errors.ConfigError(f"--threshold={f.threshold}: expected a number") from None
-  else:
-    threshold = None
   predictor = from_artifact(f.artifact) if f.artifact else from_workdir(f.workdir, f.category)
-  summary = predict(predictor, f.input, f.out, threshold, f.batch_size, f.map_format, f.overwrite)
+  summary = predict(predictor, f.input, f.out, f.threshold, f.batch_size, f.map_format, f.overwrite)
   print(json.dumps(summary, indent=2))
   print(f"Outputs: {Path(f.out).absolute()}/scores.csv, maps/, overlays/, errors.csv")
 
@@ -244,7 +268,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("category", "", "Which category, for a workdir that trained several.")
   flags.DEFINE_string("input", None, "An image file, a folder or a glob pattern.", required=True)
   flags.DEFINE_string("out", None, "Folder for the outputs.", required=True)
-  flags.DEFINE_string("threshold", "", "Image-score threshold (default: the run's oracle).")
+  flags.DEFINE_string(
+    "threshold",
+    "",
+    "calibrated, oracle, validation or a number (default: calibrated if the artifact has one, "
+    "else oracle).",
+  )
   flags.DEFINE_integer("batch_size", 16, "Images per program call.")
   flags.DEFINE_enum("map_format", "png16", list(MAP_FORMATS), "How anomaly maps are written.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")

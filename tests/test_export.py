@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from pouta_jax import artifact, evaluate, experiment, export, files, models, predict
+from pouta_jax import artifact, calibrate, evaluate, experiment, export, files, models, predict
+from pouta_jax.data import DataError
 from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
 
@@ -249,3 +250,55 @@ def test_predict_command_scores_images_with_an_artifact_or_a_workdir(
   summary = json.loads((tmp_path / "a" / "predict.json").read_text())
   assert summary["threshold"] == art.thresholds["image"]
   assert summary["threshold_rule"].startswith("oracle: F1-max on the training run's test set")
+
+
+def test_calibrated_threshold_keeps_its_rate_on_good_images_and_predict_uses_it(
+  trained, dataset_root, tmp_path
+):
+  _, workdir, _, _ = trained
+  path = export.export(workdir, tmp_path / "art")
+  good = dataset_root / "weave" / "test" / "good"
+  num_good = len(list(good.glob("*.png")))
+  # One unreadable image: refused, naming it, and the artifact is left as it was.
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for image in good.glob("*.png"):
+    (bad / image.name).write_bytes(image.read_bytes())
+  (bad / "broken.png").write_bytes(b"not an image")
+  before = (path / artifact.MANIFEST).read_bytes()
+  with pytest.raises(DataError, match=r"broken.png: not a readable image"):
+    calibrate.calibrate(path, str(bad), 0.25)
+  assert (path / artifact.MANIFEST).read_bytes() == before
+
+  result = subprocess.run(
+    [sys.executable, "-m", "pouta_jax.calibrate", f"--artifact={path}", f"--good={good}"]
+    + ["--fpr=0.25"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  calibration = artifact.load(path).calibration  # the manifest's digest was updated with it
+  assert calibration["num_good"] == num_good and calibration["target_fpr"] == 0.25
+  assert calibration["observed_fpr"] <= 0.25  # tied scores can leave it below the target
+  flagged_any = calibration["good_scores"]["max"] >= calibration["image_threshold"]
+  assert flagged_any == (calibration["observed_fpr"] > 0)
+
+  # predict's default is now the calibrated threshold: on the same images, the same rate.
+  summary = predict.predict(predict.from_artifact(path), str(good), tmp_path / "scored")
+  assert summary["threshold"] == calibration["image_threshold"]
+  assert summary["threshold_rule"].startswith("calibrated: false-positive rate ")
+  assert "(target 0.25) on 4 good images" in summary["threshold_rule"]
+  with open(tmp_path / "scored" / "scores.csv") as f:
+    decisions = [row["decision"] for row in csv.DictReader(f)]
+  assert decisions.count("anomalous") == calibration["observed_fpr"] * num_good
+  oracle = predict.from_artifact(path).threshold("oracle")
+  assert oracle[0] == artifact.load(path).thresholds["image"]
+
+  # A calibration changed by hand (its digest not) is caught at load.
+  manifest = json.loads((path / artifact.MANIFEST).read_text())
+  manifest["calibration"]["image_threshold"] = 0.0
+  (path / artifact.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(artifact.ArtifactError, match="does not match its manifest_sha256"):
+    artifact.load(path)

@@ -20,9 +20,8 @@ def _brightness(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _predictor(batch_size: int = 0, threshold: float | None = 0.5) -> predict.Predictor:
-  return predict.Predictor(
-    "test", "brightness", SIZE, batch_size, _brightness, threshold, predict.ORACLE_RULE
-  )
+  thresholds = {} if threshold is None else {"oracle": (threshold, predict.ORACLE_RULE)}
+  return predict.Predictor("test", "brightness", SIZE, batch_size, _brightness, thresholds)
 
 
 def _images(folder):
@@ -78,7 +77,7 @@ def test_a_fixed_batch_program_and_npy_maps(tmp_path):
   _images(tmp_path / "in")
   predictor = _predictor(batch_size=3)
   out = tmp_path / "out"
-  predict.predict(predictor, str(tmp_path / "in" / "*.png"), out, threshold=0.0, map_format="npy")
+  predict.predict(predictor, str(tmp_path / "in" / "*.png"), out, threshold="0", map_format="npy")
   rows = _rows(out / "scores.csv")
   assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["dark.png"]  # the glob: not sub/
   assert [r["decision"] for r in rows] == ["anomalous"]
@@ -119,7 +118,7 @@ def test_outputs_are_never_overwritten_unasked_and_never_half_written(tmp_path, 
 
   with pytest.raises(RuntimeError):  # a failure half-way keeps the old outputs, whole
     predict.predict(
-      predict.Predictor("t", "m", SIZE, 0, fail, 0.5, ""), str(tmp_path / "in"), out, overwrite=True
+      predict.Predictor("t", "m", SIZE, 0, fail, {}), str(tmp_path / "in"), out, overwrite=True
     )
   assert (out / "scores.csv").read_text() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
@@ -139,3 +138,20 @@ def test_inputs_that_name_no_image_are_refused(tmp_path, spec, message):
   with pytest.raises(errors.NotFoundError, match=message):
     predict.predict(_predictor(), str(tmp_path / spec), tmp_path / "out")
   assert not (tmp_path / "out").exists()
+
+
+def test_threshold_sources_calibrated_first_then_the_oracle():
+  both = predict.Predictor(
+    "art", "m", SIZE, 0, _brightness, {"calibrated": (0.7, "cal"), "oracle": (0.5, "orc")}
+  )
+  assert both.threshold() == (0.7, "cal")
+  assert both.threshold("oracle") == (0.5, "orc")
+  assert both.threshold("0.25") == (0.25, "given (--threshold)")
+  assert _predictor().threshold() == (0.5, predict.ORACLE_RULE)
+  assert _predictor(threshold=None).threshold() == (None, "none: no decisions")
+  with pytest.raises(errors.ConfigError, match=r"--threshold=validation: art has no validation "):
+    both.threshold("validation")
+  with pytest.raises(errors.ConfigError, match=r"no calibrated threshold \(it has: oracle\); set"):
+    _predictor().threshold("calibrated")
+  with pytest.raises(errors.ConfigError, match=r"--threshold=high: expected calibrated, "):
+    both.threshold("high")
