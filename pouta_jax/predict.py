@@ -79,11 +79,14 @@ class Predictor:
         )
       return self.thresholds[choice]
     try:
-      return float(choice), "given (--threshold)"
+      value = float(choice)
     except ValueError:
+      value = float("nan")
+    if not np.isfinite(value):
       raise errors.ConfigError(
-        f"--threshold={choice}: expected {', '.join(THRESHOLD_SOURCES)} or a number"
-      ) from None
+        f"--threshold={choice}: expected {', '.join(THRESHOLD_SOURCES)} or a finite number"
+      )
+    return value, "given (--threshold)"
 
   def score(self, images: Sequence[Image.Image], batch_size: int) -> list[tuple[np.ndarray, float]]:
     """(anomaly map at each image's own size, image score) of decoded RGB images, in batches
@@ -108,12 +111,18 @@ def from_artifact(path: str | Path) -> Predictor:
   art = artifact_lib.load(path)
   batch = art.manifest["batch_size"]
   thresholds = {}
-  if art.calibration:
+  if art.calibration is not None:
     c = art.calibration
+    if not isinstance(c, dict) or not isinstance(c.get("image_threshold"), (int, float)):
+      raise artifact_lib.ArtifactError(
+        f"{path}/{artifact_lib.MANIFEST}: calibration {c!r} has no numeric image_threshold"
+      )
+    rate = c.get("observed_fpr")
+    rate = f"{rate:.4g}" if isinstance(rate, (int, float)) else "?"
     thresholds["calibrated"] = (
       c["image_threshold"],
-      f"calibrated: false-positive rate {c['observed_fpr']:.4g} (target {c['target_fpr']}) "
-      f"on {c['num_good']} good images ({c['good']})",
+      f"calibrated: false-positive rate {rate} (target {c.get('target_fpr')}) "
+      f"on {c.get('num_good')} good images ({c.get('good')})",
     )
   if art.thresholds.get("image") is not None:
     thresholds["oracle"] = (art.thresholds["image"], ORACLE_RULE)

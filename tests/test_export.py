@@ -302,3 +302,9 @@ def test_calibrated_threshold_keeps_its_rate_on_good_images_and_predict_uses_it(
   (path / artifact.MANIFEST).write_text(json.dumps(manifest))
   with pytest.raises(artifact.ArtifactError, match="does not match its manifest_sha256"):
     artifact.load(path)
+  # A crafted one, its digest made to match, is named, not a KeyError.
+  manifest["calibration"] = {"image_threshold": "high"}
+  manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+  (path / artifact.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(artifact.ArtifactError, match="calibration .* has no numeric image_threshold"):
+    predict.from_artifact(path)

@@ -153,5 +153,6 @@ def test_threshold_sources_calibrated_first_then_the_oracle():
     both.threshold("validation")
   with pytest.raises(errors.ConfigError, match=r"no calibrated threshold \(it has: oracle\); set"):
     _predictor().threshold("calibrated")
-  with pytest.raises(errors.ConfigError, match=r"--threshold=high: expected calibrated, "):
-    both.threshold("high")
+  for bad in ("high", "nan", "inf"):
+    with pytest.raises(errors.ConfigError, match=rf"--threshold={bad}: expected calibrated, "):
+      both.threshold(bad)
