@@ -14,6 +14,7 @@ from typing import Callable
 import harness
 import jax
 import numpy as np
+import optax
 from absl import app, flags
 
 from pouta_jax import config as config_lib, evaluate, models, train
@@ -29,7 +30,7 @@ def jax_predict(base_width: int, size: int, batch: int) -> tuple[Callable[[], No
   config = config_lib.load("draem")
   config.model.base_width = base_width
   model = models.get("draem").build(config)
-  state = train.fresh_state(model, train.make_optimizer(config, 1), size, seed=0)
+  state = train.fresh_state(model, optax.identity(), size, seed=0)
   predict = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   images = jax.device_put(_images(batch, size))
   compiled, compile_s = harness.timed(lambda: predict.lower(state.variables, images).compile())

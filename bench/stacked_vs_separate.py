@@ -16,13 +16,14 @@ time relative to separate programs, and `stacked_throughput_ratio` for the loop 
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from pouta_jax import config as config_lib, models, sharding, train
+from pouta_jax import config as config_lib, models, runs, sharding, train
 from pouta_jax.data import pipeline
 
 _MODEL = flags.DEFINE_enum("model", "draem", ["draem", "pouta"], "Model.")
@@ -59,18 +60,20 @@ def _batch(rng: np.random.Generator, leading: tuple[int, ...]) -> dict[str, np.n
 
 def _setup(config):
   """The jitted step, a state on the mesh, a batch, and the compile time."""
-  stacked = config_lib.is_stacked(config)
+  stacked = runs.is_stacked(config)
   loop = train.category_loop(config)
   mesh = sharding.make_mesh(config)
-  n = len(config_lib.categories_of(config))
-  model, tx, state, _ = train.setup(config, [1] * n)
+  model, optimizer, state, hparams, _ = train.setup(config, [1] * runs.count(config) or [1])
   state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
   batch = _batch(np.random.default_rng(0), pipeline.batch_shape(config))
-  step = train.make_train_step(
-    model, models.get(config.model.name).objective(config), tx, mesh, loop
+  step = functools.partial(
+    train.make_train_step(
+      model, models.get(config.model.name).objective(config), optimizer, mesh, loop
+    ),
+    hparams=hparams,
   )
   start = time.perf_counter()
-  step.lower(state, batch).compile()
+  step.func.lower(state, batch, hparams).compile()
   compile_s = time.perf_counter() - start
   state, _ = step(state, batch)  # warm-up (compiles through the jit cache)
   jax.block_until_ready(state)

@@ -62,18 +62,19 @@ def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None
   config.data.image_size = setting.image_size
   config.data.batch_size = setting.batch_size
   model = models.get("draem").build(config)
-  tx = train.make_optimizer(config, num_steps=10**6)
-  state = train.fresh_state(model, tx, setting.image_size, seed=0)
+  optimizer = train.make_optimizer(config, num_steps=10**6)
+  hparams = train.hyperparameters(config)
+  state = train.fresh_state(model, optimizer(hparams["optim"]), setting.image_size, seed=0)
   mesh = sharding.make_mesh(config)
-  step = train.make_train_step(model, models.get("draem").objective(config), tx, mesh)
+  step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh)
   batch = jax.device_put(_batch(setting), sharding.batch_sharding(mesh, False))
-  compiled, compile_s = harness.timed(lambda: step.lower(state, batch).compile())
+  compiled, compile_s = harness.timed(lambda: step.lower(state, batch, hparams).compile())
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
   holder = {"state": state}
 
   def run() -> None:
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, hparams)
     jax.block_until_ready(metrics["loss"])
 
   return run, {"start_s": compile_s, "flops": flops}

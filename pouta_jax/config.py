@@ -112,6 +112,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   )
   # num_heatmaps: test images drawn as heatmap panels (-1: every one).
   config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
+  # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
+  # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
+  # together) and seeds (train.seed 0..N-1). pouta_jax.main's --sweep, --zip and --seeds set it.
+  config.stack = dict(sweep=(), zip=(), seeds=1)
   return config
 
 
@@ -184,11 +188,6 @@ def categories_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(config.data.categories) or (config.data.category,)
 
 
-def is_stacked(config: ml_collections.ConfigDict) -> bool:
-  """Whether one program trains several categories (state stacked over a category axis)."""
-  return bool(config.data.categories)
-
-
 def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run stored in its workdir (`config.json`), as today's code reads it."""
   path = Path(workdir) / "config.json"
@@ -237,6 +236,41 @@ OUTPUT_ONLY_KEYS = frozenset(
     "model.conv_weight_grad",  # two ways to the same gradients
   }
 )
+
+
+# Keys whose values may differ between the runs of one program, besides data.category and the
+# numeric loss.* weights (`is_stackable`).
+STACKABLE_KEYS = frozenset(
+  {
+    "train.seed",
+    "optim.lr",
+    "optim.decay",
+    "optim.weight_decay",
+    "data.few_shot",
+    "data.anomaly_source",
+    "data.anomaly_prob",
+    "data.rotate_prob",
+    "data.beta_max",
+    "data.perlin_max_scale_log2",
+    "data.num_augmenters",
+    "data.num_real_anomalies",
+    "data.real_anomaly_prob",
+  }
+)
+
+
+def is_stackable(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether runs of one program may have different values of `key` (a dotted config key)."""
+  if key in STACKABLE_KEYS:
+    return True
+  section, _, name = key.partition(".")
+  return section == "loss" and name in config.get("loss", {}) and is_number(config.loss[name])
+
+
+def is_number(value: object) -> bool:
+  """A number, or a tuple of numbers (bools are not)."""
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -347,6 +381,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "train.num_steps",
     "a positive number of steps (or train.num_epochs > 0)",
   )
+  errors.check(config, config.stack.seeds >= 1, "stack.seeds", "at least 1 seed")
   errors.check(config, config.train.log_every > 0, "train.log_every", "a positive interval")
   errors.check(
     config, config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive interval"

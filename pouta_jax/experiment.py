@@ -27,11 +27,12 @@ from pouta_jax import (
   metrics,
   models,
   report,
+  runs,
   sharding,
   train,
 )
 from pouta_jax.data import category_folder
-from pouta_jax.data.folder import load_test_set, sample_name
+from pouta_jax.data.folder import CategoryFolder, load_test_set, sample_name
 
 MODES = ("train", "eval", "train_and_eval")
 CHANGES_FILE = "config_changes.jsonl"
@@ -135,9 +136,9 @@ def run(
         f"config.data.image_size={config.data.image_size}: the artifact "
         f"{artifact_path} has programs for {exported.image_sizes} only"
       )
-  categories = config_lib.categories_of(config)
-  folders = [category_folder(config, c) for c in categories]
-  test_sets = {f.category: load_test_set(f, config.data.image_size) for f in folders}
+  program = runs.runs_of(config)  # checks the stacked sweep's keys and values
+  folders = [category_folder(run.config) for run in program]
+  test_sets = [load_test_set(f, config.data.image_size) for f in folders]
   if exported is None:
     config = models.resolve(config, [len(f.train) for f in folders])
   with claimed_workdir(workdir, config, allow_changes) as workdir:
@@ -150,21 +151,19 @@ def _run_in(
   mode: str,
   mesh: Mesh,
   folders: list,
-  test_sets: dict,
+  test_sets: list,
   exported: artifact.Artifact | None,
   include_untrained: bool,
 ) -> dict:
-  """`run` in a claimed workdir, after every check."""
-  categories = config_lib.categories_of(config)
-  if sharding.is_primary() and any(f.real_anomalies for f in folders):
-    # Which test images were trained on (and so are missing from the metrics).
-    files.write_json(
-      workdir / "real_anomalies.json",
-      {f.category: [sample_name(s) for s in f.real_anomalies] for f in folders},
-    )
+  """`run` in a claimed workdir, after every check. Each run of a stacked program writes its
+  outputs in its own folder (runs.Run.name), as a separate run would."""
+  program = runs.runs_of(config)
+  if sharding.is_primary():
+    for run, folder in zip(program, folders):
+      _write_run_start(workdir / run.name, run, folder, stacked=len(program) > 1)
 
   if exported is not None:
-    predictors = {exported.manifest["model"]: {c: exported.predict for c in categories}}
+    predictors = {exported.manifest["model"]: [exported.predict] * len(program)}
     profiles = {}
   else:
     predictors, profiles = _trained_predictors(
@@ -173,39 +172,76 @@ def _run_in(
     if mode == "train":
       return {}
 
-  results, found, rows = {}, {}, [["category", "path", "defect", "label", "image_score"]]
-  main_name = next(iter(predictors))
-  for name, per_category in predictors.items():
-    for category, predict_fn in per_category.items():
-      test_set = test_sets[category]
-      evaluation = evaluate.evaluate(predict_fn, test_set, config.eval.batch_size)
-      results.setdefault(name, {})[category] = evaluation.metrics
-      logging.info("%s %s: %s", name, category, evaluation.metrics)
-      if name == main_name and sharding.is_primary():
-        found[category] = evaluation.thresholds
-        rows += [
-          [category, path, defect, int(label), f"{score:.9g}"]  # float32 exactly
-          for path, defect, label, score in zip(
-            test_set["path"], test_set["defect"], test_set["label"], evaluation.scores
-          )
-        ]
-        pixel = evaluation.thresholds["pixel"]
-        subfolder = category if len(categories) > 1 else ""
-        report.write_heatmaps(
-          workdir / "heatmaps" / subfolder,
-          test_set,
-          evaluation.maps,
-          float("nan") if pixel is None else pixel,
-          config.eval.num_heatmaps,
-        )
-        report.write_curves(
-          workdir / "curves" / subfolder, evaluation.curves, evaluation.scores, test_set["label"]
-        )
-  if sharding.is_primary():
-    files.write_json(workdir / "thresholds.json", found)
-    files.write_atomic(workdir / "test_scores.csv", report.csv_text(rows))
-    write_results(workdir, results, profiles)
+  results = {}
+  for i, (run, test_set) in enumerate(zip(program, test_sets)):
+    key = run.name or run.category
+    evaluations = {
+      name: evaluate.evaluate(per_run[i], test_set, config.eval.batch_size)
+      for name, per_run in predictors.items()
+    }
+    for name, evaluation in evaluations.items():
+      results.setdefault(name, {})[key] = evaluation.metrics
+      logging.info("%s %s: %s", name, key, evaluation.metrics)
+    if sharding.is_primary():
+      _write_run_outputs(workdir / run.name, run, test_set, evaluations, profiles, config)
+  if sharding.is_primary() and len(program) > 1:
+    # The program's overview: one column per run (each run's folder holds its own results).
+    files.write_atomic(
+      workdir / "results.md",
+      report.results_table(
+        {m: {**r, "mean": metrics.mean_over_categories(r)} for m, r in results.items()},
+        profiles,
+        f"{len(program)} runs in one program; each run's outputs are in its folder",
+      ),
+    )
   return {"metrics": results, "profiles": profiles}
+
+
+def _write_run_start(folder: Path, run: runs.Run, category: CategoryFolder, stacked: bool) -> None:
+  """What a run records before training: its config (a stacked run's own, as a separate run
+  stores it) and which test images it trains on (missing from its metrics)."""
+  if stacked:
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(folder / "config.json", run.config.to_json_best_effort(indent=2) + "\n")
+  if category.real_anomalies:
+    files.write_json(
+      folder / "real_anomalies.json",
+      {run.category: [sample_name(s) for s in category.real_anomalies]},
+    )
+
+
+def _write_run_outputs(
+  folder: Path,
+  run: runs.Run,
+  test_set: dict,
+  evaluations: dict[str, evaluate.Evaluation],
+  profiles: dict,
+  config: ml_collections.ConfigDict,
+) -> None:
+  """A run's evaluation outputs: metrics, results table, the main model's thresholds, scores
+  per test image, heatmaps and curves."""
+  main = evaluations[next(iter(evaluations))]
+  rows = [["category", "path", "defect", "label", "image_score"]]
+  rows += [
+    [run.category, path, defect, int(label), f"{score:.9g}"]  # float32 exactly
+    for path, defect, label, score in zip(
+      test_set["path"], test_set["defect"], test_set["label"], main.scores
+    )
+  ]
+  pixel = main.thresholds["pixel"]
+  report.write_heatmaps(
+    folder / "heatmaps",
+    test_set,
+    main.maps,
+    float("nan") if pixel is None else pixel,
+    config.eval.num_heatmaps,
+  )
+  report.write_curves(folder / "curves", main.curves, main.scores, test_set["label"])
+  files.write_json(folder / "thresholds.json", {run.category: main.thresholds})
+  files.write_atomic(folder / "test_scores.csv", report.csv_text(rows))
+  write_results(
+    folder, {name: {run.category: e.metrics} for name, e in evaluations.items()}, profiles
+  )
 
 
 def _trained_predictors(
@@ -216,9 +252,9 @@ def _trained_predictors(
   folders: list,
   include_untrained: bool,
 ) -> tuple[dict, dict]:
-  """Trains (unless mode is eval) or restores; model -> category -> predict function, and the
+  """Trains (unless mode is eval) or restores; model -> each run's predict function, and the
   model's profile."""
-  model, _, initial, _ = train.setup(config, [len(f.train) for f in folders])
+  model, _, initial, _, _ = train.setup(config, [len(f.train) for f in folders])
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
     state = checkpoint.restore_latest(mngr, initial)
@@ -236,18 +272,16 @@ def _trained_predictors(
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
   filter_size = config.eval.score_filter_size
   predictors = {
-    name: {
-      f.category: evaluate.model_predict_fn(
-        model, train.category_variables(config, variables, i), filter_size
-      )
-      for i, f in enumerate(folders)
-    }
+    name: [
+      evaluate.model_predict_fn(model, train.run_variables(config, variables, i), filter_size)
+      for i in range(len(folders))
+    ]
     for name, variables in variants.items()
   }
   profiles = {
     config.model.name: evaluate.profile(
       model,
-      train.category_variables(config, variants[config.model.name], 0),
+      train.run_variables(config, variants[config.model.name], 0),
       config.data.image_size,
       filter_size,
     )

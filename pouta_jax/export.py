@@ -1,7 +1,7 @@
 """Exports a trained workdir as a self-contained artifact for downstream evaluation.
 
     python -m pouta_jax.export --workdir=outputs/bottle --out=exported/bottle \
-        [--image_sizes=256,512] [--batch_size=0] [--category=bottle]
+        [--image_sizes=256,512] [--batch_size=0] [--run=bottle]
 
 The artifact (read by `pouta_jax.artifact` with jax alone) holds one serialized jax.export
 program per image size, lowered for CPU, CUDA and TPU, with the batch dimension symbolic unless
@@ -32,6 +32,7 @@ from pouta_jax import (
   evaluate,
   files,
   models,
+  runs,
   sharding,
   train,
 )
@@ -46,44 +47,47 @@ def _state_of(workdir: Path, config) -> train.TrainState:
     if mngr.latest_step() is None:
       raise errors.NotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
     # The step count only sets the optimizer's schedule, not the state's shapes.
-    template = train.setup(config, [1] * len(config_lib.categories_of(config))).state
+    template = train.setup(config, [1] * len(runs.runs_of(config))).state
     return checkpoint.restore_latest(mngr, template)
   finally:
     mngr.close()
 
 
 class TrainedModel(NamedTuple):
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # the run's (runs.Run.config)
   category: str
   model: nn.Module
-  variables: dict  # host arrays of `category`'s model
+  variables: dict  # host arrays of the run's model
   state: train.TrainState  # the whole (possibly stacked) newest state
+  folder: Path  # the run's outputs (metrics.json, thresholds.json)
 
 
 def trained_model(
-  workdir: Path, category: str = "", config: ml_collections.ConfigDict | None = None
+  workdir: Path, run: str = "", config: ml_collections.ConfigDict | None = None
 ) -> TrainedModel:
-  """The newest checkpoint's model of `category` (needed only for a run that trained several
-  categories at once); ConfigError listing the categories otherwise."""
+  """The newest checkpoint's model of `run` (a runs.Run name such as `bottle` or
+  `train.seed=1/bottle`; needed only for a program that trained several runs at once);
+  ConfigError listing the runs otherwise."""
   config = config or config_lib.from_workdir(workdir)
-  categories = config_lib.categories_of(config)
-  if not config_lib.is_stacked(config):
-    category = category or config.data.category  # a single-category run needs no --category
-  if category not in categories:
+  program = runs.runs_of(config)
+  names = [r.name for r in program]
+  if len(program) == 1 and run == program[0].category:
+    run = ""  # a single run's category names it too
+  if run not in names:
     raise errors.ConfigError(
-      f"--category={category!r}: {workdir} trained {list(categories)}; choose one of them"
+      f"--run={run!r}: {workdir} trained the runs {names}; choose one of them"
     )
+  index = names.index(run)
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
-  variables = train.category_variables(
-    config, sharding.to_host(state.variables), categories.index(category)
-  )
-  return TrainedModel(config, category, model, variables, state)
+  variables = train.run_variables(config, sharding.to_host(state.variables), index)
+  chosen = program[index]
+  return TrainedModel(chosen.config, chosen.category, model, variables, state, workdir / run)
 
 
-def read_thresholds(workdir: Path, category: str) -> dict | None:
-  """The run's test-set F1-max thresholds of `category` (None: never evaluated)."""
-  return (_read_json(workdir / "thresholds.json") or {}).get(category)
+def read_thresholds(folder: Path, category: str) -> dict | None:
+  """A run's test-set F1-max thresholds of `category` (None: never evaluated)."""
+  return (_read_json(folder / "thresholds.json") or {}).get(category)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -95,13 +99,13 @@ def export(
   out: str | Path,
   image_sizes: tuple[int, ...] = (),
   batch_size: int = 0,
-  category: str = "",
+  run: str = "",
 ) -> Path:
   """Writes the artifact of `workdir`'s newest checkpoint to `out`; returns `out`.
 
   `image_sizes`: the sizes to compile for (default: the training size); `batch_size` 0 leaves
-  the batch dimension symbolic, so one program serves every batch size; `category`: which
-  model of a run that trained several categories at once.
+  the batch dimension symbolic, so one program serves every batch size; `run`: which model
+  of a program that trained several runs at once (runs.Run.name).
   """
   workdir, out = Path(workdir), Path(out)
   if out.exists():
@@ -123,7 +127,13 @@ def export(
     raise errors.ConfigError(
       f"--batch_size={batch_size}: expected 0 (any) or a positive batch size"
     )
-  _, category, model, variables, state = trained_model(workdir, category, config)
+  trained = trained_model(workdir, run, config)
+  category, model, variables, state = (
+    trained.category,
+    trained.model,
+    trained.variables,
+    trained.state,
+  )
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -133,8 +143,8 @@ def export(
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     programs[size] = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
 
-  metrics = _read_json(workdir / "metrics.json") or {}
-  thresholds = read_thresholds(workdir, category)
+  metrics = _read_json(trained.folder / "metrics.json") or {}
+  thresholds = read_thresholds(trained.folder, category)
   manifest = {
     "format": artifact.FORMAT,
     "model": config.model.name,
@@ -159,7 +169,7 @@ def export(
     "thresholds_rule": "oracle: F1-max on the run's test set, chosen on the test labels (null: "
     "the run was never evaluated); python -m pouta_jax.calibrate sets one on good images",
     "metrics": metrics.get(config.model.name, {}).get(category),
-    "config": config.to_dict(),
+    "config": trained.config.to_dict(),
     "versions": {"jax": jax.__version__},
   }
 
@@ -183,7 +193,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size, f.category)
+  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size, f.run)
   print(f"Artifact in {out}: load it with pouta_jax.artifact.load({str(out)!r})")
 
 
@@ -195,5 +205,7 @@ if __name__ == "__main__":
   )
   flags.DEFINE_list("image_sizes", [], "Image sizes to compile for (default: the training size).")
   flags.DEFINE_integer("batch_size", 0, "Fixed batch size; 0: any batch size.")
-  flags.DEFINE_string("category", "", "Which category, for a run that trained several at once.")
+  flags.DEFINE_string(
+    "run", "", "Which run, for a program that trained several (e.g. bottle, train.seed=1/bottle)."
+  )
   errors.run(main)

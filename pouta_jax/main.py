@@ -2,7 +2,11 @@
 
     python -m pouta_jax.main --config=configs/draem.py:weave,tiny --workdir=outputs/weave \
         [--mode=train|eval|train_and_eval] [--artifact=PATH] [--config.optim.lr=2e-4 ...]
-        [--allow_config_change=optim.lr]
+        [--allow_config_change=optim.lr] [--sweep=optim.lr=1e-4,3e-4] [--zip=...] [--seeds=3]
+
+With several categories (configs/draem.py:bottle,cable or :all), --sweep, --zip or --seeds, one
+program trains every run (category x sweep point) at once, each its own model on a run axis;
+each run's outputs go to <workdir>/<sweep point>/<category>, as separate runs' would.
 
 A workdir belongs to one run at a time (a lock) and to one config: resuming with another value
 of a key that affects training or evaluation is refused unless --allow_config_change names it.
@@ -41,6 +45,11 @@ _ALLOW_CHANGE = flags.DEFINE_list(
   "Config keys (e.g. optim.lr) that may differ from the values stored in an existing --workdir; "
   "the change is recorded in its config_changes.jsonl. Other keys must match.",
 )
+_SWEEP = flags.DEFINE_multi_string(
+  "sweep", [], "key=v1,v2,...: one product axis of runs stacked in this program (config.stack)."
+)
+_ZIP = flags.DEFINE_multi_string("zip", [], "key=v1,v2,...: all --zip flags form one axis.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Stacked runs with train.seed 0..N-1.", lower_bound=1)
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed",
   False,
@@ -60,9 +69,13 @@ def main(argv: list[str]) -> None:
   sharding.initialize_distributed(
     _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
   )
+  config = _CONFIG.value
+  if _SWEEP.value or _ZIP.value or _SEEDS.value > 1:
+    config.stack.sweep, config.stack.zip = tuple(_SWEEP.value), tuple(_ZIP.value)
+    config.stack.seeds = _SEEDS.value
   try:
     results = experiment.run(
-      _CONFIG.value,
+      config,
       _WORKDIR.value,
       _MODE.value,
       artifact_path=_ARTIFACT.value,
@@ -72,7 +85,7 @@ def main(argv: list[str]) -> None:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)
   if results and sharding.is_primary():
-    print(f"Outputs in {_WORKDIR.value}: metrics.json, results.md, heatmaps/")
+    print(f"Outputs in {_WORKDIR.value}: metrics.json and results.md, heatmaps/ (per run)")
 
 
 if __name__ == "__main__":

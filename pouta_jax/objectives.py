@@ -123,8 +123,14 @@ def segmentation_focal(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return focal_loss(jax.nn.softmax(logits, axis=-1), mask)
 
 
-def draem_objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
+# An objective: (outputs, batch, weights) -> (loss, terms). `weights` are the config's numeric
+# loss.* settings (models.loss_weights), passed as arrays so that runs stacked in one program
+# each train with their own values; settings that change the computation are built in.
+
+
+def draem_objective(outputs: dict, batch: dict, weights: dict) -> tuple[jax.Array, dict]:
   """L2 + (1 - SSIM) on the reconstruction of the clean image, focal on the segmentation."""
+  del weights  # DRAEM's terms are unweighted
   terms = {
     **reconstruction_terms(outputs, batch),
     "focal": segmentation_focal(outputs["logits"], batch["mask"]),
@@ -133,34 +139,33 @@ def draem_objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
 
 
 @functools.lru_cache(maxsize=None)  # one function per setting: a stable jit cache key
-def pouta_objective(level_weights: tuple[float, ...], final_weight: float, deep_supervision: bool):
-  """POUTA's loss: reconstruction terms, focal on the final map and (MSS) on every level.
+def pouta_objective(deep_supervision: bool):
+  """POUTA's loss: reconstruction terms, focal on the final map (`final_weight`) and (MSS) on
+  every level (`level_weights`, finest first); with `deep_supervision` off only the final map
+  is supervised."""
 
-  `level_weights` are per level, finest first; with `deep_supervision` off only the final map
-  is supervised.
-  """
-
-  def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
+  def objective(outputs: dict, batch: dict, weights: dict) -> tuple[jax.Array, dict]:
     terms = {
       **reconstruction_terms(outputs, batch),
-      "focal": final_weight * segmentation_focal(outputs["logits"], batch["mask"]),
+      "focal": weights["final_weight"] * segmentation_focal(outputs["logits"], batch["mask"]),
     }
     if deep_supervision:
-      for level, (weight, logits) in enumerate(zip(level_weights, outputs["level_logits"])):
+      for level, logits in enumerate(outputs["level_logits"]):
+        weight = weights["level_weights"][level]
         terms[f"focal_level{level}"] = weight * segmentation_focal(logits, batch["mask"])
     return sum(terms.values()), terms
 
   return objective
 
 
-@functools.lru_cache(maxsize=None)
-def prn_objective(smooth_l1_weight: float, focal_weight: float, alpha: float, gamma: float):
+def prn_objective(outputs: dict, batch: dict, weights: dict) -> tuple[jax.Array, dict]:
   """PRN's loss: `prn_map_terms` on the final map (it has no reconstruction)."""
-
-  def objective(outputs: dict, batch: dict) -> tuple[jax.Array, dict]:
-    terms = prn_map_terms(
-      outputs["logits"], batch["mask"], smooth_l1_weight, focal_weight, alpha, gamma
-    )
-    return sum(terms.values()), terms
-
-  return objective
+  terms = prn_map_terms(
+    outputs["logits"],
+    batch["mask"],
+    weights["smooth_l1_weight"],
+    weights["focal_weight"],
+    weights["focal_alpha"],
+    weights["focal_gamma"],
+  )
+  return sum(terms.values()), terms

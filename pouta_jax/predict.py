@@ -136,19 +136,20 @@ def from_artifact(path: str | Path) -> Predictor:
   )
 
 
-def from_workdir(workdir: str | Path, category: str = "") -> Predictor:
+def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
   from pouta_jax import export  # the training code: only for workdirs
 
   workdir = Path(workdir)
-  config, category, model, variables, state = export.trained_model(workdir, category)
-  oracle = (export.read_thresholds(workdir, category) or {}).get("image")
-  step = int(np.asarray(state.step).reshape(-1)[0])
+  trained = export.trained_model(workdir, run)
+  config = trained.config
+  oracle = (export.read_thresholds(trained.folder, trained.category) or {}).get("image")
+  step = int(np.asarray(trained.state.step).reshape(-1)[0])
   return Predictor(
-    source=f"workdir {workdir.absolute()} (category {category}, step {step})",
+    source=f"workdir {workdir.absolute()} (run {run or trained.category}, step {step})",
     model=config.model.name,
     image_size=config.data.image_size,
     batch_size=0,
-    fn=evaluate.model_predict_fn(model, variables, config.eval.score_filter_size),
+    fn=evaluate.model_predict_fn(trained.model, trained.variables, config.eval.score_filter_size),
     thresholds={} if oracle is None else {"oracle": (oracle, ORACLE_RULE)},
   )
 
@@ -265,7 +266,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if bool(f.artifact) == bool(f.workdir):
     raise errors.ConfigError("give one of --artifact=DIR (exported) or --workdir=DIR (trained)")
-  predictor = from_artifact(f.artifact) if f.artifact else from_workdir(f.workdir, f.category)
+  predictor = from_artifact(f.artifact) if f.artifact else from_workdir(f.workdir, f.run)
   summary = predict(predictor, f.input, f.out, f.threshold, f.batch_size, f.map_format, f.overwrite)
   print(json.dumps(summary, indent=2))
   print(f"Outputs: {Path(f.out).absolute()}/scores.csv, maps/, overlays/, errors.csv")
@@ -274,7 +275,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("artifact", "", "An exported artifact folder.")
   flags.DEFINE_string("workdir", "", "A trained run's workdir (its newest checkpoint).")
-  flags.DEFINE_string("category", "", "Which category, for a workdir that trained several.")
+  flags.DEFINE_string("run", "", "Which run, for a workdir that trained several (e.g. bottle).")
   flags.DEFINE_string("input", None, "An image file, a folder or a glob pattern.", required=True)
   flags.DEFINE_string("out", None, "Folder for the outputs.", required=True)
   flags.DEFINE_string(

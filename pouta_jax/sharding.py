@@ -4,7 +4,8 @@ The mesh comes from `config.mesh.axes`: "auto" (the default: a category axis as 
 stacked runs and the devices allow, the rest over the batch), or (name, size) pairs where one
 size may be -1 for "all remaining devices"; `config.mesh.num_devices` takes a subset of the
 devices. The batch is split over the `data` axis, parameters and optimizer state are
-replicated (or split over the category axis when stacked), and the jit-compiled step computes
+replicated (or split over the category axis when runs are stacked:
+runs.py), and the jit-compiled step computes
 BatchNorm statistics and gradients over the global batch: XLA inserts the collectives. With
 several processes (jax.distributed), each process synthesises only its rows of every global
 batch and process 0 alone writes outputs.
@@ -20,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pouta_jax import errors
+from pouta_jax import errors, runs as runs_lib
 
 DATA_AXIS = "data"
 CATEGORY_AXIS = "category"
@@ -114,7 +115,7 @@ def _describe_layout(shape: dict[str, int]) -> str:
 
 
 def _auto_layout(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  num_runs = len(config.data.categories)
+  num_runs = runs_lib.count(config)
   batch = config.data.batch_size
   found = layouts(num_devices, num_runs, batch)
   if found:
@@ -125,17 +126,17 @@ def _auto_layout(config: ml_collections.ConfigDict, num_devices: int) -> dict[st
     for n in range(num_devices - 1, 0, -1)
     if n % processes == 0 and layouts(n, num_runs, batch)
   ]
-  runs = f"{num_runs} stacked runs (data.categories) and " if num_runs else ""
+  held = f"{num_runs} stacked runs (data.categories x config.stack) and " if num_runs else ""
   raise errors.ConfigError(
-    f"config.mesh.axes=auto: no mesh of all {num_devices} devices holds {runs}a batch of "
+    f"config.mesh.axes=auto: no mesh of all {num_devices} devices holds {held}a batch of "
     f"{batch} (config.data.batch_size); layouts that would: {', '.join(smaller[:4])}"
   )
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   """The config's mesh over its devices (`mesh.num_devices`); checks the platform
-  (`mesh.require_platform`), that the batch splits over the data axis and the categories over
-  the category axis. `mesh.axes` "auto" chooses the layout (`layouts`)."""
+  (`mesh.require_platform`), that the batch splits over the data axis and the stacked runs
+  over the category axis. `mesh.axes` "auto" chooses the layout (`layouts`)."""
   check_platform(config.mesh.require_platform)
   devices = _mesh_devices(config.mesh.num_devices)
   axes = tuple(config.mesh.axes)
@@ -154,18 +155,19 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
       f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis"
     )
   if CATEGORY_AXIS in shape:
-    num_categories = len(config.data.categories)
-    if not num_categories or num_categories % shape[CATEGORY_AXIS]:
+    num_runs = runs_lib.count(config)
+    if not num_runs or num_runs % shape[CATEGORY_AXIS]:
       raise errors.ConfigError(
         f"config.mesh.axes={axes!r}: the {shape[CATEGORY_AXIS]} devices of the "
-        f"{CATEGORY_AXIS!r} axis must divide the {num_categories} config.data.categories"
+        f"{CATEGORY_AXIS!r} axis must divide the {num_runs} stacked runs "
+        f"(config.data.categories x config.stack)"
       )
   return Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
 
 
 def state_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
   """Parameters and optimizer state: replicated, or split over the category axis of a mesh
-  that has one when they are stacked over categories."""
+  that has one when they are stacked over runs."""
   if stacked and CATEGORY_AXIS in mesh.axis_names:
     return NamedSharding(mesh, PartitionSpec(CATEGORY_AXIS))
   return NamedSharding(mesh, PartitionSpec())
@@ -198,7 +200,7 @@ def process_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slic
 def global_batch(
   sharding: NamedSharding, local_batch: dict[str, np.ndarray], leading_shape: tuple[int, ...]
 ) -> dict[str, jax.Array]:
-  """Global arrays of leading dims `leading_shape` ((batch,) or (categories, batch)) from this
+  """Global arrays of leading dims `leading_shape` ((batch,) or (runs, batch)) from this
   process's block of them, which grain delivered flattened into one leading dim."""
   local_leading = tuple(b.stop - b.start for b in process_block(sharding, leading_shape))
   arrays = {}

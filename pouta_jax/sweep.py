@@ -74,8 +74,8 @@ def point_name(point: dict[str, str]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One run of `python -m pouta_jax.main`: a category (or all, in one program) at a sweep
-  point, in its own workdir."""
+  """One run of `python -m pouta_jax.main`: a category at a sweep point, or, with
+  `--one_program`, every category and stackable sweep point in one program; its own workdir."""
 
   category: str  # or STACKED_FOLDER
   workdir: str
@@ -95,17 +95,19 @@ def jobs(
   workdir: str,
   points: list[dict[str, str]],
   extra: list[str],
-  one_program: bool = False,
+  stacked: tuple[str, ...] | None = None,
 ) -> list[Job]:
   """Every (sweep point, category) run: `<workdir>/<point>/<category>` (no point folder without
-  a sweep), the point's overrides and then `extra` appended to each command. `one_program`:
-  one run per point trains every category (`<workdir>/<point>/stacked`)."""
-  groups = [list(categories)] if one_program else [[c] for c in categories]
+  a sweep), the point's overrides and then `extra` appended to each command. With `stacked`
+  (pouta_jax.main's --sweep, --zip and --seeds flags of the runs stacked in each program,
+  see `split_axes`), one program per point trains every category and stacked point
+  (`<workdir>/<point>/stacked`)."""
+  groups = [[c] for c in categories] if stacked is None else [list(categories)]
   runs = []
   for point in points:
     for group in groups:
       arg = ",".join(group + ([preset] if preset else []))
-      name = STACKED_FOLDER if one_program else group[0]
+      name = group[0] if stacked is None else STACKED_FOLDER
       folder = (
         os.path.join(workdir, point_name(point), name) if point else (os.path.join(workdir, name))
       )
@@ -117,11 +119,31 @@ def jobs(
             f"--config={config_path}:{arg}",
             f"--workdir={folder}",
             *(f"--config.{k}={v}" for k, v in point.items()),
+            *(stacked or ()),
             *extra,
           ),
         )
       )
   return runs
+
+
+def split_axes(
+  config: ml_collections.ConfigDict, sweeps: list[str], zips: list[str], seeds: int
+) -> tuple[list[str], list[str], tuple[str, ...]]:
+  """Which axes one program can stack (keys that leave its shapes and computation alike,
+  `config.is_stackable`) and which need programs of their own: (--sweep axes and --zip axes
+  of the separate programs, pouta_jax.main's flags for the stacked rest). The --zip axes
+  stack only if all their keys do."""
+
+  def stackable(spec: str) -> bool:
+    return config_lib.is_stackable(config, _parse_axis("sweep", spec, config)[0])
+
+  stacked = [f"--sweep={s}" for s in sweeps if stackable(s)]
+  zips_stack = bool(zips) and all(stackable(z) for z in zips)
+  stacked += [f"--zip={z}" for z in zips] if zips_stack else []
+  stacked += [f"--seeds={seeds}"] if seeds > 1 else []
+  separate = [s for s in sweeps if not stackable(s)]
+  return separate, [] if zips_stack else list(zips), tuple(stacked)
 
 
 def check_categories(categories: list[str], root: str) -> None:
@@ -152,8 +174,9 @@ def define_launch_flags() -> None:
   flags.DEFINE_bool(
     "one_program",
     False,
-    "Train all categories in one program per sweep point "
-    "(parameters stacked over a category axis) instead of one run each.",
+    "Train all categories, seeds and sweep points that share a program's shapes in one program "
+    "(each run its own model on a run axis) instead of one program each; keys that change "
+    "shapes (e.g. model.base_width) still get programs of their own.",
   )
 
 
@@ -176,8 +199,12 @@ def jobs_from_flags(extra: list[str]) -> list[Job]:
     base.data.root,
   )
   check_categories(categories, root)
-  points = expand(base, sweeps, zips, f.seeds)
-  return jobs(f.config, f.preset, categories, f.workdir, points, extra, f.one_program)
+  if not f.one_program:
+    points = expand(base, sweeps, zips, f.seeds)
+    return jobs(f.config, f.preset, categories, f.workdir, points, extra)
+  sweeps, zips, stacked = split_axes(base, sweeps, zips, f.seeds)
+  points = expand(base, sweeps, zips)
+  return jobs(f.config, f.preset, categories, f.workdir, points, extra, stacked)
 
 
 def _get(config: dict, key: str):

@@ -6,6 +6,7 @@ The model and its objective come from the registry; the loop never branches on t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import time
@@ -23,7 +24,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from pouta_jax import checkpoint, config as config_lib, errors, models, preemption, report, sharding
+from pouta_jax import checkpoint, errors, models, preemption, report, runs as runs_lib, sharding
 from pouta_jax.data import pipeline
 from pouta_jax.data.folder import CategoryFolder, load_image
 
@@ -51,31 +52,44 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) ->
   return int(config.train.num_epochs * math.ceil(num_train_images / config.data.batch_size))
 
 
-def make_optimizer(
-  config: ml_collections.ConfigDict, num_steps: int
-) -> optax.GradientTransformation:
-  """Adam with DRAEM's step schedule (lr x decay at each milestone fraction of training) and
-  `optim.weight_decay` added to the gradients, as PyTorch's Adam does (PRN's setting)."""
-  return _adam(
-    config.optim.lr,
-    tuple(config.optim.milestones),
-    config.optim.decay,
-    num_steps,
-    config.optim.weight_decay,
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """Adam with DRAEM's step schedule (lr x decay at each milestone step) and, with
+  `weight_decay`, the decay added to the gradients as PyTorch's Adam does (PRN's setting).
+
+  Called with a run's `optim` hyperparameters (lr, decay, weight_decay): numbers, or arrays
+  traced inside the step, so that runs stacked in one program each have their own. The
+  milestones and whether any run decays weights fix the program (a run without decay adds 0).
+  """
+
+  boundaries: tuple[int, ...]
+  weight_decay: bool
+
+  def __call__(self, optim: dict) -> optax.GradientTransformation:
+    def learning_rate(count):
+      value = optim["lr"]
+      for boundary in self.boundaries:
+        value = jnp.where(count >= boundary, value * optim["decay"], value)
+      return value
+
+    adam = optax.adam(learning_rate)
+    if not self.weight_decay:
+      return adam
+    return optax.chain(optax.add_decayed_weights(optim["weight_decay"]), adam)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> Optimizer:
+  """The program's optimizer: milestones from the config, weight decay if any run has some."""
+  return Optimizer(
+    boundaries=tuple(sorted({int(m * num_steps) for m in config.optim.milestones})),
+    weight_decay=any(run.config.optim.weight_decay for run in runs_lib.runs_of(config)),
   )
 
 
-# The caches below return the same objects for the same settings, so jax.jit reuses its
-# compilations when one process runs several categories (the demo, the tests).
-@functools.lru_cache(maxsize=16)
-def _adam(
-  lr: float, milestones: tuple[float, ...], decay: float, num_steps: int, weight_decay: float
-) -> optax.GradientTransformation:
-  boundaries = {int(m * num_steps): decay for m in milestones}
-  adam = optax.adam(optax.piecewise_constant_schedule(lr, boundaries))
-  if not weight_decay:
-    return adam
-  return optax.chain(optax.add_decayed_weights(weight_decay), adam)
+def hyperparameters(config: ml_collections.ConfigDict) -> dict:
+  """A run's numbers that its step takes as arrays (see `Optimizer`, objectives.py)."""
+  optim = {k: np.float32(config.optim[k]) for k in ("lr", "decay", "weight_decay")}
+  return {"optim": optim, "loss": models.loss_weights(config)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,33 +122,41 @@ def fresh_state(
 
 
 class Setup(NamedTuple):
-  """What a run trains: the model, its optimizer, the step-0 state and the number of steps."""
+  """What a program trains: the model, its optimizer, the step-0 state, each run's
+  hyperparameters and the number of steps. With several runs (runs.py) the state and the
+  hyperparameters have a leading run axis."""
 
   model: nn.Module
-  tx: optax.GradientTransformation
+  optimizer: Optimizer
   state: TrainState
+  hparams: dict
   num_steps: int
 
 
 def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int]) -> Setup:
-  """The model, its optimizer, the step-0 state and the number of steps, for categories with
-  `train_sizes` training images each. With `data.categories` the state is stacked over them
-  (every category starts from the same initialisation, as separate runs with one seed do)."""
+  """The `Setup` of the program's runs, which have `train_sizes` training images each. Each
+  run starts from its seed's initialisation, as a separate run with that seed does."""
   steps = {num_train_steps(config, n) for n in train_sizes}
   if len(steps) > 1:
     raise errors.ConfigError(
-      f"config.train.num_steps={config.train.num_steps}: the categories' "
-      f"epoch-based schedules differ ({sorted(steps)} steps); categories trained "
-      f"in one program need one step count"
+      f"config.train.num_steps={config.train.num_steps}: the runs' epoch-based schedules "
+      f"differ ({sorted(steps)} steps); runs trained in one program need one step count"
     )
   num_steps = steps.pop()
   spec = models.get(config.model.name)
   model = spec.build(config)
-  tx = make_optimizer(config, num_steps)
-  state = fresh_state(model, tx, config.data.image_size, config.train.seed, spec.frozen)
-  if config_lib.is_stacked(config):
-    state = _repeated(state, len(train_sizes))
-  return Setup(model, tx, state, num_steps)
+  optimizer = make_optimizer(config, num_steps)
+  run_configs = [run.config for run in runs_lib.runs_of(config)]
+  hparams = [hyperparameters(c) for c in run_configs]
+  states = {}  # by seed: runs with one seed start alike
+  for c, h in zip(run_configs, hparams):
+    if c.train.seed not in states:
+      tx = optimizer(h["optim"])
+      states[c.train.seed] = fresh_state(model, tx, c.data.image_size, c.train.seed, spec.frozen)
+  if len(run_configs) == 1:
+    return Setup(model, optimizer, states[run_configs[0].train.seed], hparams[0], num_steps)
+  state = _stacked(*[states[c.train.seed] for c in run_configs])
+  return Setup(model, optimizer, state, jax.tree.map(lambda *x: np.stack(x), *hparams), num_steps)
 
 
 # The stream of train.seed that the prepare stage draws from (init uses the seed itself).
@@ -147,36 +169,40 @@ def prepared_state(
   state: TrainState,
   folders: Sequence[CategoryFolder],
 ) -> TrainState:
-  """The model's prepare stage (models.ModelSpec.prepare) on a step-0 state, per category on
-  its normal training images; the state itself when the model has none."""
+  """The model's prepare stage (models.ModelSpec.prepare) on a step-0 state, per run on its
+  category's normal training images (`folders`, one per run); the state itself when the model
+  has none."""
   spec = models.get(config.model.name)
   if spec.prepare is None:
     return state
-  key = jax.random.fold_in(jax.random.key(config.train.seed), PREPARE_STREAM)
   prepared = []
-  for index, folder in enumerate(folders):
+  for index, (run, folder) in enumerate(zip(runs_lib.runs_of(config), folders)):
+    key = jax.random.fold_in(jax.random.key(run.config.train.seed), PREPARE_STREAM)
     images = np.stack([load_image(path, config.data.image_size) for path in folder.train])
     logging.info(
-      "Preparing %s for %s (%d training images)", config.model.name, folder.category, len(images)
+      "Preparing %s for %s (%d training images)",
+      config.model.name,
+      run.name or folder.category,
+      len(images),
     )
     prepared.append(
       spec.prepare(
-        config,
+        run.config,
         model,
-        category_variables(config, state.variables, index),
+        run_variables(config, state.variables, index),
         images.astype(np.float32) / 255.0,
         key,
       )
     )
-  variables = _stacked(*prepared) if config_lib.is_stacked(config) else prepared[0]
+  variables = _stacked(*prepared) if len(prepared) > 1 else prepared[0]
   params, batch_stats, constants = models.split_variables(variables, spec.frozen)
   # The optimizer state depends on the trainable parameters' structure only, which is unchanged.
   return state.replace(params=params, batch_stats=batch_stats, constants=constants)
 
 
-def category_variables(config: ml_collections.ConfigDict, variables: dict, index: int) -> dict:
-  """The variables of the `index`-th category of a stacked state (all of them otherwise)."""
-  if not config_lib.is_stacked(config):
+def run_variables(config: ml_collections.ConfigDict, variables: dict, index: int) -> dict:
+  """The variables of the `index`-th run of a stacked state (all of them otherwise)."""
+  if not runs_lib.is_stacked(config):
     return variables
   return _indexed(variables, index)
 
@@ -184,11 +210,6 @@ def category_variables(config: ml_collections.ConfigDict, variables: dict, index
 # Whole-tree stacking and indexing, each one compiled program: applied leaf by leaf outside jit,
 # every distinct leaf shape compiled its own tiny XLA program (a stacked PRN setup compiled 350,
 # 50 s on 2 cores).
-@functools.partial(jax.jit, static_argnums=1)
-def _repeated(tree, num: int):
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num, *x.shape)), tree)
-
-
 @jax.jit
 def _stacked(*trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -205,14 +226,14 @@ def current_step(state: TrainState) -> int:
 
 
 def category_loop(config: ml_collections.ConfigDict) -> str | None:
-  """How a stacked step runs its categories (None: a single model).
+  """How a stacked step runs its runs (None: a single model).
 
   "vmap" batches them into one computation (each conv becomes a grouped conv): what
   accelerators want. XLA's CPU grouped convolutions are slow (a vmapped step measured 0.4x the
   throughput of separate steps on 2 cores, `bench/stacked_vs_separate.py`), so "auto" takes
   "unroll" on the CPU: one program with one copy of the step per category.
   """
-  if not config_lib.is_stacked(config):
+  if not runs_lib.is_stacked(config):
     return None
   loop = config.train.category_loop
   if loop == "auto":
@@ -221,9 +242,11 @@ def category_loop(config: ml_collections.ConfigDict) -> str | None:
 
 
 def _unrolled(step: Callable) -> Callable:
-  def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    num_categories = jax.tree.leaves(batch)[0].shape[0]
-    outs = [step(*jax.tree.map(lambda x, i=i: x[i], (state, batch))) for i in range(num_categories)]
+  def run(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
+    num_runs = jax.tree.leaves(batch)[0].shape[0]
+    outs = [
+      step(*jax.tree.map(lambda x, i=i: x[i], (state, batch, hparams))) for i in range(num_runs)
+    ]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
   return run
@@ -233,34 +256,36 @@ def _unrolled(step: Callable) -> Callable:
 def make_train_step(
   model: nn.Module,
   objective: Callable,
-  tx: optax.GradientTransformation,
+  optimizer: Callable[[dict], optax.GradientTransformation],
   mesh: Mesh,
   loop: str | None = None,
 ) -> Callable:
-  """One jit-compiled step: forward in train mode, objective, gradients, Adam update.
+  """One jit-compiled step (state, batch, hparams) -> (state, metrics): forward in train mode,
+  objective, gradients, optimizer update; `hparams` as `hyperparameters` gives them.
 
   The batch is split over the mesh's data axis; the loss, the BatchNorm statistics and the
-  gradients are over the global batch. With a category `loop` ("vmap" or "unroll", see
-  `category_loop`), state and batch have a leading category axis, each category its own model
+  gradients are over the global batch. With a run `loop` ("vmap" or "unroll", see
+  `category_loop`), state, batch and hparams have a leading run axis, each run its own model
   in one program; the state is then split over the mesh's category axis if it has one, else
   replicated like a single model's.
   """
 
-  def loss_fn(params, state: TrainState, batch: dict):
+  def loss_fn(params, state: TrainState, batch: dict, weights: dict):
     batch = pipeline.decode(batch)
     variables = models.merge_variables(params, state.batch_stats, state.constants)
     outputs, updates = model.apply(
       variables, batch["augmented"], train=True, mutable=["batch_stats"]
     )
-    loss, terms = objective(outputs, batch)
+    loss, terms = objective(outputs, batch, weights)
     # Frozen submodules' statistics come back unchanged; they stay with the constants.
     batch_stats = {k: v for k, v in updates["batch_stats"].items() if k in state.batch_stats}
     return loss, (terms, batch_stats)
 
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state, batch
+      state.params, state, batch, hparams["loss"]
     )
+    tx = optimizer(hparams["optim"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
       step=state.step + 1,
@@ -278,7 +303,7 @@ def make_train_step(
   state_sharding = sharding.state_sharding(mesh, stacked)
   return jax.jit(
     body,
-    in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked)),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked), state_sharding),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
@@ -289,15 +314,11 @@ def make_train_step(
 MAX_STEPS_IN_FLIGHT = 2
 
 
-def _checked_scalars(
-  step_metrics: dict,
-  categories: tuple[str, ...] | None,
-  step: int,
-  newest_checkpoint: int | None,
-  workdir: Path,
-) -> dict[str, float]:
-  """Host floats of the step's metrics: stacked ones as their mean over categories plus
-  `loss/<category>`. Raises DivergedError if any value of any category is not finite."""
+def _checked_metrics(
+  step_metrics: dict, step: int, newest_checkpoint: int | None, workdir: Path
+) -> dict[str, np.ndarray]:
+  """Host copies of the step's metrics (one value per run when stacked). Raises DivergedError
+  if any value of any run is not finite."""
   values = {k: np.asarray(v) for k, v in jax.device_get(step_metrics).items()}
   bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
   if bad:
@@ -306,10 +327,36 @@ def _checked_scalars(
       f"({ {k: values[k].tolist() for k in bad} }); training stopped. The newest good "
       f"checkpoint is step {newest_checkpoint} in {workdir}/checkpoints"
     )
-  scalars = {k: float(np.mean(v)) for k, v in values.items()}
-  if categories is not None:
-    scalars.update({f"loss/{c}": float(v) for c, v in zip(categories, values["loss"])})
-  return scalars
+  return values
+
+
+class _Scalars:
+  """Training scalars: the program's (means over runs, plus `loss/<run>` when stacked) in the
+  workdir, and each stacked run's own in its folder, as a separate run writes them. Only the
+  primary process writes."""
+
+  def __init__(self, workdir: Path, runs: Sequence[runs_lib.Run], start: int):
+    self._names = [run.name for run in runs] if len(runs) > 1 else []
+    primary = sharding.is_primary()
+    self._program = report.ScalarWriter(workdir, start) if primary else None
+    self._runs = [report.ScalarWriter(workdir / n, start) for n in self._names if primary]
+
+  def write(self, step: int, values: dict[str, np.ndarray], rate: float) -> dict[str, float]:
+    """Writes one step's `values`; returns the program's scalars."""
+    scalars = {k: float(np.mean(v)) for k, v in values.items()}
+    if self._names:
+      scalars.update({f"loss/{n}": float(v) for n, v in zip(self._names, values["loss"])})
+    scalars["steps_per_second"] = rate
+    if self._program is not None:
+      self._program.write(step, scalars)
+    for i, writer in enumerate(self._runs):
+      writer.write(step, {**{k: float(v[i]) for k, v in values.items()}, "steps_per_second": rate})
+    return scalars
+
+  def close(self) -> None:
+    for writer in [self._program, *self._runs]:
+      if writer is not None:
+        writer.close()
 
 
 def train(
@@ -320,8 +367,8 @@ def train(
 ) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
-  `folders`: the category's data, or with `data.categories` every category's, trained in one
-  program with a stacked state. Checkpoints hold the train state and the data iterator, so a
+  `folders`: each run's data (runs.runs_of), one run, or several trained in one program with a
+  stacked state. Checkpoints hold the train state and the data iterator, so a
   restarted run continues with the batch that followed the checkpoint and ends bitwise equal
   to an uninterrupted one. A non-finite loss stops training with DivergedError before
   anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
@@ -329,9 +376,10 @@ def train(
   the caller built it already.
   """
   workdir = Path(workdir)
-  stacked = config_lib.is_stacked(config)
+  runs = runs_lib.runs_of(config)
+  stacked = len(runs) > 1
   mesh = sharding.make_mesh(config) if mesh is None else mesh
-  model, tx, initial, num_steps = setup(config, [len(f.train) for f in folders])
+  model, optimizer, initial, hparams, num_steps = setup(config, [len(f.train) for f in folders])
   state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   state = checkpoint.restore_latest(mngr, jax.device_put(initial, state_sharding))
@@ -345,15 +393,15 @@ def train(
     return state
 
   objective = models.get(config.model.name).objective(config)
-  train_step = make_train_step(model, objective, tx, mesh, category_loop(config))
+  train_step = make_train_step(model, objective, optimizer, mesh, category_loop(config))
+  hparams = jax.device_put(hparams, state_sharding)
   batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
   if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
     batches.close()
     batches = iter(pipeline.training_batches(config, folders, mesh, num_steps, start))
   batch_sharding, leading = sharding.batch_sharding(mesh, stacked), pipeline.batch_shape(config)
-  categories = tuple(f.category for f in folders) if stacked else None
   # From a checkpoint, records after its step are dropped: they belong to the lost steps.
-  writer = report.ScalarWriter(workdir, start) if sharding.is_primary() else None
+  scalars = _Scalars(workdir, runs, start)
   notice = preemption.Notice()
   last_time, last_step = time.perf_counter(), start
   in_flight: collections.deque = collections.deque()  # dispatched steps' losses
@@ -361,7 +409,7 @@ def train(
     with tqdm(
       total=num_steps,
       initial=start,
-      desc=f"train {','.join(f.category for f in folders)}",
+      desc=f"train {len(runs)} runs" if stacked else f"train {folders[0].category}",
       unit="step",
       dynamic_ncols=True,
       disable=not sharding.is_primary(),
@@ -381,7 +429,7 @@ def train(
         if notice.reached(step):
           finish(0)
           if step_metrics is not None:  # never save a non-finite state
-            _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
+            _checked_metrics(step_metrics, step, mngr.latest_step(), workdir)
           if mngr.latest_step() != step:
             checkpoint.save(mngr, step, state, batches)
           raise preemption.Preempted(
@@ -389,7 +437,7 @@ def train(
             f" run the same command again to resume"
           )
         batch = sharding.global_batch(batch_sharding, next(batches), leading)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, hparams)
         step += 1
         in_flight.append(step_metrics["loss"])
         log_now = step % config.train.log_every == 0 or step == num_steps
@@ -397,23 +445,21 @@ def train(
         if not (log_now or save_now):
           continue
         finish(0)
-        scalars = _checked_scalars(step_metrics, categories, step, mngr.latest_step(), workdir)
+        values = _checked_metrics(step_metrics, step, mngr.latest_step(), workdir)
         if log_now:
           now = time.perf_counter()
-          scalars["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+          rate = (step - last_step) / max(now - last_time, 1e-9)
           last_time, last_step = now, step
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+          logged = scalars.write(step, values, rate)
+          bar.set_postfix(loss=f"{logged['loss']:.4f}")
           if jax.process_count() > 1:  # each process's own view, to compare across hosts
-            logging.info("process %d step %d loss %.9g", jax.process_index(), step, scalars["loss"])
-          if writer is not None:
-            writer.write(step, scalars)
+            logging.info("process %d step %d loss %.9g", jax.process_index(), step, logged["loss"])
         if save_now:  # in the background, but the run's last save is on disk when it ends
           checkpoint.save(mngr, step, state, batches, block=step == num_steps)
       finish(0)
   finally:
     notice.close()
-    if writer is not None:
-      writer.close()
+    scalars.close()
     pipeline.close(batches)
     mngr.close()
   return state

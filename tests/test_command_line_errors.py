@@ -111,6 +111,20 @@ def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
     ),
   )
   add(
+    "stacked_shape_key",
+    lambda f: Case(
+      _tiny_main(dataset_root, f / "run", "--sweep=model.base_width=4,8", "--seeds=2"),
+      ["config.stack: model.base_width changes the program's shapes"],
+    ),
+  )
+  add(
+    "stacked_bad_value",
+    lambda f: Case(
+      _tiny_main(dataset_root, f / "run", "--sweep=optim.lr=1e-3,fast"),
+      ["optim.lr='fast' is not a float"],
+    ),
+  )
+  add(
     "negative_lr",
     lambda f: Case(_tiny_main(dataset_root, f / "run", "--config.optim.lr=-1"), ["optim.lr=-1"]),
   )
@@ -251,6 +265,8 @@ CASES = [
   "mask_size",
   "sixteen_bit_image",
   "image_size",
+  "stacked_shape_key",
+  "stacked_bad_value",
   "negative_lr",
   "unknown_key",
   "platform_mismatch",

@@ -159,6 +159,7 @@ def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
     single_losses = _losses(single, f"loss/{category}")
     np.testing.assert_allclose(multi_losses[0], single_losses[0], rtol=1e-5)
     np.testing.assert_allclose(multi_losses, single_losses, rtol=3e-2)
-  metrics = json.loads((multi / "metrics.json").read_text())
-  assert set(metrics["draem"]) >= {"weave", "pill"}
-  assert {p.name for p in (multi / "heatmaps").iterdir()} == {"weave", "pill"}
+  for category in ("weave", "pill"):  # each run's outputs in its folder, from process 0
+    metrics = json.loads((multi / category / "metrics.json").read_text())
+    assert set(metrics["draem"]) >= {category, "mean"}
+    assert list((multi / category / "heatmaps").iterdir())

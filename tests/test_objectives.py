@@ -63,7 +63,8 @@ def test_mse_and_draem_objective_terms():
   np.testing.assert_allclose(objectives.mse(recon, image), 0.25, rtol=1e-6)
   logits = np.zeros((1, 16, 16, 2), np.float32)  # p = 0.5 everywhere
   batch = {"image": image, "mask": np.zeros((1, 16, 16), np.float32)}
-  loss, terms = objectives.draem_objective({"reconstruction": recon, "logits": logits}, batch)
+  outputs = {"reconstruction": recon, "logits": logits}
+  loss, terms = objectives.draem_objective(outputs, batch, {})
   pt = 0.5 + 1e-5
   np.testing.assert_allclose(terms["focal"], -((1 - pt) ** 2) * np.log(pt), rtol=1e-4)
   np.testing.assert_allclose(terms["ssim"], 1 - _ssim_oracle(recon, image), atol=1e-5)

@@ -63,7 +63,7 @@ def _grads(config, batch):
     outputs, _ = model.apply(
       {**variables, "params": params}, batch["augmented"], train=True, mutable=["batch_stats"]
     )
-    return spec.objective(config)(outputs, batch)[0]
+    return spec.objective(config)(outputs, batch, models.loss_weights(config))[0]
 
   return jax.grad(loss)(variables["params"])
 
@@ -121,8 +121,10 @@ def test_each_ablation_changes_only_what_it_names(tiny_config):
   batch = _batch()
   variables = model.init(jax.random.key(0), batch["augmented"], train=False)
   outputs = model.apply(variables, batch["augmented"], train=False)
-  _, with_ds = spec.objective(config)(outputs, batch)
-  _, without = spec.objective(_pouta_config(tiny_config, deep_supervision=False))(outputs, batch)
+  weights = models.loss_weights(config)
+  _, with_ds = spec.objective(config)(outputs, batch, weights)
+  off = _pouta_config(tiny_config, deep_supervision=False)
+  _, without = spec.objective(off)(outputs, batch, weights)
   assert set(with_ds) - set(without) == {f"focal_level{i}" for i in range(4)}
   assert all(np.allclose(with_ds[k], without[k]) for k in without)
 

@@ -89,7 +89,7 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
   config = _prn_config(dataset_root)
   config = models.resolve(config, [8])
   assert config.model.num_prototypes == 1  # 10% of 8 images, at least 1
-  model, tx, state, _ = train.setup(config, [8])
+  model, optimizer, state, hparams, _ = train.setup(config, [8])
   assert set(state.params) == {"discriminative"}
   assert set(state.constants) == {"params", "batch_stats", "prototypes"}
   assert set(state.constants["params"]) == {"backbone"}
@@ -99,7 +99,7 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
 
   folder = category_folder(config)
   mesh = train.sharding.make_mesh(config)
-  step = train.make_train_step(model, models.get("prn").objective(config), tx, mesh)
+  step = train.make_train_step(model, models.get("prn").objective(config), optimizer, mesh)
   batch = next(iter(pipeline.training_batches(config, [folder], mesh, 1)))
   before = jax.device_get(state)
   after, metrics = step(
@@ -107,6 +107,7 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
     train.sharding.global_batch(
       train.sharding.batch_sharding(mesh, False), batch, pipeline.batch_shape(config)
     ),
+    hparams,
   )
   after = jax.device_get(after)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
@@ -126,13 +127,13 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
 
 def test_weight_decay_is_added_to_the_gradients_before_adam(dataset_root):
   config = _prn_config(dataset_root, **{"optim.weight_decay": 0.5, "optim.lr": 0.1})
-  tx = train.make_optimizer(config, 10)
+  tx = train.make_optimizer(config, 10)(train.hyperparameters(config)["optim"])
   params = {"w": jnp.array([2.0, -3.0])}
   updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
   # PyTorch's Adam: the gradient becomes 0.5 * w; Adam's first step moves by lr * sign.
   np.testing.assert_allclose(updates["w"], [-0.1, 0.1], rtol=1e-4)
   config.optim.weight_decay = 0.0
-  tx = train.make_optimizer(config, 10)
+  tx = train.make_optimizer(config, 10)(train.hyperparameters(config)["optim"])
   np.testing.assert_allclose(tx.update({"w": jnp.zeros(2)}, tx.init(params), params)[0]["w"], 0)
 
 
@@ -198,7 +199,7 @@ def _fitted(config, category):
   """The prototypes a fresh single-category run of `category` prepares."""
   config = _prn_config(config.data.root, **{"data.category": category})
   config = models.resolve(config, [len(category_folder(config).train)])
-  model, _, template, _ = train.setup(config, [len(category_folder(config).train)])
+  model, _, template, _, _ = train.setup(config, [len(category_folder(config).train)])
   return train.prepared_state(config, model, template, [category_folder(config)]).constants[
     "prototypes"
   ]
@@ -211,7 +212,7 @@ def test_categories_in_one_program_get_their_own_prototypes(dataset_root):
   config.data.categories = ("weave", "pill")
   folders = [category_folder(config, c) for c in config.data.categories]
   config = models.resolve(config, [len(f.train) for f in folders])
-  model, _, template, _ = train.setup(config, [len(f.train) for f in folders])
+  model, _, template, _, _ = train.setup(config, [len(f.train) for f in folders])
   state = train.prepared_state(config, model, template, folders)
   for index, category in enumerate(config.data.categories):
     for name, value in _fitted(config, category).items():

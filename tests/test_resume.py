@@ -143,8 +143,8 @@ def slow_objective(config):
     time.sleep(0.5)
     return x
 
-  def run(outputs, batch):
-    loss, terms = objective(outputs, batch)
+  def run(outputs, batch, weights):
+    loss, terms = objective(outputs, batch, weights)
     signal = jnp.sum(batch["augmented"])  # data, not parameters: no gradient through it
     terms["slow"] = jax.pure_callback(sleep, jax.ShapeDtypeStruct((), jnp.float32), signal)
     return loss, terms

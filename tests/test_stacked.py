@@ -1,17 +1,19 @@
-"""Several categories in one program: parameters stacked over a category axis, the step vmapped
-over it; equal to separate per-category runs with the same seed."""
+"""Several runs in one program (categories x seeds): parameters stacked over a run axis; each
+run equal to a separate run with its settings, its outputs in its own folder."""
 
+import csv
+import io
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from pouta_jax import checkpoint, config as config_lib, experiment, export, train
+from pouta_jax import checkpoint, experiment, export, runs, sweep, train
 from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(53)
+pytestmark = pytest.mark.heavy(80)
 
 CATEGORIES = ("weave", "pill")
 
@@ -19,16 +21,24 @@ CATEGORIES = ("weave", "pill")
 def _stacked_config(root):
   config = make_tiny_config("draem", root)
   config.data.categories = CATEGORIES
+  config.stack.seeds = 2
   config.train.log_every = 1
   return config
 
 
+RUNS = [f"train.seed={seed}/{category}" for seed in (0, 1) for category in CATEGORIES]
+
+
 def _final_state(config, workdir):
-  template = train.setup(config, [8] * len(config_lib.categories_of(config))).state
+  template = train.setup(config, [8] * len(runs.runs_of(config))).state
   mngr = checkpoint.manager(workdir, 2)
   state = checkpoint.restore_latest(mngr, template)
   mngr.close()
   return jax.device_get(state)
+
+
+def _scalars(folder):
+  return [json.loads(line) for line in (folder / "scalars.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -38,49 +48,70 @@ def stacked_run(dataset_root, tmp_path_factory):
   return config, workdir, experiment.run(config, workdir)
 
 
-def test_stacked_run_equals_separate_runs(stacked_run, dataset_root, tmp_path):
+def test_stacked_runs_equal_separate_runs(stacked_run, dataset_root, tmp_path):
   config, workdir, results = stacked_run
   stacked = _final_state(config, workdir)
-  assert stacked.params["reconstructive"]["head"]["Conv_0"]["kernel"].shape[0] == 2
-  logged = [json.loads(line) for line in (workdir / "scalars.jsonl").read_text().splitlines()]
-  for i, category in enumerate(CATEGORIES):
+  assert stacked.params["reconstructive"]["head"]["Conv_0"]["kernel"].shape[0] == len(RUNS)
+  logged = _scalars(workdir)
+  for i, category in enumerate(CATEGORIES):  # the seed-0 runs: a separate run's default seed
+    name = f"train.seed=0/{category}"
     alone = make_tiny_config("draem", dataset_root)
     alone.data.category = category
     alone.train.log_every = 1
-    experiment.run(alone, tmp_path / category, mode="train")
+    experiment.run(alone, tmp_path / category)
     separate = _final_state(alone, tmp_path / category)
-    alone_logged = [
-      json.loads(line) for line in (tmp_path / category / "scalars.jsonl").read_text().splitlines()
-    ]
-    stacked_losses = [r[f"loss/{category}"] for r in logged]
-    alone_losses = [r["loss"] for r in alone_logged]
+    stacked_losses = [r[f"loss/{name}"] for r in logged]
+    alone_losses = [r["loss"] for r in _scalars(tmp_path / category)]
     # Same data, same initialisation: the first loss agrees to float32 rounding; later ones
     # drift as Adam's sign-like early steps amplify that rounding in this tiny network (the
-    # step itself is exact in float64: test_sharding.py).
+    # steps themselves are exact in float64: test_sharding.py).
     np.testing.assert_allclose(stacked_losses[0], alone_losses[0], rtol=1e-5)
     np.testing.assert_allclose(stacked_losses, alone_losses, rtol=3e-2)
     assert int(stacked.step[i]) == int(separate.step) == config.train.num_steps
+    # The run's own folder holds what the separate run wrote, with its own scalars.
+    folder = workdir / name
+    assert (folder / "config.json").read_text() == (tmp_path / category / "config.json").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+      p.name for p in (tmp_path / category).iterdir() if p.name not in ("checkpoints", ".lock")
+    )
+    assert [r["loss"] for r in _scalars(folder)] == stacked_losses
+    mine = json.loads((folder / "metrics.json").read_text())["draem"][category]
+    theirs = json.loads((tmp_path / category / "metrics.json").read_text())["draem"][category]
+    assert set(mine) == set(theirs)
+  # The seeds take effect: the seed-1 runs start from another initialisation.
+  assert logged[0]["loss/train.seed=1/weave"] != logged[0]["loss/train.seed=0/weave"]
 
 
-def test_stacked_outputs_cover_every_category(stacked_run):
+def test_each_run_writes_its_outputs_in_its_folder(stacked_run):
   config, workdir, results = stacked_run
-  assert set(results["metrics"]["draem"]) == set(CATEGORIES)
-  metrics = json.loads((workdir / "metrics.json").read_text())["draem"]
-  assert set(metrics) >= set(CATEGORIES) | {"mean"}
-  thresholds = json.loads((workdir / "thresholds.json").read_text())
-  assert set(thresholds) == set(CATEGORIES)
-  for category in CATEGORIES:
-    assert list((workdir / "heatmaps" / category).glob("*.png"))
-  logged = json.loads((workdir / "scalars.jsonl").read_text().splitlines()[-1])
-  assert logged["loss"] == pytest.approx(np.mean([logged[f"loss/{c}"] for c in CATEGORIES]))
+  assert set(results["metrics"]["draem"]) == set(RUNS)
+  for name in RUNS:
+    category = name.split("/")[-1]
+    folder = workdir / name
+    assert set(json.loads((folder / "metrics.json").read_text())["draem"]) >= {category, "mean"}
+    assert set(json.loads((folder / "thresholds.json").read_text())) == {category}
+    assert list((folder / "heatmaps").glob("*.png"))
+    stored = json.loads((folder / "config.json").read_text())
+    assert (
+      stored["train"]["seed"] == int(name[len("train.seed=")])
+      and stored["data"]["categories"] == []
+    )
+  assert not (workdir / "metrics.json").exists()  # the program's table is results.md
+  assert all(name in (workdir / "results.md").read_text() for name in RUNS)
+  logged = _scalars(workdir)[-1]
+  assert logged["loss"] == pytest.approx(np.mean([logged[f"loss/{n}"] for n in RUNS]))
+  # The sweep tools read the runs like separate ones: a row per setting, mean over seeds.
+  rows = list(csv.reader(io.StringIO(sweep.aggregate(workdir)[1])))
+  assert rows[0] == ["setting", "pill", "weave", "mean"] and len(rows) == 2
 
 
-def test_export_one_category_of_a_stacked_run(stacked_run, tmp_path):
+def test_export_one_run_of_a_stacked_program(stacked_run, tmp_path):
   config, workdir, results = stacked_run
-  with pytest.raises(ValueError, match=r"--category='': .* trained \['weave', 'pill'\]"):
+  with pytest.raises(ValueError, match=r"--run='': .* trained the runs \['train.seed=0/weave'"):
     export.export(workdir, tmp_path / "a")
   from pouta_jax import artifact
 
-  art = artifact.load(export.export(workdir, tmp_path / "pill", category="pill"))
-  assert art.manifest["category"] == "pill"
-  assert art.manifest["metrics"] == pytest.approx(results["metrics"]["draem"]["pill"], nan_ok=True)
+  name = "train.seed=1/pill"
+  art = artifact.load(export.export(workdir, tmp_path / "pill", run=name))
+  assert art.manifest["category"] == "pill" and art.manifest["config"]["train"]["seed"] == 1
+  assert art.manifest["metrics"] == pytest.approx(results["metrics"]["draem"][name], nan_ok=True)

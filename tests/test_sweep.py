@@ -125,7 +125,8 @@ def test_unknown_categories_are_named(tmp_path):
     sweep.check_categories(["weave"], str(tmp_path))
 
 
-def test_aggregate_reads_every_category_of_a_one_program_run(tmp_path):
+def test_aggregate_reads_every_category_of_an_older_one_program_run(tmp_path):
+  # Versions before per-run folders wrote one metrics.json for all categories of a program.
   _fake_run(tmp_path, "alone", "both", 0, "weave", 0.4)
   folder = tmp_path / "stacked0" / "stacked"
   folder.mkdir(parents=True)
@@ -145,15 +146,33 @@ def test_aggregate_reads_every_category_of_a_one_program_run(tmp_path):
   ]
 
 
-def test_one_program_jobs_train_all_categories_per_point():
+def test_launcher_stacks_what_it_can_and_splits_the_rest():
+  config = config_lib.load("pouta", "weave,tiny")
+  separate, zips, stacked = sweep.split_axes(
+    config, ["optim.lr=1e-4,3e-4", "model.base_width=8,16"], ["loss.final_weight=1,2"], 3
+  )
+  assert separate == ["model.base_width=8,16"] and zips == []
+  assert stacked == ("--sweep=optim.lr=1e-4,3e-4", "--zip=loss.final_weight=1,2", "--seeds=3")
   jobs = sweep.jobs(
     "configs/pouta.py",
     "tiny",
     ["weave", "pill"],
     "runs",
-    [{"train.seed": "0"}, {"train.seed": "1"}],
-    [],
-    one_program=True,
+    sweep.expand(config, separate, zips),
+    ["--config.data.num_workers=0"],
+    stacked,
   )
-  assert [j.workdir for j in jobs] == ["runs/train.seed=0/stacked", "runs/train.seed=1/stacked"]
-  assert jobs[0].args[0] == "--config=configs/pouta.py:weave,pill,tiny"
+  assert [j.workdir for j in jobs] == [
+    "runs/model.base_width=8/stacked",
+    "runs/model.base_width=16/stacked",
+  ]
+  assert jobs[0].args == (
+    "--config=configs/pouta.py:weave,pill,tiny",
+    "--workdir=runs/model.base_width=8/stacked",
+    "--config.model.base_width=8",
+    *stacked,
+    "--config.data.num_workers=0",
+  )
+  # A --zip axis with a key that changes the program is run as separate programs, whole.
+  _, zips, stacked = sweep.split_axes(config, [], ["optim.lr=1,2", "model.compare=both,encoder"], 1)
+  assert zips == ["optim.lr=1,2", "model.compare=both,encoder"] and stacked == ()

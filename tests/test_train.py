@@ -16,7 +16,7 @@ pytestmark = pytest.mark.heavy(85)
 
 def test_schedule_decays_at_milestones(tiny_config):
   tiny_config.optim.lr = 1.0
-  tx = train.make_optimizer(tiny_config, 100)
+  tx = train.make_optimizer(tiny_config, 100)(train.hyperparameters(tiny_config)["optim"])
   # Recover the schedule through Adam's state-free first step: update = -lr * sign(grad).
   params = {"w": np.zeros(())}
   lrs = []
@@ -77,8 +77,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
   tiny_config.train.num_steps = 6
   spec = models.REGISTRY["draem"]
 
-  def broken(outputs, batch):
-    loss, terms = objectives.draem_objective(outputs, batch)
+  def broken(outputs, batch, weights):
+    loss, terms = objectives.draem_objective(outputs, batch, weights)
     return loss * np.nan, terms
 
   monkeypatch.setitem(models.REGISTRY, "draem", models.ModelSpec(spec.build, lambda c: broken))
@@ -115,7 +115,7 @@ class _StateBeforeConstants(flax.struct.PyTreeNode):
 
 
 def test_checkpoints_written_before_constants_existed_still_restore(tiny_config, tmp_path):
-  model, tx, state, _ = train.setup(tiny_config, [8])
+  state = train.setup(tiny_config, [8]).state
   state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1.0, state.params))
   old = _StateBeforeConstants(state.step, state.params, state.batch_stats, state.opt_state)
   mngr = checkpoint.manager(tmp_path, 1)

@@ -5,9 +5,10 @@ Sample g belongs to epoch g // N (N training images); its image is that epoch's 
 permutation at g % N and its randomness comes from np.random.default_rng((seed, epoch, g % N)),
 so a batch is a pure function of (seed, step): the number of worker processes never changes the
 data. With several JAX processes, each synthesises only its block of every global batch (its rows,
-and its categories when several are trained at once), so the global batch is the same for any
-number of processes. The iterator's state is checkpointed with
-the model; a checkpoint without it resumes by slicing the dataset at its step.
+and its runs when several are trained at once), so the global batch is the same for any
+number of processes. Runs stacked in one program (runs.py) each have their own stream, from
+their own seed and synthesis settings. The iterator's state is checkpointed with the model; a
+checkpoint without it resumes by slicing the dataset at its step.
 
 Samples travel as uint8 (images rounded to 1/255, masks 0/1): a quarter of float32's bytes
 through the workers' shared memory and onto the devices, which doubled the throughput of 2
@@ -31,7 +32,7 @@ from absl import logging
 from grain._src.python.ipc import shared_memory_array
 from jax.sharding import Mesh
 
-from pouta_jax import config as config_lib, sharding
+from pouta_jax import runs, sharding
 from pouta_jax.data.folder import (
   CategoryFolder,
   TestSample,
@@ -156,10 +157,23 @@ def train_batches(
 
 
 def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The leading dims of a global batch: (batch,), or (categories, batch) when stacked."""
-  if config_lib.is_stacked(config):
-    return (len(config.data.categories), config.data.batch_size)
-  return (config.data.batch_size,)
+  """The leading dims of a global batch: (batch,), or (runs, batch) when stacked."""
+  num_runs = runs.count(config)
+  return (num_runs, config.data.batch_size) if num_runs else (config.data.batch_size,)
+
+
+def synthesized_sample(config: ml_collections.ConfigDict, folder: CategoryFolder):
+  """One run's sampler: its folder, seed, synthesis settings and anomaly source."""
+  return SynthesizedSample(
+    train_paths=tuple(folder.train),
+    textures=texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir),
+    image_size=config.data.image_size,
+    synthesis=SynthesisConfig(
+      **{f.name: config.data[f.name] for f in dataclasses.fields(SynthesisConfig)}
+    ),
+    seed=config.train.seed,
+    real_anomalies=folder.real_anomalies,
+  )
 
 
 def training_batches(
@@ -169,23 +183,12 @@ def training_batches(
   num_steps: int,
   start_step: int = 0,
 ) -> grain.IterDataset:
-  """This process's block of every global batch (see `sharding.process_block`)."""
-  synthesis = SynthesisConfig(
-    **{f.name: config.data[f.name] for f in dataclasses.fields(SynthesisConfig)}
-  )
-  textures = texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir)
+  """This process's block of every global batch (see `sharding.process_block`); `folders`
+  holds each run's data (runs.runs_of), each run its own stream."""
   samples = tuple(
-    SynthesizedSample(
-      train_paths=tuple(folder.train),
-      textures=textures,
-      image_size=config.data.image_size,
-      synthesis=synthesis,
-      seed=config.train.seed,
-      real_anomalies=folder.real_anomalies,
-    )
-    for folder in folders
+    synthesized_sample(run.config, folder) for run, folder in zip(runs.runs_of(config), folders)
   )
-  stacked = config_lib.is_stacked(config)
+  stacked = runs.is_stacked(config)
   block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
   rows = block[-1]
   local_samples = samples[block[0]] if stacked else samples

@@ -55,7 +55,9 @@ Prepare = Callable[[Config, nn.Module, dict, np.ndarray, Any], dict]
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   build: Callable[[Config], nn.Module]
-  objective: Callable[[Config], Callable[[dict, dict], tuple]]
+  # The objective for the config's settings that change the computation; its numeric weights
+  # come with each call (`loss_weights`), see objectives.py.
+  objective: Callable[[Config], Callable[[dict, dict, dict], tuple]]
   validate: Callable[[Config], None] = _no_checks
   # Top-level submodules whose variables are never trained (a pretrained backbone): the train
   # state keeps them with its constants, out of the gradients and the optimizer.
@@ -82,11 +84,7 @@ REGISTRY = {
       guidance=c.model.guidance,
       conv_weight_grad=c.model.conv_weight_grad,
     ),
-    objective=lambda c: objectives.pouta_objective(
-      level_weights=tuple(c.loss.level_weights),
-      final_weight=c.loss.final_weight,
-      deep_supervision=c.loss.deep_supervision,
-    ),
+    objective=lambda c: objectives.pouta_objective(c.loss.deep_supervision),
     validate=_check_pouta,
   ),
   "prn": ModelSpec(
@@ -96,12 +94,7 @@ REGISTRY = {
       num_prototypes=c.model.num_prototypes,
       conv_weight_grad=c.model.conv_weight_grad,
     ),
-    objective=lambda c: objectives.prn_objective(
-      smooth_l1_weight=c.loss.smooth_l1_weight,
-      focal_weight=c.loss.focal_weight,
-      alpha=c.loss.focal_alpha,
-      gamma=c.loss.focal_gamma,
-    ),
+    objective=lambda c: objectives.prn_objective,
     validate=prn_hooks.check_config,
     frozen=("backbone",),
     derive=prn_hooks.derived_settings,
@@ -115,6 +108,15 @@ def get(name: str) -> ModelSpec:
   if name not in REGISTRY:
     raise errors.ConfigError(f"config.model.name={name!r}: expected one of {sorted(REGISTRY)}")
   return REGISTRY[name]
+
+
+def loss_weights(config: Config) -> dict[str, np.ndarray]:
+  """The config's numeric loss.* settings as float32 arrays: what an objective is called with."""
+  return {
+    name: np.asarray(value, np.float32)
+    for name, value in config.get("loss", {}).items()
+    if not isinstance(value, bool)
+  }
 
 
 def resolve(config: Config, train_sizes: Sequence[int]) -> Config:
