@@ -74,6 +74,7 @@ class Evaluation(NamedTuple):
   # defective examples.
   thresholds: dict[str, float | None]
   curves: dict[str, metrics.Curve]  # "image" and "pixel"
+  by_defect: dict[str, dict[str, float]]  # defect type -> its metrics (`defect_metrics`)
 
 
 def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluation:
@@ -97,7 +98,23 @@ def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluati
     scores,
     found,
     curves,
+    defect_metrics(test_set, maps, scores),
   )
+
+
+def defect_metrics(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
+  """Each defect type's metrics, on its images and every good one: where a model fails (MVTec
+  AD's types range from obvious to faint within one category). {} without a defect column."""
+  if "defect" not in test_set:
+    return {}
+  defects, good = np.asarray(test_set["defect"]), ~np.asarray(test_set["label"], bool)
+  found = {}
+  for defect in sorted(set(defects[~good].tolist())):
+    keep = good | (defects == defect)
+    found[defect] = metrics.category_metrics(
+      test_set["label"][keep], scores[keep], test_set["mask"][keep], maps[keep]
+    )
+  return found
 
 
 def profile(

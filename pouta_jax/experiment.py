@@ -240,7 +240,10 @@ def _write_run_outputs(
   files.write_json(folder / "thresholds.json", {run.category: main.thresholds})
   files.write_atomic(folder / "test_scores.csv", report.csv_text(rows))
   write_results(
-    folder, {name: {run.category: e.metrics} for name, e in evaluations.items()}, profiles
+    folder,
+    {name: {run.category: e.metrics} for name, e in evaluations.items()},
+    profiles,
+    by_defect={name: {run.category: e.by_defect} for name, e in evaluations.items()},
   )
 
 
@@ -289,20 +292,32 @@ def _trained_predictors(
   return predictors, profiles
 
 
-def write_results(workdir: str | Path, results: dict, profiles: dict, caption: str = "") -> None:
+def write_results(
+  workdir: str | Path,
+  results: dict,
+  profiles: dict,
+  caption: str = "",
+  by_defect: dict | None = None,
+) -> None:
   """metrics.json and results.md.
 
   metrics.json: model -> category (and "mean") -> metric, plus, for models with a profile,
-  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`.
+  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`, and
+  with `by_defect` (model -> category -> defect type -> metric), `by_defect`.
   """
+  by_defect = by_defect or {}
   with_means = {
     model: {**per_category, "mean": metrics.mean_over_categories(per_category)}
     for model, per_category in results.items()
   }
   document = {
-    model: {**per_category, **profiles.get(model, {})} for model, per_category in with_means.items()
+    model: {
+      **per_category,
+      **profiles.get(model, {}),
+      **({"by_defect": by_defect[model]} if by_defect.get(model) else {}),
+    }
+    for model, per_category in with_means.items()
   }
   files.write_json(Path(workdir) / "metrics.json", document)
-  files.write_atomic(
-    Path(workdir) / "results.md", report.results_table(with_means, profiles, caption)
-  )
+  table = report.results_table(with_means, profiles, caption) + report.defect_table(by_defect)
+  files.write_atomic(Path(workdir) / "results.md", table)

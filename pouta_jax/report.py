@@ -147,6 +147,28 @@ def results_table(
   return "\n".join(lines)
 
 
+DEFECT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
+
+
+def defect_table(by_defect: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
+  """Markdown: a row per model, category and defect type, a column per summary metric (each
+  type's images against all good ones); "" without any. `by_defect`: model -> category ->
+  defect type -> metric -> value (evaluate.defect_metrics)."""
+  rows = [
+    f"| {model} | {category} | {defect} | "
+    + " | ".join(_fmt(values.get(m)) for m in DEFECT_METRICS)
+    + " |"
+    for model, per_category in by_defect.items()
+    for category, per_defect in per_category.items()
+    for defect, values in per_defect.items()
+  ]
+  if not rows:
+    return ""
+  header = "| model | category | defect type | " + " | ".join(DEFECT_METRICS) + " |"
+  lines = ["", "**Per defect type** (%, its images and every good one)", "", header]
+  return "\n".join(lines + ["|---" * (3 + len(DEFECT_METRICS)) + "|", *rows, ""])
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
   """A perceptually ordered dark-blue -> red -> yellow map of values in [0, 1] (uint8 RGB)."""
   anchors = np.array([[0, 0, 0.3], [0.3, 0, 0.6], [0.85, 0.1, 0.3], [1, 0.6, 0], [1, 1, 0.6]])

@@ -48,6 +48,17 @@ def test_evaluate_reports_metrics_and_f1_thresholds_from_the_same_curves():
     "image": metrics.f1_max(test_set["label"], scores)[1],
     "pixel": metrics.f1_max(masks, maps)[1],
   }
+  assert result.by_defect == {}  # a test set without defect types
+
+  # Per defect type: its images and every good one, as a test set of their own.
+  test_set["defect"] = np.array(["good"] * 3 + ["hole", "scratch", "hole"])
+  result = evaluate.evaluate(_fake_predict, test_set, batch_size=4)
+  assert set(result.by_defect) == {"hole", "scratch"}
+  for defect in ("hole", "scratch"):
+    keep = (test_set["defect"] == "good") | (test_set["defect"] == defect)
+    assert result.by_defect[defect] == metrics.category_metrics(
+      test_set["label"][keep], scores[keep], masks[keep], maps[keep]
+    )
   normal_only = {k: v[:3] for k, v in test_set.items()}
   assert evaluate.evaluate(_fake_predict, normal_only, 4).thresholds == {
     "image": None,

@@ -53,7 +53,17 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert set(metrics) == {"draem"}
-  assert set(metrics["draem"]) == {"pill", "mean", "params", "flops_per_image", "latency_ms"}
+  assert set(metrics["draem"]) == {
+    "pill",
+    "mean",
+    "params",
+    "flops_per_image",
+    "latency_ms",
+    "by_defect",
+  }
+  by_defect = metrics["draem"]["by_defect"]["pill"]
+  assert set(by_defect) == {p.name for p in (dataset_root / "pill" / "test").iterdir()} - {"good"}
+  assert "| draem | pill | crack |" in (workdir / "results.md").read_text()
   params = metrics["draem"]["params"]
   assert params["total"] == params["reconstructive"] + params["discriminative"] > 0
   assert metrics["draem"]["flops_per_image"] > 0 and metrics["draem"]["latency_ms"] > 0
@@ -176,4 +186,4 @@ def test_untrained_baseline_is_reported(tiny_config, tmp_path):
   results = experiment.run(tiny_config, tmp_path, include_untrained=True)
   assert set(results["metrics"]) == {"draem", "draem_untrained"}
   metrics = json.loads((tmp_path / "metrics.json").read_text())
-  assert set(metrics["draem_untrained"]) == {"weave", "mean"}  # no profile of its own
+  assert set(metrics["draem_untrained"]) == {"weave", "mean", "by_defect"}  # no profile

@@ -187,9 +187,9 @@ def test_eight_devices_match_one_device():
 
 # 2 categories x 2 seeds x 2 learning rates in one program, against the 8 runs trained alone:
 # the same data streams, initialisations and Adam steps with a decayed learning rate at the
-# second (float64), on 1 device and on 8 (a run axis of 2 x a data axis of 4: runs and batch
-# both split); then the same metrics. Width 2 and 2 steps: XLA:CPU's float64 grouped
-# convolutions (a vmapped step's) are slow, 26 s a step on 8 simulated devices.
+# second (float64), on 1 device, and the first step on 8 (a run axis of 2 x a data axis of 4:
+# runs and batch both split); then the same metrics. Width 2 and 2 steps: XLA:CPU's float64
+# grouped convolutions (a vmapped step's) are slow, 26 s a step on 8 simulated devices.
 STACK_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
@@ -215,7 +215,8 @@ STACK_SCRIPT = textwrap.dedent("""
       return jax.tree.map(
           lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, jax.device_get(tree))
 
-    def trained(config, axes):
+    def trained(config, axes, steps=None):
+      # (model, losses (steps, runs), the host state after each step, the mesh's shape)
       config.mesh.axes = axes
       mesh = sharding.make_mesh(config)
       folders = [category_folder(r.config) for r in runs.runs_of(config)]
@@ -227,19 +228,20 @@ STACK_SCRIPT = textwrap.dedent("""
       step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh,
                                    train.category_loop(config))
       batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
-      losses = []
-      for _ in range(num_steps):
+      losses, states = [], []
+      for _ in range(steps or num_steps):
         local = {k: v / 255.0 if k in pipeline.IMAGE_KEYS else v.astype(np.float64)
                  for k, v in next(batches).items()}
         batch = sharding.global_batch(sharding.batch_sharding(mesh, stacked), local,
                                       pipeline.batch_shape(config))
         state, metrics = step(state, batch, hparams)
         losses.append(np.asarray(metrics["loss"]))
+        states.append(jax.device_get(state))
       pipeline.close(batches)
       if stacked and "category" in mesh.axis_names:
         kernel = state.params["reconstructive"]["head"]["Conv_0"]["kernel"]
         assert kernel.sharding.spec == PartitionSpec("category"), kernel.sharding
-      return model, np.array(losses), jax.device_get(state), dict(mesh.shape)
+      return model, np.array(losses), states, dict(mesh.shape)
 
     def metrics_of(model, variables, run):
       test_set = load_test_set(category_folder(run.config), 32)
@@ -249,20 +251,21 @@ STACK_SCRIPT = textwrap.dedent("""
     separate = []
     for run in program:
       run.config.mesh.num_devices = 1
-      model, losses, state, _ = trained(run.config, ("auto",))
-      separate.append((losses[:, None], state, metrics_of(model, state.variables, run)))
-    for num_devices, axes, layout in [
-        (1, ("auto",), {"category": 1, "data": 1}),
-        (0, (("category", 2), ("data", 4)), {"category": 2, "data": 4})]:
+      model, losses, states, _ = trained(run.config, ("auto",))
+      separate.append((losses[:, None], states, metrics_of(model, states[-1].variables, run)))
+    # All steps on 1 device; the first on 8 (float64 grouped convolutions are slow there).
+    for num_devices, axes, steps, layout in [
+        (1, ("auto",), None, {"category": 1, "data": 1}),
+        (0, (("category", 2), ("data", 4)), 1, {"category": 2, "data": 4})]:
       config.mesh.num_devices = num_devices
-      model, losses, state, shape = trained(config, axes)
+      model, losses, states, shape = trained(config, axes, steps)
       assert shape == layout, shape
       for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
-        np.testing.assert_allclose(losses[:, i:i + 1], alone_losses, rtol=1e-8)
-        mine = jax.tree.map(lambda x: x[i], state)
+        np.testing.assert_allclose(losses[:, i:i + 1], alone_losses[:len(losses)], rtol=1e-8)
+        mine = jax.tree.map(lambda x: x[i], states[-1])
         # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
         # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
-        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone)):
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[len(states) - 1])):
           np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
         if num_devices == 1:  # the metrics once: evaluation is per run in either case
           got = metrics_of(model, mine.variables, run)
@@ -271,7 +274,7 @@ STACK_SCRIPT = textwrap.dedent("""
     # The runs differ: seeds and learning rates take effect.
     first = [l[0, 0] for l, _, _ in separate]
     assert len(set(np.round(first, 12))) == 4, first  # 2 categories x 2 seeds
-    kernels = [s.params["reconstructive"]["head"]["Conv_0"]["kernel"] for _, s, _ in separate]
+    kernels = [s[-1].params["reconstructive"]["head"]["Conv_0"]["kernel"] for _, s, _ in separate]
     assert not np.allclose(kernels[0], kernels[4])  # lr 1e-3 against 3e-3
     print("EQUAL")
 """)
