@@ -162,11 +162,16 @@ def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (num_runs, config.data.batch_size) if num_runs else (config.data.batch_size,)
 
 
-def synthesized_sample(config: ml_collections.ConfigDict, folder: CategoryFolder):
-  """One run's sampler: its folder, seed, synthesis settings and anomaly source."""
+def synthesized_sample(
+  config: ml_collections.ConfigDict,
+  folder: CategoryFolder,
+  textures: FolderTextures | ProceduralTextures,
+) -> SynthesizedSample:
+  """One run's sampler: its folder, seed, synthesis settings and anomaly source (`textures`,
+  from its data.anomaly_source)."""
   return SynthesizedSample(
     train_paths=tuple(folder.train),
-    textures=texture_source(config.data.anomaly_source or None, config.data.tfds_data_dir),
+    textures=textures,
     image_size=config.data.image_size,
     synthesis=SynthesisConfig(
       **{f.name: config.data[f.name] for f in dataclasses.fields(SynthesisConfig)}
@@ -185,8 +190,15 @@ def training_batches(
 ) -> grain.IterDataset:
   """This process's block of every global batch (see `sharding.process_block`); `folders`
   holds each run's data (runs.runs_of), each run its own stream."""
+  program = runs.runs_of(config)
+  # One source per distinct anomaly_source: a texture folder is scanned once, not once per run.
+  textures = {
+    source: texture_source(source or None, config.data.tfds_data_dir)
+    for source in {run.config.data.anomaly_source for run in program}
+  }
   samples = tuple(
-    synthesized_sample(run.config, folder) for run, folder in zip(runs.runs_of(config), folders)
+    synthesized_sample(run.config, folder, textures[run.config.data.anomaly_source])
+    for run, folder in zip(program, folders)
   )
   stacked = runs.is_stacked(config)
   block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
