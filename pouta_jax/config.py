@@ -27,7 +27,7 @@ PRESETS = {
     "data.image_size": 64,
     "data.num_workers": 1,
     "optim.lr": 5e-4,  # a short schedule needs a larger step than the paper's 1e-4
-    "train.num_steps": 220,
+    "train.num_steps": 300,
     "train.log_every": 25,
     "train.checkpoint_every": 100,
     "eval.score_filter_size": 5,

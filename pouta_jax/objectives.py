@@ -18,11 +18,14 @@ def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-  """Normalised 2-D Gaussian window (size x size)."""
-  g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2.0 * sigma**2))
-  g /= g.sum()
-  return np.outer(g, g).astype(np.float32)
+def gaussian_blur_matrix(length: int, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  """(length, length) matrix M with M @ z = z correlated with a normalised 1-D Gaussian of `size`
+  taps, zero 'same' padding (a banded Toeplitz matrix, cut at the edges)."""
+  taps = np.exp(-((np.arange(size) - size // 2) ** 2) / (2.0 * sigma**2))
+  taps /= taps.sum()
+  offsets = np.arange(length)[None, :] - np.arange(length)[:, None] + size // 2
+  inside = (offsets >= 0) & (offsets < size)
+  return np.where(inside, taps[np.clip(offsets, 0, size - 1)], 0.0).astype(np.float32)
 
 
 def ssim(
@@ -31,21 +34,17 @@ def ssim(
   """Mean SSIM of NHWC images, per channel with a Gaussian window and zero 'same' padding.
 
   This is the official DRAEM SSIM with its dynamic range fixed to `data_range` (the official code
-  infers 1 for images in [0, 1], which ours always are).
+  infers 1 for images in [0, 1], which ours always are). The 2-D Gaussian is separable, so each
+  blur is two matrix products, along the rows and along the columns: XLA's CPU backend ran the
+  11x11 depthwise convolution (and its gradient) 35x slower, 45% of a tiny DRAEM train step.
   """
-  channels = x.shape[-1]
-  kernel = jnp.asarray(gaussian_window(size, sigma), x.dtype)[:, :, None, None]
-  kernel = jnp.tile(kernel, (1, 1, 1, channels))
+  rows = jnp.asarray(gaussian_blur_matrix(x.shape[1], size, sigma), x.dtype)
+  cols = jnp.asarray(gaussian_blur_matrix(x.shape[2], size, sigma), x.dtype)
+  exact = jax.lax.Precision.HIGHEST  # TPUs would otherwise multiply in bfloat16
 
   def blur(z: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-      z,
-      kernel,
-      (1, 1),
-      "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=channels,
-    )
+    z = jnp.einsum("hk,nkwc->nhwc", rows, z, precision=exact)
+    return jnp.einsum("wk,nhkc->nhwc", cols, z, precision=exact)
 
   c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
   mu_x, mu_y = blur(x), blur(y)

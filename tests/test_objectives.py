@@ -36,11 +36,21 @@ def test_ssim_of_identical_images_is_one():
   np.testing.assert_allclose(objectives.ssim(x, x), 1.0, atol=1e-5)
 
 
-def test_gaussian_window_is_normalised_and_centred():
-  w = objectives.gaussian_window(11, 1.5)
-  assert w.shape == (11, 11)
-  np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
-  assert w.argmax() == 5 * 11 + 5
+def test_blur_matrix_is_a_normalised_gaussian_correlation_with_zero_padding():
+  m = objectives.gaussian_blur_matrix(20, 11, 1.5)
+  np.testing.assert_allclose(m[10].sum(), 1.0, rtol=1e-6)  # a full window away from the edges
+  assert m[10].argmax() == 10
+  z = np.random.default_rng(2).random(20)
+  taps = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+  oracle = ndimage.correlate1d(z, taps / taps.sum(), mode="constant", cval=0.0)
+  np.testing.assert_allclose(m @ z, oracle, rtol=1e-6)
+
+
+def test_ssim_of_images_smaller_than_the_window_matches_the_oracle():
+  rng = np.random.default_rng(3)
+  x = rng.random((1, 7, 9, 3)).astype(np.float32)
+  y = rng.random((1, 7, 9, 3)).astype(np.float32)
+  np.testing.assert_allclose(objectives.ssim(x, y), _ssim_oracle(x, y), atol=1e-5)
 
 
 def test_focal_loss_hand_computed():
