@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import sys
@@ -153,16 +154,67 @@ def save(
     wait(mngr)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template: Any) -> Any | None:
-  """The newest checkpoint's state in the structure (and shardings) of `template`, or None."""
+def _leaf_name(path: tuple) -> str:
+  """A leaf's path with dict keys, attributes (a namedtuple's fields) and indices alike: the
+  saved metadata holds namedtuples as dicts."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _saved_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+  """The shape of every array of checkpoint `step`'s state, by `_leaf_name`."""
+  # Read through the handler: a fresh manager's item_metadata knows no handler for the item.
+  metadata = ocp.StandardCheckpointHandler().metadata(Path(mngr.directory) / str(step) / "state")
+  tree = getattr(metadata, "tree", metadata)
+  return {
+    _leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def saved_rows(mngr: ocp.CheckpointManager, step: int) -> int:
+  """The run axis's rows in stacked checkpoint `step` (runs and padding)."""
+  return _saved_shapes(mngr, step)["step"][0]
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template: Any, num_runs: int = 0) -> Any | None:
+  """The newest checkpoint's state in the structure (and shardings) of `template`, or None.
+
+  With `num_runs` (a stacked state) the checkpoint's run axis may hold other padding than the
+  template's (sharding.run_rows: another mesh): its first `num_runs` rows are the runs, and
+  the template's padding rows become copies of the last run, as fresh padding is."""
   step = mngr.latest_step()
   if step is None:
     return None
   abstract = _fields(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-    "state"
-  ]
-  return template.replace(**restored)
+  wanted = {
+    _leaf_name(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+  }
+  saved = _saved_shapes(mngr, step) if num_runs else wanted
+  if num_runs:
+    mismatched = [
+      f"{name}: {saved[name] if name in saved else 'nothing'} saved, {shape} wanted"
+      for name, shape in wanted.items()
+      if not saved.get(name) or saved[name][1:] != shape[1:] or saved[name][0] < num_runs
+    ]
+    if mismatched or len(saved) != len(wanted):
+      raise errors.ConfigError(
+        f"{mngr.directory}/{step}: the checkpoint does not hold {num_runs} runs of the "
+        f"config's model ({len(saved)} arrays saved, {len(wanted)} wanted; "
+        f"{'; '.join(mismatched[:3])})"
+      )
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract, strict=saved == wanted)),
+  )["state"]
+  state = template.replace(**restored)
+  if saved != wanted:
+    state = _padded_with_last_run(state, num_runs)
+  return state
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _padded_with_last_run(state: Any, num_runs: int) -> Any:
+  return jax.tree.map(lambda x: x.at[num_runs:].set(x[num_runs - 1]), state)
 
 
 def restore_data_iterator(

@@ -260,7 +260,7 @@ def _trained_predictors(
   model, _, initial, _, _ = train.setup(config, [len(f.train) for f in folders])
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    state = checkpoint.restore_latest(mngr, initial)
+    state = checkpoint.restore_latest(mngr, initial, runs.count(config))
     mngr.close()
     if state is None:
       raise errors.NotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")

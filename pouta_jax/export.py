@@ -48,7 +48,7 @@ def _state_of(workdir: Path, config) -> train.TrainState:
       raise errors.NotFoundError(f"{workdir}/checkpoints: no checkpoint to export; train first")
     # The step count only sets the optimizer's schedule, not the state's shapes.
     template = train.setup(config, [1] * len(runs.runs_of(config))).state
-    return checkpoint.restore_latest(mngr, template)
+    return checkpoint.restore_latest(mngr, template, runs.count(config))
   finally:
     mngr.close()
 

@@ -81,6 +81,14 @@ def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
   return runs
 
 
+def padded(program: list, rows: int) -> list:
+  """`program` (runs, or anything listed per run) filled up to `rows` with copies of its last
+  entry: the rows a run axis needs to split evenly over its devices (sharding.run_rows).
+  A copy computes exactly what its original does, so its results are never written or
+  counted; 0 rows (a single run) or as many as there are runs leave `program` as it is."""
+  return list(program) + [program[-1]] * max(rows - len(program), 0)
+
+
 def _set(config: ml_collections.ConfigDict, key: str, text: str) -> None:
   """Sets `key` from a sweep's value string, typed like its default (as `--config.<key>=`)."""
   *sections, name = key.split(".")

@@ -1,14 +1,14 @@
 """Device mesh and shardings for data-parallel training (jax.sharding, no pmap), multi-host.
 
-The mesh comes from `config.mesh.axes`: "auto" (the default: a category axis as large as the
-stacked runs and the devices allow, the rest over the batch), or (name, size) pairs where one
-size may be -1 for "all remaining devices"; `config.mesh.num_devices` takes a subset of the
-devices. The batch is split over the `data` axis, parameters and optimizer state are
-replicated (or split over the category axis when runs are stacked:
-runs.py), and the jit-compiled step computes
-BatchNorm statistics and gradients over the global batch: XLA inserts the collectives. With
-several processes (jax.distributed), each process synthesises only its rows of every global
-batch and process 0 alone writes outputs.
+The mesh comes from `config.mesh.axes`: "auto" (the default: the layout with the least padding
+of the stacked runs, then the largest category axis, the rest over the batch), or (name, size)
+pairs where one size may be -1 for "all remaining devices"; `config.mesh.num_devices` takes a
+subset of the devices. Stacked runs that do not fill the category axis are padded with copies
+of the last run (`run_rows`). The batch is split over the `data` axis; parameters and optimizer
+state are replicated, or split over the category axis when runs are stacked (runs.py); the
+jit-compiled step computes BatchNorm statistics and gradients over the global batch: XLA
+inserts the collectives. With several processes (jax.distributed), each process synthesises
+only its rows of every global batch and process 0 alone writes outputs.
 """
 
 from __future__ import annotations
@@ -80,16 +80,25 @@ def describe(mesh: Mesh) -> str:
 AUTO = ("auto",)  # config.mesh.axes: the layout chosen from the devices, runs and batch
 
 
+def run_rows(num_runs: int, run_axis: int) -> int:
+  """The rows of a program's run axis: its `num_runs` stacked runs padded to a multiple of the
+  `run_axis` devices (0 for a single run, which has no run axis). The padding rows are copies
+  of the last run (runs.padded): computed like the others, never written or counted."""
+  return -(-num_runs // run_axis) * run_axis if num_runs else 0
+
+
 def layouts(num_devices: int, num_runs: int, batch: int) -> list[dict[str, int]]:
-  """Every mesh of exactly `num_devices`: a category axis that divides the `num_runs` stacked
-  runs (none for a single run) times a data axis that divides the batch; the largest category
-  axis first. All do the same work per device; the category axis needs no collectives."""
+  """Every mesh of exactly `num_devices`: a category (run) axis times a data axis that divides
+  the batch (a single run has no run axis), the fewest padding rows first (`run_rows`: the
+  least work per device), then the largest run axis (it needs no collectives)."""
   found = []
   for runs in range(num_devices, 0, -1):
     data = num_devices // runs
-    if runs * data != num_devices or batch % data or (num_runs % runs if num_runs else runs > 1):
+    if runs * data != num_devices or batch % data or (runs > 1 and not num_runs):
       continue
     found.append({CATEGORY_AXIS: runs, DATA_AXIS: data} if num_runs else {DATA_AXIS: data})
+  if num_runs:
+    found.sort(key=lambda shape: run_rows(num_runs, shape[CATEGORY_AXIS]) - num_runs)
   return found
 
 
@@ -115,6 +124,8 @@ def _describe_layout(shape: dict[str, int]) -> str:
 
 
 def _auto_layout(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """The first of `layouts`; refused, listing device counts that would work, when none exists
+  (a single run whose batch does not split over the devices: stacked runs always fit)."""
   num_runs = runs_lib.count(config)
   batch = config.data.batch_size
   found = layouts(num_devices, num_runs, batch)
@@ -122,21 +133,21 @@ def _auto_layout(config: ml_collections.ConfigDict, num_devices: int) -> dict[st
     return found[0]
   processes = jax.process_count()
   smaller = [
-    f"mesh.num_devices={n} ({_describe_layout(layouts(n, num_runs, batch)[0])})"
+    (n, fitting[0])
     for n in range(num_devices - 1, 0, -1)
-    if n % processes == 0 and layouts(n, num_runs, batch)
+    if n % processes == 0 and (fitting := layouts(n, num_runs, batch))
   ]
-  held = f"{num_runs} stacked runs (data.categories x config.stack) and " if num_runs else ""
+  listed = ", ".join(f"mesh.num_devices={n} ({_describe_layout(s)})" for n, s in smaller[:4])
   raise errors.ConfigError(
-    f"config.mesh.axes=auto: no mesh of all {num_devices} devices holds {held}a batch of "
-    f"{batch} (config.data.batch_size); layouts that would: {', '.join(smaller[:4])}"
+    f"config.mesh.axes=auto: no mesh of all {num_devices} devices holds a batch of "
+    f"{batch} (config.data.batch_size); layouts that would: {listed}"
   )
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
   """The config's mesh over its devices (`mesh.num_devices`); checks the platform
-  (`mesh.require_platform`), that the batch splits over the data axis and the stacked runs
-  over the category axis. `mesh.axes` "auto" chooses the layout (`layouts`)."""
+  (`mesh.require_platform`), that the batch splits over the data axis and that a category axis
+  has stacked runs to hold. `mesh.axes` "auto" chooses the layout (`layouts`)."""
   check_platform(config.mesh.require_platform)
   devices = _mesh_devices(config.mesh.num_devices)
   axes = tuple(config.mesh.axes)
@@ -154,15 +165,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
       f"config.data.batch_size={config.data.batch_size} does not split over the "
       f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis"
     )
-  if CATEGORY_AXIS in shape:
-    num_runs = runs_lib.count(config)
-    if not num_runs or num_runs % shape[CATEGORY_AXIS]:
-      raise errors.ConfigError(
-        f"config.mesh.axes={axes!r}: the {shape[CATEGORY_AXIS]} devices of the "
-        f"{CATEGORY_AXIS!r} axis must divide the {num_runs} stacked runs "
-        f"(config.data.categories x config.stack)"
-      )
+  if shape.get(CATEGORY_AXIS, 1) > 1 and not runs_lib.count(config):
+    raise errors.ConfigError(
+      f"config.mesh.axes={axes!r}: a {CATEGORY_AXIS!r} axis of {shape[CATEGORY_AXIS]} devices "
+      f"needs stacked runs (data.categories, config.stack); this program trains one"
+    )
   return Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
+
+
+def mesh_rows(mesh: Mesh, config: ml_collections.ConfigDict) -> int:
+  """The rows of the config's run axis on `mesh` (`run_rows`)."""
+  return run_rows(runs_lib.count(config), dict(mesh.shape).get(CATEGORY_AXIS, 1))
 
 
 def state_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:

@@ -133,9 +133,10 @@ class Setup(NamedTuple):
   num_steps: int
 
 
-def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int]) -> Setup:
+def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: int = 0) -> Setup:
   """The `Setup` of the program's runs, which have `train_sizes` training images each. Each
-  run starts from its seed's initialisation, as a separate run with that seed does."""
+  run starts from its seed's initialisation, as a separate run with that seed does. `rows`:
+  the run axis's rows where the mesh pads the runs (sharding.run_rows; runs.padded)."""
   steps = {num_train_steps(config, n) for n in train_sizes}
   if len(steps) > 1:
     raise errors.ConfigError(
@@ -146,7 +147,7 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int]) -> Setu
   spec = models.get(config.model.name)
   model = spec.build(config)
   optimizer = make_optimizer(config, num_steps)
-  run_configs = [run.config for run in runs_lib.runs_of(config)]
+  run_configs = [run.config for run in runs_lib.padded(runs_lib.runs_of(config), rows)]
   hparams = [hyperparameters(c) for c in run_configs]
   states = {}  # by seed: runs with one seed start alike
   for c, h in zip(run_configs, hparams):
@@ -170,8 +171,8 @@ def prepared_state(
   folders: Sequence[CategoryFolder],
 ) -> TrainState:
   """The model's prepare stage (models.ModelSpec.prepare) on a step-0 state, per run on its
-  category's normal training images (`folders`, one per run); the state itself when the model
-  has none."""
+  category's normal training images (`folders`, one per run; padding rows copy the last run's);
+  the state itself when the model has none."""
   spec = models.get(config.model.name)
   if spec.prepare is None:
     return state
@@ -194,7 +195,8 @@ def prepared_state(
         key,
       )
     )
-  variables = _stacked(*prepared) if len(prepared) > 1 else prepared[0]
+  rows = state.step.shape[0] if state.step.ndim else 0
+  variables = _stacked(*runs_lib.padded(prepared, rows)) if rows else prepared[0]
   params, batch_stats, constants = models.split_variables(variables, spec.frozen)
   # The optimizer state depends on the trainable parameters' structure only, which is unchanged.
   return state.replace(params=params, batch_stats=batch_stats, constants=constants)
@@ -337,12 +339,16 @@ class _Scalars:
 
   def __init__(self, workdir: Path, runs: Sequence[runs_lib.Run], start: int):
     self._names = [run.name for run in runs] if len(runs) > 1 else []
+    self._count = len(runs)
     primary = sharding.is_primary()
     self._program = report.ScalarWriter(workdir, start) if primary else None
     self._runs = [report.ScalarWriter(workdir / n, start) for n in self._names if primary]
 
   def write(self, step: int, values: dict[str, np.ndarray], rate: float) -> dict[str, float]:
-    """Writes one step's `values`; returns the program's scalars."""
+    """Writes one step's `values` (one per row of the run axis when stacked; padding rows are
+    left out); returns the program's scalars."""
+    if self._names:
+      values = {k: v[: self._count] for k, v in values.items()}
     scalars = {k: float(np.mean(v)) for k, v in values.items()}
     if self._names:
       scalars.update({f"loss/{n}": float(v) for n, v in zip(self._names, values["loss"])})
@@ -379,10 +385,24 @@ def train(
   runs = runs_lib.runs_of(config)
   stacked = len(runs) > 1
   mesh = sharding.make_mesh(config) if mesh is None else mesh
-  model, optimizer, initial, hparams, num_steps = setup(config, [len(f.train) for f in folders])
+  rows = sharding.mesh_rows(mesh, config)
+  if rows > len(runs):
+    logging.info(
+      "%d runs on a run axis of %d devices: %d padding rows (copies of the last run, not "
+      "written), %.0f%% more work",
+      len(runs),
+      dict(mesh.shape)[sharding.CATEGORY_AXIS],
+      rows - len(runs),
+      100 * (rows - len(runs)) / len(runs),
+    )
+  model, optimizer, initial, hparams, num_steps = setup(
+    config, [len(f.train) for f in folders], rows
+  )
   state_sharding = sharding.state_sharding(mesh, stacked)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  state = checkpoint.restore_latest(mngr, jax.device_put(initial, state_sharding))
+  state = checkpoint.restore_latest(
+    mngr, jax.device_put(initial, state_sharding), len(runs) if stacked else 0
+  )
   if state is not None:
     logging.info("Resumed from step %d in %s", current_step(state), workdir)
   else:
@@ -396,10 +416,18 @@ def train(
   train_step = make_train_step(model, objective, optimizer, mesh, category_loop(config))
   hparams = jax.device_put(hparams, state_sharding)
   batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
-  if start > 0 and not checkpoint.restore_data_iterator(mngr, start, batches):
+  # The iterator's saved state holds the saved mesh's padding rows: with other padding, the
+  # batches are rebuilt from the step (each is a function of the seeds and the step).
+  if start > 0 and not (
+    (not stacked or checkpoint.saved_rows(mngr, start) == rows)
+    and checkpoint.restore_data_iterator(mngr, start, batches)
+  ):
     batches.close()
     batches = iter(pipeline.training_batches(config, folders, mesh, num_steps, start))
-  batch_sharding, leading = sharding.batch_sharding(mesh, stacked), pipeline.batch_shape(config)
+  batch_sharding, leading = (
+    sharding.batch_sharding(mesh, stacked),
+    pipeline.batch_shape(config, rows),
+  )
   # From a checkpoint, records after its step are dropped: they belong to the lost steps.
   scalars = _Scalars(workdir, runs, start)
   notice = preemption.Notice()

@@ -63,3 +63,41 @@ def test_a_background_save_holds_the_state_it_was_given(tmp_path):
   restored = checkpoint.restore_latest(mngr, jax.device_put(_state(4)))
   mngr.close()
   np.testing.assert_array_equal(restored.params["w"], saved)
+
+
+def _stacked_state(rows: int, width: int = 3) -> train.TrainState:
+  """A stacked state whose row r holds r + 1 everywhere (step included)."""
+  fill = np.arange(1, rows + 1, dtype=np.float32)
+  return train.TrainState(
+    step=fill.astype(np.int32),
+    params={"w": np.repeat(fill[:, None], width, axis=1)},
+    batch_stats={},
+    opt_state=(),
+  )
+
+
+def test_a_stacked_checkpoint_resumes_with_other_padding(tmp_path):
+  """3 runs saved with one padding row (a run axis of 2): restored with 3 padding rows (a run
+  axis of 6), the padding copies the last run; with none (export), the runs alone."""
+  mngr = checkpoint.manager(tmp_path, keep=2)
+  saved = _stacked_state(4)
+  saved.params["w"][3] = saved.params["w"][2]  # padding copies the last run
+  checkpoint.save(mngr, 1, jax.device_put(saved))
+  assert checkpoint.saved_rows(mngr, 1) == 4
+  wider = checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(6)), num_runs=3)
+  np.testing.assert_array_equal(wider.params["w"][:, 0], [1, 2, 3, 3, 3, 3])
+  np.testing.assert_array_equal(wider.step, [1, 2, 3, 3, 3, 3])
+  exact = checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(3)), num_runs=3)
+  np.testing.assert_array_equal(exact.params["w"][:, 0], [1, 2, 3])
+  # A config of more runs, or of another model, is refused by name, not padded with zeros.
+  with pytest.raises(errors.ConfigError, match=r"does not hold 5 runs .*params/w: \(4, 3\) saved"):
+    checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(6)), num_runs=5)
+  with pytest.raises(errors.ConfigError, match=r"params/w: \(4, 3\) saved, \(6, 5\) wanted"):
+    checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(6, width=5)), num_runs=3)
+  mngr.close()
+  # A new process's manager (it has not saved: orbax knows no handler for the item yet).
+  fresh = checkpoint.manager(tmp_path, keep=2)
+  assert checkpoint.saved_rows(fresh, 1) == 4
+  wider = checkpoint.restore_latest(fresh, jax.device_put(_stacked_state(6)), num_runs=3)
+  np.testing.assert_array_equal(wider.step, [1, 2, 3, 3, 3, 3])
+  fresh.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from pouta_jax import config as config_lib, sharding
+from pouta_jax import config as config_lib, runs as runs_lib, sharding
 from pouta_jax.errors import ConfigError
 from tests.conftest import xla_flags
 
@@ -38,23 +38,34 @@ def test_bad_meshes_are_named(axes, message):
 
 
 @pytest.mark.parametrize(
-  "devices,layout",
+  "devices,layout,padding",
   [
-    (1, {"category": 1, "data": 1}),
-    (2, {"category": 1, "data": 2}),
-    (6, {"category": 3, "data": 2}),
-    (8, {"category": 1, "data": 8}),
-    (12, {"category": 3, "data": 4}),
-    (15, {"category": 15, "data": 1}),
-    (16, None),  # 15 runs and a batch of 8 do not fill 16 devices
+    (1, {"category": 1, "data": 1}, 0),
+    (2, {"category": 1, "data": 2}, 0),
+    (6, {"category": 3, "data": 2}, 0),
+    (8, {"category": 1, "data": 8}, 0),
+    (12, {"category": 3, "data": 4}, 0),
+    (15, {"category": 15, "data": 1}, 0),
+    # 15 runs and a batch of 8 do not fill 16 devices: one padding row, on the largest run axis
+    (16, {"category": 16, "data": 1}, 1),
   ],
 )
-def test_auto_layout_of_fifteen_stacked_categories(devices, layout):
+def test_auto_layout_of_fifteen_stacked_categories(devices, layout, padding):
   found = sharding.layouts(devices, num_runs=15, batch=8)
-  assert (found[0] if found else None) == layout
-  for shape in found:  # every layout listed works: it fills the devices, splits runs and batch
+  assert found[0] == layout
+  assert sharding.run_rows(15, layout["category"]) == 15 + padding
+  paddings = [sharding.run_rows(15, shape["category"]) - 15 for shape in found]
+  assert paddings == sorted(paddings)  # the least work first
+  for shape in found:  # every layout listed works: it fills the devices and splits the batch
     assert shape["category"] * shape["data"] == devices
-    assert 15 % shape["category"] == 0 and 8 % shape["data"] == 0
+    assert 8 % shape["data"] == 0
+
+
+def test_run_rows_pad_to_the_run_axis():
+  assert [sharding.run_rows(15, axis) for axis in (1, 2, 4, 12, 16)] == [15, 16, 16, 24, 16]
+  assert sharding.run_rows(0, 4) == 0  # a single run has no run axis
+  assert runs_lib.padded(["a", "b", "c"], 5) == ["a", "b", "c", "c", "c"]
+  assert runs_lib.padded(["a", "b"], 0) == ["a", "b"]
 
 
 def test_auto_layout_of_a_single_run_splits_the_batch():
@@ -93,11 +104,12 @@ def test_required_platform_is_checked_and_every_run_says_where_it_runs(tiny_conf
     config_lib.validate(tiny_config)
 
 
-def _assert_equal_on_eight_devices(script: str, *args: str) -> None:
-  """Runs `script` in a fresh interpreter with 8 simulated CPU devices; it prints EQUAL."""
+def _assert_equal_on_eight_devices(script: str, *args: str, devices: int = 8) -> None:
+  """Runs `script` in a fresh interpreter with 8 (`devices`) simulated CPU devices; it prints
+  EQUAL."""
   env = {
     **os.environ,
-    "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
+    "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
     "JAX_PLATFORMS": "cpu",
   }
   result = subprocess.run(
@@ -172,11 +184,14 @@ SCRIPT = textwrap.dedent("""
     config.mesh.axes, config.mesh.num_devices = ("auto",), 6
     assert dict(sharding.make_mesh(config).shape) == {"category": 3, "data": 2}
     config.mesh.axes, config.mesh.num_devices = (("category", 2), ("data", -1)), 0
+    mesh = sharding.make_mesh(config)  # 3 runs on a run axis of 2: one padding row
+    assert sharding.mesh_rows(mesh, config) == 4
+    config.data.categories = ()
     try:
       sharding.make_mesh(config)
-      raise AssertionError("3 categories cannot split over a category axis of 2")
+      raise AssertionError("a single run has no run axis to split")
     except ValueError as e:
-      assert "must divide the 3 stacked runs" in str(e), e
+      assert "a 'category' axis of 2 devices needs stacked runs" in str(e), e
     print("EQUAL")
 """)
 
@@ -187,9 +202,9 @@ def test_eight_devices_match_one_device():
 
 # 2 categories x 2 seeds x 2 learning rates in one program, against the 8 runs trained alone:
 # the same data streams, initialisations and Adam steps with a decayed learning rate at the
-# second (float64), on 1 device, and the first step on 8 (a run axis of 2 x a data axis of 4:
-# runs and batch both split); then the same metrics. Width 2 and 2 steps: XLA:CPU's float64
-# grouped convolutions (a vmapped step's) are slow, 26 s a step on 8 simulated devices.
+# second (float64), then the same metrics. On 1 device: the stack split over devices, and
+# padded, is compared with 1 device by the next test. Width 2 and 2 steps: XLA:CPU's float64
+# grouped convolutions (a vmapped step's) are slow.
 STACK_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
@@ -215,7 +230,7 @@ STACK_SCRIPT = textwrap.dedent("""
       return jax.tree.map(
           lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, jax.device_get(tree))
 
-    def trained(config, axes, steps=None):
+    def trained(config, axes):
       # (model, losses (steps, runs), the host state after each step, the mesh's shape)
       config.mesh.axes = axes
       mesh = sharding.make_mesh(config)
@@ -229,7 +244,7 @@ STACK_SCRIPT = textwrap.dedent("""
                                    train.category_loop(config))
       batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
       losses, states = [], []
-      for _ in range(steps or num_steps):
+      for _ in range(num_steps):
         local = {k: v / 255.0 if k in pipeline.IMAGE_KEYS else v.astype(np.float64)
                  for k, v in next(batches).items()}
         batch = sharding.global_batch(sharding.batch_sharding(mesh, stacked), local,
@@ -253,24 +268,19 @@ STACK_SCRIPT = textwrap.dedent("""
       run.config.mesh.num_devices = 1
       model, losses, states, _ = trained(run.config, ("auto",))
       separate.append((losses[:, None], states, metrics_of(model, states[-1].variables, run)))
-    # All steps on 1 device; the first on 8 (float64 grouped convolutions are slow there).
-    for num_devices, axes, steps, layout in [
-        (1, ("auto",), None, {"category": 1, "data": 1}),
-        (0, (("category", 2), ("data", 4)), 1, {"category": 2, "data": 4})]:
-      config.mesh.num_devices = num_devices
-      model, losses, states, shape = trained(config, axes, steps)
-      assert shape == layout, shape
-      for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
-        np.testing.assert_allclose(losses[:, i:i + 1], alone_losses[:len(losses)], rtol=1e-8)
-        mine = jax.tree.map(lambda x: x[i], states[-1])
-        # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
-        # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
-        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[len(states) - 1])):
-          np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
-        if num_devices == 1:  # the metrics once: evaluation is per run in either case
-          got = metrics_of(model, mine.variables, run)
-          for key, value in alone_metrics.items():
-            np.testing.assert_allclose(got[key], value, rtol=1e-7, err_msg=f"{run.name} {key}")
+    config.mesh.num_devices = 1
+    model, losses, states, shape = trained(config, ("auto",))
+    assert shape == {"category": 1, "data": 1}, shape
+    for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
+      np.testing.assert_allclose(losses[:, i:i + 1], alone_losses, rtol=1e-8)
+      mine = jax.tree.map(lambda x: x[i], states[-1])
+      # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
+      # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
+      for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[-1])):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
+      got = metrics_of(model, mine.variables, run)
+      for key, value in alone_metrics.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-7, err_msg=f"{run.name} {key}")
     # The runs differ: seeds and learning rates take effect.
     first = [l[0, 0] for l, _, _ in separate]
     assert len(set(np.round(first, 12))) == 4, first  # 2 categories x 2 seeds
@@ -282,6 +292,122 @@ STACK_SCRIPT = textwrap.dedent("""
 
 def test_a_stack_of_categories_seeds_and_learning_rates_equals_separate_runs(dataset_root):
   _assert_equal_on_eight_devices(STACK_SCRIPT, str(dataset_root))
+
+
+# 15 runs (3 categories x 5 seeds: all different) on 1 to 16 of 16 devices: the layout "auto"
+# takes for each (runs split, the batch split, padding rows); on 1, 12 (6 runs x 2 halves of
+# the batch, 3 padding rows) and 16 devices (1 padding row) every run's loss and parameters after
+# a step equal its own on 1 device (float64). Width 2, 32 px, batch 2: a small float64 vmapped
+# step, compiled once per mesh (the costly part here).
+PADDED_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from pouta_jax import config as config_lib, models, runs, sharding, train
+    from pouta_jax.data import category_folder, pipeline
+
+    config = config_lib.load("draem", "weave,pill,washer,tiny")
+    config.data.root = sys.argv[1]
+    config.model.base_width, config.data.image_size, config.data.batch_size = 2, 32, 2
+    config.data.num_workers, config.train.num_steps = 0, 1
+    config.stack.seeds, config.train.category_loop = 5, "vmap"
+    program = runs.runs_of(config)
+    folders = [category_folder(r.config) for r in program]
+
+    def f64(tree):
+      return jax.tree.map(
+          lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, jax.device_get(tree))
+
+    layouts = {1: (1, 1, 15), 2: (1, 2, 15), 3: (3, 1, 15), 4: (4, 1, 16), 5: (5, 1, 15),
+               6: (3, 2, 15), 7: (7, 1, 21), 8: (8, 1, 16), 10: (5, 2, 15), 12: (6, 2, 18),
+               15: (15, 1, 15), 16: (16, 1, 16)}
+    for num_devices, (runs_axis, data_axis, rows) in layouts.items():
+      config.mesh.num_devices = num_devices
+      mesh = sharding.make_mesh(config)
+      assert dict(mesh.shape) == {"category": runs_axis, "data": data_axis}, (num_devices, mesh)
+      assert sharding.mesh_rows(mesh, config) == rows, num_devices
+
+    results = {}
+    for num_devices in (1, 12, 16):
+      config.mesh.num_devices = num_devices
+      mesh = sharding.make_mesh(config)
+      rows = sharding.mesh_rows(mesh, config)
+      model, optimizer, state, hparams, num_steps = train.setup(
+          config, [len(f.train) for f in folders], rows)
+      on_state = sharding.state_sharding(mesh, True)
+      state, hparams = jax.device_put(f64(state), on_state), jax.device_put(f64(hparams), on_state)
+      step = train.make_train_step(
+          model, models.get("draem").objective(config), optimizer, mesh, "vmap")
+      batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
+      local = {k: v / 255.0 if k in pipeline.IMAGE_KEYS else v.astype(np.float64)
+               for k, v in next(batches).items()}
+      pipeline.close(batches)
+      batch = sharding.global_batch(sharding.batch_sharding(mesh, True), local,
+                                    pipeline.batch_shape(config, rows))
+      state, metrics = step(state, batch, hparams)
+      losses, state = np.asarray(metrics["loss"]), jax.device_get(state)
+      assert losses.shape == (rows,)
+      np.testing.assert_array_equal(losses[15:], losses[14])  # padding copies the last run
+      results[num_devices] = (losses[:15], jax.tree.map(lambda x: x[:15], state))
+    losses1, state1 = results.pop(1)
+    assert len(set(np.round(losses1, 12))) == 15, losses1  # 15 different runs
+    for num_devices, (losses, state) in results.items():
+      np.testing.assert_allclose(losses, losses1, rtol=1e-9, err_msg=str(num_devices))
+      for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state1)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=str(num_devices))
+    print("EQUAL")
+""")
+
+
+def test_fifteen_runs_on_any_device_count_equal_one_device(dataset_root):
+  _assert_equal_on_eight_devices(PADDED_SCRIPT, str(dataset_root), devices=16)
+
+
+# train.train end to end: 3 runs on a run axis of 3 (no padding) for 2 steps, then the same
+# from its step-1 checkpoint on a run axis of 2 (a padding row, restored as a copy of the last
+# run; the batches rebuilt from the step): the resumed step's losses equal the uninterrupted
+# ones, and nothing is written for the padding row.
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, shutil, sys
+    from pathlib import Path
+    import jax, numpy as np
+    from pouta_jax import config as config_lib, runs, sharding, train
+    from pouta_jax.data import category_folder
+
+    config = config_lib.load("draem", "weave,pill,washer,tiny")
+    config.data.root, workdir = sys.argv[1], Path(sys.argv[2])
+    config.model.base_width, config.data.image_size, config.data.batch_size = 2, 32, 2
+    config.data.num_workers, config.train.num_steps = 0, 2
+    config.train.log_every = config.train.checkpoint_every = 1
+    config.train.category_loop = "vmap"
+    folders = [category_folder(r.config) for r in runs.runs_of(config)]
+
+    def losses(step):
+      return [json.loads((workdir / c / "scalars.jsonl").read_text().splitlines()[step - 1])
+              ["loss"] for c in ("weave", "pill", "washer")]
+
+    config.mesh.num_devices = 3
+    mesh = sharding.make_mesh(config)
+    assert dict(mesh.shape) == {"category": 3, "data": 1}, mesh.shape
+    train.train(config, workdir, folders, mesh)
+    uninterrupted = losses(2)
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    config.mesh.num_devices, config.mesh.axes = 2, (("category", 2), ("data", 1))
+    mesh = sharding.make_mesh(config)
+    assert sharding.mesh_rows(mesh, config) == 4
+    state = train.train(config, workdir, folders, mesh)
+    assert state.step.shape == (4,), state.step.shape
+    np.testing.assert_allclose(losses(2), uninterrupted, rtol=1e-5)
+    kernel = jax.device_get(state.params["reconstructive"]["head"]["Conv_0"]["kernel"])
+    np.testing.assert_array_equal(kernel[3], kernel[2])  # the padding row copies the last run
+    assert sorted(p.name for p in workdir.iterdir() if p.is_dir() and p.name != "tensorboard") \
+        == ["checkpoints", "pill", "washer", "weave"], list(workdir.iterdir())
+    print("EQUAL")
+""")
+
+
+def test_a_stack_resumes_on_a_layout_with_other_padding(dataset_root, tmp_path):
+  _assert_equal_on_eight_devices(RESUME_SCRIPT, str(dataset_root), str(tmp_path / "run"))
 
 
 PRN_SCRIPT = textwrap.dedent("""

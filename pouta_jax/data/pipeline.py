@@ -156,9 +156,10 @@ def train_batches(
   return iterable
 
 
-def batch_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The leading dims of a global batch: (batch,), or (runs, batch) when stacked."""
-  num_runs = runs.count(config)
+def batch_shape(config: ml_collections.ConfigDict, rows: int = 0) -> tuple[int, ...]:
+  """The leading dims of a global batch: (batch,), or (runs, batch) when stacked, with `rows`
+  runs where the mesh pads them (sharding.mesh_rows)."""
+  num_runs = max(runs.count(config), rows)
   return (num_runs, config.data.batch_size) if num_runs else (config.data.batch_size,)
 
 
@@ -189,8 +190,10 @@ def training_batches(
   start_step: int = 0,
 ) -> grain.IterDataset:
   """This process's block of every global batch (see `sharding.process_block`); `folders`
-  holds each run's data (runs.runs_of), each run its own stream."""
-  program = runs.runs_of(config)
+  holds each run's data (runs.runs_of), each run its own stream; padding rows of the run axis
+  (sharding.mesh_rows) repeat the last run's."""
+  num_rows = sharding.mesh_rows(mesh, config)
+  program, folders = runs.padded(runs.runs_of(config), num_rows), runs.padded(folders, num_rows)
   # One source per distinct anomaly_source: a texture folder is scanned once, not once per run.
   textures = {
     source: texture_source(source or None, config.data.tfds_data_dir)
@@ -201,7 +204,9 @@ def training_batches(
     for run, folder in zip(program, folders)
   )
   stacked = runs.is_stacked(config)
-  block = sharding.process_block(sharding.batch_sharding(mesh, stacked), batch_shape(config))
+  block = sharding.process_block(
+    sharding.batch_sharding(mesh, stacked), batch_shape(config, num_rows)
+  )
   rows = block[-1]
   local_samples = samples[block[0]] if stacked else samples
   return train_batches(
