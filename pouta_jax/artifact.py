@@ -3,7 +3,8 @@
 This file imports nothing else from pouta_jax and nothing of flax or the model code: a
 downstream user can copy it next to their evaluation code. An artifact is a folder:
 
-    artifact.json              what the programs expect and return, thresholds (oracle, and
+    artifact.json              what the programs expect and return, thresholds (oracle,
+                               from the validation set where the run kept one, and
                                calibrated on good images once calibrated), config,
                                metrics, and the sha256 of itself and of every other file
                                (checked at load)
@@ -14,7 +15,7 @@ downstream user can copy it next to their evaluation code. An artifact is a fold
 
     art = artifact.load("exported/bottle")
     maps, scores = art.predict(art.preprocess(uint8_images))
-    anomalous = scores >= art.calibration["image_threshold"]  # or the oracle thresholds["image"]
+    anomalous = scores >= art.calibration["image_threshold"]  # or validation_thresholds["image"]
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class Artifact:
     """Image-score and pixel thresholds of F1-max on the training run's test set: oracle values,
     chosen on the test labels (see `calibration` for one set on good images)."""
     return self.manifest["thresholds"]
+
+  @property
+  def validation_thresholds(self) -> dict[str, float | None] | None:
+    """Image-score and pixel thresholds of F1-max on the training run's validation set (no test
+    label used: deployment thresholds); None when the run held no validation set out."""
+    return self.manifest.get("validation_thresholds")
 
   @property
   def calibration(self) -> dict[str, Any] | None:

@@ -191,16 +191,12 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any, num_runs: int = 0
   }
   saved = _saved_shapes(mngr, step) if num_runs else wanted
   if num_runs:
-    mismatched = [
-      f"{name}: {saved[name] if name in saved else 'nothing'} saved, {shape} wanted"
-      for name, shape in wanted.items()
-      if not saved.get(name) or saved[name][1:] != shape[1:] or saved[name][0] < num_runs
-    ]
-    if mismatched or len(saved) != len(wanted):
+    rows = (saved.get("step") or (0,))[0]  # the saved run axis: runs and their padding
+    problems = errors.key_problems({k: (rows, *shape[1:]) for k, shape in wanted.items()}, saved)
+    if problems or rows < num_runs:
       raise errors.ConfigError(
-        f"{mngr.directory}/{step}: the checkpoint does not hold {num_runs} runs of the "
-        f"config's model ({len(saved)} arrays saved, {len(wanted)} wanted; "
-        f"{'; '.join(mismatched[:3])})"
+        f"{mngr.directory}/{step}: the checkpoint does not hold {num_runs} runs of the config's "
+        f"model ({rows} saved)" + (f" {errors.listing(problems, 3)}" if problems else "")
       )
   restored = mngr.restore(
     step,

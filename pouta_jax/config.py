@@ -16,7 +16,7 @@ from typing import Sequence
 import ml_collections
 from absl import flags
 
-from pouta_jax import errors
+from pouta_jax import errors, metrics
 from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
 
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
@@ -74,6 +74,12 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # (`category` is then the first of them).
     categories=(),
     few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
+    # A validation split without test labels (data/validation.py): this share of train/good,
+    # chosen by val_seed, is held out of training (before few_shot draws from the rest) and
+    # scored as it is and with a synthesised anomaly. Its F1-max thresholds are the deployment
+    # thresholds; 0: no split (thresholds from the test set only, labelled as oracle values).
+    val_fraction=0.0,
+    val_seed=0,
     image_size=256,
     # A DTD-layout texture folder, or "tfds:dtd_textures" (built into tfds_data_dir); empty:
     # procedural textures.
@@ -109,9 +115,16 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     keep_checkpoints=2,
     # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
     category_loop="auto",
+    # Which model a run evaluates and exports: "last" (the last step's) or "best_val" (each
+    # run's best validation `select_metric` so far, kept in the train state; needs
+    # data.val_fraction, and costs a copy of the parameters and BatchNorm statistics).
+    select="last",
+    select_metric="pixel_ap",
   )
-  # num_heatmaps: test images drawn as heatmap panels (-1: every one).
-  config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8)
+  # num_heatmaps: test images drawn as heatmap panels (-1: every one). val_every: validation
+  # metrics (with data.val_fraction) every this many steps in the training scalars, besides
+  # the last step (0: the last step only).
+  config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8, val_every=0)
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
   # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
   # together) and seeds (train.seed 0..N-1). pouta_jax.main's --sweep, --zip and --seeds set it.
@@ -297,6 +310,7 @@ def has_key(config: dict, key: str) -> bool:
 
 
 PLATFORMS = ("cpu", "gpu", "tpu")
+SELECTIONS = ("last", "best_val")  # train.select
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -335,6 +349,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   errors.check(
     config, config.data.few_shot >= 0, "data.few_shot", "0 (all images) or a positive count"
+  )
+  errors.check(
+    config,
+    0 <= config.data.val_fraction < 1,
+    "data.val_fraction",
+    "a share of train/good in [0, 1) to hold out for validation",
   )
   errors.check(config, config.data.batch_size > 0, "data.batch_size", "a positive batch size")
   errors.check(config, config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")
@@ -398,6 +418,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.eval.score_filter_size % 2 == 1,
     "eval.score_filter_size",
     "an odd filter size (centred mean filter)",
+  )
+  errors.check(
+    config, config.eval.val_every >= 0, "eval.val_every", "0 (the last step) or an interval"
+  )
+  errors.check(config, config.train.select in SELECTIONS, "train.select", f"one of {SELECTIONS}")
+  errors.check(
+    config,
+    config.train.select != "best_val" or config.data.val_fraction > 0,
+    "train.select",
+    "'last' without a validation split (best_val needs data.val_fraction > 0)",
+  )
+  errors.check(
+    config,
+    config.train.select_metric in metrics.METRIC_NAMES,
+    "train.select_metric",
+    f"one of {metrics.METRIC_NAMES}",
   )
   errors.check(
     config,

@@ -31,7 +31,7 @@ from pouta_jax import (
   sharding,
   train,
 )
-from pouta_jax.data import category_folder
+from pouta_jax.data import category_folder, validation
 from pouta_jax.data.folder import CategoryFolder, load_test_set, sample_name
 
 MODES = ("train", "eval", "train_and_eval")
@@ -108,7 +108,8 @@ def run(
   allow_changes: Sequence[str] = (),
 ) -> dict:
   """Runs `mode` for the config's category (or categories, in one program); returns
-  {"metrics": model -> category -> metric, "profiles": model -> parameters, FLOPs and latency}
+  {"metrics": model -> category -> metric, "profiles": model -> parameters, FLOPs and latency,
+  "validation": the main model -> category -> metric on the validation set (data.val_fraction)}
   ({} in train mode).
 
   With `include_untrained`, the freshly initialised model is evaluated too (as
@@ -139,10 +140,13 @@ def run(
   program = runs.runs_of(config)  # checks the stacked sweep's keys and values
   folders = [category_folder(run.config) for run in program]
   test_sets = [load_test_set(f, config.data.image_size) for f in folders]
+  val_sets = validation.validation_sets(config, folders)
   if exported is None:
     config = models.resolve(config, [len(f.train) for f in folders])
   with claimed_workdir(workdir, config, allow_changes) as workdir:
-    return _run_in(config, workdir, mode, mesh, folders, test_sets, exported, include_untrained)
+    return _run_in(
+      config, workdir, mode, mesh, folders, test_sets, val_sets, exported, include_untrained
+    )
 
 
 def _run_in(
@@ -152,11 +156,14 @@ def _run_in(
   mesh: Mesh,
   folders: list,
   test_sets: list,
+  val_sets: list | None,
   exported: artifact.Artifact | None,
   include_untrained: bool,
 ) -> dict:
   """`run` in a claimed workdir, after every check. Each run of a stacked program writes its
-  outputs in its own folder (runs.Run.name), as a separate run would."""
+  outputs in its own folder (runs.Run.name), as a separate run would. With `val_sets`
+  (data.val_fraction), the main model is scored on them too: validation metrics and the
+  deployment thresholds."""
   program = runs.runs_of(config)
   if sharding.is_primary():
     for run, folder in zip(program, folders):
@@ -166,13 +173,14 @@ def _run_in(
     predictors = {exported.manifest["model"]: [exported.predict] * len(program)}
     profiles = {}
   else:
+    validate = _validator(config, val_sets) if val_sets else None
     predictors, profiles = _trained_predictors(
-      config, workdir, mode, mesh, folders, include_untrained
+      config, workdir, mode, mesh, folders, include_untrained, validate
     )
     if mode == "train":
       return {}
 
-  results = {}
+  results, on_validation = {}, {}
   for i, (run, test_set) in enumerate(zip(program, test_sets)):
     key = run.name or run.category
     evaluations = {
@@ -182,8 +190,16 @@ def _run_in(
     for name, evaluation in evaluations.items():
       results.setdefault(name, {})[key] = evaluation.metrics
       logging.info("%s %s: %s", name, key, evaluation.metrics)
+    main_name, main = next(iter(predictors)), next(iter(predictors.values()))[i]
+    validated = None
+    if val_sets:
+      validated = evaluate.evaluate(main, val_sets[i], config.eval.batch_size)
+      on_validation.setdefault(main_name, {})[key] = validated.metrics
+      logging.info("%s %s validation: %s", main_name, key, validated.metrics)
     if sharding.is_primary():
-      _write_run_outputs(workdir / run.name, run, test_set, evaluations, profiles, config)
+      _write_run_outputs(
+        workdir / run.name, run, test_set, evaluations, profiles, config, validated
+      )
   if sharding.is_primary() and len(program) > 1:
     # The program's overview: one column per run (each run's folder holds its own results).
     files.write_atomic(
@@ -194,7 +210,7 @@ def _run_in(
         f"{len(program)} runs in one program; each run's outputs are in its folder",
       ),
     )
-  return {"metrics": results, "profiles": profiles}
+  return {"metrics": results, "profiles": profiles, "validation": on_validation}
 
 
 def _write_run_start(folder: Path, run: runs.Run, category: CategoryFolder, stacked: bool) -> None:
@@ -217,8 +233,10 @@ def _write_run_outputs(
   evaluations: dict[str, evaluate.Evaluation],
   profiles: dict,
   config: ml_collections.ConfigDict,
+  validated: evaluate.Evaluation | None = None,
 ) -> None:
-  """A run's evaluation outputs: metrics, results table, the main model's thresholds, scores
+  """A run's evaluation outputs: metrics, results table, the main model's thresholds (from its
+  `validated` evaluation on the validation set, and the test set's as oracle values), scores
   per test image, heatmaps and curves."""
   main = evaluations[next(iter(evaluations))]
   rows = [["category", "path", "defect", "label", "image_score"]]
@@ -228,7 +246,11 @@ def _write_run_outputs(
       test_set["path"], test_set["defect"], test_set["label"], main.scores
     )
   ]
-  pixel = main.thresholds["pixel"]
+  thresholds = {"oracle": main.thresholds}
+  if validated is not None:
+    thresholds["validation"] = validated.thresholds
+  # The heatmaps' binary map: at the deployment threshold where there is one.
+  pixel = (validated or main).thresholds["pixel"]
   report.write_heatmaps(
     folder / "heatmaps",
     test_set,
@@ -237,13 +259,15 @@ def _write_run_outputs(
     config.eval.num_heatmaps,
   )
   report.write_curves(folder / "curves", main.curves, main.scores, test_set["label"])
-  files.write_json(folder / "thresholds.json", {run.category: main.thresholds})
+  files.write_json(folder / "thresholds.json", {run.category: thresholds})
   files.write_atomic(folder / "test_scores.csv", report.csv_text(rows))
+  main_name = next(iter(evaluations))
   write_results(
     folder,
     {name: {run.category: e.metrics} for name, e in evaluations.items()},
     profiles,
     by_defect={name: {run.category: e.by_defect} for name, e in evaluations.items()},
+    on_validation={} if validated is None else {main_name: {run.category: validated.metrics}},
   )
 
 
@@ -254,9 +278,10 @@ def _trained_predictors(
   mesh: Mesh,
   folders: list,
   include_untrained: bool,
+  validate: train.Validator | None = None,
 ) -> tuple[dict, dict]:
   """Trains (unless mode is eval) or restores; model -> each run's predict function, and the
-  model's profile."""
+  model's profile. `validate`: scored during training (train.train)."""
   model, _, initial, _, _ = train.setup(config, [len(f.train) for f in folders])
   if mode == "eval":
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
@@ -265,11 +290,11 @@ def _trained_predictors(
     if state is None:
       raise errors.NotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
   else:
-    state = train.train(config, workdir, folders, mesh)
+    state = train.train(config, workdir, folders, mesh, validate)
     if mode == "train":
       return {}, {}
   # Every process evaluates on its own devices, from host copies of the state.
-  variants = {config.model.name: sharding.to_host(state.variables)}
+  variants = {config.model.name: sharding.to_host(state.selected_variables)}
   if include_untrained:  # as training starts: after the prepare stage (PRN's prototypes)
     initial = train.prepared_state(config, model, initial, folders)
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
@@ -292,20 +317,40 @@ def _trained_predictors(
   return predictors, profiles
 
 
+def _validator(config: ml_collections.ConfigDict, val_sets: list) -> train.Validator:
+  """train.Validator scoring each run's variables on its validation set."""
+
+  def validate(model, variables: dict) -> list[dict[str, float]]:
+    return [
+      evaluate.evaluate(
+        evaluate.model_predict_fn(
+          model, train.run_variables(config, variables, i), config.eval.score_filter_size
+        ),
+        val_set,
+        config.eval.batch_size,
+      ).metrics
+      for i, val_set in enumerate(val_sets)
+    ]
+
+  return validate
+
+
 def write_results(
   workdir: str | Path,
   results: dict,
   profiles: dict,
   caption: str = "",
   by_defect: dict | None = None,
+  on_validation: dict | None = None,
 ) -> None:
   """metrics.json and results.md.
 
   metrics.json: model -> category (and "mean") -> metric, plus, for models with a profile,
-  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`, and
-  with `by_defect` (model -> category -> defect type -> metric), `by_defect`.
+  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`, with
+  `by_defect` (model -> category -> defect type -> metric) `by_defect`, and with `on_validation`
+  (model -> category -> metric, on the validation set) `validation`.
   """
-  by_defect = by_defect or {}
+  by_defect, on_validation = by_defect or {}, on_validation or {}
   with_means = {
     model: {**per_category, "mean": metrics.mean_over_categories(per_category)}
     for model, per_category in results.items()
@@ -315,6 +360,7 @@ def write_results(
       **per_category,
       **profiles.get(model, {}),
       **({"by_defect": by_defect[model]} if by_defect.get(model) else {}),
+      **({"validation": on_validation[model]} if on_validation.get(model) else {}),
     }
     for model, per_category in with_means.items()
   }

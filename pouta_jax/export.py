@@ -58,7 +58,7 @@ class TrainedModel(NamedTuple):
   category: str
   model: nn.Module
   variables: dict  # host arrays of the run's model
-  state: train.TrainState  # the whole (possibly stacked) newest state
+  step: int  # the step its variables are from (train.select: the last, or the best validated)
   folder: Path  # the run's outputs (metrics.json, thresholds.json)
 
 
@@ -66,8 +66,8 @@ def trained_model(
   workdir: Path, run: str = "", config: ml_collections.ConfigDict | None = None
 ) -> TrainedModel:
   """The newest checkpoint's model of `run` (a runs.Run name such as `bottle` or
-  `train.seed=1/bottle`; needed only for a program that trained several runs at once);
-  ConfigError listing the runs otherwise."""
+  `train.seed=1/bottle`; needed only for a program that trained several runs at once), as
+  train.select chose it; ConfigError listing the runs otherwise."""
   config = config or config_lib.from_workdir(workdir)
   program = runs.runs_of(config)
   names = [r.name for r in program]
@@ -80,14 +80,18 @@ def trained_model(
   index = names.index(run)
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
-  variables = train.run_variables(config, sharding.to_host(state.variables), index)
+  variables = train.run_variables(config, sharding.to_host(state.selected_variables), index)
+  step = int(np.asarray(sharding.to_host(state.selected_step)).reshape(-1)[index])
   chosen = program[index]
-  return TrainedModel(chosen.config, chosen.category, model, variables, state, workdir / run)
+  return TrainedModel(chosen.config, chosen.category, model, variables, step, workdir / run)
 
 
-def read_thresholds(folder: Path, category: str) -> dict | None:
-  """A run's test-set F1-max thresholds of `category` (None: never evaluated)."""
-  return (_read_json(folder / "thresholds.json") or {}).get(category)
+def read_thresholds(folder: Path, category: str) -> dict[str, dict]:
+  """A run's thresholds of `category`: source ("oracle": F1-max on the test set; "validation":
+  on the validation set, with data.val_fraction) -> {"image": ..., "pixel": ...}; {} when the
+  run was never evaluated. Reads the flat test-set thresholds older versions wrote too."""
+  found = (_read_json(folder / "thresholds.json") or {}).get(category) or {}
+  return {"oracle": found} if "image" in found else found
 
 
 def _read_json(path: Path) -> dict | None:
@@ -128,12 +132,7 @@ def export(
       f"--batch_size={batch_size}: expected 0 (any) or a positive batch size"
     )
   trained = trained_model(workdir, run, config)
-  category, model, variables, state = (
-    trained.category,
-    trained.model,
-    trained.variables,
-    trained.state,
-  )
+  category, model, variables = trained.category, trained.model, trained.variables
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
   variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -149,7 +148,7 @@ def export(
     "format": artifact.FORMAT,
     "model": config.model.name,
     "category": category,
-    "step": train.current_step(state),
+    "step": trained.step,
     "image_sizes": list(sizes),
     "batch_size": batch_size or "any",
     "platforms": list(PLATFORMS),
@@ -165,9 +164,12 @@ def export(
       f"{config.eval.score_filter_size} mean-filtered map (zero "
       "padding)",
     },
-    "thresholds": thresholds or {"image": None, "pixel": None},
+    "thresholds": thresholds.get("oracle") or {"image": None, "pixel": None},
     "thresholds_rule": "oracle: F1-max on the run's test set, chosen on the test labels (null: "
     "the run was never evaluated); python -m pouta_jax.calibrate sets one on good images",
+    "validation_thresholds": thresholds.get("validation"),
+    "validation_thresholds_rule": "F1-max on the run's validation set: held-out normal "
+    "training images and the same images with a synthesised anomaly (null: no data.val_fraction)",
     "metrics": metrics.get(config.model.name, {}).get(category),
     "config": trained.config.to_dict(),
     "versions": {"jax": jax.__version__},

@@ -151,6 +151,18 @@ def aupro(
   return float(np.trapezoid(pro, fpr) / max_fpr)
 
 
+# What `category_metrics` reports, in the results tables' order; higher is better for each.
+METRIC_NAMES = (
+  "image_auroc",
+  "image_ap",
+  "pixel_auroc",
+  "pixel_ap",
+  "aupro",
+  "image_f1_max",
+  "pixel_f1_max",
+)
+
+
 def category_metrics(
   labels: np.ndarray,
   scores: np.ndarray,

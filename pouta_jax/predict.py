@@ -20,10 +20,11 @@ bilinear resize to the training size). 16-bit and float images are refused as in
 whole or not at all; an existing `--out` is replaced only with `--overwrite`.
 
 `--threshold` picks the image threshold: `calibrated` (set on known-good images by
-`python -m pouta_jax.calibrate`, artifacts only), `oracle` (the run's test-set F1-max: chosen on
-the test labels, so its decisions there are optimistic), `validation` (once runs keep a
-validation split), or a number. The default is `calibrated` where the artifact has one, else
-`oracle`; predict.json says which was used.
+`python -m pouta_jax.calibrate`, artifacts only), `validation` (the run's F1-max on its
+validation split, data.val_fraction: no test label used), `oracle` (the run's test-set F1-max:
+chosen on the test labels, so its decisions there are optimistic), or a number. The default is
+the first of calibrated, validation and oracle that the model has; predict.json says which was
+used.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pouta_jax.data.folder import IMAGE_SUFFIXES, check_readable, open_image, re
 
 MAP_FORMATS = ("png16", "npy")
 ORACLE_RULE = "oracle: F1-max on the training run's test set (chosen on the test labels)"
+VALIDATION_RULE = "validation: F1-max on the training run's validation set (no test label used)"
 THRESHOLD_SOURCES = ("calibrated", "validation", "oracle")
 
 
@@ -64,9 +66,9 @@ class Predictor:
 
   def threshold(self, choice: str = "") -> tuple[float | None, str]:
     """The image threshold and how it was set, for `--threshold=choice`: a source, a number, or
-    "" (calibrated if there is one, else the oracle; None when there is neither)."""
+    "" (the first source of THRESHOLD_SOURCES the model has; None when it has none)."""
     if not choice:
-      for source in ("calibrated", "oracle"):
+      for source in THRESHOLD_SOURCES:
         if source in self.thresholds:
           return self.thresholds[source]
       return None, "none: no decisions"
@@ -124,8 +126,9 @@ def from_artifact(path: str | Path) -> Predictor:
       f"calibrated: false-positive rate {rate} (target {c.get('target_fpr')}) "
       f"on {c.get('num_good')} good images ({c.get('good')})",
     )
-  if art.thresholds.get("image") is not None:
-    thresholds["oracle"] = (art.thresholds["image"], ORACLE_RULE)
+  thresholds.update(
+    _run_thresholds({"validation": art.validation_thresholds, "oracle": art.thresholds})
+  )
   return Predictor(
     source=f"artifact {Path(path).absolute()}",
     model=art.manifest["model"],
@@ -142,16 +145,25 @@ def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
   workdir = Path(workdir)
   trained = export.trained_model(workdir, run)
   config = trained.config
-  oracle = (export.read_thresholds(trained.folder, trained.category) or {}).get("image")
-  step = int(np.asarray(trained.state.step).reshape(-1)[0])
   return Predictor(
-    source=f"workdir {workdir.absolute()} (run {run or trained.category}, step {step})",
+    source=f"workdir {workdir.absolute()} (run {run or trained.category}, step {trained.step})",
     model=config.model.name,
     image_size=config.data.image_size,
     batch_size=0,
     fn=evaluate.model_predict_fn(trained.model, trained.variables, config.eval.score_filter_size),
-    thresholds={} if oracle is None else {"oracle": (oracle, ORACLE_RULE)},
+    thresholds=_run_thresholds(export.read_thresholds(trained.folder, trained.category)),
   )
+
+
+def _run_thresholds(found: dict[str, dict]) -> dict[str, tuple[float, str]]:
+  """The image thresholds of a training run's evaluation (export.read_thresholds' format), in
+  THRESHOLD_SOURCES order."""
+  rules = {"validation": VALIDATION_RULE, "oracle": ORACLE_RULE}
+  return {
+    source: (found[source]["image"], rule)
+    for source, rule in rules.items()
+    if (found.get(source) or {}).get("image") is not None
+  }
 
 
 def input_files(spec: str) -> tuple[list[Path], Path]:

@@ -21,15 +21,11 @@ from pouta_jax import errors, files, metrics
 
 # Panels of small test images are enlarged (nearest neighbour) to at least this height.
 MIN_PANEL_HEIGHT = 256
-METRIC_COLUMNS = (
-  "image_auroc",
-  "image_ap",
-  "pixel_auroc",
-  "pixel_ap",
-  "aupro",
-  "image_f1_max",
-  "pixel_f1_max",
-)
+METRIC_COLUMNS = metrics.METRIC_NAMES
+
+
+# Scalars of the validation set (train.py: `val/<metric>`).
+VALIDATION_PREFIX = "val/"
 
 
 def _records_until(path: Path, step: int) -> str:
@@ -71,8 +67,9 @@ class ScalarWriter:
           f"newest checkpoint is intact"
         ) from None
       raise
-    for name, value in scalars.items():
-      self._tensorboard.add_scalar(f"train/{name}", value, step)
+    for name, value in scalars.items():  # validation metrics in their own section
+      tag = name if name.startswith(VALIDATION_PREFIX) else f"train/{name}"
+      self._tensorboard.add_scalar(tag, value, step)
 
   def close(self) -> None:
     self._jsonl.close()

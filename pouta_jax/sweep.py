@@ -4,9 +4,11 @@ A sweep is a product of axes. `--sweep=optim.lr=1e-4,3e-4` is one axis; several 
 form one axis together (their i-th values go together, so they must have equal lengths);
 `--seeds=N` adds `train.seed=0..N-1`. Each point is a set of `--config.<key>=<value>` overrides
 with a workdir named after it. `aggregate` reads every run's config.json and metrics.json under a
-root and writes one row per setting, one column per category, mean ± std over seeds.
+root and writes one row per setting, one column per category, mean ± std over seeds, the best
+mean first; `--split=validation` ranks by the validation split's metrics (data.val_fraction),
+where settings are chosen without touching the test set.
 
-    python -m pouta_jax.sweep --root=runs/ablation [--metric=pixel_ap]
+    python -m pouta_jax.sweep --root=runs/ablation [--metric=pixel_ap] [--split=validation]
 """
 
 from __future__ import annotations
@@ -216,11 +218,17 @@ def _get(config: dict, key: str):
   return config
 
 
+SPLITS = ("test", "validation")
+
+
 def aggregate(
-  root: str | Path, swept: list[str] | None = None, metric: str = "pixel_ap"
+  root: str | Path, swept: list[str] | None = None, metric: str = "pixel_ap", split: str = "test"
 ) -> tuple[str, str]:
-  """Markdown and CSV: a row per setting of the `swept` keys, a column per category and the mean,
-  each cell mean ± std over seeds. `swept` defaults to every key that varies between runs."""
+  """Markdown and CSV: a row per setting of the `swept` keys (the best mean first), a column per
+  category and the mean, each cell mean ± std over seeds of `metric` on the `split` (SPLITS).
+  `swept` defaults to every key that varies between runs."""
+  if split not in SPLITS:
+    raise SweepError(f"--split={split!r}: expected one of {SPLITS}")
   runs = []
   for metrics_path in sorted(Path(root).rglob("metrics.json")):
     config_path = metrics_path.parent / "config.json"
@@ -229,6 +237,14 @@ def aggregate(
     config = json.loads(config_path.read_text())
     results = json.loads(metrics_path.read_text())[config["model"]["name"]]
     categories = config["data"].get("categories") or [config["data"]["category"]]
+    if split == "validation":
+      results = results.get("validation", {})
+      missing = [c for c in categories if c not in results]
+      if missing:
+        raise SweepError(
+          f"{metrics_path}: no validation metrics of {missing} (trained without "
+          f"data.val_fraction); rank it with --split=test"
+        )
     runs.extend((config, category, results[category][metric]) for category in categories)
   if not runs:
     raise SweepError(f"no run with metrics.json and config.json under {root}")
@@ -246,18 +262,20 @@ def aggregate(
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}" if values else "–"
 
   header = (swept or ["setting"]) + categories + ["mean"]
-  rows = []
+  ranked = []
   for setting, per_category in table.items():
-    means = [np.mean(per_category[c]) for c in categories if c in per_category]
-    rows.append(
+    mean = np.mean([np.mean(per_category[c]) for c in categories if c in per_category])
+    row = (
       list(setting or ("default",))
       + [cell(per_category.get(c, [])) for c in categories]
-      + [f"{100 * np.mean(means):.1f}"]
+      + [f"{100 * mean:.1f}"]
     )
+    ranked.append((-mean, len(ranked), row))
+  rows = [row for _, _, row in sorted(ranked)]
   markdown = (
     "\n".join(
       [
-        f"**{metric}** (%, mean ± std over seeds)",
+        f"**{metric}** on the {split} set (%, mean ± std over seeds; the best mean first)",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
@@ -273,10 +291,11 @@ def aggregate(
 
 def main(argv: list[str]) -> None:
   del argv
-  root, metric = flags.FLAGS.root, flags.FLAGS.metric
-  markdown, table_csv = aggregate(root, metric=metric)
-  files.write_atomic(Path(root) / f"sweep_{metric}.md", markdown)
-  files.write_atomic(Path(root) / f"sweep_{metric}.csv", table_csv)
+  root, metric, split = flags.FLAGS.root, flags.FLAGS.metric, flags.FLAGS.split
+  markdown, table_csv = aggregate(root, metric=metric, split=split)
+  name = f"sweep_{'val_' if split == 'validation' else ''}{metric}"
+  files.write_atomic(Path(root) / f"{name}.md", markdown)
+  files.write_atomic(Path(root) / f"{name}.csv", table_csv)
   print(markdown)
 
 
@@ -284,4 +303,5 @@ if __name__ == "__main__":
   # Defined here, not at import: the launcher imports this module and must not get these flags.
   flags.DEFINE_string("root", None, "Folder holding the sweep's runs.", required=True)
   flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
+  flags.DEFINE_enum("split", "test", list(SPLITS), "The metrics of the test or validation set.")
   errors.run(main)

@@ -32,17 +32,32 @@ from pouta_jax.data.folder import CategoryFolder, load_image
 class TrainState(flax.struct.PyTreeNode):
   """`params` and `batch_stats` are what training changes; `constants` the variables it never
   does: frozen submodules (a pretrained backbone) and collections such as PRN's prototypes,
-  set before step 0 by the model's prepare stage and saved with the rest."""
+  set before step 0 by the model's prepare stage and saved with the rest. `best`: with
+  train.select=best_val, the params and batch_stats of the best validation `metric` so far and
+  its `step` (`keep_best`), checkpointed with the rest; empty otherwise."""
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   constants: Any = flax.struct.field(default_factory=dict)
+  best: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
     return models.merge_variables(self.params, self.batch_stats, self.constants)
+
+  @property
+  def selected_variables(self) -> dict:
+    """What the run evaluates and exports: the best validation step's variables (train.select
+    best_val) or the last step's."""
+    if not self.best:
+      return self.variables
+    return models.merge_variables(self.best["params"], self.best["batch_stats"], self.constants)
+
+  @property
+  def selected_step(self) -> jax.Array:
+    return self.best["step"] if self.best else self.step
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_images: int) -> int:
@@ -108,17 +123,38 @@ def fresh_state(
   image_size: int,
   seed: int,
   frozen: tuple[str, ...] = (),
+  keep_best: bool = False,
 ) -> TrainState:
-  """The freshly initialised state; the `frozen` submodules go to its constants."""
+  """The freshly initialised state; the `frozen` submodules go to its constants. With
+  `keep_best`, a `best` record that any validation result replaces (metric -inf)."""
   variables = _jitted_init(model, image_size)(jax.random.key(seed))
   params, batch_stats, constants = models.split_variables(variables, frozen)
+  best = {}
+  if keep_best:  # copies: the train step donates the state's buffers
+    best = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+    best.update(metric=jnp.array(-jnp.inf, jnp.float32), step=jnp.array(0, jnp.int32))
   return TrainState(
     step=jnp.array(0, jnp.int32),
     params=params,
     batch_stats=batch_stats,
     opt_state=jax.jit(tx.init)(params),
     constants=constants,
+    best=best,
   )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def kept_best(state: TrainState, metric: jax.Array) -> TrainState:
+  """`state` with its `best` record replaced where `metric` (one per row of the run axis, or a
+  scalar) beats it: the current params, batch_stats, metric and step. Ties keep the earlier."""
+  better = metric > state.best["metric"]
+
+  def pick(new, old):
+    return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+  current = {"params": state.params, "batch_stats": state.batch_stats}
+  current.update(metric=metric.astype(jnp.float32), step=state.step)
+  return state.replace(best=jax.tree.map(pick, current, state.best))
 
 
 class Setup(NamedTuple):
@@ -153,7 +189,9 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: i
   for c, h in zip(run_configs, hparams):
     if c.train.seed not in states:
       tx = optimizer(h["optim"])
-      states[c.train.seed] = fresh_state(model, tx, c.data.image_size, c.train.seed, spec.frozen)
+      states[c.train.seed] = fresh_state(
+        model, tx, c.data.image_size, c.train.seed, spec.frozen, c.train.select == "best_val"
+      )
   if len(run_configs) == 1:
     return Setup(model, optimizer, states[run_configs[0].train.seed], hparams[0], num_steps)
   state = _stacked(*[states[c.train.seed] for c in run_configs])
@@ -344,11 +382,22 @@ class _Scalars:
     self._program = report.ScalarWriter(workdir, start) if primary else None
     self._runs = [report.ScalarWriter(workdir / n, start) for n in self._names if primary]
 
-  def write(self, step: int, values: dict[str, np.ndarray], rate: float) -> dict[str, float]:
+  def write(
+    self,
+    step: int,
+    values: dict[str, np.ndarray],
+    rate: float,
+    validation: Sequence[dict[str, float]] = (),
+  ) -> dict[str, float]:
     """Writes one step's `values` (one per row of the run axis when stacked; padding rows are
-    left out); returns the program's scalars."""
+    left out) and each run's `validation` metrics (as `val/<metric>`; the program's: their
+    means); returns the program's scalars."""
     if self._names:
       values = {k: v[: self._count] for k, v in values.items()}
+    metric_names = validation[0] if validation else {}
+    values.update(
+      {f"{report.VALIDATION_PREFIX}{k}": np.array([m[k] for m in validation]) for k in metric_names}
+    )
     scalars = {k: float(np.mean(v)) for k, v in values.items()}
     if self._names:
       scalars.update({f"loss/{n}": float(v) for n, v in zip(self._names, values["loss"])})
@@ -365,11 +414,17 @@ class _Scalars:
         writer.close()
 
 
+# Scores a model's variables (host copies, stacked like the state) on each run's validation set:
+# one metrics dict per run (experiment.py builds it; the train loop knows no evaluation).
+Validator = Callable[[nn.Module, dict], list[dict[str, float]]]
+
+
 def train(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
   folders: Sequence[CategoryFolder],
   mesh: Mesh | None = None,
+  validate: Validator | None = None,
 ) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
@@ -379,9 +434,15 @@ def train(
   to an uninterrupted one. A non-finite loss stops training with DivergedError before
   anything is saved, so the newest checkpoint on disk is always a good one; a SIGTERM saves a
   checkpoint and raises preemption.Preempted. `mesh`: the config's (`sharding.make_mesh`) unless
-  the caller built it already.
+  the caller built it already. `validate`: scored every `eval.val_every` steps and at the last
+  one, into the scalars as `val/<metric>`.
   """
   workdir = Path(workdir)
+  if config.train.select == "best_val" and validate is None:
+    raise errors.ConfigError(
+      "config.train.select='best_val': this caller of train.train gives no validation to "
+      "select by (experiment.run does)"
+    )
   runs = runs_lib.runs_of(config)
   stacked = len(runs) > 1
   mesh = sharding.make_mesh(config) if mesh is None else mesh
@@ -468,7 +529,10 @@ def train(
         state, step_metrics = train_step(state, batch, hparams)
         step += 1
         in_flight.append(step_metrics["loss"])
-        log_now = step % config.train.log_every == 0 or step == num_steps
+        val_now = validate is not None and (
+          step == num_steps or (config.eval.val_every and step % config.eval.val_every == 0)
+        )
+        log_now = step % config.train.log_every == 0 or step == num_steps or val_now
         save_now = step % config.train.checkpoint_every == 0 or step == num_steps
         if not (log_now or save_now):
           continue
@@ -478,7 +542,12 @@ def train(
           now = time.perf_counter()
           rate = (step - last_step) / max(now - last_time, 1e-9)
           last_time, last_step = now, step
-          logged = scalars.write(step, values, rate)
+          validation = validate(model, sharding.to_host(state.variables)) if val_now else ()
+          logged = scalars.write(step, values, rate, validation)
+          if validation and state.best:
+            scores = [m[config.train.select_metric] for m in validation]
+            scores = runs_lib.padded(scores, rows) if rows else scores[0]
+            state = kept_best(state, np.asarray(scores, np.float32))
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
           if jax.process_count() > 1:  # each process's own view, to compare across hosts
             logging.info("process %d step %d loss %.9g", jax.process_index(), step, logged["loss"])

@@ -52,7 +52,11 @@ def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):
   assert manifest["model"] == "pouta" and manifest["step"] == config.train.num_steps
   assert manifest["image_sizes"] == [32, 64] and manifest["batch_size"] == "any"
   assert set(manifest["platforms"]) == {"cpu", "cuda", "tpu"}
-  assert manifest["thresholds"] == json.loads((workdir / "thresholds.json").read_text())["weave"]
+  assert (
+    manifest["thresholds"]
+    == json.loads((workdir / "thresholds.json").read_text())["weave"]["oracle"]
+  )
+  assert manifest["validation_thresholds"] is None  # no data.val_fraction
   assert manifest["metrics"] == pytest.approx(results["metrics"]["pouta"]["weave"], nan_ok=True)
   assert manifest["config"]["model"] == config.model.to_dict()
   with pytest.raises(ValueError, match=r"S in \(32, 64\)"):

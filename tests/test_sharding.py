@@ -13,7 +13,7 @@ from pouta_jax.errors import ConfigError
 from tests.conftest import xla_flags
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(280)
+pytestmark = pytest.mark.heavy(240)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,10 +106,14 @@ def test_required_platform_is_checked_and_every_run_says_where_it_runs(tiny_conf
 
 def _assert_equal_on_eight_devices(script: str, *args: str, devices: int = 8) -> None:
   """Runs `script` in a fresh interpreter with 8 (`devices`) simulated CPU devices; it prints
-  EQUAL."""
+  EQUAL. With LLVM's optimisations, unlike the other tests (conftest.py): these scripts run
+  float64 steps whose unoptimised code ran longer than compiling it saved (the 15-run
+  script: 93 s against 56 s)."""
   env = {
     **os.environ,
-    "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
+    "XLA_FLAGS": xla_flags(
+      f"--xla_force_host_platform_device_count={devices}", "--xla_backend_optimization_level=2"
+    ),
     "JAX_PLATFORMS": "cpu",
   }
   result = subprocess.run(
@@ -295,10 +299,10 @@ def test_a_stack_of_categories_seeds_and_learning_rates_equals_separate_runs(dat
 
 
 # 15 runs (3 categories x 5 seeds: all different) on 1 to 16 of 16 devices: the layout "auto"
-# takes for each (runs split, the batch split, padding rows); on 1, 12 (6 runs x 2 halves of
-# the batch, 3 padding rows) and 16 devices (1 padding row) every run's loss and parameters after
-# a step equal its own on 1 device (float64). Width 2, 32 px, batch 2: a small float64 vmapped
-# step, compiled once per mesh (the costly part here).
+# takes for each (runs split, the batch split, padding rows); on 12 devices (a run axis of 6
+# with 3 padding rows, the batch split in 2: every kind of layout at once) every run's loss and
+# parameters after a step equal its own on 1 device (float64). Width 2, 32 px, batch 2: a small
+# float64 vmapped step, compiled once per mesh (the costly part: half a minute each on 2 cores).
 PADDED_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
@@ -328,7 +332,7 @@ PADDED_SCRIPT = textwrap.dedent("""
       assert sharding.mesh_rows(mesh, config) == rows, num_devices
 
     results = {}
-    for num_devices in (1, 12, 16):
+    for num_devices in (1, 12):
       config.mesh.num_devices = num_devices
       mesh = sharding.make_mesh(config)
       rows = sharding.mesh_rows(mesh, config)

@@ -45,7 +45,7 @@ def test_bad_sweeps_name_the_flag(config):
     sweep.expand(config, [], ["optim.lr=1,2", "model.compare=both"])
 
 
-def _fake_run(root, name, compare, seed, category, value):
+def _fake_run(root, name, compare, seed, category, value, val=None):
   folder = root / name / category
   folder.mkdir(parents=True)
   config = {
@@ -54,7 +54,10 @@ def _fake_run(root, name, compare, seed, category, value):
     "train": {"seed": seed},
   }
   (folder / "config.json").write_text(json.dumps(config))
-  (folder / "metrics.json").write_text(json.dumps({"pouta": {category: {"pixel_ap": value}}}))
+  results = {category: {"pixel_ap": value}}
+  if val is not None:
+    results["validation"] = {category: {"pixel_ap": val}}
+  (folder / "metrics.json").write_text(json.dumps({"pouta": results}))
 
 
 def test_aggregate_mean_and_std_over_seeds(tmp_path):
@@ -76,6 +79,21 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
   config_path.write_text(json.dumps(config))
   rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
   assert rows[0] == ["model.compare", "model.extra", "pill", "weave", "mean"]
+
+
+def test_aggregate_ranks_by_the_validation_split(tmp_path):
+  for seed in (0, 1):
+    _fake_run(tmp_path, f"both{seed}", "both", seed, "weave", 0.6, val=0.3 + seed / 10)
+    _fake_run(tmp_path, f"enc{seed}", "encoder", seed, "weave", 0.4, val=0.5)
+  test_rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
+  assert [r[0] for r in test_rows[1:]] == ['"both"', '"encoder"']  # the best test mean first
+  markdown, table = sweep.aggregate(tmp_path, split="validation")
+  rows = list(csv.reader(io.StringIO(table)))
+  assert rows[1:] == [['"encoder"', "50.0 ± 0.0", "50.0"], ['"both"', "35.0 ± 5.0", "35.0"]]
+  assert markdown.startswith("**pixel_ap** on the validation set")
+  _fake_run(tmp_path, "old", "decoder", 0, "weave", 0.5)  # trained without a validation split
+  with pytest.raises(sweep.SweepError, match=r"old/weave/metrics.json: no validation metrics"):
+    sweep.aggregate(tmp_path, split="validation")
 
 
 def test_aggregate_without_runs(tmp_path):

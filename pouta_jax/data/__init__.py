@@ -5,15 +5,22 @@ from __future__ import annotations
 import ml_collections
 
 from pouta_jax.data import embedded
-from pouta_jax.data.folder import CategoryFolder, DataError, few_shot, hold_out_real_anomalies, scan
+from pouta_jax.data.folder import (
+  CategoryFolder,
+  DataError,
+  few_shot,
+  hold_out_real_anomalies,
+  hold_out_validation,
+  scan,
+)
 
 
 def category_folder(
   config: ml_collections.ConfigDict, category: str | None = None
 ) -> CategoryFolder:
-  """A category's files (default: the configured one; or its few-shot subset, and without the
-  real anomalies held out for training); builds the embedded dataset first when no root is
-  given."""
+  """A category's files (default: the configured one): without its validation images
+  (data.val_fraction), then its few-shot subset of the rest, without the real anomalies held
+  out for training; builds the embedded dataset first when no root is given."""
   category = category or config.data.category
   root = config.data.root
   if config.data.tfds_dataset:
@@ -36,9 +43,10 @@ def category_folder(
     folder = scan(embedded.build(config.data.embedded_dir, categories=(category,)), category)
   else:
     folder = scan(root, category)
+  if config.data.val_fraction:
+    folder = hold_out_validation(folder, config.data.val_fraction, config.data.val_seed)
   if config.data.few_shot:
     folder = few_shot(folder, config.data.few_shot, config.train.seed)
-  # .get: configs stored by versions without the key (a workdir's config.json) have none.
   if config.data.num_real_anomalies:
     folder = hold_out_real_anomalies(folder, config.data.num_real_anomalies, config.train.seed)
   return folder

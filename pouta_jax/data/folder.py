@@ -46,6 +46,8 @@ class CategoryFolder:
   test: tuple[TestSample, ...]
   # Defect images with masks taken out of `test` to train on ("seen" anomalies, PRN).
   real_anomalies: tuple[TestSample, ...] = ()
+  # Normal images taken out of `train` for validation (`hold_out_validation`).
+  val: tuple[Path, ...] = ()
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -146,12 +148,39 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
   return CategoryFolder(root, category, train, tuple(test))
 
 
+# The stream of data.val_seed that picks the validation images.
+VALIDATION_STREAM = 1
+
+
+def hold_out_validation(folder: CategoryFolder, fraction: float, seed: int) -> CategoryFolder:
+  """The same category with round(`fraction` x its training images), chosen by `seed`, moved
+  to `val` (both kept in file order): never trained on."""
+  total = len(folder.train)
+  count = round(fraction * total)
+  if not 0 < count < total:
+    raise DataError(
+      f"config.data.val_fraction={fraction}: holds out {count} of the {total} training images "
+      f"in {folder.root / folder.category / 'train' / 'good'}, leaving {total - count} to train "
+      f"on; expected at least 1 of each"
+    )
+  chosen = set(
+    np.random.default_rng((seed, VALIDATION_STREAM)).choice(total, count, False).tolist()
+  )
+  return dataclasses.replace(
+    folder,
+    train=tuple(p for i, p in enumerate(folder.train) if i not in chosen),
+    val=tuple(p for i, p in enumerate(folder.train) if i in chosen),
+  )
+
+
 def few_shot(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
-  """The same category with `count` training images chosen by `seed` (kept in file order)."""
+  """The same category with `count` training images chosen by `seed` (kept in file order), of
+  those not held out for validation."""
   if count > len(folder.train):
+    held = f" after {len(folder.val)} held out (data.val_fraction)" if folder.val else ""
     raise DataError(
       f"config.data.few_shot={count}: only {len(folder.train)} training images "
-      f"in {folder.root / folder.category / 'train' / 'good'}"
+      f"in {folder.root / folder.category / 'train' / 'good'}{held}"
     )
   chosen = np.random.default_rng(seed).choice(len(folder.train), count, replace=False)
   return dataclasses.replace(folder, train=tuple(folder.train[i] for i in sorted(chosen)))

@@ -1,0 +1,204 @@
+"""The validation split (data.val_fraction): held-out normal images and synthesised anomalies,
+validation metrics while training, deployment thresholds from it; its bad inputs."""
+
+import json
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from pouta_jax import artifact, experiment, export, metrics, predict, train
+from pouta_jax.config import validate
+from pouta_jax.data import DataError, category_folder, folder as folder_lib, validation
+from pouta_jax.errors import ConfigError
+from tests.conftest import make_tiny_config
+
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(85)
+
+CATEGORIES = ("weave", "pill")
+
+
+def _config(root, fraction=0.25):
+  config = make_tiny_config("draem", root)
+  config.data.val_fraction = fraction
+  return config
+
+
+def test_the_split_is_seeded_and_disjoint_and_few_shot_draws_from_the_rest(dataset_root):
+  config = _config(dataset_root)
+  everything = folder_lib.scan(dataset_root, "weave")
+  split = category_folder(config)
+  assert len(split.val) == 2 and len(split.train) == 6  # round(0.25 x 8)
+  assert sorted(split.train + split.val) == sorted(everything.train)
+  assert list(split.val) == sorted(split.val) and list(split.train) == sorted(split.train)
+  config.train.seed = 5  # the training seed does not move the split
+  assert category_folder(config).val == split.val
+  config.data.val_seed = 1
+  assert category_folder(config).val != split.val
+  config.data.val_seed, config.data.few_shot = 0, 4
+  few = category_folder(config)
+  assert few.val == split.val and set(few.train) < set(split.train) and len(few.train) == 4
+  config.data.few_shot = 7
+  with pytest.raises(DataError, match=r"few_shot=7: only 6 training images .* after 2 held out"):
+    category_folder(config)
+
+
+def test_the_validation_set_is_deterministic_and_labelled(dataset_root):
+  config = _config(dataset_root)
+  config.data.categories = CATEGORIES
+  folders = [category_folder(config, c) for c in CATEGORIES]
+  first = validation.validation_sets(config, folders)
+  again = validation.validation_sets(config, folders)
+  for a, b, folder in zip(first, again, folders):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+    assert a["image"].shape == (4, 32, 32, 3) and a["image"].dtype == np.uint8
+    np.testing.assert_array_equal(a["label"], [0, 0, 1, 1])
+    assert list(a["defect"]) == ["good", "good", "synthetic", "synthetic"]
+    assert not a["mask"][:2].any() and all(m.any() for m in a["mask"][2:])
+    for i, path in enumerate(folder.val):  # the good half: the held-out files as they are
+      np.testing.assert_array_equal(a["image"][i], folder_lib.load_image(path, 32))
+      assert a["path"][i] == a["path"][i + 2] == str(path)
+    # The anomalies change the images inside their masks only.
+    changed = (a["image"][2:] != a["image"][:2]).any(-1)
+    assert not (changed & ~a["mask"][2:]).any() and changed.any()
+  # Nothing held out: no validation set.
+  config.data.val_fraction = 0.0
+  assert validation.validation_sets(config, [category_folder(config)]) is None
+
+
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("data.val_fraction", 1.0, r"config.data.val_fraction=1.0: expected a share of train/good"),
+    ("data.val_fraction", -0.1, r"config.data.val_fraction=-0.1: expected a share"),
+    ("eval.val_every", -1, r"config.eval.val_every=-1: expected 0 \(the last step\)"),
+    ("train.select", "best", r"config.train.select='best': expected one of \('last', 'best_val'\)"),
+    ("train.select_metric", "iou", r"config.train.select_metric='iou': expected one of \("),
+    ("data.val_fraction", 0.0, r"config.train.select='best_val': expected 'last' without a valid"),
+  ],
+)
+def test_bad_validation_settings_are_refused_by_name(dataset_root, key, value, message):
+  config = _config(dataset_root)
+  config.train.select = "best_val"
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+@pytest.mark.parametrize(
+  "fraction, message",
+  [
+    (0.05, r"val_fraction=0.05: holds out 0 of the 8 training images .* leaving 8"),
+    (0.95, r"val_fraction=0.95: holds out 8 of the 8 training images .* leaving 0"),
+  ],
+)
+def test_a_split_without_training_or_validation_images_writes_nothing(
+  dataset_root, tmp_path, fraction, message
+):
+  with pytest.raises(DataError, match=message):
+    experiment.run(_config(dataset_root, fraction), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_best_validated_variables_are_kept_per_run():
+  def state(step, weights, best):
+    return train.TrainState(
+      step=jnp.array([step, step]),
+      params={"w": jnp.array(weights, jnp.float32)},
+      batch_stats={},
+      opt_state=(),
+      best=best,
+    )
+
+  fresh = {"params": {"w": jnp.zeros(2)}, "batch_stats": {}}
+  fresh.update(metric=jnp.full(2, -jnp.inf), step=jnp.zeros(2, jnp.int32))
+  best = train.kept_best(state(1, [1, 2], fresh), np.float32([0.5, 0.2])).best
+  best = train.kept_best(state(2, [3, 4], best), np.float32([0.4, 0.3])).best
+  np.testing.assert_array_equal(best["params"]["w"], [1, 4])  # run 0 got worse, run 1 better
+  np.testing.assert_array_equal(best["step"], [1, 2])
+  np.testing.assert_array_equal(best["metric"], np.float32([0.5, 0.3]))
+  best = train.kept_best(state(3, [5, 6], best), np.float32([0.5, 0.3])).best  # ties keep
+  np.testing.assert_array_equal(best["params"]["w"], [1, 4])
+  np.testing.assert_array_equal(best["step"], [1, 2])
+
+
+@pytest.fixture(scope="module")
+def validated_run(dataset_root, tmp_path_factory):
+  """Two categories in one program with a validation split, validated at steps 3 and 6, each
+  run evaluated and exported at its best validated step."""
+  config = _config(dataset_root)
+  config.data.categories = CATEGORIES
+  config.eval.val_every = 3
+  config.train.select = "best_val"
+  workdir = tmp_path_factory.mktemp("validated")
+  return config, workdir, experiment.run(config, workdir)
+
+
+def _tensorboard_steps(folder, tag):
+  """The steps of `tag`'s scalars in a TensorBoard folder (TFRecord files of Event protos)."""
+  steps = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+      pos += 12 + length + 4  # length, its CRC, the record, its CRC
+  return steps
+
+
+def _records(folder):
+  return [json.loads(line) for line in (folder / "scalars.jsonl").read_text().splitlines()]
+
+
+def test_validation_metrics_are_logged_while_training(validated_run):
+  _, workdir, results = validated_run
+  final = {}
+  for category in CATEGORIES:
+    records = {r["step"]: r for r in _records(workdir / category)}
+    assert [s for s, r in records.items() if "val/pixel_ap" in r] == [3, 6]
+    assert "val/pixel_ap" not in records[2]  # log_every 2: a training record only
+    final[category] = records[6]
+    # The run is evaluated with its best validated variables (pixel_ap; ties keep the earlier):
+    # on the validation set, they score what they scored at that step.
+    best = 3 if records[3]["val/pixel_ap"] >= records[6]["val/pixel_ap"] else 6
+    reported = results["validation"]["draem"][category]
+    for name in ("image_auroc", "pixel_ap", "aupro"):
+      assert records[best][f"val/{name}"] == pytest.approx(reported[name], abs=1e-6)
+    assert export.trained_model(workdir, category).step == best
+    written = json.loads((workdir / category / "metrics.json").read_text())["draem"]
+    assert written["validation"][category] == pytest.approx(reported)
+    assert _tensorboard_steps(workdir / category / "tensorboard", "val/pixel_ap") == [3, 6]
+  program = {r["step"]: r for r in _records(workdir)}[6]  # the program's: the mean of its runs
+  assert program["val/pixel_ap"] == pytest.approx(
+    np.mean([final[c]["val/pixel_ap"] for c in CATEGORIES])
+  )
+
+
+def test_deployment_thresholds_come_from_validation(validated_run, tmp_path):
+  config, workdir, _ = validated_run
+  found = json.loads((workdir / "pill" / "thresholds.json").read_text())["pill"]
+  assert set(found) == {"oracle", "validation"}
+  # The validation thresholds are F1-max of the exported model's scores on the validation set.
+  art = artifact.load(export.export(workdir, tmp_path / "pill", run="pill"))
+  val_set = validation.validation_sets(config, [category_folder(config, c) for c in CATEGORIES])[1]
+  maps, scores = art.predict(art.preprocess(val_set["image"]))
+  assert found["validation"]["image"] == pytest.approx(
+    metrics.f1_max(val_set["label"], scores)[1], rel=1e-5
+  )
+  assert found["validation"]["pixel"] == pytest.approx(
+    metrics.f1_max(val_set["mask"], maps)[1], rel=1e-5
+  )
+  assert art.validation_thresholds == found["validation"]
+  assert art.thresholds == found["oracle"]
+  # predict takes the validation threshold before the oracle one, and says so.
+  chosen = predict.from_artifact(art.path).threshold()
+  assert chosen == (found["validation"]["image"], predict.VALIDATION_RULE)
+  from_workdir = predict.from_workdir(workdir, "pill")
+  assert from_workdir.threshold() == chosen
+  assert from_workdir.threshold("oracle")[0] == found["oracle"]["image"]
