@@ -197,8 +197,9 @@ def _run_in(
       on_validation.setdefault(main_name, {})[key] = validated.metrics
       logging.info("%s %s validation: %s", main_name, key, validated.metrics)
     if sharding.is_primary():
+      step = train.num_train_steps(run.config, len(folders[i].train))
       _write_run_outputs(
-        workdir / run.name, run, test_set, evaluations, profiles, config, validated
+        workdir / run.name, run, test_set, evaluations, profiles, config, step, validated
       )
   if sharding.is_primary() and len(program) > 1:
     # The program's overview: one column per run (each run's folder holds its own results).
@@ -233,11 +234,13 @@ def _write_run_outputs(
   evaluations: dict[str, evaluate.Evaluation],
   profiles: dict,
   config: ml_collections.ConfigDict,
+  step: int,
   validated: evaluate.Evaluation | None = None,
 ) -> None:
   """A run's evaluation outputs: metrics, results table, the main model's thresholds (from its
   `validated` evaluation on the validation set, and the test set's as oracle values), scores
-  per test image, heatmaps and curves."""
+  per test image, heatmaps and curves; its test metrics and heatmaps in TensorBoard at `step`,
+  the end of its training."""
   main = evaluations[next(iter(evaluations))]
   rows = [["category", "path", "defect", "label", "image_score"]]
   rows += [
@@ -251,13 +254,11 @@ def _write_run_outputs(
     thresholds["validation"] = validated.thresholds
   # The heatmaps' binary map: at the deployment threshold where there is one.
   pixel = (validated or main).thresholds["pixel"]
-  report.write_heatmaps(
-    folder / "heatmaps",
-    test_set,
-    main.maps,
-    float("nan") if pixel is None else pixel,
-    config.eval.num_heatmaps,
+  panels = report.heatmap_panels(
+    test_set, main.maps, float("nan") if pixel is None else pixel, config.eval.num_heatmaps
   )
+  report.write_heatmaps(folder / "heatmaps", panels)
+  report.write_evaluation_to_tensorboard(folder, step, main.metrics, panels)
   report.write_curves(folder / "curves", main.curves, main.scores, test_set["label"])
   files.write_json(folder / "thresholds.json", {run.category: thresholds})
   files.write_atomic(folder / "test_scores.csv", report.csv_text(rows))

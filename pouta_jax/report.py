@@ -193,24 +193,52 @@ def heatmap_panel(
   return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)
 
 
-def write_heatmaps(
-  folder: str | Path, test_set: dict, maps: np.ndarray, threshold: float, count: int
-) -> list[Path]:
-  """Panels of up to `count` test images (-1: all of them), defective ones first, as
-  `<defect>_<name>.png`."""
+def heatmap_panels(
+  test_set: dict, maps: np.ndarray, threshold: float, count: int
+) -> dict[str, np.ndarray]:
+  """`heatmap_panel`s of up to `count` test images (-1: all of them) by `<defect>_<name>`,
+  defective ones first, small ones enlarged to MIN_PANEL_HEIGHT."""
   # Defective first, grouped by defect type; stepping through spreads the picks over the types.
   order = np.lexsort((test_set["defect"], -test_set["label"]))
   count = len(order) if count == -1 else count
   step = max(1, len(order) // max(count, 1))
-  written = []
+  panels = {}
   for i in order[::step][:count]:
     panel = heatmap_panel(test_set["image"][i], test_set["mask"][i], maps[i], threshold)
     scale = max(1, MIN_PANEL_HEIGHT // panel.shape[0])
-    panel = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
-    path = Path(folder) / (str(test_set["name"][i]).replace("/", "_") + ".png")
+    panels[str(test_set["name"][i]).replace("/", "_")] = np.repeat(
+      np.repeat(panel, scale, axis=0), scale, axis=1
+    )
+  return panels
+
+
+def write_heatmaps(folder: str | Path, panels: dict[str, np.ndarray]) -> list[Path]:
+  """`heatmap_panels` as `<defect>_<name>.png` files."""
+  written = []
+  for name, panel in panels.items():
+    path = Path(folder) / f"{name}.png"
     files.write_atomic(path, png_bytes(Image.fromarray(panel)))
     written.append(path)
   return written
+
+
+# Heatmap panels shown in TensorBoard (all of them stay in the run's heatmaps/ folder).
+TENSORBOARD_PANELS = 4
+
+
+def write_evaluation_to_tensorboard(
+  workdir: str | Path, step: int, metrics: dict[str, float], panels: dict[str, np.ndarray]
+) -> None:
+  """The test metrics (`eval/<metric>`) and the first TENSORBOARD_PANELS heatmap panels
+  (`eval/heatmaps/<name>`) at `step`, beside the training scalars in `workdir/tensorboard`."""
+  writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
+  try:
+    for name, value in metrics.items():
+      writer.add_scalar(f"eval/{name}", value, step)
+    for name, panel in list(panels.items())[:TENSORBOARD_PANELS]:
+      writer.add_image(f"eval/heatmaps/{name}", panel, step, dataformats="HWC")
+  finally:
+    writer.close()
 
 
 def csv_text(rows: list[list]) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 # One persistent XLA compilation cache for this test session, its subprocesses and xdist
 # workers included (they inherit the environment): the tests compile the same tiny programs in
@@ -112,6 +114,22 @@ def tiny_main_command(
     f"--mode={mode}",
     *(f"--config.{k}={v}" for k, v in keys.items()),
   ]
+
+
+def tensorboard_records(folder) -> list[tuple[str, int, str]]:
+  """(tag, step, kind: "simple_value" or "image") of every value in a TensorBoard folder's event
+  files (TFRecords of Event protos: length, its CRC, the record, its CRC)."""
+  from tensorboardX.proto import event_pb2
+
+  records = []
+  for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      records += [(v.tag, event.step, v.WhichOneof("value")) for v in event.summary.value]
+      pos += 12 + length + 4
+  return records
 
 
 @pytest.fixture

@@ -88,3 +88,19 @@ def test_eval_metrics_bench_checks_values_and_prints_its_figures():
   figures = dict(line.split("=") for line in result.stdout.splitlines() if "=" in line)
   assert float(figures["eval_metrics_speedup"]) > 0 and float(figures["aupro_seconds"]) > 0
   assert "| scikit-learn | pixel AUROC, AP, F1-max |" in result.stdout
+
+
+def test_pod_sim_replaces_its_own_section_of_the_results_file(tmp_path):
+  """bench/pod_sim.py's table goes into results.md without touching the other benchmarks'."""
+  import pod_sim
+
+  results = tmp_path / "results.md"
+  results.write_text("# Benchmarks\n\n## Train step\n\nold table\n")
+  pod_sim._write_section(results, f"{pod_sim.SECTION}\n\nfirst\n")
+  pod_sim._write_section(results, f"{pod_sim.SECTION}\n\nsecond\n")
+  assert results.read_text() == (
+    f"# Benchmarks\n\n## Train step\n\nold table\n\n{pod_sim.SECTION}\n\nsecond\n"
+  )
+  results.write_text(f"# B\n\n{pod_sim.SECTION}\n\nold\n\n## Later\n\nkept\n")
+  pod_sim._write_section(results, f"{pod_sim.SECTION}\n\nnew\n")
+  assert results.read_text() == f"# B\n\n{pod_sim.SECTION}\n\nnew\n\n## Later\n\nkept\n"

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from pouta_jax import files, report
+from tests.conftest import tensorboard_records
 
 
 def test_write_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
@@ -61,13 +62,23 @@ def test_write_heatmaps_spread_over_defect_types_and_upscale_small_maps(tmp_path
     "defect": defects,
     "name": np.array([f"{d}/{i:03d}" for i, d in enumerate(defects)]),
   }
-  written = report.write_heatmaps(tmp_path, test_set, np.zeros((6, 8, 8)), 0.5, count=3)
+  panels = report.heatmap_panels(test_set, np.zeros((6, 8, 8)), 0.5, count=3)
+  written = report.write_heatmaps(tmp_path, panels)
   assert sorted(p.name.split("_")[0] for p in written) == ["crack", "good", "hole"]
   from PIL import Image
 
   assert Image.open(written[0]).size[1] == report.MIN_PANEL_HEIGHT
-  every = report.write_heatmaps(tmp_path / "all", test_set, np.zeros((6, 8, 8)), 0.5, count=-1)
-  assert sorted(p.stem for p in every) == sorted(n.replace("/", "_") for n in test_set["name"])
+  np.testing.assert_array_equal(np.asarray(Image.open(written[0])), panels[written[0].stem])
+  every = report.heatmap_panels(test_set, np.zeros((6, 8, 8)), 0.5, count=-1)
+  assert sorted(every) == sorted(n.replace("/", "_") for n in test_set["name"])
+
+  # TensorBoard: the metrics and the first panels, at the given step.
+  report.write_evaluation_to_tensorboard(tmp_path, 40, {"pixel_ap": 0.25}, every)
+  records = tensorboard_records(tmp_path / "tensorboard")
+  assert ("eval/pixel_ap", 40, "simple_value") in records
+  images = [r for r in records if r[2] == "image"]
+  assert len(images) == report.TENSORBOARD_PANELS
+  assert images[0][:2] == (f"eval/heatmaps/{next(iter(every))}", 40)
 
 
 def test_curves_are_drawn_where_their_points_are():

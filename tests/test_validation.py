@@ -2,18 +2,16 @@
 validation metrics while training, deployment thresholds from it; its bad inputs."""
 
 import json
-import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from pouta_jax import artifact, experiment, export, metrics, predict, train
 from pouta_jax.config import validate
 from pouta_jax.data import DataError, category_folder, folder as folder_lib, validation
 from pouta_jax.errors import ConfigError
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, tensorboard_records
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(85)
@@ -139,19 +137,6 @@ def validated_run(dataset_root, tmp_path_factory):
   return config, workdir, experiment.run(config, workdir)
 
 
-def _tensorboard_steps(folder, tag):
-  """The steps of `tag`'s scalars in a TensorBoard folder (TFRecord files of Event protos)."""
-  steps = []
-  for path in sorted(folder.glob("events.out.tfevents.*")):
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos : pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-      steps += [event.step for value in event.summary.value if value.tag == tag]
-      pos += 12 + length + 4  # length, its CRC, the record, its CRC
-  return steps
-
-
 def _records(folder):
   return [json.loads(line) for line in (folder / "scalars.jsonl").read_text().splitlines()]
 
@@ -173,7 +158,11 @@ def test_validation_metrics_are_logged_while_training(validated_run):
     assert export.trained_model(workdir, category).step == best
     written = json.loads((workdir / category / "metrics.json").read_text())["draem"]
     assert written["validation"][category] == pytest.approx(reported)
-    assert _tensorboard_steps(workdir / category / "tensorboard", "val/pixel_ap") == [3, 6]
+    records = tensorboard_records(workdir / category / "tensorboard")
+    assert [step for tag, step, _ in records if tag == "val/pixel_ap"] == [3, 6]
+    # The test metrics and heatmaps after training, at the run's last step.
+    assert ("eval/pixel_ap", 6, "simple_value") in records
+    assert any(tag.startswith("eval/heatmaps/") and kind == "image" for tag, _, kind in records)
   program = {r["step"]: r for r in _records(workdir)}[6]  # the program's: the mean of its runs
   assert program["val/pixel_ap"] == pytest.approx(
     np.mean([final[c]["val/pixel_ap"] for c in CATEGORIES])
