@@ -80,6 +80,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # thresholds; 0: no split (thresholds from the test set only, labelled as oracle values).
     val_fraction=0.0,
     val_seed=0,
+    # A dataset whose defect images have no masks is image-level (pixel metrics n/a). With
+    # masks for some and not others it is refused, unless this is False.
+    require_masks=True,
     image_size=256,
     # A DTD-layout texture folder, or "tfds:dtd_textures" (built into tfds_data_dir); empty:
     # procedural textures.

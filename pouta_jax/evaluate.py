@@ -85,14 +85,19 @@ def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluati
       f"the model's anomaly maps hold {int(np.isnan(maps).sum())} NaN values (of {maps.size}): "
       f"its weights are not finite, or it overflows on these images"
     )
+  # Image-level datasets (no masks for their defect images): no pixel curve or metrics.
+  masks = test_set["mask"] if test_set.get("has_masks", True) else None
   curves = {
     "image": metrics.curve(test_set["label"], scores),
-    "pixel": metrics.curve(test_set["mask"], maps),
+    "pixel": None if masks is None else metrics.curve(masks, maps),
   }
-  found = {kind: metrics.f1_max(c)[1] if c.has_both_classes else None for kind, c in curves.items()}
+  found = {
+    kind: metrics.f1_max(c)[1] if c is not None and c.has_both_classes else None
+    for kind, c in curves.items()
+  }
   return Evaluation(
     metrics.category_metrics(
-      test_set["label"], scores, test_set["mask"], maps, (curves["image"], curves["pixel"])
+      test_set["label"], scores, masks, maps, (curves["image"], curves["pixel"])
     ),
     maps,
     scores,
@@ -108,11 +113,15 @@ def defect_metrics(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict
   if "defect" not in test_set:
     return {}
   defects, good = np.asarray(test_set["defect"]), ~np.asarray(test_set["label"], bool)
+  has_masks = test_set.get("has_masks", True)
   found = {}
   for defect in sorted(set(defects[~good].tolist())):
     keep = good | (defects == defect)
     found[defect] = metrics.category_metrics(
-      test_set["label"][keep], scores[keep], test_set["mask"][keep], maps[keep]
+      test_set["label"][keep],
+      scores[keep],
+      test_set["mask"][keep] if has_masks else None,
+      maps[keep],
     )
   return found
 

@@ -336,6 +336,16 @@ def _validator(config: ml_collections.ConfigDict, val_sets: list) -> train.Valid
   return validate
 
 
+def _image_level_notes(per_category: dict) -> dict:
+  """metrics.json's `notes`: why a category's pixel metrics are null."""
+  notes = {
+    category: f"null: {report.IMAGE_LEVEL_REASON}"
+    for category, values in per_category.items()
+    if category != "mean" and values.get("pixel_ap", 0.0) is None
+  }
+  return {"notes": notes} if notes else {}
+
+
 def write_results(
   workdir: str | Path,
   results: dict,
@@ -359,6 +369,7 @@ def write_results(
   document = {
     model: {
       **per_category,
+      **_image_level_notes(per_category),
       **profiles.get(model, {}),
       **({"by_defect": by_defect[model]} if by_defect.get(model) else {}),
       **({"validation": on_validation[model]} if on_validation.get(model) else {}),

@@ -166,12 +166,21 @@ METRIC_NAMES = (
 def category_metrics(
   labels: np.ndarray,
   scores: np.ndarray,
-  masks: np.ndarray,
+  masks: np.ndarray | None,
   maps: np.ndarray,
-  curves: tuple[Curve, Curve] | None = None,
-) -> dict[str, float]:
+  curves: tuple[Curve, Curve | None] | None = None,
+) -> dict[str, float | None]:
   """All reported metrics of one category: image labels/scores, pixel masks/maps. `curves`:
-  the (image, pixel) `Curve`s, when the caller has them already."""
+  the (image, pixel) `Curve`s, when the caller has them already. Without `masks` (an
+  image-level dataset) the pixel metrics are None."""
+  if masks is None:
+    image = curves[0] if curves else curve(labels, scores)
+    found = {
+      "image_auroc": roc_auc(image),
+      "image_ap": average_precision(image),
+      "image_f1_max": f1_max(image)[0],
+    }
+    return {name: found.get(name) for name in METRIC_NAMES}
   image, pixel = curves or (curve(labels, scores), curve(masks, maps))
   return {
     "image_auroc": roc_auc(image),
@@ -184,6 +193,9 @@ def category_metrics(
   }
 
 
-def mean_over_categories(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+def mean_over_categories(per_category: dict[str, dict[str, float | None]]) -> dict:
+  """Each metric's mean over the categories; None where any category lacks it (pixel metrics
+  of an image-level dataset): a mean over some categories would not compare with others'."""
   names = next(iter(per_category.values())).keys()
-  return {n: float(np.mean([m[n] for m in per_category.values()])) for n in names}
+  values = {n: [m[n] for m in per_category.values()] for n in names}
+  return {n: None if None in v else float(np.mean(v)) for n, v in values.items()}

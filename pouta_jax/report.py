@@ -76,11 +76,18 @@ class ScalarWriter:
     self._tensorboard.close()
 
 
-def _fmt(value: float) -> str:
-  return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+def _fmt(value: float | None) -> str:
+  if value is None:
+    return "n/a"  # a pixel metric of an image-level dataset
+  return "–" if math.isnan(value) else f"{100 * value:.1f}"
 
 
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+# Why a category has no pixel metrics (metrics.json `notes`, results.md).
+IMAGE_LEVEL_REASON = (
+  "pixel metrics of a category whose defect images have no ground-truth masks (an image-level "
+  "dataset: image metrics only)"
+)
 
 
 # Parameter groups of the summary, in this order where any model has them (evaluate.profile).
@@ -126,6 +133,8 @@ def results_table(
   """
   lines = [caption, ""] if caption else []
   lines += _summary(results, profiles)
+  if any(v is None for r in results.values() for m in r.values() for v in m.values()):
+    lines += [f"n/a: {IMAGE_LEVEL_REASON}.", ""]
   categories = list(next(iter(results.values())).keys())
   for metric in METRIC_COLUMNS:
     lines += [
@@ -137,7 +146,7 @@ def results_table(
     for model, per_category in results.items():
       lines.append(
         f"| {model} | "
-        + " | ".join(_fmt(per_category.get(c, {}).get(metric)) for c in categories)
+        + " | ".join(_fmt(per_category.get(c, {}).get(metric, math.nan)) for c in categories)
         + " |"
       )
     lines.append("")
@@ -234,7 +243,8 @@ def write_evaluation_to_tensorboard(
   writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
   try:
     for name, value in metrics.items():
-      writer.add_scalar(f"eval/{name}", value, step)
+      if value is not None:  # pixel metrics of an image-level dataset
+        writer.add_scalar(f"eval/{name}", value, step)
     for name, panel in list(panels.items())[:TENSORBOARD_PANELS]:
       writer.add_image(f"eval/heatmaps/{name}", panel, step, dataformats="HWC")
   finally:
@@ -312,9 +322,10 @@ def histogram_png(title: str, good: np.ndarray, defective: np.ndarray, bins: int
 
 
 def write_curves(folder: str | Path, curves: dict, scores: np.ndarray, labels: np.ndarray) -> None:
-  """roc.png and pr.png (image and pixel level) and scores.png (the image-score histogram)."""
+  """roc.png and pr.png (image and pixel level: each where it has both classes) and scores.png
+  (the image-score histogram)."""
   folder = Path(folder)
-  levels = [(kind, c) for kind, c in curves.items() if c.has_both_classes]
+  levels = [(kind, c) for kind, c in curves.items() if c is not None and c.has_both_classes]
   colors = {"image": IMAGE_COLOR, "pixel": PIXEL_COLOR}
   if levels:
     roc = [(kind, colors[kind], *metrics.roc_points(c)) for kind, c in levels]

@@ -254,6 +254,8 @@ def aggregate(
     swept = sorted(k for k in keys if len({f.get(k) for f in flat}) > 1)
   table: dict[tuple, dict[str, list[float]]] = {}
   for config, category, value in runs:
+    if value is None:
+      continue  # a pixel metric of an image-level dataset (metrics.json's notes say so)
     setting = tuple(json.dumps(_get(config, k)) for k in swept)
     table.setdefault(setting, {}).setdefault(category, []).append(value)
   categories = sorted({c for _, c, _ in runs})

@@ -129,9 +129,33 @@ def test_corrupt_training_image_and_missing_mask(tiny_config, dataset_root, tmp_
     experiment.run(tiny_config, tmp_path / "run")
   shutil.copy(root / "weave" / "train" / "good" / "001.png", bad)
   (root / "weave" / "ground_truth" / "stain" / "000_mask.png").unlink()
-  with pytest.raises(DataError, match="stain/000.png: defect image without its mask"):
+  with pytest.raises(DataError, match=r"no mask, e\.g\. \S+stain/000\.png .*require_masks"):
     experiment.run(tiny_config, tmp_path / "run")
   _assert_nothing_written(tmp_path / "run")
+
+
+def test_an_image_level_dataset_gets_image_metrics_and_says_why_not_pixel_ones(
+  tiny_config, dataset_root, tmp_path
+):
+  root = tmp_path / "data"
+  shutil.copytree(dataset_root / "weave", root / "weave", ignore=shutil.ignore_patterns("ground*"))
+  tiny_config.data.root, tiny_config.train.num_steps = str(root), 2
+  workdir = tmp_path / "run"
+  results = experiment.run(tiny_config, workdir)["metrics"]["draem"]["weave"]
+  written = json.loads((workdir / "metrics.json").read_text())["draem"]
+  for name in ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max"):
+    assert results[name] is None and written["weave"][name] is None
+    assert written["mean"][name] is None
+  assert "no ground-truth masks" in written["notes"]["weave"]
+  with open(workdir / "test_scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  labels, scores = [int(r["label"]) for r in rows], [float(r["image_score"]) for r in rows]
+  assert written["weave"]["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+  table = (workdir / "results.md").read_text()
+  assert "| draem | n/a |" in table and f"n/a: {report.IMAGE_LEVEL_REASON}." in table
+  thresholds = json.loads((workdir / "thresholds.json").read_text())["weave"]["oracle"]
+  assert thresholds["pixel"] is None and thresholds["image"] is not None
+  assert (workdir / "curves" / "roc.png").is_file()
 
 
 def test_image_size_not_divisible(tiny_config, tmp_path):

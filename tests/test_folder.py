@@ -5,7 +5,13 @@ import pytest
 from absl import logging
 from PIL import Image
 
-from pouta_jax.data.folder import DataError, load_image, load_test_set, scan
+from pouta_jax.data.folder import (
+  DataError,
+  hold_out_real_anomalies,
+  load_image,
+  load_test_set,
+  scan,
+)
 
 
 @pytest.fixture
@@ -59,10 +65,32 @@ def test_missing_or_empty_train_good(copy):
     scan(copy, "weave")
 
 
-def test_defect_image_without_mask(copy):
+def test_a_defect_image_without_its_mask_beside_others_with_masks(copy):
   (copy / "weave" / "ground_truth" / "hole" / "001_mask.png").unlink()
-  with pytest.raises(DataError, match=r"hole/001\.png: defect image without its mask"):
+  expected = (
+    r"1 of 6 defect images have no mask, e\.g\. \S+hole/001\.png \(expected one in "
+    r"ground_truth/hole/\), while e\.g\. \S+hole/000\.png has \S+hole/000_mask\.png; .*"
+    r"config\.data\.require_masks=False"
+  )
+  with pytest.raises(DataError, match=expected):
     scan(copy, "weave")
+  folder = scan(copy, "weave", require_masks=False)  # scored on images only
+  assert not folder.has_masks
+  assert not load_test_set(folder, 32)["has_masks"]
+
+
+def test_a_dataset_without_masks_is_image_level(copy, monkeypatch):
+  shutil.rmtree(copy / "weave" / "ground_truth")
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  folder = scan(copy, "weave")
+  assert any("6 of 6 defect images have no mask: image metrics only" in w for w in warnings)
+  assert not folder.has_masks and scan(copy, "granite").has_masks
+  test = load_test_set(folder, 32)
+  assert not test["has_masks"] and not test["mask"].any()
+  np.testing.assert_array_equal(test["label"], [s.defect != "good" for s in folder.test])
+  with pytest.raises(DataError, match=r"num_real_anomalies=2: pasting real anomalies needs"):
+    hold_out_real_anomalies(folder, 2, seed=0)
 
 
 def test_mask_of_another_size(copy):

@@ -95,6 +95,18 @@ def test_perfect_and_category_metrics():
   assert result == {k: pytest.approx(1.0) for k in result}
   mean = metrics.mean_over_categories({"a": result, "b": {k: 0.0 for k in result}})
   assert mean == {k: pytest.approx(0.5) for k in result}
+  assert list(result) == list(metrics.METRIC_NAMES)
+
+  # Without masks (an image-level dataset): the image metrics alone, the pixel ones None, and
+  # a mean over categories that would mix the two kinds is None too.
+  image_level = metrics.category_metrics(labels, np.array([0.1, 0.4, 0.3, 0.9]), None, maps)
+  assert list(image_level) == list(metrics.METRIC_NAMES)
+  assert image_level["image_auroc"] == pytest.approx(0.75)
+  assert image_level["image_ap"] == pytest.approx(average_precision_score(labels, [1, 4, 3, 9]))
+  pixel = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max")
+  assert all(image_level[k] is None for k in pixel)
+  mixed = metrics.mean_over_categories({"a": result, "b": image_level})
+  assert mixed["image_auroc"] == pytest.approx(0.875) and mixed["pixel_ap"] is None
 
 
 def test_curve_counts_each_distinct_score_once():

@@ -96,6 +96,13 @@ def test_aggregate_ranks_by_the_validation_split(tmp_path):
     sweep.aggregate(tmp_path, split="validation")
 
 
+def test_aggregate_leaves_out_pixel_metrics_an_image_level_run_lacks(tmp_path):
+  _fake_run(tmp_path, "a0", "both", 0, "weave", 0.4)
+  _fake_run(tmp_path, "a1", "both", 1, "weave", None)  # no masks: pixel_ap null
+  rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
+  assert rows[1] == ["default", "40.0 ± 0.0", "40.0"]
+
+
 def test_aggregate_without_runs(tmp_path):
   with pytest.raises(sweep.SweepError, match="no run"):
     sweep.aggregate(tmp_path)

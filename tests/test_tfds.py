@@ -272,3 +272,16 @@ def test_training_and_evaluation_from_tfds(built, dataset_root, tmp_path):
   results = experiment.run(config, tmp_path)
   assert set(results["metrics"]["draem"]) == {"grid"}
   assert (tmp_path / "metrics.json").is_file()
+
+
+def test_an_image_level_folder_builds_and_reads_without_masks(dataset_root, tmp_path):
+  source = tmp_path / "source"
+  shutil.copytree(
+    dataset_root / "weave", source / "weave", ignore=shutil.ignore_patterns("ground*")
+  )
+  [builder] = build.builders("anomaly_folder", ["weave"], 0, str(tmp_path / "tfds"), name="lines")
+  build.prepare(builder, str(source))
+  from_tfds = reader.category_folder(tmp_path / "tfds", "anomaly_folder/lines", "weave")
+  assert not from_tfds.has_masks
+  want = folder.load_test_set(folder.scan(source, "weave"), 32)
+  _assert_same_test_set(folder.load_test_set(from_tfds, 32), want)

@@ -8,6 +8,7 @@ from pouta_jax.data import embedded
 from pouta_jax.data.folder import (
   CategoryFolder,
   DataError,
+  check_masks,
   few_shot,
   hold_out_real_anomalies,
   hold_out_validation,
@@ -32,6 +33,7 @@ def category_folder(
         f"config.data.tfds_data_dir, the folder it was built into"
       )
     folder = reader.category_folder(config.data.tfds_data_dir, config.data.tfds_dataset, category)
+    check_masks(folder, config.data.require_masks)
   elif not root:
     if category not in embedded.CATEGORIES:
       key = "data.categories" if config.data.categories else "data.category"
@@ -42,7 +44,7 @@ def category_folder(
       )
     folder = scan(embedded.build(config.data.embedded_dir, categories=(category,)), category)
   else:
-    folder = scan(root, category)
+    folder = scan(root, category, require_masks=config.data.require_masks)
   if config.data.val_fraction:
     folder = hold_out_validation(folder, config.data.val_fraction, config.data.val_seed)
   if config.data.few_shot:

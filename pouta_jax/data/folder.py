@@ -6,7 +6,9 @@
     <root>/<category>/ground_truth/<defect>/<name>_mask.png  (or <name>.png)
 
 `scan` checks the layout and every file's header up front, so a broken copy fails before any
-training starts, with the offending path in the message.
+training starts, with the offending path in the message. A dataset without any masks is
+image-level (pixel metrics n/a); one with masks for some defect images and not others is
+refused unless `require_masks` is off (`check_masks`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class CategoryFolder:
   # Normal images taken out of `train` for validation (`hold_out_validation`).
   val: tuple[Path, ...] = ()
 
+  @property
+  def has_masks(self) -> bool:
+    """Whether every defect test image has its mask: pixel metrics need them all."""
+    return all(s.mask is not None for s in self.test if s.label)
+
 
 def images_in(folder: Path) -> list[Path]:
   """Image files of `folder`, sorted; other files are skipped with a warning."""
@@ -88,18 +95,43 @@ def check_readable(path: Path) -> None:
     logging.warning("%s: %s image, its alpha channel is ignored", path, mode)
 
 
-def _find_mask(category_dir: Path, defect: str, image: Path) -> Path:
+def _find_mask(category_dir: Path, defect: str, image: Path) -> Path | None:
   masks = category_dir / "ground_truth" / defect
   for name in (f"{image.stem}_mask{image.suffix}", f"{image.stem}_mask.png", image.name):
     if (masks / name).is_file():
       return masks / name
-  raise DataError(
-    f"{image}: defect image without its mask; expected {masks / (image.stem + '_mask.png')}"
+  return None
+
+
+def check_masks(folder: CategoryFolder, require: bool = True) -> None:
+  """Refuses a category whose defect images have masks but for some (a copy that lost files,
+  most likely), naming one of each, unless `require` is False; warns where defect images go
+  without masks (image metrics only)."""
+  defects = [s for s in folder.test if s.label]
+  missing = [s for s in defects if s.mask is None]
+  masked = [s for s in defects if s.mask is not None]
+  if not missing:
+    return
+  if masked and require:
+    raise DataError(
+      f"{folder.root / folder.category}: {len(missing)} of {len(defects)} defect images have no "
+      f"mask, e.g. {missing[0].image} (expected one in ground_truth/{missing[0].defect}/), while "
+      f"e.g. {masked[0].image} has {masked[0].mask}; add the missing masks, or set "
+      f"config.data.require_masks=False to score images only (pixel metrics n/a)"
+    )
+  logging.warning(
+    "%s: %d of %d defect images have no mask: image metrics only (pixel metrics n/a)",
+    folder.root / folder.category,
+    len(missing),
+    len(defects),
   )
 
 
-def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryFolder:
-  """Lists a category's files and checks the layout (and, by default, each file's header)."""
+def scan(
+  root: str | Path, category: str, check_files: bool = True, require_masks: bool = True
+) -> CategoryFolder:
+  """Lists a category's files and checks the layout (and, by default, each file's header);
+  `require_masks`: see `check_masks`."""
   root = Path(root)
   if not root.is_dir():
     raise DataError(f"dataset root {root} does not exist or is not a folder")
@@ -139,13 +171,15 @@ def scan(root: str | Path, category: str, check_files: bool = True) -> CategoryF
           f"{test_dir / masks.name}); is the copy complete?"
         )
 
+  folder = CategoryFolder(root, category, train, tuple(test))
+  check_masks(folder, require_masks)
   if check_files:
     for path in train + tuple(p for s in test for p in (s.image, s.mask) if p is not None):
       check_readable(path)
     for sample in (s for s in test if s.mask is not None):
       with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
         check_mask_size(sample.mask, mask.size, image.size)
-  return CategoryFolder(root, category, train, tuple(test))
+  return folder
 
 
 # The stream of data.val_seed that picks the validation images.
@@ -193,6 +227,11 @@ REAL_ANOMALY_STREAM = 1
 def hold_out_real_anomalies(folder: CategoryFolder, count: int, seed: int) -> CategoryFolder:
   """The same category with `count` defect images (and masks), chosen by `seed` among all
   defect types, moved from the test set to `real_anomalies`: trained on, never scored."""
+  if not folder.has_masks:
+    raise DataError(
+      f"config.data.num_real_anomalies={count}: pasting real anomalies needs their masks, and "
+      f"defect images of {folder.category} in {folder.root} have none"
+    )
   defects = [s for s in folder.test if s.label]
   if count > len(defects):
     raise DataError(
@@ -266,7 +305,8 @@ def resize_mask(mask: Image.Image, size: int) -> np.ndarray:
 
 
 def load_test_sample(sample: TestSample, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """A test image (uint8 RGB) and its mask (bool; all False for `good`), at (size, size)."""
+  """A test image (uint8 RGB) and its mask (bool; all False for `good` and for defect images
+  without a mask), at (size, size)."""
   image = load_image(sample.image, size)
   if sample.mask is None:
     return image, np.zeros((size, size), bool)
@@ -281,7 +321,8 @@ def load_test_sample_cached(sample: TestSample, size: int) -> tuple[np.ndarray, 
 
 
 def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
-  """All test images (uint8), masks (bool), labels, defect names, names and paths, in order."""
+  """All test images (uint8), masks (bool), labels, defect names, names and paths, in order,
+  and `has_masks` (False: image-level, the masks are not ground truth)."""
   images, masks = zip(*(load_test_sample(sample, size) for sample in folder.test))
   return {
     "image": np.stack(images),
@@ -290,4 +331,5 @@ def load_test_set(folder: CategoryFolder, size: int) -> dict[str, np.ndarray]:
     "defect": np.array([s.defect for s in folder.test]),
     "name": np.array([sample_name(s) for s in folder.test]),
     "path": np.array([str(s.image) for s in folder.test]),
+    "has_masks": np.bool_(folder.has_masks),
   }
