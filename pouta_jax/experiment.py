@@ -299,12 +299,8 @@ def _trained_predictors(
   if include_untrained:  # as training starts: after the prepare stage (PRN's prototypes)
     initial = train.prepared_state(config, model, initial, folders)
     variants[f"{config.model.name}_untrained"] = jax.device_get(initial.variables)
-  filter_size = config.eval.score_filter_size
   predictors = {
-    name: [
-      evaluate.model_predict_fn(model, train.run_variables(config, variables, i), filter_size)
-      for i in range(len(folders))
-    ]
+    name: _run_predictors(config, model, variables, len(folders))
     for name, variables in variants.items()
   }
   profiles = {
@@ -312,25 +308,32 @@ def _trained_predictors(
       model,
       train.run_variables(config, variants[config.model.name], 0),
       config.data.image_size,
-      filter_size,
+      config.eval.score_filter_size,
     )
   }
   return predictors, profiles
+
+
+def _run_predictors(
+  config: ml_collections.ConfigDict, model, variables: dict, count: int
+) -> list[evaluate.PredictFn]:
+  """The predict function of each of the program's `count` runs, from (stacked) `variables`."""
+  return [
+    evaluate.model_predict_fn(
+      model, train.run_variables(config, variables, i), config.eval.score_filter_size
+    )
+    for i in range(count)
+  ]
 
 
 def _validator(config: ml_collections.ConfigDict, val_sets: list) -> train.Validator:
   """train.Validator scoring each run's variables on its validation set."""
 
   def validate(model, variables: dict) -> list[dict[str, float]]:
+    predictors = _run_predictors(config, model, variables, len(val_sets))
     return [
-      evaluate.evaluate(
-        evaluate.model_predict_fn(
-          model, train.run_variables(config, variables, i), config.eval.score_filter_size
-        ),
-        val_set,
-        config.eval.batch_size,
-      ).metrics
-      for i, val_set in enumerate(val_sets)
+      evaluate.evaluate(predict, val_set, config.eval.batch_size).metrics
+      for predict, val_set in zip(predictors, val_sets)
     ]
 
   return validate
