@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import flags
 
-from pouta_jax import errors, sweep
+from pouta_jax import errors, files, sweep
 from pouta_jax.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 
 sweep.define_launch_flags()
@@ -41,6 +41,12 @@ _MAX_RUNNING = flags.DEFINE_integer(
 )
 _PYTHON = flags.DEFINE_string("python", sys.executable, "Python on the compute nodes.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the files and command; submit nothing.")
+_SCRIPT_DIR = flags.DEFINE_string(
+  "script_dir",
+  None,
+  "Shared folder for the array's job list, script and logs (default: <workdir>/slurm; needed "
+  "when the workdir is in a bucket).",
+)
 
 
 def sbatch_script(num_jobs: int, jobs_file: Path, log_dir: Path) -> str:
@@ -88,7 +94,13 @@ def main(argv: list[str]) -> None:
   jobs = sweep.jobs_from_flags(argv[1:])
   multi_host = ["--distributed"] if _NODES.value > 1 else []
   lines = [shlex.join(job.command(_PYTHON.value) + multi_host) for job in jobs]
-  folder = Path(flags.FLAGS.workdir).absolute() / "slurm"
+  where = _SCRIPT_DIR.value or flags.FLAGS.workdir
+  if files.is_remote(where):
+    raise errors.ConfigError(
+      f"{where}: SLURM reads the job script and writes its logs on a filesystem, not in a "
+      f"bucket; give --script_dir=<a folder the nodes share>"
+    )
+  folder = Path(_SCRIPT_DIR.value or Path(flags.FLAGS.workdir) / "slurm").absolute()
   jobs_file, script_file = folder / "jobs.txt", folder / "array.sbatch"
   script = sbatch_script(len(jobs), jobs_file, folder)
   submit = ["sbatch", "--parsable", str(script_file)]

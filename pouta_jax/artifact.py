@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import zipfile
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from etils.epath import Path
 
 FORMAT = "pouta_jax.artifact/1"
 MANIFEST = "artifact.json"
@@ -134,7 +135,7 @@ class Artifact:
 
 def sha256(path: str | Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -186,7 +187,7 @@ def load(path: str | Path) -> Artifact:
   manifest = _read_manifest(path)
   _verify(path, manifest)
   try:
-    with np.load(path / WEIGHTS, allow_pickle=False) as weights:
+    with np.load(io.BytesIO((path / WEIGHTS).read_bytes()), allow_pickle=False) as weights:
       variables = unflatten(dict(weights))
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ArtifactError(f"{path / WEIGHTS}: not a readable .npz ({e})") from None

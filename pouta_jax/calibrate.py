@@ -15,10 +15,10 @@ a silently smaller set would claim a rate it was not measured on.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from absl import flags
+from etils.epath import Path
 from tqdm import tqdm
 
 from pouta_jax import artifact as artifact_lib, errors, files, predict
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
       f"Note: {calibration['num_good']} good images resolve false-positive rates down to "
       f"1/{calibration['num_good']} only; the threshold lies above every one of them."
     )
-  print(f"Stored in {Path(f.artifact).absolute() / artifact_lib.MANIFEST} (calibration)")
+  print(f"Stored in {files.absolute(f.artifact) / artifact_lib.MANIFEST} (calibration)")
 
 
 if __name__ == "__main__":

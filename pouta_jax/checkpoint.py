@@ -20,15 +20,15 @@ import functools
 import logging
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grain
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from etils.epath import Path
 
-from pouta_jax import errors
+from pouta_jax import errors, files
 
 
 def _orbax_record_wanted(record: logging.LogRecord) -> bool:
@@ -64,7 +64,7 @@ def manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
   if not getattr(sys.unraisablehook, "drops_late_callbacks", False):
     sys.unraisablehook = _drop_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
-    Path(workdir).absolute() / "checkpoints",
+    files.absolute(workdir) / "checkpoints",
     options=ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=True
     ),
@@ -140,7 +140,7 @@ def save(
   directory = Path(mngr.directory)
   wait(mngr)
   needed = sum(x.nbytes for x in jax.tree.leaves(state)) * SPACE_MARGIN
-  free = shutil.disk_usage(directory).free
+  free = float("inf") if files.is_remote(directory) else shutil.disk_usage(directory).free
   if free < needed:
     raise _disk_full(
       directory, step, f"needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"

@@ -16,7 +16,7 @@ from typing import Sequence
 import ml_collections
 from absl import flags
 
-from pouta_jax import errors, metrics
+from pouta_jax import errors, files, metrics
 from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
 
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
@@ -206,7 +206,7 @@ def categories_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run stored in its workdir (`config.json`), as today's code reads it."""
-  path = Path(workdir) / "config.json"
+  path = files.path(workdir) / "config.json"
   if not path.is_file():
     raise errors.NotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
   try:

@@ -26,13 +26,14 @@ into an .npz that `models.backbone.load_weights` reads.
 from __future__ import annotations
 
 import functools
+import io
 import pickle
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
+from etils.epath import Path
 
 from pouta_jax import checkpoint, config as config_lib, errors, experiment, train
 from pouta_jax.models import backbone as backbone_lib
@@ -228,7 +229,7 @@ def _load_torch(path: str | Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise errors.NotFoundError(f"{path}: no such weights file")
   try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConversionError(

@@ -21,13 +21,13 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 from absl import flags
+from etils.epath import Path
 
-from pouta_jax import config as config_lib, errors, experiment
+from pouta_jax import config as config_lib, errors, experiment, files
 from pouta_jax.data import category_folder, embedded
 
 _WORKDIR = flags.DEFINE_string("workdir", "outputs/demo", "Where the outputs go.")
@@ -177,9 +177,8 @@ def main(argv: list[str]) -> None:
   )
   experiment.write_results(workdir, results, profiles, caption)
   print((workdir / "results.md").read_text())
-  print(
-    f"Outputs: {workdir.absolute()}/metrics.json, results.md, <model>/<category>/heatmaps/*.png"
-  )
+  outputs = "metrics.json, results.md, <model>/<category>/heatmaps/*.png"
+  print(f"Outputs: {files.absolute(workdir)}/{outputs}")
 
 
 if __name__ == "__main__":

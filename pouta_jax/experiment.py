@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
 import ml_collections
 from absl import logging
+from etils.epath import Path
 from jax.sharding import Mesh
 
 from pouta_jax import (
@@ -39,13 +39,21 @@ CHANGES_FILE = "config_changes.jsonl"
 
 
 def _make_writable(workdir: Path) -> None:
+  """Fails at start, naming the workdir, if it cannot be written (a read-only folder, or a
+  bucket that does not exist or cannot be reached)."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_probe_{jax.process_index()}"
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise errors.WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from e
+    if not files.is_remote(workdir):
+      raise errors.WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from e
+    raise files.storage_error(workdir, e, "write the workdir") from e
+  except Exception as e:  # an object store's client raises its own errors
+    if not files.is_remote(workdir):
+      raise
+    raise files.storage_error(workdir, e, "write the workdir") from e
 
 
 def store_config(
@@ -80,9 +88,11 @@ def store_config(
     return
   if changed:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(workdir / CHANGES_FILE, "a") as f:
-      for key, old, new in changed:
-        f.write(json.dumps({"time": now, "key": key, "stored": old, "new": new}) + "\n")
+    log = workdir / CHANGES_FILE
+    lines = [
+      json.dumps({"time": now, "key": k, "stored": old, "new": new}) for k, old, new in changed
+    ]
+    files.write_atomic(log, (log.read_text() if log.exists() else "") + "\n".join(lines) + "\n")
   files.write_atomic(path, serialised)
 
 
@@ -92,7 +102,7 @@ def claimed_workdir(
 ) -> Iterator[Path]:
   """Creates `workdir` and holds it for the block: an exclusive lock (process 0; a second run
   on it fails at once, naming the holder) and the config stored (see `store_config`)."""
-  workdir = Path(workdir)
+  workdir = files.path(workdir)
   _make_writable(workdir)
   with files.WorkdirLock(workdir) if sharding.is_primary() else contextlib.nullcontext():
     store_config(workdir, config, allow_changes)
@@ -379,6 +389,6 @@ def write_results(
     }
     for model, per_category in with_means.items()
   }
-  files.write_json(Path(workdir) / "metrics.json", document)
+  files.write_json(files.path(workdir) / "metrics.json", document)
   table = report.results_table(with_means, profiles, caption) + report.defect_table(by_defect)
-  files.write_atomic(Path(workdir) / "results.md", table)
+  files.write_atomic(files.path(workdir) / "results.md", table)

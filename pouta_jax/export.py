@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
+from etils.epath import Path
 
 from pouta_jax import (
   artifact,
@@ -175,7 +175,7 @@ def export(
     "versions": {"jax": jax.__version__},
   }
 
-  with files.atomic_folder(out) as staging:
+  with files.atomic_folder(out, index=artifact.MANIFEST) as staging:
     files.write_atomic(staging / artifact.WEIGHTS, _npz_bytes(artifact.flatten(variables)))
     for size, exported in programs.items():
       files.write_atomic(staging / artifact.program_name(size), exported.serialize())

@@ -1,9 +1,16 @@
-"""Writing outputs whole or not at all, with the modes of normally created files, and the lock
-that gives a workdir to one run at a time.
+"""Paths, outputs written whole or not at all, and the lock that gives a workdir to one run at a
+time, on a local disk and on object stores (gs://, s3://) alike.
 
-Temporary files and folders (`tempfile`) are created 0600 / 0700 for safety; what is renamed
-into place gets the permissions `open()` / `mkdir()` would have given it under the umask, so
-colleagues on a shared filesystem read the results as they read any other file.
+Every path a user gives goes through `path` (an `etils.epath.Path`): pathlib would turn
+`gs://b/x` into the local folder `gs:/b/x`.
+
+Local disk: temporary files and folders (`tempfile`) are created 0600 / 0700 for safety; what is
+renamed into place gets the permissions `open()` / `mkdir()` would have given it under the umask,
+so colleagues on a shared filesystem read the results as they read any other file.
+
+Object stores have no rename and no append, but an object's upload is atomic (it appears whole
+or not at all): a file is one upload, a folder is uploaded with its index file last (a reader
+refuses a folder without one), and appended logs are rewritten whole (`AppendLog`).
 """
 
 from __future__ import annotations
@@ -16,21 +23,68 @@ import shutil
 import socket
 import tempfile
 import threading
-from pathlib import Path
+import time
+import uuid
 from typing import Iterator
+
+from etils import epath
 
 from pouta_jax import errors
 
 _UMASK_LOCK = threading.Lock()
+PathLike = str | os.PathLike
+URL_SCHEMES = ("gs", "s3")
+
+
+def path(p: PathLike) -> epath.Path:
+  """A local path or an object-store URL (gs://bucket/key, s3://bucket/key) as an epath.Path."""
+  return epath.Path(p)
+
+
+def is_remote(p: PathLike) -> bool:
+  """Whether `p` is on an object store."""
+  scheme, sep, _ = os.fspath(p).partition("://")
+  return bool(sep) and scheme in URL_SCHEMES
+
+
+def storage_error(
+  p: PathLike, error: Exception, doing: str, kind: type[errors.Error] = errors.WorkdirError
+) -> errors.Error:
+  """A failure of an object store (bucket missing or unreachable, no credentials, gcsfs not
+  installed) as a `kind` error naming the path and what was being done."""
+  hint = ""
+  if isinstance(error, ImportError):
+    hint = "; gs:// paths need gcsfs: pip install 'pouta_jax[gcs]'"
+  return kind(f"{p}: cannot {doing} ({type(error).__name__}: {error}){hint}")
+
+
+def is_dir(p: PathLike, what: str, kind: type[errors.Error] = errors.DataError) -> bool:
+  """Whether `p` is a folder; a store that cannot be read (no such bucket, no credentials, no
+  gcsfs) raises a `kind` error naming `p` as `what`."""
+  try:
+    return path(p).is_dir()
+  except Exception as e:
+    raise storage_error(p, e, f"read the {what}", kind) from e
+
+
+def files_in(folder: PathLike) -> list[epath.Path]:
+  """Every file under `folder`, sorted (epath has no recursive glob on object stores)."""
+  return sorted(root / name for root, _, names in path(folder).walk() for name in names)
+
+
+def absolute(p: PathLike) -> epath.Path:
+  """`p` made absolute where it is local (epath's `absolute` would prefix a URL with the cwd)."""
+  return path(p) if is_remote(p) else path(p).absolute()
 
 
 def umask() -> int:
   """The process's umask: from /proc on Linux; elsewhere by setting it and back (the lock keeps
   our own threads out meanwhile)."""
   try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("Umask:"):
-        return int(line.split()[1], 8)
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
   except OSError:
     pass
   with _UMASK_LOCK:
@@ -39,52 +93,66 @@ def umask() -> int:
   return mask
 
 
-def _disk_full(path: Path, error: OSError) -> errors.DiskFullError:
+def _disk_full(p: PathLike, error: OSError) -> errors.DiskFullError:
   return errors.DiskFullError(
-    f"{path}: disk full while writing ({error.strerror}); nothing was "
+    f"{p}: disk full while writing ({error.strerror}); nothing was "
     f"written there, the previous version (if any) is unchanged"
   )
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-  """Writes `path` through a temporary file renamed into place; DiskFullError on ENOSPC."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def write_atomic(p: PathLike, data: str | bytes) -> None:
+  """Writes `p` whole or not at all: locally through a temporary file renamed into place
+  (DiskFullError on ENOSPC), on an object store as one upload."""
+  data = data.encode() if isinstance(data, str) else data
+  if is_remote(p):
+    try:
+      path(p).parent.mkdir(parents=True, exist_ok=True)  # object stores: a no-op
+      path(p).write_bytes(data)
+    except Exception as e:
+      raise storage_error(p, e, "write") from e
+    return
+  p = os.fspath(p)
+  os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p) or ".", prefix=f".{os.path.basename(p)}.")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
+      f.write(data)
       os.fchmod(f.fileno(), 0o666 & ~umask())
-    os.replace(tmp, path)
+    os.replace(tmp, p)
   except BaseException as e:
     os.unlink(tmp)
     if isinstance(e, OSError) and errors.is_disk_full(e):
-      raise _disk_full(path, e) from e
+      raise _disk_full(p, e) from e
     raise
 
 
-def write_json(path: str | Path, obj) -> None:
-  write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json(p: PathLike, obj) -> None:
+  write_atomic(p, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 @contextlib.contextmanager
-def atomic_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
-  """Yields a temporary folder beside `out` that becomes `out` when the block succeeds and is
-  removed when it fails; `out` must not exist, unless `replace`: then the old `out` is removed
-  once the new one is complete."""
-  out = Path(out)
+def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[epath.Path]:
+  """Yields a temporary folder that becomes `out` when the block succeeds and is removed when
+  it fails; `out` must not exist, unless `replace`: then the old `out` is removed once the new
+  one is complete. `index` names the file whose presence says the folder is complete: on an
+  object store the folder is staged locally and uploaded with `index` last."""
+  if is_remote(out):
+    with _uploaded_folder(path(out), index, replace) as staging:
+      yield staging
+    return
+  out = epath.Path(os.fspath(out))
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    staging = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
   except OSError as e:
     if errors.is_disk_full(e):
       raise _disk_full(out, e) from e
     raise errors.WorkdirError(f"{out}: cannot write in {e.filename} ({e.strerror})") from None
   try:
-    staging.chmod(0o777 & ~umask())
+    os.chmod(staging, 0o777 & ~umask())
     yield staging
     if replace and out.exists():
-      old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+      old = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
       out.rename(old / out.name)
       staging.rename(out)
       shutil.rmtree(old)
@@ -97,22 +165,103 @@ def atomic_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
     raise
 
 
+@contextlib.contextmanager
+def _uploaded_folder(out: epath.Path, index: str, replace: bool) -> Iterator[epath.Path]:
+  with tempfile.TemporaryDirectory(prefix=f"pouta_jax_{out.name}.") as tmp:
+    staging = epath.Path(tmp)
+    yield staging
+    written = {str(p.relative_to(staging)): p for p in files_in(staging)}
+    if index not in written:
+      raise AssertionError(f"{out}: the folder was written without its index file {index}")
+    order = sorted(written, key=lambda name: name == index)  # the index last
+    try:
+      if out.exists():
+        if not replace:
+          raise errors.ExistsError(f"{out} exists; nothing was written")
+        (out / index).unlink(missing_ok=True)  # incomplete from here on
+        out.rmtree()
+      for name in order:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(written[name].read_bytes())
+    except errors.Error:
+      raise
+    except Exception as e:
+      with contextlib.suppress(Exception):
+        out.rmtree()  # what was uploaded, without its index
+      raise storage_error(out, e, "upload the folder") from e
+
+
+class AppendLog:
+  """A text file that grows by lines (the training scalars). Locally each line is appended
+  and flushed at once; an object store has no append, so there the whole text is uploaded again,
+  at most every `remote_interval_s` and on `flush`/`close`."""
+
+  def __init__(self, p: PathLike, text: str = "", remote_interval_s: float = 30.0):
+    self.name = os.fspath(p)
+    self._remote = is_remote(p)
+    self._interval = remote_interval_s
+    if self._remote:
+      self._text, self._uploaded = text, 0.0
+      self.flush()
+    else:
+      write_atomic(p, text)
+      self._file = open(self.name, "a")
+
+  def write(self, line: str) -> None:
+    if not self._remote:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._text += line
+    if time.monotonic() - self._uploaded >= self._interval:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._remote:
+      write_atomic(self.name, self._text)
+      self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    if self._remote:
+      self.flush()
+    else:
+      self._file.close()
+
+
 LOCK_NAME = ".lock"
 
 
 class WorkdirLock:
   """An exclusive lock on a workdir for the life of a run.
 
-  `flock` on `<workdir>/.lock`, which names the holder (host, pid) for the message a second
-  run gets. The kernel releases a flock when its holder exits, however it dies, so a lock file
-  left by a dead process is simply taken over; a clean exit removes the file.
+  Local disk: `flock` on `<workdir>/.lock`, which names the holder (host, pid) for the message
+  a second run gets. The kernel releases a flock when its holder exits, however it dies, so a
+  lock file left by a dead process is simply taken over; a clean exit removes the file.
+
+  Object store (no flock): the lock object names the holder and a heartbeat time its holder
+  renews every `BEAT_S`; a lock not renewed for `STALE_S` (its holder was preempted or killed)
+  is taken over. Two runs that start within a second of each other can both miss the other:
+  an object store offers no compare-and-swap through epath.
   """
 
-  def __init__(self, workdir: str | Path):
-    self.path = Path(workdir) / LOCK_NAME
+  BEAT_S = 60.0
+  STALE_S = 180.0
+  SETTLE_S = 1.0
+
+  def __init__(self, workdir: PathLike):
+    self.path = path(workdir) / LOCK_NAME
     self._fd: int | None = None
+    self._token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._beat: threading.Thread | None = None
+
+  def _holder(self) -> str:
+    return f"host {socket.gethostname()} pid {os.getpid()}"
 
   def acquire(self) -> None:
+    if is_remote(self.path):
+      self._acquire_remote()
+      return
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
       try:
@@ -120,10 +269,7 @@ class WorkdirLock:
       except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise errors.WorkdirError(
-          f"workdir {self.path.parent} is in use by {holder}; wait for that run to end, or "
-          f"use another --workdir"
-        ) from None
+        raise self._busy(holder) from None
       # The holder we waited on may have removed the file meanwhile: lock the file in place.
       try:
         if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
@@ -132,10 +278,57 @@ class WorkdirLock:
         pass
       os.close(fd)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{self._holder()}\n".encode(), 0)
     self._fd = fd
 
+  def _busy(self, holder: str) -> errors.WorkdirError:
+    return errors.WorkdirError(
+      f"workdir {self.path.parent} is in use by {holder}; wait for that run to end, or "
+      f"use another --workdir"
+    )
+
+  def _read_remote(self) -> dict | None:
+    try:
+      record = json.loads(self.path.read_text())
+      return record if isinstance(record, dict) else {}
+    except FileNotFoundError:
+      return None
+    except (ValueError, UnicodeDecodeError):
+      return {}  # damaged: treated as stale
+
+  def _write_remote(self) -> None:
+    write_json(self.path, {"holder": self._holder(), "token": self._token, "time": time.time()})
+
+  def _acquire_remote(self) -> None:
+    record = self._read_remote()
+    if record is not None:
+      age = time.time() - float(record.get("time", 0) or 0)
+      if age < self.STALE_S:
+        raise self._busy(
+          f"{record.get('holder', 'another process')} (lock renewed {age:.0f} s ago; a lock "
+          f"left by a killed run expires {self.STALE_S:.0f} s after its last renewal)"
+        )
+    self._write_remote()
+    time.sleep(self.SETTLE_S)
+    record = self._read_remote()
+    if record is not None and record.get("token") != self._token:
+      raise self._busy(record.get("holder", "another process"))
+    self._beat = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
+    self._beat.start()
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.BEAT_S):
+      with contextlib.suppress(Exception):  # a missed beat is retried; STALE_S spans three
+        self._write_remote()
+
   def release(self) -> None:
+    if self._beat is not None:
+      self._stop.set()
+      self._beat.join()
+      self._beat = None
+      record = self._read_remote()
+      if record and record.get("token") == self._token:
+        self.path.unlink(missing_ok=True)
     if self._fd is not None:
       self.path.unlink(missing_ok=True)  # before unlocking, so no one locks a removed file
       os.close(self._fd)  # closing the last descriptor releases the flock

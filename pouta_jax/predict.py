@@ -34,12 +34,12 @@ import glob
 import io
 import json
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 from absl import flags
+from etils.epath import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -130,7 +130,7 @@ def from_artifact(path: str | Path) -> Predictor:
     _run_thresholds({"validation": art.validation_thresholds, "oracle": art.thresholds})
   )
   return Predictor(
-    source=f"artifact {Path(path).absolute()}",
+    source=f"artifact {files.absolute(path)}",
     model=art.manifest["model"],
     image_size=art.image_sizes[0],
     batch_size=0 if batch == "any" else int(batch),
@@ -142,11 +142,12 @@ def from_artifact(path: str | Path) -> Predictor:
 def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
   from pouta_jax import export  # the training code: only for workdirs
 
-  workdir = Path(workdir)
+  workdir = files.path(workdir)
   trained = export.trained_model(workdir, run)
   config = trained.config
   return Predictor(
-    source=f"workdir {workdir.absolute()} (run {run or trained.category}, step {trained.step})",
+    source=f"workdir {files.absolute(workdir)} (run {run or trained.category}, "
+    f"step {trained.step})",
     model=config.model.name,
     image_size=config.data.image_size,
     batch_size=0,
@@ -168,11 +169,16 @@ def _run_thresholds(found: dict[str, dict]) -> dict[str, tuple[float, str]]:
 
 def input_files(spec: str) -> tuple[list[Path], Path]:
   """The image files `--input` names, and the folder their output names are relative to."""
-  path = Path(spec)
+  path = files.path(spec)
   if path.is_file():
     return [path], path.parent
   if path.is_dir():
-    found, root = [p for p in path.rglob("*") if p.is_file()], path
+    found, root = files.files_in(path), path
+  elif files.is_remote(spec) and any(c in spec for c in "*?["):
+    parts = spec.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = files.path("/".join(parts[:fixed]))
+    found = [p for p in root.glob("/".join(parts[fixed:])) if p.is_file()]
   elif any(c in spec for c in "*?["):
     found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
     root = Path(os.path.commonpath([p.parent.absolute() for p in found])) if found else path
@@ -218,7 +224,7 @@ def predict(
 ) -> dict:
   """Scores every image `input_spec` names and writes the outputs (module docstring) to `out`;
   returns predict.json's content. `threshold`: as `Predictor.threshold`."""
-  out = Path(out)
+  out = files.path(out)
   if map_format not in MAP_FORMATS:
     raise errors.ConfigError(f"--map_format={map_format!r}: expected one of {MAP_FORMATS}")
   if batch_size <= 0:
@@ -229,7 +235,7 @@ def predict(
   paths, root = input_files(input_spec)
   rows, failures = [["path", "image_score", "decision"]], [["path", "error"]]
   suffix = ".npy" if map_format == "npy" else ".png"
-  with files.atomic_folder(out, replace=overwrite) as staging:
+  with files.atomic_folder(out, index="predict.json", replace=overwrite) as staging:
     (staging / "maps").mkdir()
     (staging / "overlays").mkdir()
     batch = predictor.batch_size or batch_size
@@ -281,7 +287,7 @@ def main(argv: list[str]) -> None:
   predictor = from_artifact(f.artifact) if f.artifact else from_workdir(f.workdir, f.run)
   summary = predict(predictor, f.input, f.out, f.threshold, f.batch_size, f.map_format, f.overwrite)
   print(json.dumps(summary, indent=2))
-  print(f"Outputs: {Path(f.out).absolute()}/scores.csv, maps/, overlays/, errors.csv")
+  print(f"Outputs: {files.absolute(f.out)}/scores.csv, maps/, overlays/, errors.csv")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import csv
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
+import tensorboardX.record_writer
+from absl import logging
+from etils.epath import Path
 from PIL import Image, ImageDraw
 from tensorboardX import SummaryWriter
 
@@ -26,6 +28,43 @@ METRIC_COLUMNS = metrics.METRIC_NAMES
 
 # Scalars of the validation set (train.py: `val/<metric>`).
 VALIDATION_PREFIX = "val/"
+
+
+class _ObjectEventsFile:
+  """A TensorBoard event file on an object store, through epath like every other output: the
+  events are kept and the whole object is uploaded again at each flush (objects cannot be
+  appended to; tensorboardX's own gs:// writer needs google-cloud-storage)."""
+
+  def __init__(self, path: str):
+    self.path, self._buffer, self._warned = path, io.BytesIO(), False
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    """Called from tensorboardX's writer thread too, which must not die (its queue would never
+    drain): a failed upload is logged once and retried at the next flush."""
+    try:
+      files.write_atomic(self.path, self._buffer.getvalue())
+    except errors.Error as e:
+      if not self._warned:
+        logging.warning("TensorBoard events not uploaded yet (retried later): %s", e)
+        self._warned = True
+
+  def close(self) -> None:
+    files.write_atomic(self.path, self._buffer.getvalue())  # the last upload's failure is raised
+
+
+class _ObjectEventsFactory:
+  def open(self, path: str) -> _ObjectEventsFile:
+    return _ObjectEventsFile(path)
+
+  def directory_check(self, path: str) -> None:
+    pass  # object stores have no folders to create
+
+
+for _scheme in files.URL_SCHEMES:
+  tensorboardX.record_writer.register_writer_factory(_scheme, _ObjectEventsFactory())
 
 
 def _records_until(path: Path, step: int) -> str:
@@ -51,15 +90,13 @@ class ScalarWriter:
 
   def __init__(self, workdir: str | Path, start_step: int = 0):
     path = Path(workdir) / "scalars.jsonl"
-    files.write_atomic(path, _records_until(path, start_step))
-    self._jsonl = open(path, "a")
+    self._jsonl = files.AppendLog(path, _records_until(path, start_step))
     # TensorBoard discards earlier events from purge_step on.
     self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     try:
       self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-      self._jsonl.flush()
     except OSError as e:
       if errors.is_disk_full(e):
         raise errors.DiskFullError(
@@ -70,6 +107,10 @@ class ScalarWriter:
     for name, value in scalars.items():  # validation metrics in their own section
       tag = name if name.startswith(VALIDATION_PREFIX) else f"train/{name}"
       self._tensorboard.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    self._tensorboard.flush()
 
   def close(self) -> None:
     self._jsonl.close()

@@ -20,11 +20,11 @@ import itertools
 import json
 import os
 import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import flags
+from etils.epath import Path
 
 from pouta_jax import config as config_lib, errors, files, report
 from pouta_jax.data import embedded
@@ -153,8 +153,8 @@ def check_categories(categories: list[str], root: str) -> None:
   embedded dataset's categories when there is no root."""
   if not root:
     known = sorted(embedded.CATEGORIES)
-  elif Path(root).is_dir():
-    known = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+  elif files.is_dir(root, "dataset root", SweepError):
+    known = sorted(p.name for p in files.path(root).iterdir() if p.is_dir())
   else:
     known = []
   unknown = [c for c in categories if c not in known]
@@ -230,7 +230,7 @@ def aggregate(
   if split not in SPLITS:
     raise SweepError(f"--split={split!r}: expected one of {SPLITS}")
   runs = []
-  for metrics_path in sorted(Path(root).rglob("metrics.json")):
+  for metrics_path in (p for p in files.files_in(root) if p.name == "metrics.json"):
     config_path = metrics_path.parent / "config.json"
     if not config_path.is_file():
       continue  # e.g. the demo's combined metrics.json

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
@@ -21,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils.epath import Path
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -408,6 +408,11 @@ class _Scalars:
       writer.write(step, {**{k: float(v[i]) for k, v in values.items()}, "steps_per_second": rate})
     return scalars
 
+  def flush(self) -> None:
+    for writer in [self._program, *self._runs]:
+      if writer is not None:
+        writer.flush()
+
   def close(self) -> None:
     for writer in [self._program, *self._runs]:
       if writer is not None:
@@ -553,6 +558,7 @@ def train(
             logging.info("process %d step %d loss %.9g", jax.process_index(), step, logged["loss"])
         if save_now:  # in the background, but the run's last save is on disk when it ends
           checkpoint.save(mngr, step, state, batches, block=step == num_steps)
+          scalars.flush()  # an object store's logs are uploaded whole, at least this often
       finish(0)
   finally:
     notice.close()

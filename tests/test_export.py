@@ -3,6 +3,7 @@ evaluable like a checkpoint, and never written from bad input."""
 
 import csv
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -215,8 +216,8 @@ def test_outputs_are_readable_as_any_file_the_user_creates(trained, tmp_path):
   outputs += list(exported.iterdir())
   assert len(outputs) > 8
   for path in outputs:
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
-  assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask, path
+  assert stat.S_IMODE(os.stat(exported).st_mode) == 0o777 & ~mask
 
 
 def _predict_cli(*args: str) -> dict:

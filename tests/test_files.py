@@ -35,7 +35,7 @@ def test_outputs_get_the_modes_of_normally_created_files(tmp_path, umask, mask):
   files.write_atomic(tmp_path / "metrics.json", "{}")
   (tmp_path / "plain.txt").write_text("")  # what open() gives
   assert _mode(tmp_path / "metrics.json") == _mode(tmp_path / "plain.txt") == 0o666 & ~mask
-  with files.atomic_folder(tmp_path / "artifact") as staging:
+  with files.atomic_folder(tmp_path / "artifact", index="weights.npz") as staging:
     files.write_atomic(staging / "weights.npz", b"x")
   (tmp_path / "plain").mkdir()
   assert _mode(tmp_path / "artifact") == _mode(tmp_path / "plain") == 0o777 & ~mask
@@ -44,7 +44,7 @@ def test_outputs_get_the_modes_of_normally_created_files(tmp_path, umask, mask):
 
 def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
   with pytest.raises(RuntimeError, match="boom"):
-    with files.atomic_folder(tmp_path / "out") as staging:
+    with files.atomic_folder(tmp_path / "out", index="half") as staging:
       (staging / "half").write_text("written")
       raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []

@@ -260,6 +260,29 @@ def test_launchers_reject_unknown_categories_before_running():
     assert "['bottle'] not among the embedded categories" in result.stderr
 
 
+def test_slurm_with_a_bucket_workdir_needs_a_shared_script_folder(tmp_path):
+  refused = subprocess.run(
+    [sys.executable, "launch/slurm.py", "--categories=weave", "--workdir=gs://b/runs", "--dry_run"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert refused.returncode != 0 and "gs://b/runs: SLURM reads the job script" in refused.stderr
+  lines = _dry_run(
+    "launch/slurm.py",
+    "--categories=weave",
+    "--workdir=gs://b/runs",
+    f"--script_dir={tmp_path}/slurm",
+    "--python=python3",
+  )
+  assert lines[0] == f"# {tmp_path}/slurm/array.sbatch"
+  assert shlex.split(lines[lines.index(f"# {tmp_path}/slurm/jobs.txt") + 1])[4] == (
+    "--workdir=gs://b/runs/weave"
+  )
+  assert not list(tmp_path.rglob("gs:*")) and not (REPO / "gs:").exists()
+
+
 def test_slurm_without_sbatch_says_so_and_writes_nothing(tmp_path):
   result = subprocess.run(
     [sys.executable, "launch/slurm.py", "--categories=weave", f"--workdir={tmp_path}/runs"],

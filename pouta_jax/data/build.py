@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import collections
 import shutil
-from pathlib import Path
 
 import tensorflow_datasets as tfds
 from absl import flags
+from etils.epath import Path
 
 from pouta_jax import errors
 from pouta_jax.data.tfds import AnomalyConfig, AnomalyFolder, DtdTextures, MvtecAd, Visa, reader

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from pathlib import Path
+import os
 
 import numpy as np
 from absl import logging
+from etils.epath import Path
 from PIL import Image
 
+from pouta_jax import files
 from pouta_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -78,7 +80,7 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 def check_readable(path: Path) -> None:
   try:
-    with Image.open(path) as image:
+    with Image.open(_file(path)) as image:
       mode = image.mode
       if image.format in ("JPEG", "MPO"):
         image.load()  # verify() skips JPEG scan data: a truncated file would pass it
@@ -132,8 +134,8 @@ def scan(
 ) -> CategoryFolder:
   """Lists a category's files and checks the layout (and, by default, each file's header);
   `require_masks`: see `check_masks`."""
-  root = Path(root)
-  if not root.is_dir():
+  root = files.path(root)
+  if not files.is_dir(root, "dataset root"):
     raise DataError(f"dataset root {root} does not exist or is not a folder")
   category_dir = root / category
   if not category_dir.is_dir():
@@ -177,7 +179,7 @@ def scan(
     for path in train + tuple(p for s in test for p in (s.image, s.mask) if p is not None):
       check_readable(path)
     for sample in (s for s in test if s.mask is not None):
-      with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
+      with Image.open(_file(sample.image)) as image, Image.open(_file(sample.mask)) as mask:
         check_mask_size(sample.mask, mask.size, image.size)
   return folder
 
@@ -253,9 +255,11 @@ def sample_name(sample: TestSample) -> str:
 
 
 def _file(path):
-  """What Pillow opens: a file path, or the bytes of a record (anything with read_bytes that is
-  not a path, e.g. a TFDS RecordRef)."""
-  return path if isinstance(path, (str, Path)) else io.BytesIO(path.read_bytes())
+  """What Pillow opens: a local file path, or the bytes of an object (gs://) or of a record
+  (anything with read_bytes that is not a path, e.g. a TFDS RecordRef)."""
+  if isinstance(path, (str, os.PathLike)):
+    return io.BytesIO(files.path(path).read_bytes()) if files.is_remote(path) else os.fspath(path)
+  return io.BytesIO(path.read_bytes())
 
 
 def open_image(path, mode: str) -> Image.Image:

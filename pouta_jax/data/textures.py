@@ -7,11 +7,12 @@ to grain worker processes and draw with the per-sample generator they are handed
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
+from etils.epath import Path
 from scipy import ndimage
 
+from pouta_jax import files
 from pouta_jax.data.folder import IMAGE_SUFFIXES, DataError, load_image_cached
 
 
@@ -24,7 +25,7 @@ class FolderTextures:
   @classmethod
   def from_root(cls, root: str | Path) -> "FolderTextures":
     root = Path(root)
-    if not root.is_dir():
+    if not files.is_dir(root, "anomaly source folder"):
       raise DataError(f"anomaly source folder {root} does not exist")
     base = root / "images" if (root / "images").is_dir() else root
     paths = sorted(str(p) for p in base.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -9,15 +9,15 @@ in [0, 1]; the ImageNet normalisation the weights were trained with happens here
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from pathlib import Path
+import io
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils.epath import Path
 
-from pouta_jax import errors
+from pouta_jax import errors, files
 from pouta_jax.models.layers import batch_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,10 +146,9 @@ def save_weights(variables: dict, path: str | Path) -> Path:
   path = Path(path)
   if path.suffix != ".npz":
     raise errors.ConfigError(f"{path}: backbone weights are saved as .npz")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-    np.savez(f, **{k: np.asarray(v) for k, v in flatten(variables).items()})
-  Path(f.name).replace(path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in flatten(variables).items()})
+  files.write_atomic(path, buffer.getvalue())
   return path
 
 
@@ -164,7 +163,7 @@ def load_weights(path: str | Path, backbone: str) -> dict:
     )
   template = jax.eval_shape(lambda: init_variables(backbone))
   want = {k: v.shape for k, v in flatten(template).items()}
-  with np.load(path) as stored:
+  with np.load(io.BytesIO(path.read_bytes())) as stored:
     got = {k: stored[k] for k in stored.files}
   problems = errors.key_problems(want, {k: v.shape for k, v in got.items()})
   if problems:

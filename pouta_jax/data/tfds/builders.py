@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils.epath import Path
 from PIL import Image
 
 from pouta_jax.config import MVTEC_AD_CATEGORIES
@@ -210,7 +210,7 @@ def _visa_rows(root: Path, categories: tuple[str, ...]) -> list[_VisaRow]:
       f"is the folder holding it and candle/, capsules/, ...)"
     )
   rows = []
-  with table.open(newline="") as f:
+  with io.StringIO(table.read_text(), newline="") as f:
     for line, row in enumerate(csv.DictReader(f), start=2):
       if row["object"] not in categories:
         continue

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import tensorflow_datasets as tfds
+from etils.epath import Path
 
 from pouta_jax.data.folder import CategoryFolder, DataError, TestSample
 
