@@ -1,4 +1,5 @@
-"""Reads an exported model with jax and numpy alone (Pillow only to resize other sizes).
+"""Reads an exported model with jax (or ONNX Runtime) and numpy alone (Pillow only to resize
+other sizes, etils for gs:// paths).
 
 This file imports nothing else from pouta_jax and nothing of flax or the model code: a
 downstream user can copy it next to their evaluation code. An artifact is a folder:
@@ -12,6 +13,9 @@ downstream user can copy it next to their evaluation code. An artifact is a fold
     predict_<size>px.jaxexport serialized jax.export programs, one per image size:
                                (variables, float32 images (B, S, S, 3) in [0, 1])
                                -> (anomaly maps (B, S, S), image scores (B,))
+    predict_<size>px.onnx      instead of the two above, in an artifact exported with
+                               --format=onnx (manifest "runtime": "onnx"): ONNX models,
+                               the weights inside, float32 images (B, S, S, 3) -> the same
 
     art = artifact.load("exported/bottle")
     maps, scores = art.predict(art.preprocess(uint8_images))
@@ -27,7 +31,6 @@ import json
 import zipfile
 from typing import Any, Callable
 
-import jax
 import numpy as np
 from etils.epath import Path
 
@@ -40,8 +43,11 @@ class ArtifactError(ValueError):
   """An artifact that is incomplete, corrupted or of another format; names the file."""
 
 
-def program_name(image_size: int) -> str:
-  return f"predict_{image_size}px.jaxexport"
+RUNTIMES = ("jax", "onnx")
+
+
+def program_name(image_size: int, runtime: str = "jax") -> str:
+  return f"predict_{image_size}px.{'jaxexport' if runtime == 'jax' else 'onnx'}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -186,19 +192,56 @@ def load(path: str | Path) -> Artifact:
   path = Path(path)
   manifest = _read_manifest(path)
   _verify(path, manifest)
+  runtime = manifest.get("runtime", "jax")
+  if runtime not in RUNTIMES:
+    raise ArtifactError(f"{path / MANIFEST}: runtime {runtime!r}, this reader runs {RUNTIMES}")
+  load_program = _jax_program if runtime == "jax" else _onnx_program
+  programs = {
+    int(size): load_program(path / program_name(size, runtime)) for size in manifest["image_sizes"]
+  }
+  if runtime == "onnx":
+    return Artifact(path, manifest, {}, programs)  # the weights are inside the ONNX models
   try:
     with np.load(io.BytesIO((path / WEIGHTS).read_bytes()), allow_pickle=False) as weights:
       variables = unflatten(dict(weights))
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ArtifactError(f"{path / WEIGHTS}: not a readable .npz ({e})") from None
-  programs = {}
-  for size in manifest["image_sizes"]:
-    program = path / program_name(size)
-    try:
-      exported = jax.export.deserialize(bytearray(program.read_bytes()))
-    except Exception as e:  # flatbuffers raises whatever the bytes lead it to
-      raise ArtifactError(
-        f"{program}: not a serialized jax.export program ({type(e).__name__}: {e})"
-      ) from None
-    programs[int(size)] = jax.jit(exported.call)
   return Artifact(path, manifest, variables, programs)
+
+
+def _jax_program(program: Path) -> Callable:
+  import jax  # only for this runtime
+
+  try:
+    exported = jax.export.deserialize(bytearray(program.read_bytes()))
+  except Exception as e:  # flatbuffers raises whatever the bytes lead it to
+    raise ArtifactError(
+      f"{program}: not a serialized jax.export program ({type(e).__name__}: {e})"
+    ) from None
+  return jax.jit(exported.call)
+
+
+def _onnx_program(program: Path) -> Callable:
+  """An ONNX model as (variables, images) -> (maps, scores), run by ONNX Runtime on the CPU."""
+  try:
+    import onnxruntime
+  except ImportError as e:
+    raise ArtifactError(
+      f"{program}: running an ONNX artifact needs onnxruntime: pip install onnxruntime"
+    ) from e
+  try:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: not the converter's shape-merging notes
+    session = onnxruntime.InferenceSession(
+      program.read_bytes(), options, providers=["CPUExecutionProvider"]
+    )
+  except Exception as e:  # onnxruntime raises its own types for a broken model
+    raise ArtifactError(f"{program}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+  name = session.get_inputs()[0].name
+
+  def run(variables: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    del variables  # inside the model
+    maps, scores = session.run(None, {name: np.asarray(images, np.float32)})
+    return maps, scores
+
+  return run

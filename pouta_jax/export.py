@@ -12,9 +12,12 @@ existing --out is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import importlib.util
 import io
 import json
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -104,12 +107,14 @@ def export(
   image_sizes: tuple[int, ...] = (),
   batch_size: int = 0,
   run: str = "",
+  runtime: str = "jax",
 ) -> Path:
   """Writes the artifact of `workdir`'s newest checkpoint to `out`; returns `out`.
 
   `image_sizes`: the sizes to compile for (default: the training size); `batch_size` 0 leaves
   the batch dimension symbolic, so one program serves every batch size; `run`: which model
-  of a program that trained several runs at once (runs.Run.name).
+  of a program that trained several runs at once (runs.Run.name); `runtime`: "jax" (jax.export
+  programs) or "onnx" (ONNX models, converted by jax2onnx; run by ONNX Runtime).
   """
   workdir, out = Path(workdir), Path(out)
   if out.exists():
@@ -127,6 +132,10 @@ def export(
       f"training size only ({config.data.image_size}: its prepared variables, "
       f"e.g. prototypes, have that size's shapes)"
     )
+  if runtime not in artifact.RUNTIMES:
+    raise errors.ConfigError(f"--format={runtime!r}: expected one of {artifact.RUNTIMES}")
+  if runtime == "onnx" and importlib.util.find_spec("jax2onnx") is None:
+    raise errors.ConfigError("--format=onnx needs jax2onnx: pip install -e '.[onnx]'")
   if batch_size < 0:
     raise errors.ConfigError(
       f"--batch_size={batch_size}: expected 0 (any) or a positive batch size"
@@ -135,12 +144,14 @@ def export(
   category, model, variables = trained.category, trained.model, trained.variables
 
   predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
-  variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-  batch = batch_size or jax.export.symbolic_shape("batch")[0]
   programs = {}
-  for size in sizes:
-    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    programs[size] = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
+  if runtime == "jax":
+    variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    batch = batch_size or jax.export.symbolic_shape("batch")[0]
+    for size in sizes:
+      images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+      exported = jax.export.export(predict_fn, platforms=PLATFORMS)(variables_spec, images)
+      programs[size] = exported.serialize()
 
   metrics = _read_json(trained.folder / "metrics.json") or {}
   thresholds = read_thresholds(trained.folder, category)
@@ -151,7 +162,8 @@ def export(
     "step": trained.step,
     "image_sizes": list(sizes),
     "batch_size": batch_size or "any",
-    "platforms": list(PLATFORMS),
+    "runtime": runtime,
+    "platforms": list(PLATFORMS) if runtime == "jax" else ["onnxruntime"],
     "inputs": "float32 images (B, S, S, 3), NHWC, RGB, values in [0, 1]",
     "preprocessing": {
       "color": "RGB; grayscale repeated over 3 channels",
@@ -172,17 +184,57 @@ def export(
     "training images and the same images with a synthesised anomaly (null: no data.val_fraction)",
     "metrics": metrics.get(config.model.name, {}).get(category),
     "config": trained.config.to_dict(),
-    "versions": {"jax": jax.__version__},
+    "versions": {"jax": jax.__version__}
+    | ({"jax2onnx": importlib.metadata.version("jax2onnx")} if runtime == "onnx" else {}),
   }
 
+  if runtime == "onnx":
+    metadata = {k: manifest[k] for k in ONNX_METADATA if manifest.get(k) is not None}
+    for size in sizes:
+      programs[size] = _onnx_bytes(predict_fn, variables, size, batch_size, metadata)
   with files.atomic_folder(out, index=artifact.MANIFEST) as staging:
-    files.write_atomic(staging / artifact.WEIGHTS, _npz_bytes(artifact.flatten(variables)))
-    for size, exported in programs.items():
-      files.write_atomic(staging / artifact.program_name(size), exported.serialize())
+    if runtime == "jax":  # an ONNX model holds its weights
+      files.write_atomic(staging / artifact.WEIGHTS, _npz_bytes(artifact.flatten(variables)))
+    for size, program in programs.items():
+      files.write_atomic(staging / artifact.program_name(size, runtime), program)
     manifest["sha256"] = {p.name: artifact.sha256(p) for p in sorted(staging.iterdir())}
     manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
     files.write_json(staging / artifact.MANIFEST, manifest)
   return out
+
+
+# What an ONNX model carries of its artifact.json (as JSON strings in its metadata_props), so a
+# user holding only the .onnx file knows its inputs, preprocessing and thresholds.
+ONNX_METADATA = (
+  "format",
+  "model",
+  "category",
+  "step",
+  "inputs",
+  "preprocessing",
+  "outputs",
+  "thresholds",
+  "thresholds_rule",
+  "validation_thresholds",
+  "versions",
+)
+
+
+def _onnx_bytes(
+  predict_fn: Callable, variables: dict, size: int, batch_size: int, metadata: dict
+) -> bytes:
+  """The predict function at `size` as an ONNX model (the variables as its constants)."""
+  import jax2onnx  # only at export time, found by `export`
+  import onnx
+
+  with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints its debugging lines
+    model = jax2onnx.to_onnx(
+      lambda images: predict_fn(variables, images),
+      [(batch_size or "batch", size, size, 3)],
+      model_name=f"pouta_jax_{size}px",
+    )
+  onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in metadata.items()})
+  return model.SerializeToString()
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -195,7 +247,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  out = export(f.workdir, f.out, tuple(int(s) for s in f.image_sizes), f.batch_size, f.run)
+  sizes = tuple(int(s) for s in f.image_sizes)
+  out = export(f.workdir, f.out, sizes, f.batch_size, f.run, f.format)
   print(f"Artifact in {out}: load it with pouta_jax.artifact.load({str(out)!r})")
 
 
@@ -207,6 +260,9 @@ if __name__ == "__main__":
   )
   flags.DEFINE_list("image_sizes", [], "Image sizes to compile for (default: the training size).")
   flags.DEFINE_integer("batch_size", 0, "Fixed batch size; 0: any batch size.")
+  flags.DEFINE_enum(
+    "format", "jax", list(artifact.RUNTIMES), "jax (jax.export programs) or onnx (ONNX Runtime)."
+  )
   flags.DEFINE_string(
     "run", "", "Which run, for a program that trained several (e.g. bottle, train.seed=1/bottle)."
   )

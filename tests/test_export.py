@@ -13,7 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from pouta_jax import artifact, calibrate, evaluate, experiment, export, files, models, predict
+from pouta_jax import (
+  artifact,
+  calibrate,
+  errors,
+  evaluate,
+  experiment,
+  export,
+  files,
+  models,
+  predict,
+)
 from pouta_jax.data import DataError
 from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
@@ -62,6 +72,34 @@ def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):
   assert manifest["config"]["model"] == config.model.to_dict()
   with pytest.raises(ValueError, match=r"S in \(32, 64\)"):
     art.predict(np.zeros((1, 48, 48, 3), np.float32))
+
+
+def test_onnx_artifact_matches_the_jax_program_and_carries_its_metadata(trained, tmp_path):
+  config, workdir, variables, _ = trained
+  out = export.export(workdir, tmp_path / "onnx", runtime="onnx")
+  assert sorted(p.name for p in out.iterdir()) == ["artifact.json", "predict_32px.onnx"]
+  art = artifact.load(out)
+  assert art.manifest["runtime"] == "onnx" and "jax2onnx" in art.manifest["versions"]
+  model = models.get("pouta").build(config)
+  predict_fn = evaluate.model_predict_fn(model, variables, config.eval.score_filter_size)
+  images = np.random.default_rng(1).random((3, 32, 32, 3), dtype=np.float32)
+  maps, scores = art.predict(images)  # ONNX Runtime, any batch size
+  want_maps, want_scores = jax.device_get(predict_fn(images))
+  np.testing.assert_allclose(maps, want_maps, atol=1e-4)
+  np.testing.assert_allclose(scores, want_scores, atol=1e-4)
+  assert art.predict(images[:1])[0].shape == (1, 32, 32)
+  summary = predict.predict(
+    predict.from_artifact(out), f"{config.data.root}/weave/test/good", tmp_path / "scored"
+  )
+  assert summary["scored"] == summary["images"] > 0
+
+  import onnx
+
+  props = {p.key: json.loads(p.value) for p in onnx.load(out / "predict_32px.onnx").metadata_props}
+  assert props["preprocessing"] == art.manifest["preprocessing"]
+  assert props["thresholds"] == art.manifest["thresholds"] and props["category"] == "weave"
+  with pytest.raises(errors.ConfigError, match="--format='tflite'"):
+    export.export(workdir, tmp_path / "other", runtime="tflite")
 
 
 def test_preprocess_matches_the_training_reader(trained, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 from etils.epath import Path
 
 from pouta_jax import errors, files
-from pouta_jax.models.layers import batch_norm
+from pouta_jax.models.layers import batch_norm, max_pool
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,7 +109,7 @@ class ResNetFeatures(nn.Module):
     s = spec(self.backbone)
     x = (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
     x = nn.relu(_bn("bn1")(_conv(64, 7, 2, "conv1")(x)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, padding=1)
     features, in_channels = [], 64
     for stage, num_blocks in enumerate(s.layers):
       planes = 64 * 2**stage

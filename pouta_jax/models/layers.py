@@ -221,8 +221,17 @@ class UpConv(nn.Module):
     return ConvBNReLU(self.features)(upsample_bilinear(x, 2), train)
 
 
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """Max pooling, padding with -inf. Spelled as the ONNX converter (jax2onnx) wants it: it
+  replaces flax's max_pool with its own, which takes the window by keyword and no padding."""
+  if padding:
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  return nn.max_pool(x, window_shape=(window, window), strides=(stride, stride))
+
+
 def max_pool2(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return max_pool(x, 2, 2)
 
 
 class Encoder(nn.Module):
