@@ -46,14 +46,12 @@ def _make_writable(workdir: Path) -> None:
     probe = workdir / f".write_probe_{jax.process_index()}"
     probe.write_text("")
     probe.unlink()
-  except OSError as e:
-    if not files.is_remote(workdir):
+  except Exception as e:
+    if files.is_remote(workdir):  # an object store's client raises its own errors
+      raise files.storage_error(workdir, e, "write the workdir") from e
+    if isinstance(e, OSError):
       raise errors.WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from e
-    raise files.storage_error(workdir, e, "write the workdir") from e
-  except Exception as e:  # an object store's client raises its own errors
-    if not files.is_remote(workdir):
-      raise
-    raise files.storage_error(workdir, e, "write the workdir") from e
+    raise
 
 
 def store_config(
