@@ -210,8 +210,13 @@ def load(path: str | Path) -> Artifact:
 
 
 def _jax_program(program: Path) -> Callable:
-  import jax  # only for this runtime
-
+  try:
+    import jax  # only for this runtime
+  except ImportError as e:
+    raise ArtifactError(
+      f"{program}: running a JAX artifact needs jax (pip install jax); an artifact exported "
+      "with --format=onnx runs without it"
+    ) from e
   try:
     exported = jax.export.deserialize(bytearray(program.read_bytes()))
   except Exception as e:  # flatbuffers raises whatever the bytes lead it to

@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import logging
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -224,6 +225,9 @@ def _onnx_bytes(
   predict_fn: Callable, variables: dict, size: int, batch_size: int, metadata: dict
 ) -> bytes:
   """The predict function at `size` as an ONNX model (the variables as its constants)."""
+  # jax2onnx 0.13 logs a traceback for each plugin of a package it cannot load (dm_pix, against
+  # this jax): about operations these models do not use.
+  logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
   import jax2onnx  # only at export time, found by `export`
   import onnx
 

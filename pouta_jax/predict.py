@@ -36,14 +36,13 @@ import json
 import os
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 from absl import flags
 from etils.epath import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from pouta_jax import artifact as artifact_lib, errors, evaluate, files, report
+from pouta_jax import artifact as artifact_lib, errors, files, report
 from pouta_jax.data.folder import IMAGE_SUFFIXES, check_readable, open_image, resize_image
 
 MAP_FORMATS = ("png16", "npy")
@@ -100,7 +99,7 @@ class Predictor:
       pixels = np.stack([resize_image(im, self.image_size) for im in chunk])
       pixels = pixels.astype(np.float32) / 255.0
       padded = np.concatenate([pixels, np.zeros((batch - len(chunk),) + pixels.shape[1:], "f4")])
-      maps, scores = jax.device_get(self.fn(padded))
+      maps, scores = (np.asarray(a) for a in self.fn(padded))
       for image, m, s in zip(chunk, maps, scores):
         full = Image.fromarray(np.asarray(m, np.float32), mode="F").resize(
           image.size, Image.BILINEAR
@@ -140,8 +139,13 @@ def from_artifact(path: str | Path) -> Predictor:
 
 
 def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
-  from pouta_jax import export  # the training code: only for workdirs
-
+  try:
+    from pouta_jax import evaluate, export  # the training code (and jax): only for workdirs
+  except ImportError as e:
+    raise errors.ConfigError(
+      f"--workdir={workdir}: scoring with a workdir's checkpoint needs the training install "
+      f"({e}); an artifact exported with --format=onnx needs only onnxruntime"
+    ) from e
   workdir = files.path(workdir)
   trained = export.trained_model(workdir, run)
   config = trained.config

@@ -88,10 +88,33 @@ def test_onnx_artifact_matches_the_jax_program_and_carries_its_metadata(trained,
   np.testing.assert_allclose(maps, want_maps, atol=1e-4)
   np.testing.assert_allclose(scores, want_scores, atol=1e-4)
   assert art.predict(images[:1])[0].shape == (1, 32, 32)
-  summary = predict.predict(
-    predict.from_artifact(out), f"{config.data.root}/weave/test/good", tmp_path / "scored"
-  )
+  good = f"{config.data.root}/weave/test/good"
+  summary = predict.predict(predict.from_artifact(out), good, tmp_path / "scored")
   assert summary["scored"] == summary["images"] > 0
+  # The predict command in an interpreter where jax (and the rest of the training install) cannot
+  # be imported, as on a machine with onnxruntime only: calibrated there, the same scores.
+  calibrated = _blocked_run(
+    JAX_STACK, "pouta_jax.calibrate", f"--artifact={out}", f"--good={good}", "--fpr=0.1"
+  )
+  assert calibrated.returncode == 0, calibrated.stderr[-3000:]
+  without_jax = _blocked_run(
+    JAX_STACK,
+    "pouta_jax.predict",
+    f"--artifact={out}",
+    f"--input={good}",
+    f"--out={tmp_path / 'no_jax'}",
+    cwd=REPO,
+  )
+  assert without_jax.returncode == 0, without_jax.stderr[-3000:]
+  assert _scores(tmp_path / "no_jax") == pytest.approx(_scores(tmp_path / "scored"), abs=1e-6)
+  used = json.loads((tmp_path / "no_jax" / "predict.json").read_text())
+  assert used["threshold"] == artifact.load(out).calibration["image_threshold"]
+  for flag, expected in [
+    (f"--artifact={export.export(workdir, tmp_path / 'jax')}", "running a JAX artifact needs jax"),
+    (f"--workdir={workdir}", "needs the training install"),
+  ]:
+    failed = _blocked_run(JAX_STACK, "pouta_jax.predict", flag, f"--input={good}", "--out=x")
+    assert failed.returncode == 1 and expected in failed.stderr, failed.stderr[-3000:]
 
   import onnx
 
@@ -100,6 +123,32 @@ def test_onnx_artifact_matches_the_jax_program_and_carries_its_metadata(trained,
   assert props["thresholds"] == art.manifest["thresholds"] and props["category"] == "weave"
   with pytest.raises(errors.ConfigError, match="--format='tflite'"):
     export.export(workdir, tmp_path / "other", runtime="tflite")
+
+
+# What a machine that only runs ONNX artifacts lacks.
+JAX_STACK = ("jax", "jaxlib", "flax", "optax", "orbax", "grain", "tensorflow_datasets", "jax2onnx")
+
+
+def _blocked_run(blocked: tuple[str, ...], module: str, *args: str, cwd: Path = REPO):
+  """`python -m module args` in a fresh interpreter where the `blocked` packages fail to import."""
+  script = f"""
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.argv = [{module!r}] + {list(args)!r}
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+  return subprocess.run(
+    [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300
+  )
+
+
+def _scores(out: Path) -> dict[str, float]:
+  with open(out / "scores.csv") as f:
+    return {row["path"]: float(row["image_score"]) for row in csv.DictReader(f)}
 
 
 def test_preprocess_matches_the_training_reader(trained, tmp_path):
