@@ -1,11 +1,13 @@
 """POUTA against DRAEM at the same base width and image size, measured in one run.
 
-    .venv/bin/python bench/pouta_vs_draem.py [--base_width=128] [--image_size=256] [--repeats=5]
+    .venv/bin/python bench/pouta_vs_draem.py [--base_width=128] [--image_size=256] [--repeats=5] \
+        [--discriminative_width=0]
 
-Prints parameters (reconstructive / discriminative / total), XLA FLOPs per image and the median
-inference latency at batch 1 (the two models timed interleaved, A/B/A/B, after warm-up), then
-the ratios POUTA / DRAEM as `name=value` lines. Targets: discriminative params <= 0.25, total
-params <= 0.75 (a latency below 0.75 cannot be had while the reconstructive network is shared).
+Prints parameters and XLA FLOPs per image (reconstructive / discriminative / total; FLOPs
+split as `evaluate.profile` does) and the median inference latency at batch 1 (the two models
+timed interleaved, A/B/A/B, after warm-up), then the ratios POUTA / DRAEM as `name=value` lines.
+Targets: discriminative params and discriminative FLOPs <= 0.25, total params <= 0.75 (a total
+FLOP count or latency below 0.75 cannot be had while the reconstructive network is shared).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pouta_jax import config as config_lib, evaluate, models, train
 _WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width of both models.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed inferences per model.")
+_DISC_WIDTH = flags.DEFINE_integer(
+  "discriminative_width", 0, "POUTA's model.discriminative_width (0: half the base width)."
+)
 _FILTER = 21
 
 
@@ -32,6 +37,8 @@ def main(argv: list[str]) -> None:
   for name in ("draem", "pouta"):
     config = config_lib.load(name)
     config.model.base_width = _WIDTH.value
+    if name == "pouta":
+      config.model.discriminative_width = _DISC_WIDTH.value
     model = models.get(name).build(config)
     state = train.fresh_state(model, optax.identity(), _SIZE.value, seed=0)
     profile = evaluate.profile(model, state.variables, _SIZE.value, _FILTER, repeats=1)
@@ -45,15 +52,23 @@ def main(argv: list[str]) -> None:
       jax.block_until_ready(predict_fn(variables, image))
       times[name].append(time.perf_counter() - start)
 
-  print(f"base width {_WIDTH.value}, {_SIZE.value} px, batch 1, {_REPEATS.value} repeats")
-  print("| model | params recon. | params discr. | params total | GFLOPs | latency ms |")
-  print("|---|---|---|---|---|---|")
+  print(
+    f"base width {_WIDTH.value} (POUTA's discriminative width "
+    f"{_DISC_WIDTH.value or _WIDTH.value // 2}), {_SIZE.value} px, batch 1, "
+    f"{_REPEATS.value} repeats"
+  )
+  print(
+    "| model | params recon. | params discr. | params total | GFLOPs recon. | GFLOPs discr. "
+    "| GFLOPs total | latency ms |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
   latency = {name: 1000 * float(np.median(t)) for name, t in times.items()}
   for name, (_, _, profile) in setups.items():
-    p = profile["params"]
+    p, f = profile["params"], profile["flops"]
     print(
       f"| {name} | {p['reconstructive']:,} | {p['discriminative']:,} | {p['total']:,} | "
-      f"{profile['flops_per_image'] / 1e9:.2f} | {latency[name]:.1f} |"
+      f"{f['reconstructive'] / 1e9:.2f} | {f['discriminative'] / 1e9:.2f} | "
+      f"{f['total'] / 1e9:.2f} | {latency[name]:.1f} |"
     )
   draem, pouta = setups["draem"][2], setups["pouta"][2]
   print(
@@ -61,6 +76,10 @@ def main(argv: list[str]) -> None:
     f"{pouta['params']['discriminative'] / draem['params']['discriminative']:.4f}"
   )
   print(f"total_param_ratio={pouta['params']['total'] / draem['params']['total']:.4f}")
+  print(
+    f"discriminative_flops_ratio="
+    f"{pouta['flops']['discriminative'] / draem['flops']['discriminative']:.4f}"
+  )
   print(f"flops_ratio={pouta['flops_per_image'] / draem['flops_per_image']:.4f}")
   print(f"latency_ratio={latency['pouta'] / latency['draem']:.4f}")
 

@@ -12,8 +12,14 @@ from pouta_jax import config as base
 
 def get_config(arg: str | None = None):
   config = base.base_config("pouta")
-  config.model.compare = "both"  # FCM inputs: both (with |E - D|), encoder only, decoder only
+  # FCM inputs: both (with |E - D|), encoder, decoder, difference (|E - D| only), cosine (the
+  # projections' cosine distance instead of |E - D|); see models/pouta.py.
+  config.model.compare = "both"
   config.model.guidance = True  # HSG: calibrate each level by the refined coarser level
+  config.model.guidance_gate = True  # HSG's sigmoid gate; False: plain concatenation
+  config.model.discriminative_width = 0  # the finest level's width; 0: half the base width
+  config.model.detach_features = False  # True: the discriminative losses stop at the features
+  config.model.pixel_input = False  # True: the finest level also sees x, its recon, |x - recon|
   config.loss = dict(
     level_weights=(1.0, 1.0, 1.0, 1.0),  # MSS focal weight per level, finest (H) first
     final_weight=1.0,  # focal weight of the final map

@@ -20,11 +20,8 @@ given if every job took as long) and runs nothing. Gather the results with
 
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
 import sys
-import time
 
 from absl import flags
 
@@ -49,16 +46,6 @@ _MEMORY_FRACTION = flags.DEFINE_float(
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 
-def thread_env(threads: int) -> dict[str, str]:
-  """Environment that limits XLA's and the BLAS libraries' CPU threads."""
-  return {
-    "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-    f"intra_op_parallelism_threads={threads}",
-    "OMP_NUM_THREADS": str(threads),
-    "OPENBLAS_NUM_THREADS": str(threads),
-  }
-
-
 def device_slots(devices: list[str], per_job: int, memory_fraction: float) -> list[dict[str, str]]:
   """The environment of each group of `per_job` GPUs: disjoint groups, one run at a time each."""
   if len(set(devices)) != len(devices):
@@ -75,29 +62,9 @@ def device_slots(devices: list[str], per_job: int, memory_fraction: float) -> li
   ]
 
 
-def run_all(commands: list[list[str]], env: dict[str, str], slots: list[dict[str, str]]) -> list:
-  """Runs `commands`, one per slot at a time, each with `env` and its slot's variables; the
-  commands that failed."""
-  pending, running, failed = list(commands), {}, []
-  free = list(range(len(slots)))
-  while pending or running:
-    while pending and free:
-      slot, command = free.pop(0), pending.pop(0)
-      process = subprocess.Popen(command, env={**os.environ, **env, **slots[slot]})
-      running[process] = (command, slot)
-    for process, (command, slot) in list(running.items()):
-      if process.poll() is not None:
-        del running[process]
-        free.append(slot)
-        if process.returncode:
-          failed.append(shlex.join(command))
-    time.sleep(0.2)
-  return failed
-
-
 def main(argv: list[str]) -> None:
   runs = [job.command() for job in sweep.jobs_from_flags(argv[1:])]
-  env = thread_env(_THREADS.value)
+  env = sweep.thread_env(_THREADS.value)
   if _DEVICES.value:
     slots = device_slots(_DEVICES.value, _DEVICES_PER_JOB.value, _MEMORY_FRACTION.value)
   elif _DEVICES_PER_JOB.value != 1 or _MEMORY_FRACTION.value:
@@ -110,7 +77,7 @@ def main(argv: list[str]) -> None:
       prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
       print(f"{prefix} {shlex.join(command)}")
     return
-  failed = run_all(runs, env, slots)
+  failed = sweep.run_all(runs, env, slots)
   if failed:
     sys.exit("failed runs:\n" + "\n".join(failed))
 

@@ -185,6 +185,14 @@ def load_file(path: str | Path, arg: str | None = None) -> ml_collections.Config
   return _config_module(path).get_config(arg)
 
 
+def load_study(path: str | Path) -> dict:
+  """A study file's get_study() (configs/pouta_study.py: the questions launch/study.py runs)."""
+  module = _config_module(path)
+  if not hasattr(module, "get_study"):
+    raise errors.ConfigError(f"{path} defines no get_study()")
+  return module.get_study()
+
+
 def load_sweep(path: str | Path, arg: str | None = None) -> dict[str, dict[str, list]]:
   """A config file's get_sweep(arg): {"product": {key: values}, "zip": {key: values}}."""
   module = _config_module(path)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pouta_jax import errors, metrics
+from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
 
 def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
@@ -130,16 +131,42 @@ def profile(
   model: nn.Module, variables: dict, image_size: int, filter_size: int, repeats: int = 20
 ) -> dict:
   """Parameters per subnetwork (the models' top-level groups: reconstructive, discriminative,
-  and a frozen backbone where there is one) and in total, and XLA's FLOP count and the median
-  latency of inference on one image (batch 1: anomaly map and image score)."""
+  and a frozen backbone where there is one) and in total, XLA's FLOP count of inference on one
+  image (batch 1: anomaly map and image score) and, for models built on the reconstructive
+  network, its parts (`flops`: reconstructive, discriminative, scoring, total), and the median
+  latency."""
   counts = {
     name: int(sum(x.size for x in jax.tree.leaves(tree)))
     for name, tree in variables["params"].items()
   }
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   predict_fn = make_predict_fn(model, filter_size)
-  cost = predict_fn.lower(variables, image).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  total = _flops(predict_fn, variables, image)
+  parts = {}
+  if "reconstructive" in counts:  # DRAEM and POUTA: the shared network, then the rest
+    # XLA drops what an output does not need, so each part is a difference of two programs:
+    # the discriminative part is the map and the reconstruction against the reconstructive
+    # network alone; scoring (the image score's filter and maximum) is the whole against the
+    # map alone; the reconstructive network is the rest (POUTA's maps never need its last conv).
+    recon = ReconstructiveNetwork(model.base_width)
+    shared = {group: tree["reconstructive"] for group, tree in variables.items()}
+    alone = _flops(jax.jit(functools.partial(recon.apply, train=False)), shared, image)
+
+    def network(*keys: str) -> float:
+      return _flops(
+        jax.jit(lambda v, x: [model.apply(v, x, train=False)[k] for k in keys]), variables, image
+      )
+
+    discriminative = network("anomaly_map", "reconstruction") - alone
+    scoring = total - network("anomaly_map")
+    parts = {
+      "flops": {
+        "reconstructive": total - discriminative - scoring,
+        "discriminative": discriminative,
+        "scoring": scoring,
+        "total": total,
+      }
+    }
   jax.block_until_ready(predict_fn(variables, image))  # warm-up
   times = []
   for _ in range(repeats):
@@ -148,6 +175,13 @@ def profile(
     times.append(time.perf_counter() - start)
   return {
     "params": {**counts, "total": sum(counts.values())},
-    "flops_per_image": float(cost["flops"]),
+    "flops_per_image": total,
+    **parts,
     "latency_ms": 1000 * float(np.median(times)),
   }
+
+
+def _flops(fn: Callable, *args) -> float:
+  """XLA's FLOP count of the jitted `fn` on `args`."""
+  cost = fn.lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

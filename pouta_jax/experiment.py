@@ -368,8 +368,9 @@ def write_results(
   """metrics.json and results.md.
 
   metrics.json: model -> category (and "mean") -> metric, plus, for models with a profile,
-  `params` (reconstructive, discriminative, total), `flops_per_image` and `latency_ms`, with
-  `by_defect` (model -> category -> defect type -> metric) `by_defect`, and with `on_validation`
+  `params` (reconstructive, discriminative, total), `flops_per_image`, its parts `flops` where
+  the model has them, and `latency_ms`; with `by_defect` (model -> category -> defect type ->
+  metric) `by_defect`, and with `on_validation`
   (model -> category -> metric, on the validation set) `validation`.
   """
   by_defect, on_validation = by_defect or {}, on_validation or {}

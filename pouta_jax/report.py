@@ -144,22 +144,28 @@ def _summary(results: dict, profiles: dict) -> list[str]:
   """One row per model: size, cost and the mean of the main metrics."""
   present = {g for p in profiles.values() if p for g in p["params"]}
   groups = [(g, label) for g, label in PARAM_GROUPS if g in present] or [("total", "total")]
+  # The discriminative part's FLOPs where a model splits them (DRAEM, POUTA: evaluate.profile).
+  parts = any("flops" in p for p in profiles.values() if p)
   lines = [
     "| model | "
     + " | ".join(f"params {label}" for _, label in groups)
+    + (" | GFLOPs discr." if parts else "")
     + " | GFLOPs / image | latency (ms) | "
     + " | ".join(f"mean {m}" for m in SUMMARY_METRICS)
     + " |",
-    "|---" * (3 + len(groups) + len(SUMMARY_METRICS)) + "|",
+    "|---" * (3 + len(groups) + parts + len(SUMMARY_METRICS)) + "|",
   ]
   for model, per_category in results.items():
     profile = profiles.get(model)
     if profile:
       p = profile["params"]
       cost = [f"{p[g] / 1e6:.3f}M" if g in p else "–" for g, _ in groups]
+      if parts:
+        flops = profile.get("flops")
+        cost.append(f"{flops['discriminative'] / 1e9:.3f}" if flops else "–")
       cost += [f"{profile['flops_per_image'] / 1e9:.3f}", f"{profile['latency_ms']:.2f}"]
     else:
-      cost = ["–"] * (len(groups) + 2)
+      cost = ["–"] * (len(groups) + parts + 2)
     means = [_fmt(per_category["mean"][m]) for m in SUMMARY_METRICS]
     lines.append(f"| {model} | " + " | ".join(cost + means) + " |")
   return lines + [""]

@@ -19,7 +19,10 @@ import io
 import itertools
 import json
 import os
+import shlex
+import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -43,7 +46,22 @@ def _parse_axis(flag: str, spec: str, config: ml_collections.ConfigDict) -> tupl
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise SweepError(f"--{flag}={spec}: the config has no key {key!r}")
     node = node[part]
-  return key, values.split(",")
+  return key, _split_values(flag, spec, values)
+
+
+def _split_values(flag: str, spec: str, values: str) -> list[str]:
+  """`values` split at the commas outside brackets: a tuple value is written `(1,0.5,0.25)`."""
+  found, depth, start = [], 0, 0
+  for i, char in enumerate(values):
+    depth += (char in "([") - (char in ")]")
+    if depth < 0:
+      break
+    if char == "," and depth == 0:
+      found.append(values[start:i])
+      start = i + 1
+  if depth:
+    raise SweepError(f"--{flag}={spec}: unbalanced brackets in the values")
+  return found + [values[start:]]
 
 
 def expand(
@@ -127,6 +145,48 @@ def jobs(
         )
       )
   return runs
+
+
+def thread_env(threads: int) -> dict[str, str]:
+  """Environment that limits XLA's and the BLAS libraries' CPU threads (the XLA_FLAGS already set
+  kept)."""
+  return {
+    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen="
+    f"{'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}".strip(),
+    "OMP_NUM_THREADS": str(threads),
+    "OPENBLAS_NUM_THREADS": str(threads),
+  }
+
+
+def run_all(
+  commands: list[list[str]],
+  env: dict[str, str],
+  slots: list[dict[str, str]],
+  logs: list[str] | None = None,
+) -> list:
+  """Runs `commands`, one per slot at a time, each with `env` and its slot's variables (and its
+  output appended to its file of `logs`, when given); the commands that failed."""
+  pending = list(zip(commands, logs or [None] * len(commands)))
+  running, failed = {}, []
+  free = list(range(len(slots)))
+  while pending or running:
+    while pending and free:
+      slot, (command, log) = free.pop(0), pending.pop(0)
+      out = open(log, "ab") if log else None  # noqa: SIM115 (closed when the job ends)
+      process = subprocess.Popen(
+        command, env={**os.environ, **env, **slots[slot]}, stdout=out, stderr=out
+      )
+      running[process] = (command, slot, out)
+    for process, (command, slot, out) in list(running.items()):
+      if process.poll() is not None:
+        del running[process]
+        free.append(slot)
+        if out:
+          out.close()
+        if process.returncode:
+          failed.append(shlex.join(command))
+    time.sleep(0.2)
+  return failed
 
 
 def split_axes(
@@ -222,15 +282,21 @@ SPLITS = ("test", "validation")
 
 
 def aggregate(
-  root: str | Path, swept: list[str] | None = None, metric: str = "pixel_ap", split: str = "test"
+  root: str | Path | list,
+  swept: list[str] | None = None,
+  metric: str = "pixel_ap",
+  split: str = "test",
 ) -> tuple[str, str]:
   """Markdown and CSV: a row per setting of the `swept` keys (the best mean first), a column per
-  category and the mean, each cell mean ± std over seeds of `metric` on the `split` (SPLITS).
+  category and the mean, each cell mean ± std over seeds of `metric` on the `split` (SPLITS),
+  over the runs under `root` (or under each of a list of roots).
   `swept` defaults to every key that varies between runs."""
   if split not in SPLITS:
     raise SweepError(f"--split={split!r}: expected one of {SPLITS}")
+  roots = root if isinstance(root, list) else [root]
   runs = []
-  for metrics_path in (p for p in files.files_in(root) if p.name == "metrics.json"):
+  found = [p for r in roots for p in files.files_in(r) if p.name == "metrics.json"]
+  for metrics_path in found:
     config_path = metrics_path.parent / "config.json"
     if not config_path.is_file():
       continue  # e.g. the demo's combined metrics.json
@@ -247,7 +313,7 @@ def aggregate(
         )
     runs.extend((config, category, results[category][metric]) for category in categories)
   if not runs:
-    raise SweepError(f"no run with metrics.json and config.json under {root}")
+    raise SweepError(f"no run with metrics.json and config.json under {', '.join(map(str, roots))}")
   if swept is None:
     flat = [{k: json.dumps(v) for k, v in config_lib.flatten(c).items()} for c, _, _ in runs]
     keys = set().union(*flat) - {"train.seed", "data.category", "data.categories"}

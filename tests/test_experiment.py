@@ -58,6 +58,7 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
     "mean",
     "params",
     "flops_per_image",
+    "flops",
     "latency_ms",
     "by_defect",
   }
@@ -67,6 +68,9 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   params = metrics["draem"]["params"]
   assert params["total"] == params["reconstructive"] + params["discriminative"] > 0
   assert metrics["draem"]["flops_per_image"] > 0 and metrics["draem"]["latency_ms"] > 0
+  flops = metrics["draem"]["flops"]
+  assert flops["total"] == metrics["draem"]["flops_per_image"]
+  assert flops["reconstructive"] + flops["discriminative"] + flops["scoring"] == flops["total"]
   assert set(metrics["draem"]["pill"]) == set(report.METRIC_COLUMNS)
   assert all(0 <= v <= 1 for v in metrics["draem"]["pill"].values())
   assert json.loads((workdir / "config.json").read_text())["data"]["category"] == "pill"

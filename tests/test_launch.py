@@ -1,5 +1,6 @@
 import base64
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -31,13 +32,15 @@ def test_local_launcher_dry_run_prints_one_command_per_category():
     capture_output=True,
     text=True,
     timeout=120,
+    env={**os.environ, "XLA_FLAGS": "--xla_dump_to=/tmp/x"},
   )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 2
   words = shlex.split(lines[1])
-  assert words[:3] == [
-    "XLA_FLAGS=--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2",
+  assert words[:3] == [  # the user's XLA_FLAGS kept
+    "XLA_FLAGS=--xla_dump_to=/tmp/x "
+    "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2",
     "OMP_NUM_THREADS=2",
     "OPENBLAS_NUM_THREADS=2",
   ]
@@ -336,15 +339,14 @@ def test_local_launcher_refuses_gpu_groups_that_cannot_work():
 
 RUN_ALL = """
 import json, sys
-sys.path.insert(0, "launch")
-import local
+from pouta_jax import sweep
 # One write per line (shorter than the pipe's atomic size): jobs share the launcher's stdout.
 job = ("import json, os, sys, time; start = time.time(); time.sleep(0.6); "
        "line = json.dumps([sys.argv[1], os.environ['CUDA_VISIBLE_DEVICES'], start, time.time()]); "
        "os.write(1, (line + '\\\\n').encode()); sys.exit(sys.argv[1] == 'bad')")
 names = ["a", "b", "c", "bad", "e"]
 slots = [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
-failed = local.run_all([[sys.executable, "-c", job, n] for n in names], {}, slots)
+failed = sweep.run_all([[sys.executable, "-c", job, n] for n in names], {}, slots)
 print(json.dumps(failed))
 """
 

@@ -129,6 +129,100 @@ def test_each_ablation_changes_only_what_it_names(tiny_config):
   assert all(np.allclose(with_ds[k], without[k]) for k in without)
 
 
+def _with(tiny_config, **model):
+  config = _pouta_config(tiny_config)
+  config.model.update(model)
+  return config
+
+
+def test_design_options_change_only_what_they_name(tiny_config):
+  full = _param_paths(_pouta_config(tiny_config))
+  assert _param_paths(_with(tiny_config, detach_features=True)) == full  # a gradient switch
+  no_gate = _param_paths(_with(tiny_config, guidance_gate=False))
+  assert set(full) - set(no_gate) == {p for p in full if "['gate']" in p} != set()
+  assert all(no_gate[p] == full[p] for p in no_gate)
+  widths = {
+    level: full[f"['compare_{level}']['fuse']['Conv3x3_0']['Conv_0']['kernel']"][3]
+    for level in range(4)
+  }
+  for compare, channels in (("difference", lambda w: w), ("cosine", lambda w: 2 * w + 1)):
+    paths = _param_paths(_with(tiny_config, compare=compare))
+    assert set(paths) == set(full), compare  # both projections kept
+    for level, width in widths.items():
+      assert paths[f"['compare_{level}']['fuse']['Conv3x3_0']['Conv_0']['kernel']"][2] == channels(
+        width
+      )
+  pixels = _param_paths(_with(tiny_config, pixel_input=True))
+  finest = "['compare_0']['fuse']['Conv3x3_0']['Conv_0']['kernel']"
+  assert pixels[finest][2] == full[finest][2] + 9  # x, its reconstruction and |x - recon|
+  assert all(shape == full[p] for p, shape in pixels.items() if p != finest)
+  wide = _param_paths(_with(tiny_config, discriminative_width=2 * widths[0]))
+  assert wide["['head']['Conv_0']['kernel']"][2] == 2 * widths[0] and set(wide) == set(full)
+
+
+def test_flops_of_each_part():
+  """The profile's parts add up to the whole; the discriminative width moves the
+  discriminative part only; the reconstructive part is the network alone less its last conv,
+  whose output POUTA's map never reads."""
+  import functools
+
+  import optax
+
+  from pouta_jax import evaluate, train
+  from pouta_jax.models.reconstructive import ReconstructiveNetwork
+
+  def profile(**model):
+    config = config_lib.load("pouta")
+    config.model.update(base_width=4, **model)
+    net = models.get("pouta").build(config)
+    state = train.fresh_state(net, optax.identity(), 32, seed=0)
+    return evaluate.profile(net, state.variables, 32, 3, repeats=1)["flops"], state.variables
+
+  (pouta, variables), (wide, _) = profile(), profile(discriminative_width=4)
+  for parts in (pouta, wide):
+    assert parts["reconstructive"] + parts["discriminative"] + parts["scoring"] == parts["total"]
+    assert min(parts.values()) > 0
+  assert wide["reconstructive"] == pouta["reconstructive"] and wide["scoring"] == pouta["scoring"]
+  assert 2.5 < wide["discriminative"] / pouta["discriminative"] < 4.5  # widths 2 -> 4
+  shared = {group: tree["reconstructive"] for group, tree in variables.items()}
+  recon = jax.jit(functools.partial(ReconstructiveNetwork(4).apply, train=False))
+  alone = recon.lower(shared, jnp.zeros((1, 32, 32, 3))).compile().cost_analysis()["flops"]
+  last_conv = 2 * 9 * 4 * 3 * 32 * 32  # the 3x3 conv to RGB, multiply-adds as 2 FLOPs
+  assert 0 < alone - pouta["reconstructive"] < 2 * last_conv
+
+
+def test_cosine_distance_against_numpy():
+  from pouta_jax.models.pouta import cosine_distance
+
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(2, 3, 5, 7)), rng.normal(size=(2, 3, 5, 7))
+  want = 1 - (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+  np.testing.assert_allclose(cosine_distance(a, b)[..., 0], want, rtol=1e-5)
+  assert float(cosine_distance(a, a).max()) < 1e-5
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_features_keep_the_discriminative_loss_out_of_the_reconstruction(
+  tiny_config, detach
+):
+  from pouta_jax import objectives
+
+  config = _with(tiny_config, detach_features=detach, pixel_input=True)
+  model = models.get("pouta").build(config)
+  batch = _batch()
+  variables = model.init(jax.random.key(0), batch["augmented"], train=False)
+
+  def focal(params):
+    outputs, _ = model.apply(
+      {**variables, "params": params}, batch["augmented"], train=True, mutable=["batch_stats"]
+    )
+    return objectives.segmentation_focal(outputs["logits"], batch["mask"])
+
+  grads = jax.grad(focal)(variables["params"])
+  assert (_norm(grads["reconstructive"]) == 0) == detach
+  assert _norm(grads["discriminative"]) > 0
+
+
 def test_guidance_changes_the_map():
   x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
   a = POUTA(4, guidance=True).init_with_output(jax.random.key(0), x, train=False)[0]
@@ -140,7 +234,8 @@ def test_guidance_changes_the_map():
 @pytest.mark.parametrize(
   "key,value,message",
   [
-    ("model.compare", "difference", "config.model.compare='difference': expected one of"),
+    ("model.compare", "distance", "config.model.compare='distance': expected one of"),
+    ("model.discriminative_width", -8, "config.model.discriminative_width=-8: expected an int"),
     ("loss.level_weights", (1.0, 1.0), r"config.loss.level_weights=\(1.0, 1.0\): expected 4"),
     ("loss.final_weight", -1.0, "config.loss.final_weight=-1.0"),
   ],

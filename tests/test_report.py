@@ -40,6 +40,11 @@ def test_results_table_lists_models_categories_and_mean():
   assert "| model | weave | mean |" in table
   assert "| draem | 50.0 | 50.0 |" in table and "| draem_untrained | – | 50.0 |" in table
   assert all(f"**{m}**" in table for m in report.METRIC_COLUMNS)
+  # A profile that splits its FLOPs adds the discriminative part's column.
+  parts = {"reconstructive": 3e9, "discriminative": 0.4e9, "scoring": 0.1e9, "total": 3.5e9}
+  split = report.results_table({"draem": {"mean": row}}, {"draem": {**profile, "flops": parts}})
+  assert "| params total | GFLOPs discr. | GFLOPs / image |" in split
+  assert "| draem | 2.000M | 0.500M | 2.500M | 0.400 | 3.500 | 12.35 |" in split
 
 
 def test_heatmap_panel_layout():

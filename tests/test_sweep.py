@@ -34,6 +34,9 @@ def test_product_zip_and_seeds(config):
     "optim.lr=3e-4,model.compare=encoder,model.guidance=False,train.seed=1"
   )
   assert sweep.expand(config, [], []) == [{}]
+  # Tuple values are bracketed; the commas inside them do not separate values.
+  weights = sweep.expand(config, ["loss.level_weights=(1,1,1,1),[0.5,0.5,0.5,0.5]"], [])
+  assert [p["loss.level_weights"] for p in weights] == ["(1,1,1,1)", "[0.5,0.5,0.5,0.5]"]
 
 
 def test_bad_sweeps_name_the_flag(config):
@@ -43,6 +46,9 @@ def test_bad_sweeps_name_the_flag(config):
     sweep.expand(config, ["optim.lr"], [])
   with pytest.raises(sweep.SweepError, match=r"different lengths: optim.lr \(2\), model.compare"):
     sweep.expand(config, [], ["optim.lr=1,2", "model.compare=both"])
+  for unbalanced in ["(1,1,1,1", "(1,1,1,1)),(1,1,1,1)"]:
+    with pytest.raises(sweep.SweepError, match="unbalanced brackets"):
+      sweep.expand(config, [f"loss.level_weights={unbalanced}"], [])
 
 
 def _fake_run(root, name, compare, seed, category, value, val=None):

@@ -32,7 +32,15 @@ def _no_checks(config: Config) -> None:
 def _check_pouta(config: Config) -> None:
   compare, weights = config.model.compare, tuple(config.loss.level_weights)
   errors.check(config, compare in COMPARE_MODES, "model.compare", f"one of {COMPARE_MODES}")
-  errors.check(config, isinstance(config.model.guidance, bool), "model.guidance", "True or False")
+  for key in ("guidance", "guidance_gate", "detach_features", "pixel_input"):
+    errors.check(config, isinstance(config.model[key], bool), f"model.{key}", "True or False")
+  width = config.model.discriminative_width
+  errors.check(
+    config,
+    isinstance(width, int) and not isinstance(width, bool) and width >= 0,
+    "model.discriminative_width",
+    "an integer >= 0 (0: half the base width)",
+  )
   errors.check(
     config,
     len(weights) == len(LEVEL_MULTIPLIERS) and all(w >= 0 for w in weights),
@@ -82,6 +90,10 @@ REGISTRY = {
       base_width=c.model.base_width,
       compare=c.model.compare,
       guidance=c.model.guidance,
+      guidance_gate=c.model.guidance_gate,
+      discriminative_width=c.model.discriminative_width,
+      detach_features=c.model.detach_features,
+      pixel_input=c.model.pixel_input,
       conv_weight_grad=c.model.conv_weight_grad,
     ),
     objective=lambda c: objectives.pouta_objective(c.loss.deep_supervision),

@@ -10,7 +10,12 @@ encoder of its own. For each decoder level, deepest first:
        ConvBNReLU: semantics flow coarse to fine;
   MSS  (multi-scale supervision): a 1x1 head per level predicts 2-class logits at that level's
        resolution; a 3x3 head on the finest refined feature gives the final map.
-No public code exists; module contents beyond the paper's description are our design.
+No public code exists; module contents beyond the paper's description are our design. The
+design study's alternatives (configs/pouta_study.py) are options here: what FCM compares
+(`compare`), HSG without its gate (`guidance_gate`), the discriminative width, the features
+detached from the discriminative losses (`detach_features`), and the finest level also given
+the pixels (`pixel_input`: the image, its reconstruction and their difference, as DRAEM's
+discriminator sees them).
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ from pouta_jax.models.reconstructive import ReconstructiveNetwork
 # Width of each supervised level (x the discriminative base width), finest first; the four
 # levels are the resolutions of the reconstructive decoder's four stages (H, H/2, H/4, H/8).
 LEVEL_MULTIPLIERS = (1, 1, 2, 4)
-COMPARE_MODES = ("both", "encoder", "decoder")
+# What FCM compares: "both" [P(E), P(D), |P(E) - P(D)|], one side only, the difference only,
+# or [P(E), P(D)] with their cosine distance (E and D themselves differ in width).
+COMPARE_MODES = ("both", "encoder", "decoder", "difference", "cosine")
+
+
+def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+  """1 - cos(a, b) over the channels, per pixel: (..., 1), in [0, 2]."""
+  dot = jnp.sum(a * b, -1, keepdims=True)
+  norms = jnp.linalg.norm(a, axis=-1, keepdims=True) * jnp.linalg.norm(b, axis=-1, keepdims=True)
+  return 1.0 - dot / jnp.maximum(norms, 1e-6)
 
 
 class FeatureComparison(nn.Module):
@@ -41,16 +55,20 @@ class FeatureComparison(nn.Module):
   compare: str = "both"
 
   @nn.compact
-  def __call__(self, encoder: jax.Array, decoder: jax.Array, train: bool) -> jax.Array:
-    parts = []
-    if self.compare in ("both", "encoder"):
-      e = conv1x1(self.features, "project_encoder")(encoder)
-      parts.append(e)
-    if self.compare in ("both", "decoder"):
-      d = conv1x1(self.features, "project_decoder")(decoder)
-      parts.append(d)
-    if self.compare == "both":
-      parts.append(jnp.abs(e - d))
+  def __call__(
+    self, encoder: jax.Array, decoder: jax.Array, train: bool, pixels: jax.Array | None = None
+  ) -> jax.Array:
+    e = conv1x1(self.features, "project_encoder")(encoder) if self.compare != "decoder" else None
+    d = conv1x1(self.features, "project_decoder")(decoder) if self.compare != "encoder" else None
+    parts = {
+      "both": lambda: [e, d, jnp.abs(e - d)],
+      "encoder": lambda: [e],
+      "decoder": lambda: [d],
+      "difference": lambda: [jnp.abs(e - d)],
+      "cosine": lambda: [e, d, cosine_distance(e, d)],
+    }[self.compare]()
+    if pixels is not None:
+      parts.append(pixels)
     return ConvBNReLU(self.features, name="fuse")(jnp.concatenate(parts, -1), train)
 
 
@@ -58,14 +76,14 @@ class HighLevelGuidance(nn.Module):
   """HSG: calibrates a level's feature by the refined feature of the coarser level."""
 
   features: int
+  gate: bool = True  # False: the coarser level concatenated as it is
 
   @nn.compact
   def __call__(self, feature: jax.Array, coarser: jax.Array, train: bool) -> jax.Array:
     guide = upsample_bilinear(coarser, feature.shape[1] // coarser.shape[1])
-    gate = jax.nn.sigmoid(conv1x1(self.features, "gate")(guide))
-    return ConvBNReLU(self.features, name="refine")(
-      jnp.concatenate([feature * gate, guide], -1), train
-    )
+    if self.gate:
+      feature = feature * jax.nn.sigmoid(conv1x1(self.features, "gate")(guide))
+    return ConvBNReLU(self.features, name="refine")(jnp.concatenate([feature, guide], -1), train)
 
 
 class POUTADiscriminative(nn.Module):
@@ -74,18 +92,24 @@ class POUTADiscriminative(nn.Module):
   base_width: int = 64
   compare: str = "both"
   guidance: bool = True
+  guidance_gate: bool = True
 
   @nn.compact
-  def __call__(self, encoder: list, decoder: list, train: bool) -> dict:
+  def __call__(
+    self, encoder: list, decoder: list, train: bool, pixels: jax.Array | None = None
+  ) -> dict:
+    """`pixels`, when given, join the finest level's comparison."""
     level_logits = []
     refined = None
     for level in reversed(range(len(LEVEL_MULTIPLIERS))):
       width = LEVEL_MULTIPLIERS[level] * self.base_width
       feature = FeatureComparison(width, self.compare, name=f"compare_{level}")(
-        encoder[level], decoder[level], train
+        encoder[level], decoder[level], train, pixels if level == 0 else None
       )
       if self.guidance and refined is not None:
-        feature = HighLevelGuidance(width, name=f"guide_{level}")(feature, refined, train)
+        feature = HighLevelGuidance(width, self.guidance_gate, name=f"guide_{level}")(
+          feature, refined, train
+        )
       refined = feature
       level_logits.insert(0, conv1x1(2, f"head_{level}")(refined))
     return {"logits": Conv3x3(2, name="head")(refined), "level_logits": level_logits}
@@ -100,15 +124,30 @@ class POUTA(nn.Module):
   base_width: int = 128
   compare: str = "both"
   guidance: bool = True
+  guidance_gate: bool = True
+  discriminative_width: int = 0  # 0: base_width // 2
+  detach_features: bool = False  # the discriminative losses stop at the shared features
+  pixel_input: bool = False
   conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict:
     with conv_weight_grad(self.conv_weight_grad):
       recon = ReconstructiveNetwork(self.base_width, name="reconstructive")(x, train)
+      shared = (recon["encoder"], recon["decoder"], recon["reconstruction"])
+      if self.detach_features:
+        shared = jax.lax.stop_gradient(shared)
+      encoder, decoder, reconstruction = shared
+      pixels = None
+      if self.pixel_input:
+        pixels = jnp.concatenate([x, reconstruction, jnp.abs(x - reconstruction)], -1)
       seg = POUTADiscriminative(
-        self.base_width // 2, self.compare, self.guidance, name="discriminative"
-      )(recon["encoder"], recon["decoder"], train)
+        self.discriminative_width or self.base_width // 2,
+        self.compare,
+        self.guidance,
+        self.guidance_gate,
+        name="discriminative",
+      )(encoder, decoder, train, pixels)
     return {
       "reconstruction": recon["reconstruction"],
       "logits": seg["logits"],

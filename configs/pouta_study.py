@@ -1,0 +1,103 @@
+"""The POUTA design study: each question is an axis of settings, trained on the embedded
+categories and on a real dataset with 3 seeds, and ranked on the validation split only
+(data.val_fraction: held-out normal images and synthetic anomalies, no test label).
+
+    python launch/study.py --workdir=outputs/study --real_root=../shared/data/mtoc \
+        --out=docs/pouta_study.md [--only=level_weights] [--parallel=2]
+
+runs what is missing and writes the study's tables (launch/study.py). Each question names the
+config files it trains and its axes in the launchers' syntax (`sweep`: product axes, `zip`:
+axes whose i-th values go together; tuple values in brackets).
+"""
+
+EMBEDDED = ("weave", "granite", "washer", "pill")
+
+
+def get_study() -> dict:
+  return dict(
+    preset="tiny",  # width 16, 64 px, 300 steps, lr 5e-4 (configs' `tiny`)
+    seeds=3,
+    select="pixel_ap",  # the validation metric a setting is chosen by
+    report=("pixel_ap", "aupro", "image_auroc"),
+    common=("--config.data.val_fraction=0.2",),
+    datasets=dict(
+      embedded=dict(categories=EMBEDDED, args=()),
+      # Tiny defects (often under 0.1% of the image): 128 px keeps them a few pixels wide.
+      real=dict(categories=("lens",), args=("--config.data.image_size=128",)),
+    ),
+    questions=[
+      dict(
+        name="models",
+        question="DRAEM and POUTA at their defaults",
+        configs=("configs/draem.py", "configs/pouta.py"),
+      ),
+      dict(
+        name="level_weights",
+        question="(a) MSS: the focal weight of each level (finest first); all 0 is no deep "
+        "supervision",
+        configs=("configs/pouta.py",),
+        sweep=("loss.level_weights=(0.25,0.25,0.25,0.25),(1,0.5,0.25,0.125),(0,0,0,0)",),
+        include=("models/*/pouta",),  # the default, (1,1,1,1)
+      ),
+      dict(
+        name="detach",
+        question="(b) the discriminative losses reaching the reconstructive network, or "
+        "stopped at its features",
+        configs=("configs/pouta.py",),
+        sweep=("model.detach_features=True",),
+        include=("models/*/pouta",),
+      ),
+      dict(
+        name="compare",
+        question="(c) what FCM compares: projections with |E-D| (both), |E-D| only "
+        "(difference), projections with their cosine distance (cosine)",
+        configs=("configs/pouta.py",),
+        sweep=("model.compare=difference,cosine",),
+        include=("models/*/pouta",),
+      ),
+      dict(
+        name="guidance",
+        question="(d) HSG's gate, plain concatenation of the coarser level, or no guidance",
+        configs=("configs/pouta.py",),
+        zip=("model.guidance=True,False", "model.guidance_gate=False,True"),
+        include=("models/*/pouta",),
+      ),
+      dict(
+        name="width",
+        question="(e) the discriminative base width (tiny default: 8, half the base width)",
+        configs=("configs/pouta.py",),
+        sweep=("model.discriminative_width=4,16",),
+        include=("models/*/pouta",),
+      ),
+      dict(
+        name="pixels",
+        question="(f) the finest level also given the image, its reconstruction and their "
+        "difference",
+        configs=("configs/pouta.py",),
+        sweep=("model.pixel_input=True",),
+        include=("models/*/pouta",),
+      ),
+      dict(
+        name="lr",
+        question="(g) the learning rate at this short schedule (tiny default: 5e-4)",
+        configs=("configs/draem.py", "configs/pouta.py"),
+        sweep=("optim.lr=2e-4,1e-3",),
+        include=("models",),
+      ),
+      dict(
+        name="synthesis",
+        question="(g) synthesis: anomaly opacity (beta_max, default 0.8) and Perlin mask "
+        "scales (perlin_max_scale_log2, default 5: larger draws smaller blobs)",
+        configs=("configs/draem.py", "configs/pouta.py"),
+        zip=("data.beta_max=0.5,0.8", "data.perlin_max_scale_log2=5,6"),
+        include=("models",),
+      ),
+      dict(
+        name="steps",
+        question="(g) twice the steps (600)",
+        configs=("configs/draem.py", "configs/pouta.py"),
+        sweep=("train.num_steps=600",),
+        include=("models",),
+      ),
+    ],
+  )

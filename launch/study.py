@@ -1,0 +1,189 @@
+"""Runs a design study (configs/pouta_study.py) on this machine and writes its report.
+
+    python launch/study.py --workdir=outputs/study --real_root=../shared/data/mtoc \
+        --out=docs/pouta_study.md [--study=configs/pouta_study.py] [--only=models,level_weights] \
+        [--parallel=2] [--report_only] [--dry_run]
+
+Every run is a program of its own, in `<workdir>/<question>/<dataset>/<model>/<point>/<category>`
+(the point includes the seed). A run whose metrics.json exists is done and skipped, so the study
+resumes where it stopped and grows with new questions; `--report_only` writes the report from
+the runs done so far. Single-run programs, not stacked ones: on 2 CPU cores the unrolled step of
+12 stacked tiny runs was still compiling after 3 minutes, while the single-run programs of one
+model and image size are one program (hyperparameters and seeds are its inputs), compiled once
+into the shared compilation cache `<workdir>/compilation_cache`. `--real_root` is the real
+dataset's root (its categories as the study names them); without it those runs are left out and
+the report says so. The report (`--out`) ranks each question's settings by validation metrics,
+mean ± std over seeds per category, and names the setting with the best mean of the study's
+`select` metric.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import fnmatch
+import io
+import os
+import shlex
+import sys
+
+from absl import flags
+from etils.epath import Path
+
+from pouta_jax import config as config_lib, errors, files, sweep
+
+_STUDY = flags.DEFINE_string("study", "configs/pouta_study.py", "The study file (get_study()).")
+_WORKDIR = flags.DEFINE_string("workdir", "outputs/study", "Parent of the study's runs.")
+_REAL_ROOT = flags.DEFINE_string("real_root", "", "Root of the real dataset (MVTec AD layout).")
+_OUT = flags.DEFINE_string("out", "", "Markdown report to write (default <workdir>/study.md).")
+_ONLY = flags.DEFINE_list("only", [], "Questions to run (default: all); the report has all.")
+_PARALLEL = flags.DEFINE_integer("parallel", 2, "Runs at a time.", lower_bound=1)
+_THREADS = flags.DEFINE_integer("threads_per_process", 1, "CPU threads per run.", lower_bound=1)
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; run nothing.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the missing runs' commands; run nothing.")
+
+QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include"}
+
+
+def load(path: str) -> dict:
+  """The study file's get_study(), its questions checked (names, keys, config files, axes)."""
+  study = config_lib.load_study(path)
+  names = [q.get("name") for q in study["questions"]]
+  if len(set(names)) != len(names) or not all(names):
+    raise errors.ConfigError(f"{path}: question names must be given and distinct: {names}")
+  for q in study["questions"]:
+    unknown = set(q) - QUESTION_KEYS
+    if unknown:
+      raise errors.ConfigError(f"{path}: question {q['name']}: unknown keys {sorted(unknown)}")
+    for config_path in q["configs"]:  # every axis key checked against every config it runs
+      sweep.expand(
+        config_lib.load_file(config_path), list(q.get("sweep", ())), list(q.get("zip", ()))
+      )
+  return study
+
+
+def jobs(study: dict, workdir: str, real_root: str, only: list[str]) -> list[sweep.Job]:
+  """Every run of the `only` questions (all when empty) that the datasets at hand allow."""
+  questions = {q["name"]: q for q in study["questions"]}
+  unknown = [name for name in only if name not in questions]
+  if unknown:
+    raise errors.ConfigError(f"--only: no questions {unknown} in the study: {sorted(questions)}")
+  found = []
+  for name, q in questions.items():
+    if only and name not in only:
+      continue
+    for dataset, spec in study["datasets"].items():
+      root = real_root if dataset == "real" else ""
+      if dataset == "real" and not real_root:
+        continue
+      extra = [*study["common"], *spec["args"]] + ([f"--config.data.root={root}"] if root else [])
+      for config_path in q["configs"]:
+        model = Path(config_path).stem
+        sweep.check_categories(list(spec["categories"]), root)
+        points = sweep.expand(
+          config_lib.load_file(config_path),
+          list(q.get("sweep", ())),
+          list(q.get("zip", ())),
+          study["seeds"],
+        )
+        found += sweep.jobs(
+          config_path,
+          study["preset"],
+          list(spec["categories"]),
+          os.path.join(workdir, name, dataset, model),
+          points,
+          extra,
+        )
+  return found
+
+
+def is_done(job: sweep.Job) -> bool:
+  return (files.path(job.workdir) / "metrics.json").is_file()
+
+
+def runs_of(question: dict) -> list[str]:
+  """The folders (globs, relative to the workdir) whose runs a question ranks: its own, and
+  those it `include`s from other questions (e.g. the default setting, run once)."""
+  return [question["name"], *question.get("include", ())]
+
+
+def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -> str:
+  """The study's markdown: per question, a table per reported metric (validation split) and the
+  setting chosen by the `select` metric; `all_jobs`: every run of the study (relative workdirs),
+  to say how many of each question's are done; `command`: how to write it again."""
+  lines = [
+    "# POUTA design study",
+    "",
+    f"Written on {datetime.date.today()} by `{command}` from the runs under `{workdir}` (without "
+    f"`--report_only` it first runs what is missing). Preset `{study['preset']}`, "
+    f"{study['seeds']} seeds per setting, {', '.join(study['common'])}; datasets: "
+    + "; ".join(
+      f"{name} ({', '.join([*spec['categories'], *spec['args']])})"
+      for name, spec in study["datasets"].items()
+    )
+    + ". Every number is on the **validation split** (held-out normal training images and "
+    "synthetic anomalies): no test label chose anything here.",
+  ]
+  for q in study["questions"]:
+    roots = [p for pattern in runs_of(q) for p in Path(workdir).glob(pattern) if p.is_dir()]
+    expected = sum(
+      any(fnmatch.fnmatch(j.workdir, f"{pattern}/*") for pattern in runs_of(q)) for j in all_jobs
+    )
+    keys = [s.partition("=")[0] for s in (*q.get("sweep", ()), *q.get("zip", ()))]
+    keys = (["model.name"] if len(q["configs"]) > 1 else []) + keys
+    lines += ["", f"## {q['name']}: {q['question']}", ""]
+    done = sum(1 for root in roots for p in files.files_in(root) if p.name == "metrics.json")
+    if not done:
+      lines.append(f"Not run yet (0 of {expected} runs).")
+      continue
+    lines.append(f"{done} of {expected} runs done.")
+    for metric in study["report"]:
+      table, table_csv = sweep.aggregate(roots, keys, metric, "validation")
+      lines += ["", table.rstrip()]
+      if metric == study["select"]:
+        best = list(csv.reader(io.StringIO(table_csv)))[1]
+        chosen = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
+        lines += ["", f"Chosen by validation {metric}: **{chosen}**."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+  study = load(_STUDY.value)
+  workdir, real_root = _WORKDIR.value, _REAL_ROOT.value
+  pending = [j for j in jobs(study, workdir, real_root, _ONLY.value) if not is_done(j)]
+  env = {
+    **sweep.thread_env(_THREADS.value),
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.abspath(os.path.join(workdir, "compilation_cache")),
+  }
+  if _DRY_RUN.value:
+    for job in pending:
+      print(shlex.join(job.command()))
+    return
+  failed = []
+  if not _REPORT_ONLY.value:
+    print(f"{len(pending)} runs to do, {_PARALLEL.value} at a time", flush=True)
+    logs = [f"{j.workdir}.log" for j in pending]
+    for log in logs:
+      Path(log).parent.mkdir(parents=True, exist_ok=True)
+    failed = sweep.run_all([j.command() for j in pending], env, [{}] * _PARALLEL.value, logs)
+    if failed:
+      print("failed runs (logs beside their workdirs):\n" + "\n".join(failed), file=sys.stderr)
+  out = _OUT.value or os.path.join(workdir, "study.md")
+  if not real_root:
+    print("--real_root not given: the real dataset's runs are left out", file=sys.stderr)
+  command = shlex.join(
+    ["python", "launch/study.py", f"--study={_STUDY.value}", f"--workdir={workdir}"]
+    + ([f"--real_root={real_root}"] if real_root else [])
+    + [f"--out={out}", "--report_only"]
+  )
+  files.write_atomic(Path(out), report(study, workdir, jobs(study, "", real_root, []), command))
+  print(f"Report: {out}")
+  if not _REPORT_ONLY.value and failed:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  errors.run(main)

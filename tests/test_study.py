@@ -1,0 +1,135 @@
+"""launch/study.py: the runs a study file asks for, resumed where they stopped, and a report whose
+chosen setting is the one with the best validation mean."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Scheduled by its length (see conftest).
+pytestmark = pytest.mark.heavy(45)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = (
+  "--config.model.base_width=4",
+  "--config.data.image_size=32",
+  "--config.data.batch_size=4",
+  "--config.data.num_workers=0",
+  "--config.train.num_steps=4",
+  "--config.train.checkpoint_every=4",
+  "--config.eval.batch_size=8",
+  "--config.eval.score_filter_size=3",
+  "--config.eval.num_heatmaps=1",
+  "--config.data.val_fraction=0.25",
+)
+
+
+def _study_file(tmp_path: Path, questions: str, seeds: int = 1) -> Path:
+  path = tmp_path / "study.py"
+  path.write_text(
+    f"""
+def get_study():
+  return dict(
+    preset="tiny", seeds={seeds}, select="pixel_ap", report=("pixel_ap", "image_auroc"),
+    common={TINY!r},
+    datasets=dict(real=dict(categories=("weave",), args=())),
+    questions={questions},
+  )
+"""
+  )
+  return path
+
+
+def _study(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "launch/study.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+QUESTIONS = """[
+  dict(name="models", question="both models", configs=("configs/draem.py", "configs/pouta.py")),
+  dict(name="levels", question="level weights", configs=("configs/pouta.py",),
+       sweep=("loss.level_weights=(0,0,0,0),(1,0.5,0.25,0.125)",), include=("models/*/pouta",)),
+]"""
+
+
+def test_dry_run_lists_one_program_per_run_and_leaves_out_a_missing_real_dataset(
+  dataset_root, tmp_path
+):
+  path = _study_file(tmp_path, QUESTIONS, seeds=2)
+  common = [f"--study={path}", f"--workdir={tmp_path / 'runs'}", "--dry_run"]
+  lines = _study(*common, f"--real_root={dataset_root}").stdout.splitlines()
+  assert len(lines) == 2 * 2 + 2 * 2  # (2 models + 2 level settings) x 2 seeds
+  first = lines[0].split()
+  assert first[1:5] == [
+    "-m",
+    "pouta_jax.main",
+    "--config=configs/draem.py:weave,tiny",
+    f"--workdir={tmp_path}/runs/models/real/draem/train.seed=0/weave",
+  ]
+  assert f"--config.data.root={dataset_root}" in first and "--config.train.seed=0" in first
+  assert any(
+    "levels/real/pouta/loss.level_weights=(0,0,0,0),train.seed=1/weave" in x for x in lines
+  )
+  assert _study(*common).stdout == ""  # no --real_root: its runs are left out
+
+
+def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root, tmp_path):
+  questions = """[dict(name="levels", question="level weights", configs=("configs/pouta.py",),
+    sweep=("loss.level_weights=(1,1,1,1),(0,0,0,0)",))]"""
+  path = _study_file(tmp_path, questions)
+  out = tmp_path / "study.md"
+  args = [f"--study={path}", f"--workdir={tmp_path / 'runs'}", f"--real_root={dataset_root}"]
+  first = _study(*args, f"--out={out}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "2 runs to do" in first.stdout
+  text = out.read_text()
+  assert "2 of 2 runs done." in text and "**pixel_ap** on the validation set" in text
+  # The chosen setting has the higher validation pixel AP of the two runs.
+  found = {}
+  for metrics in (tmp_path / "runs").rglob("metrics.json"):
+    config = json.loads((metrics.parent / "config.json").read_text())
+    value = json.loads(metrics.read_text())["pouta"]["validation"]["weave"]["pixel_ap"]
+    found[tuple(config["loss"]["level_weights"])] = value
+  assert len(found) == 2
+  best = max(found, key=found.get)
+  assert f"Chosen by validation pixel_ap: **loss.level_weights={json.dumps(list(best))}**" in text
+  assert f"{100 * found[best]:.1f} ± 0.0" in text and np.isfinite(list(found.values())).all()
+  # Again: nothing left to run, the same tables.
+  again = _study(*args, f"--out={out}")
+  assert again.returncode == 0 and "0 runs to do" in again.stdout
+  assert out.read_text() == text
+
+
+@pytest.mark.parametrize(
+  "questions, message",
+  [
+    ('[dict(name="a", question="?", configs=("configs/pouta.py",), sweeps=())]', "unknown keys"),
+    (
+      '[dict(name="a", question="?", configs=("configs/pouta.py",), sweep=("loss.nope=1,2",))]',
+      "no key 'loss.nope'",
+    ),
+    (
+      '[dict(name="a", question="?", configs=("configs/pouta.py",))] * 2',
+      "names must be given and distinct",
+    ),
+  ],
+)
+def test_bad_study_files_are_refused_before_running(tmp_path, questions, message):
+  path = _study_file(tmp_path, questions)
+  result = _study(f"--study={path}", f"--workdir={tmp_path / 'runs'}")
+  assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_questions_are_named(tmp_path):
+  result = _study("--only=levels,nope", f"--workdir={tmp_path / 'runs'}", "--dry_run")
+  assert result.returncode == 1 and "--only: no questions ['levels', 'nope']" in result.stderr
