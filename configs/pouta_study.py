@@ -30,6 +30,7 @@ def get_study() -> dict:
         name="models",
         question="DRAEM and POUTA at their defaults",
         configs=("configs/draem.py", "configs/pouta.py"),
+        test=True,  # also the test sets' tables: what the targets are measured on
       ),
       dict(
         name="level_weights",

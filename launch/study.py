@@ -42,7 +42,7 @@ _THREADS = flags.DEFINE_integer("threads_per_process", 1, "CPU threads per run."
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; run nothing.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the missing runs' commands; run nothing.")
 
-QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include"}
+QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include", "test"}
 
 
 def load(path: str) -> dict:
@@ -142,8 +142,16 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       lines += ["", table.rstrip()]
       if metric == study["select"]:
         best = list(csv.reader(io.StringIO(table_csv)))[1]
-        chosen = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
-        lines += ["", f"Chosen by validation {metric}: **{chosen}**."]
+        best = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
+        lines.append("")
+        if done < expected:  # a partial table can rank on fewer seeds or categories
+          lines.append(f"Ahead so far by validation {metric}: {best} (not chosen before all runs)")
+        else:
+          lines.append(f"Chosen by validation {metric}: **{best}**.")
+    if q.get("test"):  # reported beside, never used to choose
+      lines += ["", "Reported on the test sets (chosen by nothing):"]
+      for metric in study["report"]:
+        lines += ["", sweep.aggregate(roots, keys, metric, "test")[0].rstrip()]
   return "\n".join(lines) + "\n"
 
 

@@ -19,10 +19,8 @@ import json
 import numpy as np
 from absl import flags
 from etils.epath import Path
-from tqdm import tqdm
 
 from pouta_jax import artifact as artifact_lib, errors, files, predict
-from pouta_jax.data.folder import check_readable, open_image
 
 
 def threshold_at_fpr(scores: np.ndarray, fpr: float) -> tuple[float, float]:
@@ -42,14 +40,7 @@ def good_scores(
 ) -> tuple[list, np.ndarray]:
   """The paths `good` names and their image scores; DataError naming the first unreadable one."""
   paths, _ = predict.input_files(good)
-  scores = []
-  batch = predictor.batch_size or batch_size
-  for start in tqdm(range(0, len(paths), batch), desc="calibrate", unit="batch"):
-    images = []
-    for path in paths[start : start + batch]:
-      check_readable(path)
-      images.append(open_image(path, "RGB"))
-    scores += [score for _, score in predictor.score(images, batch)]
+  scores = [s for *_, s in predict.scored(predictor, paths, batch_size, desc="calibrate")]
   return paths, np.asarray(scores, np.float32)
 
 

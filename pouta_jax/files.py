@@ -141,9 +141,11 @@ def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[
       yield staging
     return
   out = epath.Path(os.fspath(out))
+  prefix = _staging_prefix(out)
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    _remove_abandoned(out)
+    staging = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix))
   except OSError as e:
     if errors.is_disk_full(e):
       raise _disk_full(out, e) from e
@@ -151,8 +153,10 @@ def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[
   try:
     os.chmod(staging, 0o777 & ~umask())
     yield staging
+    if not (staging / index).exists():
+      raise AssertionError(f"{out}: the folder was written without its index file {index}")
     if replace and out.exists():
-      old = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+      old = epath.Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{prefix}old."))
       out.rename(old / out.name)
       staging.rename(out)
       shutil.rmtree(old)
@@ -163,6 +167,32 @@ def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[
     if isinstance(e, OSError) and errors.is_disk_full(e):
       raise _disk_full(out, e) from e
     raise
+
+
+def _staging_prefix(out: epath.Path) -> str:
+  """Names this process's staging folders of `out` (beside it, hidden), so that a later
+  process can tell an abandoned one from one still being written."""
+  return f".{out.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _remove_abandoned(out: epath.Path) -> None:
+  """Removes the staging folders of `out` that a process of this host left when it was killed
+  (kill -9, a lost machine never comes back to clean up); a live process's are left alone."""
+  host = f".{out.name}.{socket.gethostname()}."
+  for name in os.listdir(out.parent):
+    pid = name[len(host) :].split(".")[0] if name.startswith(host) else ""
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(out.parent / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 @contextlib.contextmanager

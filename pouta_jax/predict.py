@@ -34,7 +34,7 @@ import glob
 import io
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import flags
@@ -195,6 +195,34 @@ def input_files(spec: str) -> tuple[list[Path], Path]:
   return images, root
 
 
+def scored(
+  predictor: Predictor,
+  paths: Sequence[Path],
+  batch_size: int,
+  unreadable: Callable[[Path, errors.DataError], None] | None = None,
+  desc: str = "predict",
+) -> Iterator[tuple[Path, Image.Image, np.ndarray, float]]:
+  """(path, RGB image, anomaly map at its size, image score) of each of `paths`, scored in
+  batches under a progress bar. A file that cannot be read as in training (16-bit and float
+  images included) goes to `unreadable`, or, without it, raises its DataError."""
+  batch = predictor.batch_size or batch_size
+  with tqdm(total=len(paths), desc=desc, unit="image", dynamic_ncols=True) as bar:
+    for start in range(0, len(paths), batch):
+      readable = []
+      for path in paths[start : start + batch]:
+        try:
+          check_readable(path)
+          readable.append((path, open_image(path, "RGB")))
+        except errors.DataError as e:
+          if unreadable is None:
+            raise
+          unreadable(path, e)
+      results = predictor.score([image for _, image in readable], batch)
+      for (path, image), (anomaly_map, score) in zip(readable, results):
+        yield path, image, anomaly_map, score
+      bar.update(len(paths[start : start + batch]))
+
+
 def output_name(path: Path, root: Path) -> str:
   return str(path.relative_to(root)).replace(os.sep, "__")
 
@@ -242,28 +270,18 @@ def predict(
   with files.atomic_folder(out, index="predict.json", replace=overwrite) as staging:
     (staging / "maps").mkdir()
     (staging / "overlays").mkdir()
-    batch = predictor.batch_size or batch_size
-    with tqdm(total=len(paths), desc="predict", unit="image", dynamic_ncols=True) as bar:
-      for start in range(0, len(paths), batch):
-        readable = []
-        for path in paths[start : start + batch]:
-          try:
-            check_readable(path)  # 16-bit and float images refused, as in training
-            readable.append((path, open_image(path, "RGB")))
-          except errors.DataError as e:
-            failures.append([str(path), str(e)])
-        scored = predictor.score([image for _, image in readable], batch)
-        for (path, image), (anomaly_map, score) in zip(readable, scored):
-          decision = "" if threshold is None else ("anomalous" if score >= threshold else "normal")
-          name = output_name(path, root)
-          rows.append([str(path), f"{score:.6f}", decision])
-          files.write_atomic(
-            staging / "maps" / f"{name}{suffix}", _map_bytes(anomaly_map, map_format)
-          )
-          files.write_atomic(
-            staging / "overlays" / f"{name}.png", _overlay(image, anomaly_map, score, decision)
-          )
-        bar.update(len(paths[start : start + batch]))
+
+    def unreadable(path: Path, e: errors.DataError) -> None:  # listed; the batch goes on
+      failures.append([str(path), str(e)])
+
+    for path, image, anomaly_map, score in scored(predictor, paths, batch_size, unreadable):
+      decision = "" if threshold is None else ("anomalous" if score >= threshold else "normal")
+      name = output_name(path, root)
+      rows.append([str(path), f"{score:.6f}", decision])
+      files.write_atomic(staging / "maps" / f"{name}{suffix}", _map_bytes(anomaly_map, map_format))
+      files.write_atomic(
+        staging / "overlays" / f"{name}.png", _overlay(image, anomaly_map, score, decision)
+      )
     summary = {
       "source": predictor.source,
       "model": predictor.model,

@@ -326,8 +326,13 @@ def aggregate(
     table.setdefault(setting, {}).setdefault(category, []).append(value)
   categories = sorted({c for _, c, _ in runs})
 
-  def cell(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}" if values else "–"
+  most = max(len(v) for per_category in table.values() for v in per_category.values())
+
+  def cell(values: list[float]) -> str:  # with its count where it has fewer seeds than others
+    if not values:
+      return "–"
+    count = f" (n={len(values)})" if len(values) < most else ""
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}{count}"
 
   header = (swept or ["setting"]) + categories + ["mean"]
   ranked = []

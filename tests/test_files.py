@@ -50,6 +50,27 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_folder_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+  """A staging folder whose process is gone (kill -9) is removed by the next writer of the same
+  folder; one of a live process (another writer still at work) stays."""
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  host = socket.gethostname()
+  abandoned = tmp_path / f".out.{host}.{dead.pid}.abc123"
+  old = tmp_path / f".out.{host}.{dead.pid}.old.def456"
+  busy = tmp_path / f".out.{host}.{os.getppid()}.ghi789"
+  other = tmp_path / ".other.staging"
+  for folder in (abandoned, old, busy, other):
+    folder.mkdir()
+  with files.atomic_folder(tmp_path / "out", index="index.json") as staging:
+    (staging / "index.json").write_text("{}")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name, "out"])
+  with pytest.raises(AssertionError, match="without its index file index.json"):
+    with files.atomic_folder(tmp_path / "unfinished", index="index.json") as staging:
+      (staging / "maps").mkdir()
+  assert not (tmp_path / "unfinished").exists()
+
+
 def test_a_full_disk_is_named_and_keeps_the_previous_version(tmp_path, monkeypatch):
   target = tmp_path / "results.md"
   files.write_atomic(target, "old")

@@ -84,7 +84,7 @@ def test_dry_run_lists_one_program_per_run_and_leaves_out_a_missing_real_dataset
 
 def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root, tmp_path):
   questions = """[dict(name="levels", question="level weights", configs=("configs/pouta.py",),
-    sweep=("loss.level_weights=(1,1,1,1),(0,0,0,0)",))]"""
+    sweep=("loss.level_weights=(1,1,1,1),(0,0,0,0)",), test=True)]"""
   path = _study_file(tmp_path, questions)
   out = tmp_path / "study.md"
   args = [f"--study={path}", f"--workdir={tmp_path / 'runs'}", f"--real_root={dataset_root}"]
@@ -103,10 +103,18 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   best = max(found, key=found.get)
   assert f"Chosen by validation pixel_ap: **loss.level_weights={json.dumps(list(best))}**" in text
   assert f"{100 * found[best]:.1f} ± 0.0" in text and np.isfinite(list(found.values())).all()
+  assert "Reported on the test sets (chosen by nothing)" in text
+  assert "**image_auroc** on the test set" in text
   # Again: nothing left to run, the same tables.
   again = _study(*args, f"--out={out}")
   assert again.returncode == 0 and "0 runs to do" in again.stdout
   assert out.read_text() == text
+  # With a run missing, the leader is not called chosen.
+  next((tmp_path / "runs").rglob("metrics.json")).unlink()
+  partial = _study(*args, f"--out={out}", "--report_only")
+  assert partial.returncode == 0 and "runs to do" not in partial.stdout
+  assert "1 of 2 runs done." in out.read_text() and "Chosen by" not in out.read_text()
+  assert "(not chosen before all runs)" in out.read_text()
 
 
 @pytest.mark.parametrize(

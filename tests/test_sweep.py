@@ -76,6 +76,11 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
   assert rows[0] == ["model.compare", "pill", "weave", "mean"]
   assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
   assert rows[2] == ['"encoder"', "–", "25.0 ± 5.0", "25.0"]
+  _fake_run(tmp_path, "enc2", "encoder", 2, "pill", 0.3)  # one seed where others have two
+  rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
+  assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
+  assert rows[2] == ['"encoder"', "30.0 ± 0.0 (n=1)", "25.0 ± 5.0", "27.5"]
+  (tmp_path / "enc2" / "pill" / "metrics.json").unlink()
   assert "| model.compare | pill | weave | mean |" in markdown
   # A run whose config lacks a key (written by an older version) still counts, as null.
   _fake_run(tmp_path, "old", "both", 0, "pill", 0.5)
@@ -173,7 +178,7 @@ def test_aggregate_reads_every_category_of_an_older_one_program_run(tmp_path):
   rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
   assert rows == [
     ["setting", "pill", "weave", "mean"],
-    ["default", "80.0 ± 0.0", "50.0 ± 10.0", "65.0"],
+    ["default", "80.0 ± 0.0 (n=1)", "50.0 ± 10.0", "65.0"],
   ]
 
 
