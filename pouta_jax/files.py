@@ -10,7 +10,7 @@ so colleagues on a shared filesystem read the results as they read any other fil
 
 Object stores have no rename and no append, but an object's upload is atomic (it appears whole
 or not at all): a file is one upload, a folder is uploaded with its index file last (a reader
-refuses a folder without one), and appended logs are rewritten whole (`AppendLog`).
+refuses a folder without one), and growing logs are rewritten whole (`ObjectLog`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Iterator
 
+from absl import logging
 from etils import epath
 
 from pouta_jax import errors
@@ -221,39 +222,68 @@ def _uploaded_folder(out: epath.Path, index: str, replace: bool) -> Iterator[epa
       raise storage_error(out, e, "upload the folder") from e
 
 
+class ObjectLog:
+  """A growing file on an object store (training scalars, TensorBoard events). Objects cannot be
+  appended to, so the content is kept here and the whole object uploaded again: as it grows at
+  most every `interval_s` (None: never), at each `flush` and at `close`. A failed upload before
+  `close` is logged once and retried at the next (tensorboardX flushes from its writer thread,
+  which must not die, and a transient store error must not end a run); `close` raises it."""
+
+  def __init__(self, p: PathLike, content: bytes = b"", interval_s: float | None = 30.0):
+    self.name = os.fspath(p)
+    self._content, self._interval = bytearray(content), interval_s
+    self._uploaded, self._warned = 0.0, False
+
+  def write(self, data: bytes) -> None:
+    self._content += data
+    if self._interval is not None and time.monotonic() - self._uploaded >= self._interval:
+      self.flush()
+
+  def flush(self) -> None:
+    try:
+      self.upload()
+    except errors.Error as e:
+      if not self._warned:
+        logging.warning("%s not uploaded yet (retried at the next flush): %s", self.name, e)
+        self._warned = True
+
+  def upload(self) -> None:
+    write_atomic(self.name, bytes(self._content))
+    self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    self.upload()
+
+
 class AppendLog:
-  """A text file that grows by lines (the training scalars). Locally each line is appended
-  and flushed at once; an object store has no append, so there the whole text is uploaded again,
-  at most every `remote_interval_s` and on `flush`/`close`."""
+  """A text file that grows by lines (the training scalars): locally each line is appended and
+  flushed at once; on an object store an `ObjectLog` uploaded at most every
+  `remote_interval_s`, at `flush` and at `close`."""
 
   def __init__(self, p: PathLike, text: str = "", remote_interval_s: float = 30.0):
     self.name = os.fspath(p)
-    self._remote = is_remote(p)
-    self._interval = remote_interval_s
-    if self._remote:
-      self._text, self._uploaded = text, 0.0
-      self.flush()
+    if is_remote(p):
+      self._object: ObjectLog | None = ObjectLog(p, text.encode(), remote_interval_s)
+      self._object.upload()  # an unwritable bucket is named now, before training
     else:
+      self._object = None
       write_atomic(p, text)
       self._file = open(self.name, "a")
 
   def write(self, line: str) -> None:
-    if not self._remote:
+    if self._object:
+      self._object.write(line.encode())
+    else:
       self._file.write(line)
       self._file.flush()
-      return
-    self._text += line
-    if time.monotonic() - self._uploaded >= self._interval:
-      self.flush()
 
   def flush(self) -> None:
-    if self._remote:
-      write_atomic(self.name, self._text)
-      self._uploaded = time.monotonic()
+    if self._object:
+      self._object.flush()
 
   def close(self) -> None:
-    if self._remote:
-      self.flush()
+    if self._object:
+      self._object.close()
     else:
       self._file.close()
 

@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import tensorboardX.record_writer
-from absl import logging
 from etils.epath import Path
 from PIL import Image, ImageDraw
 from tensorboardX import SummaryWriter
@@ -30,34 +29,13 @@ METRIC_COLUMNS = metrics.METRIC_NAMES
 VALIDATION_PREFIX = "val/"
 
 
-class _ObjectEventsFile:
-  """A TensorBoard event file on an object store, through epath like every other output: the
-  events are kept and the whole object is uploaded again at each flush (objects cannot be
-  appended to; tensorboardX's own gs:// writer needs google-cloud-storage)."""
-
-  def __init__(self, path: str):
-    self.path, self._buffer, self._warned = path, io.BytesIO(), False
-
-  def write(self, data: bytes) -> None:
-    self._buffer.write(data)
-
-  def flush(self) -> None:
-    """Called from tensorboardX's writer thread too, which must not die (its queue would never
-    drain): a failed upload is logged once and retried at the next flush."""
-    try:
-      files.write_atomic(self.path, self._buffer.getvalue())
-    except errors.Error as e:
-      if not self._warned:
-        logging.warning("TensorBoard events not uploaded yet (retried later): %s", e)
-        self._warned = True
-
-  def close(self) -> None:
-    files.write_atomic(self.path, self._buffer.getvalue())  # the last upload's failure is raised
-
-
 class _ObjectEventsFactory:
-  def open(self, path: str) -> _ObjectEventsFile:
-    return _ObjectEventsFile(path)
+  """TensorBoard event files on an object store, through epath like every other output
+  (tensorboardX's own gs:// writer needs google-cloud-storage): uploaded whole at each of
+  tensorboardX's flushes."""
+
+  def open(self, path: str) -> files.ObjectLog:
+    return files.ObjectLog(path, interval_s=None)
 
   def directory_check(self, path: str) -> None:
     pass  # object stores have no folders to create

@@ -203,6 +203,13 @@ def test_logs_on_an_object_store_are_uploaded_whole(store, monkeypatch):
   log.close()
   assert (store.root / "b/w/scalars.jsonl").read_text() == "old\na\nb\n"
 
+  # A failed upload (here: no such bucket) is retried at the next flush, and raised at close.
+  events = files.ObjectLog("gs://gone/w/events", interval_s=None)
+  events.write(b"x")
+  events.flush()
+  with pytest.raises(errors.Error, match="gs://gone/w/events"):
+    events.close()
+
   writer = report.ScalarWriter("gs://b/w", start_step=0)  # a restart drops the earlier lines
   writer.write(1, {"loss": 0.5})
   writer.close()
