@@ -94,6 +94,24 @@ def get_study() -> dict:
         include=("models",),
       ),
       dict(
+        name="few_shot",
+        question="few-shot: 8 and 16 normal training images (drawn by the seed from those the "
+        "validation split leaves)",
+        configs=("configs/draem.py", "configs/pouta.py"),
+        sweep=("data.few_shot=8,16",),
+        test=True,
+      ),
+      dict(
+        name="equal_time",
+        question="POUTA given DRAEM's training time: 370 steps against DRAEM's 300 (tiny POUTA "
+        "trained at 2.24 steps/s, DRAEM at 1.83: medians of the models question's embedded "
+        "runs' steps_per_second, 2 runs at a time on 2 cores)",
+        configs=("configs/pouta.py",),
+        sweep=("train.num_steps=370",),
+        include=("models",),
+        test=True,
+      ),
+      dict(
         name="steps",
         question="(g) twice the steps (600)",
         configs=("configs/draem.py", "configs/pouta.py"),

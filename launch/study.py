@@ -130,7 +130,8 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       any(fnmatch.fnmatch(j.workdir, f"{pattern}/*") for pattern in runs_of(q)) for j in all_jobs
     )
     keys = [s.partition("=")[0] for s in (*q.get("sweep", ()), *q.get("zip", ()))]
-    keys = (["model.name"] if len(q["configs"]) > 1 else []) + keys
+    several_models = len(q["configs"]) > 1 or q.get("include")  # included runs may be others'
+    keys = (["model.name"] if several_models else []) + keys
     lines += ["", f"## {q['name']}: {q['question']}", ""]
     done = sum(1 for root in roots for p in files.files_in(root) if p.name == "metrics.json")
     if not done:
