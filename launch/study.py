@@ -23,6 +23,7 @@ import csv
 import datetime
 import fnmatch
 import io
+import json
 import os
 import shlex
 import sys
@@ -101,6 +102,30 @@ def is_done(job: sweep.Job) -> bool:
   return (files.path(job.workdir) / "metrics.json").is_file()
 
 
+def check_arguments(found: list[sweep.Job]) -> None:
+  """Each run's arguments are kept beside its workdir (`<workdir>.args.json`): a run started
+  with other arguments (the study file's preset, common flags or a dataset root changed since)
+  is refused, naming it, before anything runs, rather than counted as this study's. A run
+  without the file (started by an older launcher) is taken as it is and the file written; if
+  unfinished, pouta_jax.main itself refuses to resume it with a changed config."""
+  for job in found:
+    record = files.path(f"{job.workdir}.args.json")
+    if record.is_file():
+      try:
+        kept = json.loads(record.read_text())
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.ConfigError(f"{record}: not the launcher's JSON ({e}); remove it") from None
+      if kept != list(job.args):
+        changed = sorted(set(map(str, kept)) ^ set(job.args)) or ["their order"]
+        raise errors.ConfigError(
+          f"{job.workdir} was run with other arguments ({', '.join(changed)} differ); remove "
+          f"it, or give this study another --workdir"
+        )
+    else:
+      record.parent.mkdir(parents=True, exist_ok=True)
+      files.write_json(record, list(job.args))
+
+
 def runs_of(question: dict) -> list[str]:
   """The folders (globs, relative to the workdir) whose runs a question ranks: its own, and
   those it `include`s from other questions (e.g. the default setting, run once)."""
@@ -161,7 +186,8 @@ def main(argv: list[str]) -> None:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   study = load(_STUDY.value)
   workdir, real_root = _WORKDIR.value, _REAL_ROOT.value
-  pending = [j for j in jobs(study, workdir, real_root, _ONLY.value) if not is_done(j)]
+  found = jobs(study, workdir, real_root, _ONLY.value)
+  pending = [j for j in found if not is_done(j)]
   env = {
     **sweep.thread_env(_THREADS.value),
     "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -173,6 +199,7 @@ def main(argv: list[str]) -> None:
     return
   failed = []
   if not _REPORT_ONLY.value:
+    check_arguments(found)
     print(f"{len(pending)} runs to do, {_PARALLEL.value} at a time", flush=True)
     logs = [f"{j.workdir}.log" for j in pending]
     for log in logs:

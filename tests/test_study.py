@@ -109,6 +109,12 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   again = _study(*args, f"--out={out}")
   assert again.returncode == 0 and "0 runs to do" in again.stdout
   assert out.read_text() == text
+  # The study file changed under its runs: refused before anything runs, naming the run.
+  path.write_text(path.read_text().replace("num_steps=4", "num_steps=5"))
+  changed = _study(*args, f"--out={out}")
+  assert changed.returncode == 1 and "runs to do" not in changed.stdout
+  assert "was run with other arguments (--config.train.num_steps=4, " in changed.stderr
+  path.write_text(path.read_text().replace("num_steps=5", "num_steps=4"))
   # With a run missing, the leader is not called chosen.
   next((tmp_path / "runs").rglob("metrics.json")).unlink()
   partial = _study(*args, f"--out={out}", "--report_only")
