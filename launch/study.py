@@ -12,9 +12,11 @@ the runs done so far. Single-run programs, not stacked ones: on 2 CPU cores the 
 model and image size are one program (hyperparameters and seeds are its inputs), compiled once
 into the shared compilation cache `<workdir>/compilation_cache`. `--real_root` is the real
 dataset's root (its categories as the study names them); without it those runs are left out and
-the report says so. The report (`--out`) ranks each question's settings by validation metrics,
-mean ± std over seeds per category, and names the setting with the best mean of the study's
-`select` metric.
+the report says so. Each run's arguments are kept beside it (`<run>.args.json`): a run started
+with other arguments (the study file changed under it) is refused, naming it. The report
+(`--out`) ranks each question's settings by validation metrics, mean ± std over seeds per
+category, and names the setting with the best mean of the study's `select` metric once all of
+the question's runs are done; questions marked `test` also show the test sets' tables.
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ _THREADS = flags.DEFINE_integer("threads_per_process", 1, "CPU threads per run."
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; run nothing.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the missing runs' commands; run nothing.")
 
+STUDY_KEYS = {"preset", "seeds", "select", "report", "common", "datasets", "questions"}
 QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include", "test"}
 
 
 def load(path: str) -> dict:
   """The study file's get_study(), its questions checked (names, keys, config files, axes)."""
   study = config_lib.load_study(path)
+  if set(study) != STUDY_KEYS:
+    raise errors.ConfigError(
+      f"{path}: get_study() has {sorted(study)}; expected the keys {sorted(STUDY_KEYS)}"
+    )
+  if study["select"] not in study["report"]:
+    raise errors.ConfigError(f"{path}: select={study['select']!r} is not among report")
   names = [q.get("name") for q in study["questions"]]
   if len(set(names)) != len(names) or not all(names):
     raise errors.ConfigError(f"{path}: question names must be given and distinct: {names}")

@@ -144,6 +144,13 @@ def test_bad_study_files_are_refused_before_running(tmp_path, questions, message
   assert not (tmp_path / "runs").exists()
 
 
+def test_a_study_file_with_a_missing_or_unknown_key_is_refused(tmp_path):
+  path = _study_file(tmp_path, "[]")
+  path.write_text(path.read_text().replace('select="pixel_ap"', 'selected="pixel_ap"'))
+  result = _study(f"--study={path}", f"--workdir={tmp_path / 'runs'}", "--dry_run")
+  assert result.returncode == 1 and "expected the keys ['common', 'datasets'" in result.stderr
+
+
 def test_unknown_questions_are_named(tmp_path):
   result = _study("--only=levels,nope", f"--workdir={tmp_path / 'runs'}", "--dry_run")
   assert result.returncode == 1 and "--only: no questions ['levels', 'nope']" in result.stderr
