@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
   config.model.pixel_input = False  # True: the finest level also sees x, its recon, |x - recon|
   config.loss = dict(
     level_weights=(1.0, 1.0, 1.0, 1.0),  # MSS focal weight per level, finest (H) first
+    level_decay=0.0,  # 1: the level weights fall linearly to 0 over training
     final_weight=1.0,  # focal weight of the final map
     deep_supervision=True,
   )

@@ -34,10 +34,13 @@ def get_study() -> dict:
       ),
       dict(
         name="level_weights",
-        question="(a) MSS: the focal weight of each level (finest first); all 0 is no deep "
-        "supervision",
+        question="(a) MSS: the focal weight of each level (finest first), or all 1 decayed "
+        "linearly to 0 over training; all 0 is no deep supervision",
         configs=("configs/pouta.py",),
-        sweep=("loss.level_weights=(0.25,0.25,0.25,0.25),(1,0.5,0.25,0.125),(0,0,0,0)",),
+        zip=(
+          "loss.level_weights=(0.25,0.25,0.25,0.25),(1,0.5,0.25,0.125),(1,1,1,1),(0,0,0,0)",
+          "loss.level_decay=0,0,1,0",
+        ),
         include=("models/*/pouta",),  # the default, (1,1,1,1)
       ),
       dict(

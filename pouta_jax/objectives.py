@@ -140,8 +140,9 @@ def draem_objective(outputs: dict, batch: dict, weights: dict) -> tuple[jax.Arra
 @functools.lru_cache(maxsize=None)  # one function per setting: a stable jit cache key
 def pouta_objective(deep_supervision: bool):
   """POUTA's loss: reconstruction terms, focal on the final map (`final_weight`) and (MSS) on
-  every level (`level_weights`, finest first); with `deep_supervision` off only the final map
-  is supervised."""
+  every level (`level_weights`, finest first, each times max(0, 1 - `level_decay` x the
+  training progress in [0, 1] when the step gives it): with `deep_supervision` off only the
+  final map is supervised."""
 
   def objective(outputs: dict, batch: dict, weights: dict) -> tuple[jax.Array, dict]:
     terms = {
@@ -149,8 +150,9 @@ def pouta_objective(deep_supervision: bool):
       "focal": weights["final_weight"] * segmentation_focal(outputs["logits"], batch["mask"]),
     }
     if deep_supervision:
+      decay = jnp.maximum(1.0 - weights["level_decay"] * weights.get("progress", 0.0), 0.0)
       for level, logits in enumerate(outputs["level_logits"]):
-        weight = weights["level_weights"][level]
+        weight = weights["level_weights"][level] * decay
         terms[f"focal_level{level}"] = weight * segmentation_focal(logits, batch["mask"])
     return sum(terms.values()), terms
 

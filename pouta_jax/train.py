@@ -184,7 +184,7 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: i
   model = spec.build(config)
   optimizer = make_optimizer(config, num_steps)
   run_configs = [run.config for run in runs_lib.padded(runs_lib.runs_of(config), rows)]
-  hparams = [hyperparameters(c) for c in run_configs]
+  hparams = [{**hyperparameters(c), "num_steps": np.float32(num_steps)} for c in run_configs]
   states = {}  # by seed: runs with one seed start alike
   for c, h in zip(run_configs, hparams):
     if c.train.seed not in states:
@@ -322,8 +322,11 @@ def make_train_step(
     return loss, (terms, batch_stats)
 
   def step(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
+    weights = hparams["loss"]
+    if "num_steps" in hparams:  # objectives may weigh their terms by the training progress
+      weights = {**weights, "progress": state.step / hparams["num_steps"]}
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state, batch, hparams["loss"]
+      state.params, state, batch, weights
     )
     tx = optimizer(hparams["optim"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

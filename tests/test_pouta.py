@@ -223,6 +223,33 @@ def test_detached_features_keep_the_discriminative_loss_out_of_the_reconstructio
   assert _norm(grads["discriminative"]) > 0
 
 
+def test_level_weights_decay_with_the_training_progress(tiny_config):
+  """loss.level_decay=1: the step weighs the level terms by 1 - step / num_steps (train.setup
+  gives the step the run's num_steps); the final map's term is not decayed."""
+  from pouta_jax import sharding, train
+
+  config = _pouta_config(tiny_config)
+  config.loss.level_decay = 1.0
+  mesh = sharding.make_mesh(config)
+  model, optimizer, state, hparams, num_steps = train.setup(config, [8])
+  spec = models.get("pouta")
+  step = train.make_train_step(model, spec.objective(config), optimizer, mesh)
+  batch, half = _batch(), num_steps // 2
+  terms = {}
+  for at in (0, half):
+    copy = jax.tree.map(jnp.array, state)  # the step donates its state
+    _, terms[at] = step(copy.replace(step=jnp.asarray(at, state.step.dtype)), batch, hparams)
+  assert float(terms[0]["focal_level0"]) > 0
+  for name in ("focal", "l2", "ssim"):
+    np.testing.assert_allclose(terms[half][name], terms[0][name], rtol=1e-6)
+  for level in range(4):
+    np.testing.assert_allclose(
+      terms[half][f"focal_level{level}"],
+      (1 - half / num_steps) * terms[0][f"focal_level{level}"],
+      rtol=1e-5,
+    )
+
+
 def test_guidance_changes_the_map():
   x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
   a = POUTA(4, guidance=True).init_with_output(jax.random.key(0), x, train=False)[0]

@@ -48,6 +48,7 @@ def _check_pouta(config: Config) -> None:
     f"{len(LEVEL_MULTIPLIERS)} non-negative weights, finest level first",
   )
   errors.check(config, config.loss.final_weight >= 0, "loss.final_weight", ">= 0")
+  errors.check(config, config.loss.level_decay >= 0, "loss.level_decay", ">= 0")
 
 
 def _nothing_derived(config: Config, train_sizes: Sequence[int]) -> dict[str, Any]:
