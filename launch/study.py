@@ -181,6 +181,8 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
         lines.append("")
         if done < expected:  # a partial table can rank on fewer seeds or categories
           lines.append(f"Ahead so far by validation {metric}: {best} (not chosen before all runs)")
+        elif keys == ["model.name"]:  # a comparison of models, nothing to choose
+          lines.append(f"Ahead by validation {metric}: **{best}**.")
         else:
           lines.append(f"Chosen by validation {metric}: **{best}**.")
     if q.get("test"):  # reported beside, never used to choose

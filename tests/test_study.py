@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(45)
+pytestmark = pytest.mark.heavy(60)
 
 REPO = Path(__file__).resolve().parents[1]
 
