@@ -143,8 +143,8 @@ def runs_of(question: dict) -> list[str]:
 
 def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -> str:
   """The study's markdown: per question, a table per reported metric (validation split) and the
-  setting chosen by the `select` metric; `all_jobs`: every run of the study (relative workdirs),
-  to say how many of each question's are done; `command`: how to write it again."""
+  setting chosen by the `select` metric; `all_jobs`: every run of the study, to say how many of
+  each question's are done; `command`: how to write it again."""
   lines = [
     "# POUTA design study",
     "",
@@ -160,16 +160,25 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
   ]
   for q in study["questions"]:
     roots = [p for pattern in runs_of(q) for p in Path(workdir).glob(pattern) if p.is_dir()]
-    expected = sum(
-      any(fnmatch.fnmatch(j.workdir, f"{pattern}/*") for pattern in runs_of(q)) for j in all_jobs
-    )
+    mine = [
+      j
+      for j in all_jobs
+      if any(
+        fnmatch.fnmatch(os.path.relpath(j.workdir, workdir), f"{pattern}/*")
+        for pattern in runs_of(q)
+      )
+    ]
+    expected = len(mine)
     keys = [s.partition("=")[0] for s in (*q.get("sweep", ()), *q.get("zip", ()))]
     several_models = len(q["configs"]) > 1 or q.get("include")  # included runs may be others'
     keys = (["model.name"] if several_models else []) + keys
     lines += ["", f"## {q['name']}: {q['question']}", ""]
-    done = sum(1 for root in roots for p in files.files_in(root) if p.name == "metrics.json")
-    if not done:
-      lines.append(f"Not run yet (0 of {expected} runs).")
+    done = sum(is_done(j) for j in mine)
+    own = [j for j in mine if os.path.relpath(j.workdir, workdir).startswith(f"{q['name']}/")]
+    if not any(is_done(j) for j in own):  # at most the included runs: nothing to compare yet
+      lines.append(
+        f"Not run yet (0 of its {len(own)} runs; {done} of {expected} with those it includes)."
+      )
       continue
     lines.append(f"{done} of {expected} runs done.")
     for metric in study["report"]:
@@ -226,7 +235,9 @@ def main(argv: list[str]) -> None:
     + ([f"--real_root={real_root}"] if real_root else [])
     + [f"--out={out}", "--report_only"]
   )
-  files.write_atomic(Path(out), report(study, workdir, jobs(study, "", real_root, []), command))
+  files.write_atomic(
+    Path(out), report(study, workdir, jobs(study, workdir, real_root, []), command)
+  )
   print(f"Report: {out}")
   if not _REPORT_ONLY.value and failed:
     sys.exit(1)

@@ -334,10 +334,19 @@ def aggregate(
     count = f" (n={len(values)})" if len(values) < most else ""
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}{count}"
 
-  header = (swept or ["setting"]) + categories + ["mean"]
+  # Rows are compared on the categories they all have: a mean over other categories than
+  # another row's would rank settings by which runs are done.
+  common = [c for c in categories if all(c in per_category for per_category in table.values())]
+  if common == categories:
+    mean_of, label = categories, "mean"
+  elif common:
+    mean_of, label = common, f"mean ({', '.join(common)})"
+  else:
+    mean_of, label = categories, "mean (each row's categories)"
+  header = (swept or ["setting"]) + categories + [label]
   ranked = []
   for setting, per_category in table.items():
-    mean = np.mean([np.mean(per_category[c]) for c in categories if c in per_category])
+    mean = np.mean([np.mean(per_category[c]) for c in mean_of if c in per_category])
     row = (
       list(setting or ("default",))
       + [cell(per_category.get(c, [])) for c in categories]

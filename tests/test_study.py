@@ -88,6 +88,8 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   path = _study_file(tmp_path, questions)
   out = tmp_path / "study.md"
   args = [f"--study={path}", f"--workdir={tmp_path / 'runs'}", f"--real_root={dataset_root}"]
+  assert _study(*args, f"--out={out}", "--report_only").returncode == 0
+  assert "Not run yet (0 of its 2 runs; 0 of 2 with those it includes)." in out.read_text()
   first = _study(*args, f"--out={out}")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "2 runs to do" in first.stdout

@@ -73,15 +73,16 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
     _fake_run(tmp_path, f"enc{seed}", "encoder", seed, "weave", a / 2)
   markdown, table = sweep.aggregate(tmp_path)
   rows = list(csv.reader(io.StringIO(table)))
-  assert rows[0] == ["model.compare", "pill", "weave", "mean"]
-  assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
+  # The rows are compared on the categories they all have.
+  assert rows[0] == ["model.compare", "pill", "weave", "mean (weave)"]
+  assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "50.0"]
   assert rows[2] == ['"encoder"', "–", "25.0 ± 5.0", "25.0"]
   _fake_run(tmp_path, "enc2", "encoder", 2, "pill", 0.3)  # one seed where others have two
   rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
-  assert rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
+  assert rows[0][-1] == "mean" and rows[1] == ['"both"', "70.0 ± 10.0", "50.0 ± 10.0", "60.0"]
   assert rows[2] == ['"encoder"', "30.0 ± 0.0 (n=1)", "25.0 ± 5.0", "27.5"]
   (tmp_path / "enc2" / "pill" / "metrics.json").unlink()
-  assert "| model.compare | pill | weave | mean |" in markdown
+  assert "| model.compare | pill | weave | mean (weave) |" in markdown
   # A run whose config lacks a key (written by an older version) still counts, as null.
   _fake_run(tmp_path, "old", "both", 0, "pill", 0.5)
   config_path = tmp_path / "old" / "pill" / "config.json"
@@ -89,7 +90,13 @@ def test_aggregate_mean_and_std_over_seeds(tmp_path):
   config["model"]["extra"] = 1
   config_path.write_text(json.dumps(config))
   rows = list(csv.reader(io.StringIO(sweep.aggregate(tmp_path)[1])))
-  assert rows[0] == ["model.compare", "model.extra", "pill", "weave", "mean"]
+  assert rows[0] == [
+    "model.compare",
+    "model.extra",
+    "pill",
+    "weave",
+    "mean (each row's categories)",
+  ]
 
 
 def test_aggregate_ranks_by_the_validation_split(tmp_path):
