@@ -6,10 +6,12 @@
 
 Every run is a program of its own, in `<workdir>/<question>/<dataset>/<model>/<point>/<category>`
 (the point includes the seed). A run whose metrics.json exists is done and skipped, so the study
-resumes where it stopped and grows with new questions; `--report_only` writes the report from
-the runs done so far. Single-run programs, not stacked ones: on 2 CPU cores the unrolled step of
-12 stacked tiny runs was still compiling after 3 minutes, while the single-run programs of one
-model and image size are one program (hyperparameters and seeds are its inputs), compiled once
+resumes where it stopped and grows with new questions; a finished run scored on an older
+validation set (before data.val_defects) is evaluated again from its checkpoint
+(`--mode=eval`), not retrained; `--report_only` writes the report from the runs done so far.
+Single-run programs, not stacked ones: on 2 CPU cores the unrolled step of 12 stacked tiny
+runs was still compiling after 3 minutes, while the single-run programs of one model and image
+size are one program (hyperparameters and seeds are its inputs), compiled once
 into the shared compilation cache `<workdir>/compilation_cache`. `--real_root` is the real
 dataset's root (its categories as the study names them); without it those runs are left out and
 the report says so. Each run's arguments are kept beside it (`<run>.args.json`): a run started
@@ -111,6 +113,17 @@ def is_done(job: sweep.Job) -> bool:
   return (files.path(job.workdir) / "metrics.json").is_file()
 
 
+def is_scored_on_an_older_validation_set(job: sweep.Job) -> bool:
+  """A finished run whose validation metrics came from the validation set before
+  data.val_defects (the training synthesis's anomalies only: no `validation_by_defect`)."""
+  document = json.loads((files.path(job.workdir) / "metrics.json").read_text())
+  return any(
+    "validation" in entry and "validation_by_defect" not in entry
+    for entry in document.values()
+    if isinstance(entry, dict)
+  )
+
+
 def check_arguments(found: list[sweep.Job]) -> None:
   """Each run's arguments are kept beside its workdir (`<workdir>.args.json`): a run started
   with other arguments (the study file's preset, common flags or a dataset root changed since)
@@ -208,6 +221,8 @@ def main(argv: list[str]) -> None:
   workdir, real_root = _WORKDIR.value, _REAL_ROOT.value
   found = jobs(study, workdir, real_root, _ONLY.value)
   pending = [j for j in found if not is_done(j)]
+  # Re-evaluated from their checkpoints (the same test metrics), not retrained.
+  rescore = [j for j in found if is_done(j) and is_scored_on_an_older_validation_set(j)]
   env = {
     **sweep.thread_env(_THREADS.value),
     "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -216,15 +231,22 @@ def main(argv: list[str]) -> None:
   if _DRY_RUN.value:
     for job in pending:
       print(shlex.join(job.command()))
+    for job in rescore:
+      print(shlex.join([*job.command(), "--mode=eval"]))
     return
   failed = []
   if not _REPORT_ONLY.value:
     check_arguments(found)
-    print(f"{len(pending)} runs to do, {_PARALLEL.value} at a time", flush=True)
-    logs = [f"{j.workdir}.log" for j in pending]
+    print(
+      f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set, "
+      f"{_PARALLEL.value} at a time",
+      flush=True,
+    )
+    commands = [[*j.command(), "--mode=eval"] for j in rescore] + [j.command() for j in pending]
+    logs = [f"{j.workdir}.eval.log" for j in rescore] + [f"{j.workdir}.log" for j in pending]
     for log in logs:
       Path(log).parent.mkdir(parents=True, exist_ok=True)
-    failed = sweep.run_all([j.command() for j in pending], env, [{}] * _PARALLEL.value, logs)
+    failed = sweep.run_all(commands, env, [{}] * _PARALLEL.value, logs)
     if failed:
       print("failed runs (logs beside their workdirs):\n" + "\n".join(failed), file=sys.stderr)
   out = _OUT.value or os.path.join(workdir, "study.md")

@@ -55,6 +55,8 @@ MVTEC_AD_CATEGORIES = (
 
 # Downsampling of the deepest network: the discriminative U-Net pools 5 times.
 SIZE_MULTIPLE = 32
+# data.val_defects: the kinds of validation anomaly (data/validation.py makes them).
+VALIDATION_DEFECTS = ("synthetic", "removed", "misplaced", "spot")
 
 
 def base_config(model: str) -> ml_collections.ConfigDict:
@@ -76,10 +78,13 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     few_shot=0,  # K > 0: train on K normal images chosen by train.seed; 0: all of them
     # A validation split without test labels (data/validation.py): this share of train/good,
     # chosen by val_seed, is held out of training (before few_shot draws from the rest) and
-    # scored as it is and with a synthesised anomaly. Its F1-max thresholds are the deployment
-    # thresholds; 0: no split (thresholds from the test set only, labelled as oracle values).
+    # scored as it is and with an anomaly of each kind in val_defects (data/validation.py:
+    # the training synthesis's, and kinds it never makes). Its F1-max thresholds are the
+    # deployment thresholds; 0: no split (thresholds from the test set only, labelled as
+    # oracle values).
     val_fraction=0.0,
     val_seed=0,
+    val_defects=VALIDATION_DEFECTS,
     # A dataset whose defect images have no masks is image-level (pixel metrics n/a). With
     # masks for some and not others it is refused, unless this is False.
     require_masks=True,
@@ -366,6 +371,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     0 <= config.data.val_fraction < 1,
     "data.val_fraction",
     "a share of train/good in [0, 1) to hold out for validation",
+  )
+  val_defects = tuple(config.data.val_defects)
+  errors.check(
+    config,
+    bool(val_defects)
+    and len(set(val_defects)) == len(val_defects)
+    and set(val_defects) <= set(VALIDATION_DEFECTS),
+    "data.val_defects",
+    f"distinct kinds of validation anomaly among {VALIDATION_DEFECTS}",
   )
   errors.check(config, config.data.batch_size > 0, "data.batch_size", "a positive batch size")
   errors.check(config, config.data.num_workers >= 0, "data.num_workers", ">= 0 worker processes")

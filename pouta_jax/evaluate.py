@@ -140,8 +140,9 @@ def profile(
     for name, tree in variables["params"].items()
   }
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  predict_fn = make_predict_fn(model, filter_size)
-  total = _flops(predict_fn, variables, image)
+  # Compiled once: counted, then timed (a call of the jitted function would compile again).
+  predict = make_predict_fn(model, filter_size).lower(variables, image).compile()
+  total = _cost(predict)
   parts = {}
   if "reconstructive" in counts:  # DRAEM and POUTA: the shared network, then the rest
     # XLA drops what an output does not need, so each part is a difference of two programs:
@@ -167,11 +168,11 @@ def profile(
         "total": total,
       }
     }
-  jax.block_until_ready(predict_fn(variables, image))  # warm-up
+  jax.block_until_ready(predict(variables, image))  # warm-up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(predict_fn(variables, image))
+    jax.block_until_ready(predict(variables, image))
     times.append(time.perf_counter() - start)
   return {
     "params": {**counts, "total": sum(counts.values())},
@@ -183,5 +184,10 @@ def profile(
 
 def _flops(fn: Callable, *args) -> float:
   """XLA's FLOP count of the jitted `fn` on `args`."""
-  cost = fn.lower(*args).compile().cost_analysis()
+  return _cost(fn.lower(*args).compile())
+
+
+def _cost(compiled: jax.stages.Compiled) -> float:
+  """XLA's FLOP count of a compiled program."""
+  cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

@@ -276,7 +276,7 @@ def _write_run_outputs(
     {name: {run.category: e.metrics} for name, e in evaluations.items()},
     profiles,
     by_defect={name: {run.category: e.by_defect} for name, e in evaluations.items()},
-    on_validation={} if validated is None else {main_name: {run.category: validated.metrics}},
+    on_validation={} if validated is None else {main_name: {run.category: validated}},
   )
 
 
@@ -357,6 +357,13 @@ def _image_level_notes(per_category: dict) -> dict:
   return {"notes": notes} if notes else {}
 
 
+def _validation_metrics(per_category: dict[str, evaluate.Evaluation]) -> dict:
+  return {
+    "validation": {category: e.metrics for category, e in per_category.items()},
+    "validation_by_defect": {category: e.by_defect for category, e in per_category.items()},
+  }
+
+
 def write_results(
   workdir: str | Path,
   results: dict,
@@ -370,8 +377,9 @@ def write_results(
   metrics.json: model -> category (and "mean") -> metric, plus, for models with a profile,
   `params` (reconstructive, discriminative, total), `flops_per_image`, its parts `flops` where
   the model has them, and `latency_ms`; with `by_defect` (model -> category -> defect type ->
-  metric) `by_defect`, and with `on_validation`
-  (model -> category -> metric, on the validation set) `validation`.
+  metric) `by_defect`, and with `on_validation` (model -> category -> its evaluation on the
+  validation set) `validation` (category -> metric) and `validation_by_defect` (category ->
+  kind of validation anomaly -> metric).
   """
   by_defect, on_validation = by_defect or {}, on_validation or {}
   with_means = {
@@ -384,7 +392,7 @@ def write_results(
       **_image_level_notes(per_category),
       **profiles.get(model, {}),
       **({"by_defect": by_defect[model]} if by_defect.get(model) else {}),
-      **({"validation": on_validation[model]} if on_validation.get(model) else {}),
+      **(_validation_metrics(on_validation[model]) if on_validation.get(model) else {}),
     }
     for model, per_category in with_means.items()
   }

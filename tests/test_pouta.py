@@ -65,7 +65,7 @@ def _grads(config, batch):
     )
     return spec.objective(config)(outputs, batch, models.loss_weights(config))[0]
 
-  return jax.grad(loss)(variables["params"])
+  return jax.jit(jax.grad(loss))(variables["params"])
 
 
 def _batch():

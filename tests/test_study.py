@@ -109,7 +109,28 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert "**image_auroc** on the test set" in text
   # Again: nothing left to run, the same tables.
   again = _study(*args, f"--out={out}")
-  assert again.returncode == 0 and "0 runs to do" in again.stdout
+  assert again.returncode == 0 and "0 runs to do and 0 to score" in again.stdout
+  assert out.read_text() == text
+  # A run scored on the validation set of before data.val_defects (no validation_by_defect):
+  # evaluated again from its checkpoint, its test metrics as they were, nothing retrained.
+  metrics_path = next((tmp_path / "runs").rglob("metrics.json"))
+  document = json.loads(metrics_path.read_text())
+  kept = document["pouta"]
+  del document["pouta"]["validation_by_defect"]
+  metrics_path.write_text(json.dumps(document))
+  checkpoints = sorted((metrics_path.parent / "checkpoints").iterdir())
+  rescored = _study(*args, f"--out={out}")
+  assert rescored.returncode == 0, rescored.stderr[-3000:]
+  assert "0 runs to do and 1 to score on the current validation set" in rescored.stdout
+  again = json.loads(metrics_path.read_text())["pouta"]
+  assert again["weave"] == kept["weave"] and again["validation"] == kept["validation"]
+  assert set(again["validation_by_defect"]["weave"]) == {
+    "synthetic",
+    "removed",
+    "misplaced",
+    "spot",
+  }
+  assert sorted((metrics_path.parent / "checkpoints").iterdir()) == checkpoints
   assert out.read_text() == text
   # The study file changed under its runs: refused before anything runs, naming the run.
   path.write_text(path.read_text().replace("num_steps=4", "num_steps=5"))

@@ -1,11 +1,13 @@
 """The validation split (data.val_fraction): held-out normal images and synthesised anomalies,
 validation metrics while training, deployment thresholds from it; its bad inputs."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from pouta_jax import artifact, experiment, export, metrics, predict, train
 from pouta_jax.config import validate
@@ -50,22 +52,61 @@ def test_the_validation_set_is_deterministic_and_labelled(dataset_root):
   folders = [category_folder(config, c) for c in CATEGORIES]
   first = validation.validation_sets(config, folders)
   again = validation.validation_sets(config, folders)
+  kinds = list(config.data.val_defects)
+  assert kinds == list(validation.DEFECTS) == ["synthetic", "removed", "misplaced", "spot"]
+  rows = 1 + len(kinds)  # each held-out image, then its anomalies
   for a, b, folder in zip(first, again, folders):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-    assert a["image"].shape == (4, 32, 32, 3) and a["image"].dtype == np.uint8
-    np.testing.assert_array_equal(a["label"], [0, 0, 1, 1])
-    assert list(a["defect"]) == ["good", "good", "synthetic", "synthetic"]
-    assert not a["mask"][:2].any() and all(m.any() for m in a["mask"][2:])
-    for i, path in enumerate(folder.val):  # the good half: the held-out files as they are
-      np.testing.assert_array_equal(a["image"][i], folder_lib.load_image(path, 32))
-      assert a["path"][i] == a["path"][i + 2] == str(path)
-    # The anomalies change the images inside their masks only.
-    changed = (a["image"][2:] != a["image"][:2]).any(-1)
-    assert not (changed & ~a["mask"][2:]).any() and changed.any()
+    assert a["image"].shape == (2 * rows, 32, 32, 3) and a["image"].dtype == np.uint8
+    assert list(a["defect"]) == ["good", *kinds] * 2
+    np.testing.assert_array_equal(a["label"], [0, 1, 1, 1, 1] * 2)
+    for i, path in enumerate(folder.val):
+      image = a["image"][i * rows]  # the held-out file as it is
+      np.testing.assert_array_equal(image, folder_lib.load_image(path, 32))
+      assert set(a["path"][i * rows : (i + 1) * rows]) == {str(path)}
+      assert a["name"][i * rows + 2] == f"removed/{path.stem}"
+      assert not a["mask"][i * rows].any()
+      for k in range(1, rows):  # each anomaly changes its image inside its mask only
+        mask = a["mask"][i * rows + k]
+        changed = (a["image"][i * rows + k] != image).any(-1)
+        assert mask.any() and changed.any() and not (changed & ~mask).any(), kinds[k - 1]
+    # A spot is tiny: at most 3% of the image size as its radius.
+    spots = a["mask"][a["defect"] == "spot"]
+    assert spots.sum(axis=(1, 2)).max() <= np.pi * (0.03 * 32) ** 2 + 4
+  # The kinds listed do not change each other's draws.
+  config.data.val_defects = ("spot",)
+  spot_only = validation.validation_set(config, folders[0])
+  assert list(spot_only["defect"]) == ["good", "spot"] * 2
+  kept = np.isin(first[0]["defect"], ["good", "spot"])
+  np.testing.assert_array_equal(spot_only["image"], first[0]["image"][kept])
   # Nothing held out: no validation set.
   config.data.val_fraction = 0.0
   assert validation.validation_sets(config, [category_folder(config)]) is None
+
+
+def test_removed_structure_shows_the_background_of_objects_and_blurs_textures():
+  rng = np.random.default_rng(0)
+  texture = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  blurred, mask = validation.DEFECTS["removed"](np.random.default_rng(1), texture)
+  inside = blurred[mask]
+  assert inside.std() < 0.5 * (texture[mask] / 255.0).std()  # structure gone, not repainted
+  obj = np.full((32, 32, 3), 20, np.uint8)
+  obj[8:24, 8:24] = rng.integers(150, 256, (16, 16, 3))
+  holed, mask = validation.DEFECTS["removed"](np.random.default_rng(1), obj)
+  assert mask.any() and mask[8:24, 8:24].any()  # on the object
+  np.testing.assert_allclose(holed[mask], 20 / 255.0, atol=1e-6)  # the background shows
+
+
+def test_an_image_without_a_visible_anomaly_is_named(dataset_root, tmp_path):
+  """A flat image has no structure to remove: refused before training, naming the file."""
+  config = _config(dataset_root)
+  folder = category_folder(config)
+  flat = tmp_path / "flat.png"
+  Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(flat)
+  config.data.val_defects = ("removed",)
+  with pytest.raises(DataError, match=r"flat.png: no visible 'removed' validation anomaly in"):
+    validation.validation_set(config, dataclasses.replace(folder, val=(flat,)))
 
 
 @pytest.mark.parametrize(
@@ -77,6 +118,8 @@ def test_the_validation_set_is_deterministic_and_labelled(dataset_root):
     ("train.select", "best", r"config.train.select='best': expected one of \('last', 'best_val'\)"),
     ("train.select_metric", "iou", r"config.train.select_metric='iou': expected one of \("),
     ("data.val_fraction", 0.0, r"config.train.select='best_val': expected 'last' without a valid"),
+    ("data.val_defects", ("scratch",), r"config.data.val_defects=\('scratch',\): expected dist"),
+    ("data.val_defects", (), r"config.data.val_defects=\(\): expected distinct kinds"),
   ],
 )
 def test_bad_validation_settings_are_refused_by_name(dataset_root, key, value, message):
@@ -158,6 +201,10 @@ def test_validation_metrics_are_logged_while_training(validated_run):
     assert export.trained_model(workdir, category).step == best
     written = json.loads((workdir / category / "metrics.json").read_text())["draem"]
     assert written["validation"][category] == pytest.approx(reported)
+    # Each kind of validation anomaly against the held-out normal images.
+    kinds = written["validation_by_defect"][category]
+    assert set(kinds) == set(validation.DEFECTS)
+    assert all(set(k) == set(reported) and 0 <= k["image_auroc"] <= 1 for k in kinds.values())
     records = tensorboard_records(workdir / category / "tensorboard")
     assert [step for tag, step, _ in records if tag == "val/pixel_ap"] == [3, 6]
     # The test metrics and heatmaps after training, at the run's last step.
