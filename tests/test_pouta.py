@@ -43,7 +43,9 @@ def test_full_size_parameters_against_draem():
 
 
 def test_shapes_at_every_level():
-  out, _ = POUTA(8).init_with_output(jax.random.key(0), jnp.ones((2, 64, 64, 3)), train=False)
+  out, _ = jax.eval_shape(
+    lambda: POUTA(8).init_with_output(jax.random.key(0), jnp.ones((2, 64, 64, 3)), train=False)
+  )
   assert [level.shape for level in out["level_logits"]] == [
     (2, 64, 64, 2),
     (2, 32, 32, 2),
@@ -218,7 +220,7 @@ def test_detached_features_keep_the_discriminative_loss_out_of_the_reconstructio
     )
     return objectives.segmentation_focal(outputs["logits"], batch["mask"])
 
-  grads = jax.grad(focal)(variables["params"])
+  grads = jax.jit(jax.grad(focal))(variables["params"])
   assert (_norm(grads["reconstructive"]) == 0) == detach
   assert _norm(grads["discriminative"]) > 0
 
