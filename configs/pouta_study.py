@@ -1,6 +1,7 @@
 """The POUTA design study: each question is an axis of settings, trained on the embedded
 categories and on a real dataset with 3 seeds, and ranked on the validation split only
-(data.val_fraction: held-out normal images and synthetic anomalies, no test label).
+(data.val_fraction: held-out normal images, and the same images with each kind of anomaly in
+data.val_defects, the training synthesis's and three it never makes; no test label).
 
     python launch/study.py --workdir=outputs/study --real_root=../shared/data/mtoc \
         --out=docs/pouta_study.md [--only=level_weights] [--parallel=2]

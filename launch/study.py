@@ -154,6 +154,35 @@ def runs_of(question: dict) -> list[str]:
   return [question["name"], *question.get("include", ())]
 
 
+def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> str:
+  """Markdown: `metric` per kind of validation anomaly (columns), each setting's mean over the
+  categories (rows in `ranked_csv`'s order, the select metric's table); runs scored before
+  data.val_defects have no kinds (launch/study.py re-scores them)."""
+  order = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  columns = {}
+  for kind in config_lib.VALIDATION_DEFECTS:
+    try:
+      _, kind_csv = sweep.aggregate(roots, keys, metric, f"validation/{kind}")
+    except sweep.SweepError:
+      return "(per kind of validation anomaly: not every run is scored on the kinds yet)"
+    columns[kind] = {
+      tuple(r[: len(keys)]): r[-1] for r in list(csv.reader(io.StringIO(kind_csv)))[1:]
+    }
+  header = (keys or ["setting"]) + list(columns)
+  lines = [
+    f"{metric} per kind of validation anomaly (%, the mean over seeds and the categories every "
+    "row has):",
+    "",
+    "| " + " | ".join(header) + " |",
+    "|---" * len(header) + "|",
+  ]
+  lines += [
+    "| " + " | ".join([*setting, *(columns[k].get(setting, "–") for k in columns)]) + " |"
+    for setting in order
+  ]
+  return "\n".join(lines)
+
+
 def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -> str:
   """The study's markdown: per question, a table per reported metric (validation split) and the
   setting chosen by the `select` metric; `all_jobs`: every run of the study, to say how many of
@@ -168,8 +197,9 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       f"{name} ({', '.join([*spec['categories'], *spec['args']])})"
       for name, spec in study["datasets"].items()
     )
-    + ". Every number is on the **validation split** (held-out normal training images and "
-    "synthetic anomalies): no test label chose anything here.",
+    + ". Every number is on the **validation split** (held-out normal training images, and the "
+    "same images with an anomaly of each kind in data.val_defects): no test label chose "
+    "anything here.",
   ]
   for q in study["questions"]:
     roots = [p for pattern in runs_of(q) for p in Path(workdir).glob(pattern) if p.is_dir()]
@@ -207,6 +237,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
           lines.append(f"Ahead by validation {metric}: **{best}**.")
         else:
           lines.append(f"Chosen by validation {metric}: **{best}**.")
+        lines += ["", kinds_table(roots, keys, metric, table_csv)]
     if q.get("test"):  # reported beside, never used to choose
       lines += ["", "Reported on the test sets (chosen by nothing):"]
       for metric in study["report"]:

@@ -278,6 +278,8 @@ def _get(config: dict, key: str):
   return config
 
 
+# And "validation/<kind>": the validation set's anomalies of one kind (data.val_defects) with its
+# normal images.
 SPLITS = ("test", "validation")
 
 
@@ -291,8 +293,9 @@ def aggregate(
   category and the mean, each cell mean ± std over seeds of `metric` on the `split` (SPLITS),
   over the runs under `root` (or under each of a list of roots).
   `swept` defaults to every key that varies between runs."""
-  if split not in SPLITS:
-    raise SweepError(f"--split={split!r}: expected one of {SPLITS}")
+  base, _, kind = split.partition("/")
+  if base not in SPLITS or (kind and base != "validation"):
+    raise SweepError(f"--split={split!r}: expected one of {SPLITS} or validation/<kind>")
   roots = root if isinstance(root, list) else [root]
   runs = []
   found = [p for r in roots for p in files.files_in(r) if p.name == "metrics.json"]
@@ -303,13 +306,18 @@ def aggregate(
     config = json.loads(config_path.read_text())
     results = json.loads(metrics_path.read_text())[config["model"]["name"]]
     categories = config["data"].get("categories") or [config["data"]["category"]]
-    if split == "validation":
-      results = results.get("validation", {})
+    if base == "validation":
+      if kind:
+        per_kind = results.get("validation_by_defect", {})
+        results = {c: v[kind] for c, v in per_kind.items() if kind in v}
+      else:
+        results = results.get("validation", {})
       missing = [c for c in categories if c not in results]
       if missing:
         raise SweepError(
-          f"{metrics_path}: no validation metrics of {missing} (trained without "
-          f"data.val_fraction); rank it with --split=test"
+          f"{metrics_path}: no {split} metrics of {missing} (trained without "
+          f"data.val_fraction, or scored before data.val_defects had that kind); rank it with "
+          f"--split=test"
         )
     runs.extend((config, category, results[category][metric]) for category in categories)
   if not runs:
@@ -354,10 +362,11 @@ def aggregate(
     )
     ranked.append((-mean, len(ranked), row))
   rows = [row for _, _, row in sorted(ranked)]
+  where = f"validation set's {kind} anomalies" if kind else f"{split} set"
   markdown = (
     "\n".join(
       [
-        f"**{metric}** on the {split} set (%, mean ± std over seeds; the best mean first)",
+        f"**{metric}** on the {where} (%, mean ± std over seeds; the best mean first)",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
@@ -375,7 +384,8 @@ def main(argv: list[str]) -> None:
   del argv
   root, metric, split = flags.FLAGS.root, flags.FLAGS.metric, flags.FLAGS.split
   markdown, table_csv = aggregate(root, metric=metric, split=split)
-  name = f"sweep_{'val_' if split == 'validation' else ''}{metric}"
+  base, _, kind = split.partition("/")
+  name = f"sweep_{'val_' if base == 'validation' else ''}{f'{kind}_' if kind else ''}{metric}"
   files.write_atomic(Path(root) / f"{name}.md", markdown)
   files.write_atomic(Path(root) / f"{name}.csv", table_csv)
   print(markdown)
@@ -385,5 +395,10 @@ if __name__ == "__main__":
   # Defined here, not at import: the launcher imports this module and must not get these flags.
   flags.DEFINE_string("root", None, "Folder holding the sweep's runs.", required=True)
   flags.DEFINE_enum("metric", "pixel_ap", list(report.METRIC_COLUMNS), "Metric shown.")
-  flags.DEFINE_enum("split", "test", list(SPLITS), "The metrics of the test or validation set.")
+  flags.DEFINE_string(
+    "split",
+    "test",
+    "The metrics of the test or validation set, or of one kind of validation anomaly "
+    "(validation/removed).",
+  )
   errors.run(main)

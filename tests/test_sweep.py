@@ -63,6 +63,10 @@ def _fake_run(root, name, compare, seed, category, value, val=None):
   results = {category: {"pixel_ap": value}}
   if val is not None:
     results["validation"] = {category: {"pixel_ap": val}}
+    # Each kind scores a tenth more than the one before it.
+    results["validation_by_defect"] = {
+      category: {k: {"pixel_ap": val + i / 10} for i, k in enumerate(("synthetic", "spot"))}
+    }
   (folder / "metrics.json").write_text(json.dumps({"pouta": results}))
 
 
@@ -109,6 +113,15 @@ def test_aggregate_ranks_by_the_validation_split(tmp_path):
   rows = list(csv.reader(io.StringIO(table)))
   assert rows[1:] == [['"encoder"', "50.0 ± 0.0", "50.0"], ['"both"', "35.0 ± 5.0", "35.0"]]
   assert markdown.startswith("**pixel_ap** on the validation set")
+  # One kind of validation anomaly: its metrics per run.
+  markdown, table = sweep.aggregate(tmp_path, split="validation/spot")
+  rows = list(csv.reader(io.StringIO(table)))
+  assert rows[1:] == [['"encoder"', "60.0 ± 0.0", "60.0"], ['"both"', "45.0 ± 5.0", "45.0"]]
+  assert markdown.startswith("**pixel_ap** on the validation set's spot anomalies")
+  with pytest.raises(sweep.SweepError, match=r"no validation/removed metrics of \['weave'\]"):
+    sweep.aggregate(tmp_path, split="validation/removed")
+  with pytest.raises(sweep.SweepError, match=r"--split='test/spot': expected one of"):
+    sweep.aggregate(tmp_path, split="test/spot")
   _fake_run(tmp_path, "old", "decoder", 0, "weave", 0.5)  # trained without a validation split
   with pytest.raises(sweep.SweepError, match=r"old/weave/metrics.json: no validation metrics"):
     sweep.aggregate(tmp_path, split="validation")
