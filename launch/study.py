@@ -202,7 +202,6 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
     "anything here.",
   ]
   for q in study["questions"]:
-    roots = [p for pattern in runs_of(q) for p in Path(workdir).glob(pattern) if p.is_dir()]
     mine = [
       j
       for j in all_jobs
@@ -224,6 +223,9 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       )
       continue
     lines.append(f"{done} of {expected} runs done.")
+    # The study's own runs only: a folder left by an older version of the study file (a
+    # setting since removed) is not ranked.
+    roots = [j.workdir for j in mine if is_done(j)]
     for metric in study["report"]:
       table, table_csv = sweep.aggregate(roots, keys, metric, "validation")
       lines += ["", table.rstrip()]

@@ -2,6 +2,7 @@
 chosen setting is the one with the best validation mean."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +110,18 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   kinds = "| loss.level_weights | synthetic | removed | misplaced | spot |"
   assert "pixel_ap per kind of validation anomaly" in text and kinds in text
   assert "**image_auroc** on the test set" in text
-  # Again: nothing left to run, the same tables.
+  # Again: nothing left to run, the same tables; a run folder of a setting the study file no
+  # longer has is not ranked.
+  run = next((tmp_path / "runs").rglob("metrics.json")).parent
+  stale = run.parents[1] / "loss.level_weights=(9,9,9,9),train.seed=0" / "weave"
+  shutil.copytree(run, stale)
+  config = json.loads((stale / "config.json").read_text())
+  config["loss"]["level_weights"] = [9, 9, 9, 9]
+  (stale / "config.json").write_text(json.dumps(config))
   again = _study(*args, f"--out={out}")
   assert again.returncode == 0 and "0 runs to do and 0 to score" in again.stdout
   assert out.read_text() == text
+  shutil.rmtree(stale.parent)
   # A run scored on the validation set of before data.val_defects (no validation_by_defect):
   # evaluated again from its checkpoint, its test metrics as they were, nothing retrained.
   metrics_path = next((tmp_path / "runs").rglob("metrics.json"))
