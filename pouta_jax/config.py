@@ -131,8 +131,12 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   )
   # num_heatmaps: test images drawn as heatmap panels (-1: every one). val_every: validation
   # metrics (with data.val_fraction) every this many steps in the training scalars, besides
-  # the last step (0: the last step only).
-  config.eval = dict(batch_size=16, score_filter_size=21, num_heatmaps=8, val_every=0)
+  # the last step (0: the last step only). flops_by_part: the profile's FLOPs of the
+  # reconstructive network, the discriminative part and the scoring (metrics.json `flops`),
+  # three more programs compiled at evaluation; False: the total alone.
+  config.eval = dict(
+    batch_size=16, score_filter_size=21, num_heatmaps=8, val_every=0, flops_by_part=True
+  )
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
   # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
   # together) and seeds (train.seed 0..N-1). pouta_jax.main's --sweep, --zip and --seeds set it.
@@ -258,6 +262,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "train.keep_checkpoints",
     "eval.num_heatmaps",
     "eval.batch_size",  # memory only; float rounding aside, the same maps
+    "eval.flops_by_part",
     "mesh.axes",  # a resumed job may land on another slice shape
     "mesh.num_devices",
     "mesh.require_platform",  # a check at start, not a setting of the run

@@ -128,13 +128,18 @@ def defect_metrics(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict
 
 
 def profile(
-  model: nn.Module, variables: dict, image_size: int, filter_size: int, repeats: int = 20
+  model: nn.Module,
+  variables: dict,
+  image_size: int,
+  filter_size: int,
+  repeats: int = 20,
+  by_part: bool = True,
 ) -> dict:
   """Parameters per subnetwork (the models' top-level groups: reconstructive, discriminative,
   and a frozen backbone where there is one) and in total, XLA's FLOP count of inference on one
-  image (batch 1: anomaly map and image score) and, for models built on the reconstructive
-  network, its parts (`flops`: reconstructive, discriminative, scoring, total), and the median
-  latency."""
+  image (batch 1: anomaly map and image score) and, with `by_part`, for models built on the
+  reconstructive network, its parts (`flops`: reconstructive, discriminative, scoring, total),
+  and the median latency."""
   counts = {
     name: int(sum(x.size for x in jax.tree.leaves(tree)))
     for name, tree in variables["params"].items()
@@ -144,7 +149,7 @@ def profile(
   predict = make_predict_fn(model, filter_size).lower(variables, image).compile()
   total = _cost(predict)
   parts = {}
-  if "reconstructive" in counts:  # DRAEM and POUTA: the shared network, then the rest
+  if by_part and "reconstructive" in counts:  # DRAEM and POUTA: the shared network, the rest
     # XLA drops what an output does not need, so each part is a difference of two programs:
     # the discriminative part is the map and the reconstruction against the reconstructive
     # network alone; scoring (the image score's filter and maximum) is the whole against the

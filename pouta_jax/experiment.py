@@ -317,6 +317,7 @@ def _trained_predictors(
       train.run_variables(config, variants[config.model.name], 0),
       config.data.image_size,
       config.eval.score_filter_size,
+      by_part=config.eval.flops_by_part,
     )
   }
   return predictors, profiles

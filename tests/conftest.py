@@ -82,6 +82,9 @@ def make_tiny_config(model: str, root):
   config.eval.batch_size = 8
   config.eval.score_filter_size = 3
   config.eval.num_heatmaps = 2
+  # The FLOPs of each part cost three compilations per evaluation; test_experiment.py and
+  # test_pouta.py check them.
+  config.eval.flops_by_part = False
   return config
 
 
@@ -104,6 +107,7 @@ def tiny_main_command(
     "data.batch_size": config.data.batch_size,
     "data.num_workers": num_workers,
     "eval.score_filter_size": config.eval.score_filter_size,
+    "eval.flops_by_part": config.eval.flops_by_part,
     **{k.replace("__", "."): v for k, v in overrides.items()},
   }
   return [

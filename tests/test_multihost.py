@@ -50,9 +50,24 @@ def _losses(workdir: Path, key: str = "loss") -> list[float]:
   return [json.loads(line)[key] for line in lines]
 
 
-def _run_one_process(command: list[str]) -> None:
+@pytest.fixture(scope="module")
+def single_process_runs(dataset_root, tmp_path_factory) -> dict[str, Path]:
+  """Both tests' references, one process on one device each, run side by side (one per
+  core) before the two-process programs, which must not share the cores."""
+  root = tmp_path_factory.mktemp("single")
+  commands = {
+    "data": _command(dataset_root, root / "data"),
+    "stacked": _command(dataset_root, root / "stacked", config_arg=STACKED),
+  }
   env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1")}
-  subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+  processes = {}
+  for name, command in commands.items():  # output to files: neither blocks on a full pipe
+    with (root / f"{name}.out").open("w") as out:
+      processes[name] = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
+  for name, process in processes.items():
+    process.wait(timeout=600)
+    assert process.returncode == 0, f"{name}: {(root / f'{name}.out').read_text()[-3000:]}"
+  return {name: root / name for name in commands}
 
 
 def _run_two_processes(
@@ -113,11 +128,10 @@ def _run_two_processes(
   return outputs
 
 
-def test_two_processes_train_as_one(dataset_root, tmp_path):
-  single, multi = tmp_path / "single", tmp_path / "multi"
+def test_two_processes_train_as_one(dataset_root, single_process_runs, tmp_path):
+  single, multi = single_process_runs["data"], tmp_path / "multi"
   # Training only: the other test covers evaluation over processes.
   outputs = _run_two_processes(multi, lambda *a: _command(dataset_root, *a), 1, evaluates=False)
-  _run_one_process(_command(dataset_root, single))
 
   # One program: both processes log the same loss at every step.
   logged = [re.findall(r"process (\d) step (\d+) loss (\S+)", err) for _, err in outputs]
@@ -136,7 +150,7 @@ def test_two_processes_train_as_one(dataset_root, tmp_path):
   ]
 
 
-def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
+def test_stacked_categories_split_over_two_processes(dataset_root, single_process_runs, tmp_path):
   """Mesh (category 2 x data 2) over 2 processes x 2 devices: each process holds one category's
   state and synthesises only that category's batches; equal to one process holding both."""
 
@@ -150,9 +164,8 @@ def test_stacked_categories_split_over_two_processes(dataset_root, tmp_path):
       config_arg=STACKED,
     )
 
-  single, multi = tmp_path / "single", tmp_path / "multi"
+  single, multi = single_process_runs["stacked"], tmp_path / "multi"
   _run_two_processes(multi, command, 2)
-  _run_one_process(_command(dataset_root, single, config_arg=STACKED))
 
   for category in ("weave", "pill"):
     multi_losses = _losses(multi, f"loss/{category}")

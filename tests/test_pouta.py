@@ -173,14 +173,17 @@ def test_flops_of_each_part():
   from pouta_jax import evaluate, train
   from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
-  def profile(**model):
+  def profile(by_part=True, **model):
     config = config_lib.load("pouta")
     config.model.update(base_width=4, **model)
     net = models.get("pouta").build(config)
     state = train.fresh_state(net, optax.identity(), 32, seed=0)
-    return evaluate.profile(net, state.variables, 32, 3, repeats=1)["flops"], state.variables
+    return evaluate.profile(net, state.variables, 32, 3, 1, by_part), state.variables
 
   (pouta, variables), (wide, _) = profile(), profile(discriminative_width=4)
+  pouta, wide = pouta["flops"], wide["flops"]
+  total_only, _ = profile(by_part=False)  # eval.flops_by_part=False: no more programs
+  assert "flops" not in total_only and total_only["flops_per_image"] == pouta["total"]
   for parts in (pouta, wide):
     assert parts["reconstructive"] + parts["discriminative"] + parts["scoring"] == parts["total"]
     assert min(parts.values()) > 0

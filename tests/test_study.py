@@ -24,6 +24,7 @@ TINY = (
   "--config.train.checkpoint_every=4",
   "--config.eval.batch_size=8",
   "--config.eval.score_filter_size=3",
+  "--config.eval.flops_by_part=False",
   "--config.eval.num_heatmaps=1",
   "--config.data.val_fraction=0.25",
 )
