@@ -62,8 +62,8 @@ def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None
   config.data.image_size = setting.image_size
   config.data.batch_size = setting.batch_size
   model = models.get("draem").build(config)
-  optimizer = train.make_optimizer(config, num_steps=10**6)
-  hparams = train.hyperparameters(config)
+  optimizer = train.make_optimizer(config)
+  hparams = train.hyperparameters(config, num_steps=10**6)
   state = train.fresh_state(model, optimizer(hparams["optim"]), setting.image_size, seed=0)
   mesh = sharding.make_mesh(config)
   step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh)

@@ -27,7 +27,6 @@ import csv
 import datetime
 import fnmatch
 import io
-import json
 import os
 import shlex
 import sys
@@ -116,7 +115,7 @@ def is_done(job: sweep.Job) -> bool:
 def is_scored_on_an_older_validation_set(job: sweep.Job) -> bool:
   """A finished run whose validation metrics came from the validation set before
   data.val_defects (the training synthesis's anomalies only: no `validation_by_defect`)."""
-  document = json.loads((files.path(job.workdir) / "metrics.json").read_text())
+  document = files.read_json(files.path(job.workdir) / "metrics.json", hint="; remove the run")
   return any(
     "validation" in entry and "validation_by_defect" not in entry
     for entry in document.values()
@@ -133,10 +132,7 @@ def check_arguments(found: list[sweep.Job]) -> None:
   for job in found:
     record = files.path(f"{job.workdir}.args.json")
     if record.is_file():
-      try:
-        kept = json.loads(record.read_text())
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise errors.ConfigError(f"{record}: not the launcher's JSON ({e}); remove it") from None
+      kept = files.read_json(record, errors.ConfigError, "; remove it")
       if kept != list(job.args):
         changed = sorted(set(map(str, kept)) ^ set(job.args)) or ["their order"]
         raise errors.ConfigError(

@@ -68,10 +68,7 @@ def store_config(
     raise errors.ConfigError(f"--allow_config_change: {unknown} are not config keys")
   changed = []
   if path.exists():
-    try:
-      stored = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise errors.ConfigError(f"{path}: not valid JSON ({e}); the workdir is damaged") from None
+    stored = files.read_json(path, errors.ConfigError, "; the workdir is damaged")
     changed = [
       c for c in config_lib.differences(stored, current) if c[0] not in config_lib.OUTPUT_ONLY_KEYS
     ]

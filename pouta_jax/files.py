@@ -127,6 +127,14 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
     raise
 
 
+def read_json(p: PathLike, kind: type[errors.Error] = errors.DataError, hint: str = ""):
+  """`p` parsed; a file that is not JSON raises `kind` naming it, then `hint` (what to do)."""
+  try:
+    return json.loads(path(p).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise kind(f"{p}: not valid JSON ({e}){hint}") from None
+
+
 def write_json(p: PathLike, obj) -> None:
   write_atomic(p, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

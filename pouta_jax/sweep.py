@@ -303,8 +303,8 @@ def aggregate(
     config_path = metrics_path.parent / "config.json"
     if not config_path.is_file():
       continue  # e.g. the demo's combined metrics.json
-    config = json.loads(config_path.read_text())
-    results = json.loads(metrics_path.read_text())[config["model"]["name"]]
+    config = files.read_json(config_path, SweepError)
+    results = files.read_json(metrics_path, SweepError)[config["model"]["name"]]
     categories = config["data"].get("categories") or [config["data"]["category"]]
     if base == "validation":
       if kind:

@@ -72,19 +72,19 @@ class Optimizer:
   """Adam with DRAEM's step schedule (lr x decay at each milestone step) and, with
   `weight_decay`, the decay added to the gradients as PyTorch's Adam does (PRN's setting).
 
-  Called with a run's `optim` hyperparameters (lr, decay, weight_decay): numbers, or arrays
-  traced inside the step, so that runs stacked in one program each have their own. The
-  milestones and whether any run decays weights fix the program (a run without decay adds 0).
+  Called with a run's `optim` hyperparameters (`hyperparameters`: lr, decay, weight_decay and
+  the milestone steps): numbers, or arrays traced inside the step, so that runs stacked in one
+  program each have their own. Only the number of milestones and whether any run decays weights
+  fix the program (a run without decay adds 0): runs of other lengths share a compiled step.
   """
 
-  boundaries: tuple[int, ...]
   weight_decay: bool
 
   def __call__(self, optim: dict) -> optax.GradientTransformation:
     def learning_rate(count):
       value = optim["lr"]
-      for boundary in self.boundaries:
-        value = jnp.where(count >= boundary, value * optim["decay"], value)
+      for i in range(len(optim["milestone_steps"])):
+        value = jnp.where(count >= optim["milestone_steps"][i], value * optim["decay"], value)
       return value
 
     adam = optax.adam(learning_rate)
@@ -93,18 +93,20 @@ class Optimizer:
     return optax.chain(optax.add_decayed_weights(optim["weight_decay"]), adam)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> Optimizer:
-  """The program's optimizer: milestones from the config, weight decay if any run has some."""
+def make_optimizer(config: ml_collections.ConfigDict) -> Optimizer:
+  """The program's optimizer: weight decay if any run has some."""
   return Optimizer(
-    boundaries=tuple(sorted({int(m * num_steps) for m in config.optim.milestones})),
-    weight_decay=any(run.config.optim.weight_decay for run in runs_lib.runs_of(config)),
+    weight_decay=any(run.config.optim.weight_decay for run in runs_lib.runs_of(config))
   )
 
 
-def hyperparameters(config: ml_collections.ConfigDict) -> dict:
-  """A run's numbers that its step takes as arrays (see `Optimizer`, objectives.py)."""
+def hyperparameters(config: ml_collections.ConfigDict, num_steps: int) -> dict:
+  """A run's numbers that its step takes as arrays (see `Optimizer`, objectives.py) when it
+  trains for `num_steps`: its milestones become steps, and the objective sees the progress."""
   optim = {k: np.float32(config.optim[k]) for k in ("lr", "decay", "weight_decay")}
-  return {"optim": optim, "loss": models.loss_weights(config)}
+  milestones = sorted({int(m * num_steps) for m in config.optim.milestones})
+  optim["milestone_steps"] = np.array(milestones, np.int32)
+  return {"optim": optim, "loss": models.loss_weights(config), "num_steps": np.float32(num_steps)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -182,9 +184,9 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: i
   num_steps = steps.pop()
   spec = models.get(config.model.name)
   model = spec.build(config)
-  optimizer = make_optimizer(config, num_steps)
+  optimizer = make_optimizer(config)
   run_configs = [run.config for run in runs_lib.padded(runs_lib.runs_of(config), rows)]
-  hparams = [{**hyperparameters(c), "num_steps": np.float32(num_steps)} for c in run_configs]
+  hparams = [hyperparameters(c, num_steps) for c in run_configs]
   states = {}  # by seed: runs with one seed start alike
   for c, h in zip(run_configs, hparams):
     if c.train.seed not in states:
@@ -322,9 +324,8 @@ def make_train_step(
     return loss, (terms, batch_stats)
 
   def step(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
-    weights = hparams["loss"]
-    if "num_steps" in hparams:  # objectives may weigh their terms by the training progress
-      weights = {**weights, "progress": state.step / hparams["num_steps"]}
+    # Objectives may weigh their terms by the training progress.
+    weights = {**hparams["loss"], "progress": state.step / hparams["num_steps"]}
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state, batch, weights
     )

@@ -127,13 +127,13 @@ def test_frozen_backbone_is_outside_the_optimizer_and_never_changes(dataset_root
 
 def test_weight_decay_is_added_to_the_gradients_before_adam(dataset_root):
   config = _prn_config(dataset_root, **{"optim.weight_decay": 0.5, "optim.lr": 0.1})
-  tx = train.make_optimizer(config, 10)(train.hyperparameters(config)["optim"])
+  tx = train.make_optimizer(config)(train.hyperparameters(config, 10)["optim"])
   params = {"w": jnp.array([2.0, -3.0])}
   updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
   # PyTorch's Adam: the gradient becomes 0.5 * w; Adam's first step moves by lr * sign.
   np.testing.assert_allclose(updates["w"], [-0.1, 0.1], rtol=1e-4)
   config.optim.weight_decay = 0.0
-  tx = train.make_optimizer(config, 10)(train.hyperparameters(config)["optim"])
+  tx = train.make_optimizer(config)(train.hyperparameters(config, 10)["optim"])
   np.testing.assert_allclose(tx.update({"w": jnp.zeros(2)}, tx.init(params), params)[0]["w"], 0)
 
 

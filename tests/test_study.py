@@ -47,8 +47,10 @@ def get_study():
 
 
 def _study(*args: str) -> subprocess.CompletedProcess:
+  # One run at a time: the runs of a study share compiled programs (the compilation cache),
+  # which two runs compiling side by side would each compile.
   return subprocess.run(
-    [sys.executable, "launch/study.py", *args],
+    [sys.executable, "launch/study.py", "--parallel=1", *args],
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -150,6 +152,12 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert changed.returncode == 1 and "runs to do" not in changed.stdout
   assert "was run with other arguments (--config.train.num_steps=4, " in changed.stderr
   path.write_text(path.read_text().replace("num_steps=5", "num_steps=4"))
+  # A damaged metrics.json: refused before anything runs, naming the file.
+  metrics_path.write_text("{")
+  damaged = _study(*args, f"--out={out}")
+  assert damaged.returncode == 1 and "runs to do" not in damaged.stdout
+  assert f"{metrics_path}: not valid JSON" in damaged.stderr and "Traceback" not in damaged.stderr
+  metrics_path.write_text(json.dumps({"pouta": again}))
   # With a run missing, the leader is not called chosen.
   next((tmp_path / "runs").rglob("metrics.json")).unlink()
   partial = _study(*args, f"--out={out}", "--report_only")

@@ -139,6 +139,14 @@ def test_aggregate_without_runs(tmp_path):
     sweep.aggregate(tmp_path)
 
 
+def test_aggregate_names_a_damaged_file(tmp_path):
+  _fake_run(tmp_path, "a0", "both", 0, "weave", 0.4)
+  metrics = tmp_path / "a0" / "weave" / "metrics.json"
+  metrics.write_bytes(b"\xff")
+  with pytest.raises(sweep.SweepError, match=rf"{metrics}: not valid JSON"):
+    sweep.aggregate(tmp_path)
+
+
 def test_config_get_sweep_is_the_ablation_study():
   spec = config_lib.load_sweep(config_lib.CONFIG_DIR / "pouta.py", "weave,tiny")
   zipped = [f"{k}={','.join(map(str, v))}" for k, v in spec["zip"].items()]

@@ -192,11 +192,20 @@ class SynthesisConfig:
 UNIFORM_BORDER = 0.1
 
 
+def _border(image: np.ndarray) -> np.ndarray:
+  """(4 * size, C): the pixels of the image's four edges."""
+  return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+
+def background_colour(image: np.ndarray) -> np.ndarray:
+  """(C,): the median colour of the image's border, an object's background."""
+  return np.median(_border(image), axis=0)
+
+
 def foreground_mask(image: np.ndarray) -> np.ndarray:
   """(H, W) bool: where the object is, for float RGB images of an object on a uniform background;
   all True for textures (no uniform border) or when nothing stands out from the background."""
-  border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-  background = np.median(border, axis=0)
+  border, background = _border(image), background_colour(image)
   spread = np.percentile(np.linalg.norm(border - background, axis=-1), 90)
   everywhere = np.ones(image.shape[:2], bool)
   if spread > UNIFORM_BORDER:

@@ -27,7 +27,12 @@ import numpy as np
 from scipy import ndimage
 
 from pouta_jax.data.folder import CategoryFolder, DataError, load_image_cached
-from pouta_jax.data.synthesis import SynthesisConfig, foreground_mask, synthesize
+from pouta_jax.data.synthesis import (
+  SynthesisConfig,
+  background_colour,
+  foreground_mask,
+  synthesize,
+)
 from pouta_jax.data.textures import ProceduralTextures
 
 # The random stream of data.val_seed that draws the validation anomalies.
@@ -44,11 +49,11 @@ VISIBLE = 0.25
 Array = np.ndarray
 
 
-def _ellipse(rng: np.random.Generator, image: Array, radius: tuple[float, float]) -> Array:
+def _ellipse(rng: np.random.Generator, foreground: Array, radius: tuple[float, float]) -> Array:
   """(H, W) bool: an ellipse with a radius in `radius` x the image size, axes ratio in
-  [0.4, 1] and any angle, centred on a random foreground pixel."""
-  size = image.shape[0]
-  candidates = np.argwhere(foreground_mask(image))
+  [0.4, 1] and any angle, centred on a random pixel of `foreground` ((H, W) bool)."""
+  size = foreground.shape[0]
+  candidates = np.argwhere(foreground)
   cy, cx = candidates[rng.integers(len(candidates))]
   r = max(rng.uniform(*radius) * size, 1.0)
   angle = rng.uniform(0, np.pi)
@@ -66,18 +71,18 @@ def _synthetic(rng: np.random.Generator, image: Array) -> tuple[Array, Array]:
 
 def _removed(rng: np.random.Generator, image: Array) -> tuple[Array, Array]:
   clean = image.astype(np.float32) / 255.0
-  mask = _ellipse(rng, clean, (0.04, 0.12))
-  if foreground_mask(clean).all():  # a texture: its structure smoothed away
+  foreground = foreground_mask(clean)
+  mask = _ellipse(rng, foreground, (0.04, 0.12))
+  if foreground.all():  # a texture: its structure smoothed away
     fill = ndimage.gaussian_filter(clean, sigma=(clean.shape[0] / 16, clean.shape[0] / 16, 0))
   else:  # an object: the background shows through
-    border = np.concatenate([clean[0], clean[-1], clean[:, 0], clean[:, -1]])
-    fill = np.broadcast_to(np.median(border, axis=0), clean.shape)
+    fill = np.broadcast_to(background_colour(clean), clean.shape)
   return np.where(mask[..., None], fill, clean), mask
 
 
 def _misplaced(rng: np.random.Generator, image: Array) -> tuple[Array, Array]:
   clean = image.astype(np.float32) / 255.0
-  mask = _ellipse(rng, clean, (0.04, 0.12))
+  mask = _ellipse(rng, foreground_mask(clean), (0.04, 0.12))
   size = clean.shape[0]
   shift = rng.integers(size // 4, 3 * size // 4, size=2)
   source = np.roll(np.rot90(clean, int(rng.integers(1, 4))), tuple(shift), axis=(0, 1))
@@ -86,7 +91,7 @@ def _misplaced(rng: np.random.Generator, image: Array) -> tuple[Array, Array]:
 
 def _spot(rng: np.random.Generator, image: Array) -> tuple[Array, Array]:
   clean = image.astype(np.float32) / 255.0
-  mask = _ellipse(rng, clean, (0.01, 0.03))
+  mask = _ellipse(rng, foreground_mask(clean), (0.01, 0.03))
   shift = rng.uniform(0.25, 0.5) * rng.choice([-1.0, 1.0])
   spot = np.clip(clean[mask].mean(axis=0) + shift, 0.0, 1.0)
   return np.where(mask[..., None], spot, clean), mask
