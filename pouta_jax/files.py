@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
 from absl import logging
 from etils import epath
@@ -127,7 +127,7 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
     raise
 
 
-def read_json(p: PathLike, kind: type[errors.Error] = errors.DataError, hint: str = ""):
+def read_json(p: PathLike, kind: type[errors.Error] = errors.DataError, hint: str = "") -> Any:
   """`p` parsed; a file that is not JSON raises `kind` naming it, then `hint` (what to do)."""
   try:
     return json.loads(path(p).read_text())
