@@ -23,20 +23,15 @@ demo-all: install
 	$(BIN)/python -m pouta_jax.demo --workdir=$(DEMO_DIR)-all --models=draem,pouta,prn \
 		--backbone_weights=$(BACKBONE_WEIGHTS)
 
-# Two phases: every test file but the multi-process ones in TEST_WORKERS processes
-# (pytest-xdist, whole files per process), then the tests marked `serial` alone: jax's CPU
-# collectives (Gloo) give up after 30 s when one process of a program lags behind the other,
-# which the other tests' load caused. Both phases share one compilation cache. pytest exits 5
-# when it collects no tests: that is a failure here, said out loud (also for an empty phase).
+# Every test file in TEST_WORKERS processes (pytest-xdist, whole files per process), sharing one
+# compilation cache. pytest exits 5 when it collects no tests: that is a failure here, said out
+# loud.
 TEST_WORKERS ?= 2
 test: install
 	@cache=$$(mktemp -d); trap 'rm -rf "$$cache"' EXIT; export JAX_COMPILATION_CACHE_DIR=$$cache; \
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
-	$(BIN)/python -m pytest -p no:xdist -m serial; serial=$$?; \
-	for rc in $$parallel $$serial; do \
-	  if [ $$rc -eq 5 ]; then echo "ERROR: a pytest phase collected no tests" >&2; fi; \
-	done; \
-	if [ $$parallel -ne 0 ]; then exit $$parallel; fi; exit $$serial
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests" >&2; fi; \
+	exit $$rc
 
 # The formatter and linter (ruff, settings in pyproject.toml); `ruff format .` fixes the layout.
 lint: install

@@ -130,6 +130,7 @@ def run(
   # The mesh must fit the platform, the devices, the batch and the categories.
   mesh = sharding.make_mesh(config)
   logging.info("Devices: %s", sharding.describe(mesh))
+  sharding.connect_collectives(mesh)
   exported = None
   if artifact_path is not None:
     if mode != "eval":

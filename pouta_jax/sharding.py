@@ -13,6 +13,7 @@ only its rows of every global batch and process 0 alone writes outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -251,6 +252,41 @@ def initialize_distributed(
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif detect:
     jax.distributed.initialize()
+
+
+# Seconds every process waits at `connect_collectives` for the others (their imports, data).
+CONNECT_TIMEOUT_S = 600
+_connections = itertools.count()  # each barrier of a program has its own name
+
+
+def connect_collectives(mesh: Mesh) -> None:
+  """Connects jax's CPU collectives (Gloo) between processes, for every group of devices the
+  mesh's programs reduce over (each axis, and all of them), with every process at the same
+  point: Gloo gives a group's first connection 30 s, so a process that compiled its first step
+  more slowly than another would otherwise fail it ("Gloo context initialization failed").
+  Later collectives wait for a slower process. Nothing to do on one process, or off the CPU."""
+  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+    return
+  from jax._src import distributed  # the coordination service's barrier: no collective
+
+  distributed.global_state.client.wait_at_barrier(
+    f"pouta_jax.connect_collectives {next(_connections)}: {_describe_layout(dict(mesh.shape))}",
+    CONNECT_TIMEOUT_S * 1000,
+  )
+  meshes = [mesh]
+  if mesh.devices.size < jax.device_count():  # to_host gathers over every device
+    meshes.append(Mesh(np.asarray(jax.devices()), ("all",)))
+  for each in meshes:
+    spec = PartitionSpec(*each.axis_names)
+    block = np.ones((1,) * each.devices.ndim)
+    ones = jax.make_array_from_callback(
+      each.devices.shape, NamedSharding(each, spec), lambda _, block=block: block
+    )
+    for axes in (each.axis_names, *((name,) for name in each.axis_names)):
+      connect = jax.shard_map(
+        lambda x, axes=axes: jax.lax.psum(x, axes), mesh=each, in_specs=spec, out_specs=spec
+      )
+      jax.block_until_ready(jax.jit(connect)(ones))
 
 
 def is_primary() -> bool:

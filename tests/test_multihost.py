@@ -17,9 +17,9 @@ import pytest
 
 from tests.conftest import tiny_main_command, xla_flags
 
-# Alone, after the other tests (make test): two processes of one program lagging more than 30 s
-# apart under other load fail Gloo's collectives.
-pytestmark = pytest.mark.serial
+# Scheduled by its length (see conftest). It runs beside the other tests: a process lagging
+# behind the other under their load is what sharding.connect_collectives is for.
+pytestmark = pytest.mark.heavy(200)
 
 REPO = Path(__file__).resolve().parents[1]
 STACKED = "configs/draem.py:weave,pill,tiny"
@@ -179,3 +179,38 @@ def test_stacked_categories_split_over_two_processes(dataset_root, single_proces
     metrics = json.loads((multi / category / "metrics.json").read_text())
     assert set(metrics["draem"]) >= {category, "mean"}
     assert list((multi / category / "heatmaps").iterdir())
+
+
+# Process 1 reaches the mesh's first programs (a reduction over each axis and over both) 35 s
+# after process 0, as a slower compile would make it: Gloo's first connection of a group of
+# devices gives up after 30 s, so without sharding.connect_collectives this fails.
+LAG_SCRIPT = """
+import sys, time
+import jax, numpy as np
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+jax.distributed.initialize(flags["coordinator_address"], 2, int(flags["process_id"]))
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pouta_jax import sharding
+mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("category", "data"))
+sharding.connect_collectives(mesh)
+x = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, P("category", "data")), np.ones((1, 2), np.float32))
+if jax.process_index() == 1:
+  time.sleep(35)
+for axis, spec in ((None, P()), (0, P("data")), (1, P("category"))):
+  total = jax.jit(lambda x: x.sum(axis=axis), out_shardings=NamedSharding(mesh, spec))(x)
+  print("sum", axis, float(np.asarray(total.addressable_data(0)).reshape(-1)[0]), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_a_process_far_behind_at_the_first_collective_is_waited_for(tmp_path):
+  outputs = _run_two_processes(
+    tmp_path / "lag",
+    lambda workdir, *flags: [sys.executable, "-c", LAG_SCRIPT, *flags],
+    devices_per_process=2,
+    evaluates=False,
+  )
+  for stdout, _ in outputs:  # (Gloo prints its connections there too)
+    sums = [line.split()[1:] for line in stdout.splitlines() if line.startswith("sum ")]
+    assert sums == [["None", "4.0"], ["0", "2.0"], ["1", "2.0"]], stdout
