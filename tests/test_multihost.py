@@ -53,7 +53,7 @@ def _losses(workdir: Path, key: str = "loss") -> list[float]:
 @pytest.fixture(scope="module")
 def single_process_runs(dataset_root, tmp_path_factory) -> dict[str, Path]:
   """Both tests' references, one process on one device each, run side by side (one per
-  core) before the two-process programs, which must not share the cores."""
+  core) before the two-process programs."""
   root = tmp_path_factory.mktemp("single")
   commands = {
     "data": _command(dataset_root, root / "data"),
