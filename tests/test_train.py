@@ -74,8 +74,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
   folder = [category_folder(tiny_config)]
   tiny_config.train.num_steps = 3
   train.train(tiny_config, tmp_path, folder)
-  # Resumed with a learning rate that overflows the weights (a hyperparameter: the same
-  # compiled step): the loss turns non-finite before step 6 would be saved.
+  # Resumed with a learning rate that overflows the weights (a hyperparameter: the step is
+  # the other 6-step tiny runs' compiled one): the loss turns non-finite before step 6 is saved.
   tiny_config.train.num_steps, tiny_config.optim.lr = 6, 1e30
   with pytest.raises(FloatingPointError, match="newest good checkpoint is step 3"):
     train.train(tiny_config, tmp_path, folder)
