@@ -59,11 +59,10 @@ def _batch(rng: np.random.Generator, leading: tuple[int, ...]) -> dict[str, np.n
 
 def _setup(config):
   """The jitted step, a state on the mesh, a batch, and the compile time."""
-  stacked = runs.is_stacked(config)
-  loop = train.category_loop(config)
   mesh = sharding.make_mesh(config)
-  model, optimizer, state, hparams, _ = train.setup(config, [1] * runs.count(config) or [1])
-  state = jax.device_put(state, sharding.state_sharding(mesh, stacked))
+  loop = train.category_loop(config, mesh)
+  model, optimizer, state, hparams, _ = train.setup(config, [1] * runs.count(config))
+  state = jax.device_put(state, sharding.state_sharding(mesh))
   batch = _batch(np.random.default_rng(0), pipeline.batch_shape(config))
   jitted = train.make_train_step(
     model, models.get(config.model.name).objective(config), optimizer, mesh, loop
@@ -119,7 +118,8 @@ def main(argv: list[str]) -> None:
   for name in ("vmap", "unroll"):
     print(f"stacked_{name}_throughput_ratio={rate[name] / rate['separate']:.4f}")
     print(f"stacked_{name}_compile_ratio={compile_s[name] / compile_s['separate']:.4f}")
-  auto = train.category_loop(_config(c))
+  auto_config = _config(c)
+  auto = train.category_loop(auto_config, sharding.make_mesh(auto_config))
   print(f"stacked_throughput_ratio={rate[auto] / rate['separate']:.4f}")
   print("stacked_compiles=1")
 

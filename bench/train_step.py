@@ -61,13 +61,11 @@ def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None
   config.model.conv_weight_grad = conv_weight_grad
   config.data.image_size = setting.image_size
   config.data.batch_size = setting.batch_size
-  model = models.get("draem").build(config)
-  optimizer = train.make_optimizer(config)
-  hparams = train.hyperparameters(config, num_steps=10**6)
-  state = train.fresh_state(model, optimizer(hparams["optim"]), setting.image_size, seed=0)
+  model, optimizer, state, hparams, _ = train.setup(config, [1])  # a stack of one run
   mesh = sharding.make_mesh(config)
   step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh)
-  batch = jax.device_put(_batch(setting), sharding.batch_sharding(mesh, False))
+  batch = {k: v[None] for k, v in _batch(setting).items()}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   compiled, compile_s = harness.timed(lambda: step.lower(state, batch, hparams).compile())
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

@@ -20,11 +20,12 @@ import functools
 import logging
 import shutil
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import grain
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils.epath import Path
 
@@ -170,17 +171,28 @@ def _saved_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple[int
   }
 
 
-def saved_rows(mngr: ocp.CheckpointManager, step: int) -> int:
-  """The run axis's rows in stacked checkpoint `step` (runs and padding)."""
-  return _saved_shapes(mngr, step)["step"][0]
+class Restored(NamedTuple):
+  state: Any
+  saved_rows: int  # the checkpoint's run axis: runs and padding (1: a single run's, any version)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template: Any, num_runs: int = 0) -> Any | None:
-  """The newest checkpoint's state in the structure (and shardings) of `template`, or None.
+def restore_latest(mngr: ocp.CheckpointManager, template: Any, num_runs: int = 1) -> Any | None:
+  """The newest checkpoint's state (`restore_latest_with_rows`), or None."""
+  restored = restore_latest_with_rows(mngr, template, num_runs)
+  return None if restored is None else restored.state
 
-  With `num_runs` (a stacked state) the checkpoint's run axis may hold other padding than the
-  template's (sharding.run_rows: another mesh): its first `num_runs` rows are the runs, and
-  the template's padding rows become copies of the last run, as fresh padding is."""
+
+def restore_latest_with_rows(
+  mngr: ocp.CheckpointManager, template: Any, num_runs: int = 1
+) -> Restored | None:
+  """The newest checkpoint's state in the structure (and shardings) of `template`, a state
+  stacked over `num_runs` runs (and padding), and the rows it was saved with; None without one.
+
+  The checkpoint's run axis may hold other padding than the template's (sharding.run_rows:
+  another mesh): its first `num_runs` rows are the runs, and the template's padding rows
+  become copies of the last run, as fresh padding is. A single run's checkpoint written before
+  every state had a run axis is restored as a stack of one. The saved shapes are read once
+  (orbax reads every array's metadata: a second each for a tiny DRAEM)."""
   step = mngr.latest_step()
   if step is None:
     return None
@@ -189,23 +201,37 @@ def restore_latest(mngr: ocp.CheckpointManager, template: Any, num_runs: int = 0
     _leaf_name(path): tuple(leaf.shape)
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
   }
-  saved = _saved_shapes(mngr, step) if num_runs else wanted
-  if num_runs:
-    rows = (saved.get("step") or (0,))[0]  # the saved run axis: runs and their padding
-    problems = errors.key_problems({k: (rows, *shape[1:]) for k, shape in wanted.items()}, saved)
-    if problems or rows < num_runs:
-      raise errors.ConfigError(
-        f"{mngr.directory}/{step}: the checkpoint does not hold {num_runs} runs of the config's "
-        f"model ({rows} saved)" + (f" {errors.listing(problems, 3)}" if problems else "")
-      )
+  saved = _saved_shapes(mngr, step)
+  unstacked = saved.get("step") == ()
+  rows = (saved.get("step") or (1,))[0] if "step" in saved else 0  # the saved run axis
+  expected = {k: (*(() if unstacked else (rows,)), *shape[1:]) for k, shape in wanted.items()}
+  problems = errors.key_problems(expected, saved)
+  if problems or rows < num_runs:
+    raise errors.ConfigError(
+      f"{mngr.directory}/{step}: the checkpoint does not hold {num_runs} runs of the config's "
+      f"model ({rows} saved)" + (f" {errors.listing(problems, 3)}" if problems else "")
+    )
+  if unstacked:
+    abstract = jax.tree.map(_without_run_axis, abstract)
   restored = mngr.restore(
     step,
     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract, strict=saved == wanted)),
   )["state"]
+  if unstacked:  # the run axis added on the host, then placed as the template's
+    shardings = jax.tree.map(lambda x: x.sharding, _fields(template))
+    restored = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None], restored), shardings)
   state = template.replace(**restored)
-  if saved != wanted:
+  if saved != wanted and not unstacked:
     state = _padded_with_last_run(state, num_runs)
-  return state
+  return Restored(state, rows)
+
+
+def _without_run_axis(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """`leaf` of one run, replicated on the template's devices."""
+  sharding = leaf.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)

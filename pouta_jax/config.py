@@ -121,7 +121,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     log_every=50,
     checkpoint_every=1000,
     keep_checkpoints=2,
-    # With data.categories: "vmap" (accelerators), "unroll" (CPU) or "auto" (by platform).
+    # With stacked runs: "vmap" (accelerators, runs split over devices), "unroll" (CPU) or
+    # "auto" (by platform and mesh: train.category_loop).
     category_loop="auto",
     # Which model a run evaluates and exports: "last" (the last step's) or "best_val" (each
     # run's best validation `select_metric` so far, kept in the train state; needs

@@ -261,8 +261,11 @@ def convert(
   workdir = Path(workdir)
   if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
     raise errors.ExistsError(f"{workdir}/checkpoints is not empty; convert into a new --workdir")
-  state = train.setup(config, [1]).state
-  variables = to_variables(state_dicts, swap_seg_input, state.variables)  # before any write
+  state = train.setup(config, [1]).state  # a stack of one run
+  # Converted before any write.
+  variables = train.stack_runs(
+    [to_variables(state_dicts, swap_seg_input, train.run_variables(state.variables, 0))]
+  )
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   with experiment.claimed_workdir(workdir, config) as workdir:
     mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)

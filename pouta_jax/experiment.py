@@ -312,7 +312,7 @@ def _trained_predictors(
   profiles = {
     config.model.name: evaluate.profile(
       model,
-      train.run_variables(config, variants[config.model.name], 0),
+      train.run_variables(variants[config.model.name], 0),
       config.data.image_size,
       config.eval.score_filter_size,
       by_part=config.eval.flops_by_part,
@@ -327,7 +327,7 @@ def _run_predictors(
   """The predict function of each of the program's `count` runs, from (stacked) `variables`."""
   return [
     evaluate.model_predict_fn(
-      model, train.run_variables(config, variables, i), config.eval.score_filter_size
+      model, train.run_variables(variables, i), config.eval.score_filter_size
     )
     for i in range(count)
   ]

@@ -84,7 +84,7 @@ def trained_model(
   index = names.index(run)
   model = models.get(config.model.name).build(config)
   state = _state_of(workdir, config)
-  variables = train.run_variables(config, sharding.to_host(state.selected_variables), index)
+  variables = train.run_variables(sharding.to_host(state.selected_variables), index)
   step = int(np.asarray(sharding.to_host(state.selected_step)).reshape(-1)[index])
   chosen = program[index]
   return TrainedModel(chosen.config, chosen.category, model, variables, step, workdir / run)

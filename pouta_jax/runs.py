@@ -1,5 +1,6 @@
 """The runs one program trains: its categories times its stacked sweep points (seeds and
-hyperparameters), each run its own model on a leading run axis of the train state.
+hyperparameters), each run its own model on a leading run axis of the train state (a single run is a
+stack of one: every program has the axis).
 
 `config.stack` holds the sweep in the launchers' syntax (`sweep`: product axes such as
 "optim.lr=1e-4,3e-4"; `zip`: axes whose i-th values go together; `seeds`: train.seed 0..N-1).
@@ -48,14 +49,8 @@ def points(config: ml_collections.ConfigDict) -> list[dict[str, str]]:
 
 
 def count(config: ml_collections.ConfigDict) -> int:
-  """How many runs the program stacks (0: a single run, no run axis)."""
-  num = len(config_lib.categories_of(config)) * len(points(config))
-  return num if num > 1 else 0
-
-
-def is_stacked(config: ml_collections.ConfigDict) -> bool:
-  """Whether one program trains several runs (its state stacked over a run axis)."""
-  return count(config) > 0
+  """How many runs the program stacks on its run axis (1: a single run, a stack of one)."""
+  return len(config_lib.categories_of(config)) * len(points(config))
 
 
 def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
@@ -85,7 +80,7 @@ def padded(program: list, rows: int) -> list:
   """`program` (runs, or anything listed per run) filled up to `rows` with copies of its last
   entry: the rows a run axis needs to split evenly over its devices (sharding.run_rows).
   A copy computes exactly what its original does, so its results are never written or
-  counted; 0 rows (a single run) or as many as there are runs leave `program` as it is."""
+  counted; as many rows as there are runs leave `program` as it is."""
   return list(program) + [program[-1]] * max(rows - len(program), 0)
 
 

@@ -5,7 +5,8 @@ of the stacked runs, then the largest category axis, the rest over the batch), o
 pairs where one size may be -1 for "all remaining devices"; `config.mesh.num_devices` takes a
 subset of the devices. Stacked runs that do not fill the category axis are padded with copies
 of the last run (`run_rows`). The batch is split over the `data` axis; parameters and optimizer
-state are replicated, or split over the category axis when runs are stacked (runs.py); the
+state, stacked over the program's runs (runs.py), are split over the category axis if the mesh
+has one, replicated otherwise; the
 jit-compiled step computes BatchNorm statistics and gradients over the global batch: XLA
 inserts the collectives. With several processes (jax.distributed), each process synthesises
 only its rows of every global batch and process 0 alone writes outputs.
@@ -83,23 +84,23 @@ AUTO = ("auto",)  # config.mesh.axes: the layout chosen from the devices, runs a
 
 def run_rows(num_runs: int, run_axis: int) -> int:
   """The rows of a program's run axis: its `num_runs` stacked runs padded to a multiple of the
-  `run_axis` devices (0 for a single run, which has no run axis). The padding rows are copies
-  of the last run (runs.padded): computed like the others, never written or counted."""
-  return -(-num_runs // run_axis) * run_axis if num_runs else 0
+  `run_axis` devices. The padding rows are copies of the last run (runs.padded): computed like
+  the others, never written or counted."""
+  return -(-num_runs // run_axis) * run_axis
 
 
 def layouts(num_devices: int, num_runs: int, batch: int) -> list[dict[str, int]]:
   """Every mesh of exactly `num_devices`: a category (run) axis times a data axis that divides
-  the batch (a single run has no run axis), the fewest padding rows first (`run_rows`: the
-  least work per device), then the largest run axis (it needs no collectives)."""
+  the batch (a single run's mesh has only the data axis: splitting it over runs would only
+  compute copies), the fewest padding rows first (`run_rows`: the least work per device), then
+  the largest run axis (it needs no collectives)."""
   found = []
   for runs in range(num_devices, 0, -1):
     data = num_devices // runs
-    if runs * data != num_devices or batch % data or (runs > 1 and not num_runs):
+    if runs * data != num_devices or batch % data or (runs > 1 and num_runs == 1):
       continue
-    found.append({CATEGORY_AXIS: runs, DATA_AXIS: data} if num_runs else {DATA_AXIS: data})
-  if num_runs:
-    found.sort(key=lambda shape: run_rows(num_runs, shape[CATEGORY_AXIS]) - num_runs)
+    found.append({CATEGORY_AXIS: runs, DATA_AXIS: data} if num_runs > 1 else {DATA_AXIS: data})
+  found.sort(key=lambda shape: run_rows(num_runs, shape.get(CATEGORY_AXIS, 1)) - num_runs)
   return found
 
 
@@ -166,7 +167,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
       f"config.data.batch_size={config.data.batch_size} does not split over the "
       f"{shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis"
     )
-  if shape.get(CATEGORY_AXIS, 1) > 1 and not runs_lib.count(config):
+  if shape.get(CATEGORY_AXIS, 1) > 1 and runs_lib.count(config) == 1:
     raise errors.ConfigError(
       f"config.mesh.axes={axes!r}: a {CATEGORY_AXIS!r} axis of {shape[CATEGORY_AXIS]} devices "
       f"needs stacked runs (data.categories, config.stack); this program trains one"
@@ -179,24 +180,23 @@ def mesh_rows(mesh: Mesh, config: ml_collections.ConfigDict) -> int:
   return run_rows(runs_lib.count(config), dict(mesh.shape).get(CATEGORY_AXIS, 1))
 
 
-def state_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
-  """Parameters and optimizer state: replicated, or split over the category axis of a mesh
-  that has one when they are stacked over runs."""
-  if stacked and CATEGORY_AXIS in mesh.axis_names:
-    return NamedSharding(mesh, PartitionSpec(CATEGORY_AXIS))
-  return NamedSharding(mesh, PartitionSpec())
+def _run_axis(mesh: Mesh) -> str | None:
+  return CATEGORY_AXIS if CATEGORY_AXIS in mesh.axis_names else None
+
+
+def state_sharding(mesh: Mesh) -> NamedSharding:
+  """Parameters and optimizer state (stacked over runs): their run axis split over the mesh's
+  category axis if it has one, replicated otherwise."""
+  return NamedSharding(mesh, PartitionSpec(_run_axis(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return state_sharding(mesh, stacked=False)
+  return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, stacked: bool) -> NamedSharding:
-  """The batch dimension over the data axis, after the category dimension when stacked."""
-  if not stacked:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  category = CATEGORY_AXIS if CATEGORY_AXIS in mesh.axis_names else None
-  return NamedSharding(mesh, PartitionSpec(category, DATA_AXIS))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """A global batch (runs, batch, ...): runs as the state, the batch over the data axis."""
+  return NamedSharding(mesh, PartitionSpec(_run_axis(mesh), DATA_AXIS))
 
 
 def process_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:

@@ -161,8 +161,8 @@ def kept_best(state: TrainState, metric: jax.Array) -> TrainState:
 
 class Setup(NamedTuple):
   """What a program trains: the model, its optimizer, the step-0 state, each run's
-  hyperparameters and the number of steps. With several runs (runs.py) the state and the
-  hyperparameters have a leading run axis."""
+  hyperparameters and the number of steps. The state and the hyperparameters have a leading
+  run axis (runs.py: a single run is a stack of one)."""
 
   model: nn.Module
   optimizer: Optimizer
@@ -194,10 +194,8 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: i
       states[c.train.seed] = fresh_state(
         model, tx, c.data.image_size, c.train.seed, spec.frozen, c.train.select == "best_val"
       )
-  if len(run_configs) == 1:
-    return Setup(model, optimizer, states[run_configs[0].train.seed], hparams[0], num_steps)
-  state = _stacked(*[states[c.train.seed] for c in run_configs])
-  return Setup(model, optimizer, state, jax.tree.map(lambda *x: np.stack(x), *hparams), num_steps)
+  state = jax.device_put(stack_runs([states[c.train.seed] for c in run_configs]))
+  return Setup(model, optimizer, state, stack_runs(hparams), num_steps)
 
 
 # The stream of train.seed that the prepare stage draws from (init uses the seed itself).
@@ -230,68 +228,64 @@ def prepared_state(
       spec.prepare(
         run.config,
         model,
-        run_variables(config, state.variables, index),
+        run_variables(state.variables, index),
         images.astype(np.float32) / 255.0,
         key,
       )
     )
-  rows = state.step.shape[0] if state.step.ndim else 0
-  variables = _stacked(*runs_lib.padded(prepared, rows)) if rows else prepared[0]
+  variables = stack_runs(runs_lib.padded(prepared, state.step.shape[0]))
   params, batch_stats, constants = models.split_variables(variables, spec.frozen)
   # The optimizer state depends on the trainable parameters' structure only, which is unchanged.
   return state.replace(params=params, batch_stats=batch_stats, constants=constants)
 
 
-def run_variables(config: ml_collections.ConfigDict, variables: dict, index: int) -> dict:
-  """The variables of the `index`-th run of a stacked state (all of them otherwise)."""
-  if not runs_lib.is_stacked(config):
-    return variables
-  return _indexed(variables, index)
+def run_variables(variables: dict, index: int) -> dict:
+  """Host copies of the variables of the `index`-th run of stacked `variables`."""
+  return jax.tree.map(lambda x: np.asarray(x)[index], variables)
 
 
-# Whole-tree stacking and indexing, each one compiled program: applied leaf by leaf outside jit,
-# every distinct leaf shape compiled its own tiny XLA program (a stacked PRN setup compiled 350,
-# 50 s on 2 cores).
-@jax.jit
-def _stacked(*trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-@jax.jit
-def _indexed(tree, index):
-  return jax.tree.map(lambda x: x[index], tree)
+def stack_runs(trees: Sequence[Any]) -> Any:
+  """The runs' `trees` stacked on a new leading run axis, as host arrays: on the device, each
+  distinct leaf shape (or, jitted, each tree) compiled a program of its own (a stacked PRN
+  setup compiled 350, 50 s on 2 cores)."""
+  return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(list(trees)))
 
 
 def current_step(state: TrainState) -> int:
-  """The step of a (possibly stacked, possibly sharded) state, read from this process's data."""
+  """The step of a (possibly sharded) state, read from this process's data."""
   return int(np.asarray(state.step.addressable_data(0)).reshape(-1)[0])
 
 
-def category_loop(config: ml_collections.ConfigDict) -> str | None:
-  """How a stacked step runs its runs (None: a single model).
+def category_loop(config: ml_collections.ConfigDict, mesh: Mesh) -> str:
+  """How the step runs the program's runs on `mesh`.
 
   "vmap" batches them into one computation (each conv becomes a grouped conv): what
-  accelerators want. XLA's CPU grouped convolutions are slow (a vmapped step measured 0.4x the
-  throughput of separate steps on 2 cores, `bench/stacked_vs_separate.py`), so "auto" takes
-  "unroll" on the CPU: one program with one copy of the step per category.
+  accelerators want, and what a run axis split over devices needs (each device steps its own
+  runs; an unrolled step slices the split axis run by run: two processes of 2 CPU devices
+  each compiled it for 280 s under the test suite's load, the vmapped step in 40 s). XLA's
+  CPU grouped convolutions are slow (a vmapped step measured 0.4x the throughput of separate
+  steps on 2 cores, `bench/stacked_vs_separate.py`), so "auto" takes "unroll" on the CPU when
+  the runs are not split: one program with one copy of the step per run. A single run
+  unrolls: its one copy is the plain model.
   """
-  if not runs_lib.is_stacked(config):
-    return None
   loop = config.train.category_loop
-  if loop == "auto":
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
-  return loop
+  if runs_lib.count(config) == 1:
+    return "unroll"
+  if loop != "auto":
+    return loop
+  split = dict(mesh.shape).get(sharding.CATEGORY_AXIS, 1) > 1
+  return "unroll" if jax.default_backend() == "cpu" and not split else "vmap"
 
 
 def _unrolled(step: Callable) -> Callable:
-  def run(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
+  def unrolled_step(state: TrainState, batch: dict, hparams: dict) -> tuple[TrainState, dict]:
     num_runs = jax.tree.leaves(batch)[0].shape[0]
     outs = [
       step(*jax.tree.map(lambda x, i=i: x[i], (state, batch, hparams))) for i in range(num_runs)
     ]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
-  return run
+  return unrolled_step
 
 
 @functools.lru_cache(maxsize=16)
@@ -300,16 +294,15 @@ def make_train_step(
   objective: Callable,
   optimizer: Callable[[dict], optax.GradientTransformation],
   mesh: Mesh,
-  loop: str | None = None,
+  loop: str = "unroll",
 ) -> Callable:
   """One jit-compiled step (state, batch, hparams) -> (state, metrics): forward in train mode,
   objective, gradients, optimizer update; `hparams` as `hyperparameters` gives them.
 
-  The batch is split over the mesh's data axis; the loss, the BatchNorm statistics and the
-  gradients are over the global batch. With a run `loop` ("vmap" or "unroll", see
-  `category_loop`), state, batch and hparams have a leading run axis, each run its own model
-  in one program; the state is then split over the mesh's category axis if it has one, else
-  replicated like a single model's.
+  State, batch and hparams have a leading run axis, each run its own model in one program,
+  which `loop` ("vmap" or "unroll", see `category_loop`) steps. The state is split over the
+  mesh's category axis if it has one, else replicated; the batch over the data axis: the loss,
+  the BatchNorm statistics and the gradients are each run's over its global batch.
   """
 
   def loss_fn(params, state: TrainState, batch: dict, weights: dict):
@@ -340,14 +333,13 @@ def make_train_step(
     # The gradient norm is checked with the loss: a non-finite one must never be saved.
     return new_state, {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
 
-  if loop not in (None, "vmap", "unroll"):
+  if loop not in ("vmap", "unroll"):
     raise ValueError(f"category loop {loop!r}: expected 'vmap' or 'unroll'")
-  stacked = loop is not None
-  body = {None: step, "vmap": jax.vmap(step), "unroll": _unrolled(step)}[loop]
-  state_sharding = sharding.state_sharding(mesh, stacked)
+  body = jax.vmap(step) if loop == "vmap" else _unrolled(step)
+  state_sharding = sharding.state_sharding(mesh)
   return jax.jit(
     body,
-    in_shardings=(state_sharding, sharding.batch_sharding(mesh, stacked), state_sharding),
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh), state_sharding),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
@@ -361,7 +353,7 @@ MAX_STEPS_IN_FLIGHT = 2
 def _checked_metrics(
   step_metrics: dict, step: int, newest_checkpoint: int | None, workdir: Path
 ) -> dict[str, np.ndarray]:
-  """Host copies of the step's metrics (one value per run when stacked). Raises DivergedError
+  """Host copies of the step's metrics (one value per row of the run axis). Raises DivergedError
   if any value of any run is not finite."""
   values = {k: np.asarray(v) for k, v in jax.device_get(step_metrics).items()}
   bad = sorted(k for k, v in values.items() if not np.isfinite(v).all())
@@ -393,11 +385,10 @@ class _Scalars:
     rate: float,
     validation: Sequence[dict[str, float]] = (),
   ) -> dict[str, float]:
-    """Writes one step's `values` (one per row of the run axis when stacked; padding rows are
-    left out) and each run's `validation` metrics (as `val/<metric>`; the program's: their
-    means); returns the program's scalars."""
-    if self._names:
-      values = {k: v[: self._count] for k, v in values.items()}
+    """Writes one step's `values` (one per row of the run axis; padding rows are left out)
+    and each run's `validation` metrics (as `val/<metric>`; the program's: their means);
+    returns the program's scalars."""
+    values = {k: v[: self._count] for k, v in values.items()}
     metric_names = validation[0] if validation else {}
     values.update(
       {f"{report.VALIDATION_PREFIX}{k}": np.array([m[k] for m in validation]) for k in metric_names}
@@ -437,7 +428,7 @@ def train(
 ) -> TrainState:
   """Trains (or resumes) in `workdir` until the configured number of steps; returns the state.
 
-  `folders`: each run's data (runs.runs_of), one run, or several trained in one program with a
+  `folders`: each run's data (runs.runs_of), one or several runs trained in one program with a
   stacked state. Checkpoints hold the train state and the data iterator, so a
   restarted run continues with the batch that followed the checkpoint and ends bitwise equal
   to an uninterrupted one. A non-finite loss stops training with DivergedError before
@@ -453,7 +444,6 @@ def train(
       "select by (experiment.run does)"
     )
   runs = runs_lib.runs_of(config)
-  stacked = len(runs) > 1
   mesh = sharding.make_mesh(config) if mesh is None else mesh
   rows = sharding.mesh_rows(mesh, config)
   if rows > len(runs):
@@ -468,12 +458,13 @@ def train(
   model, optimizer, initial, hparams, num_steps = setup(
     config, [len(f.train) for f in folders], rows
   )
-  state_sharding = sharding.state_sharding(mesh, stacked)
+  state_sharding = sharding.state_sharding(mesh)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  state = checkpoint.restore_latest(
-    mngr, jax.device_put(initial, state_sharding), len(runs) if stacked else 0
+  restored = checkpoint.restore_latest_with_rows(
+    mngr, jax.device_put(initial, state_sharding), len(runs)
   )
-  if state is not None:
+  if restored is not None:
+    state = restored.state
     logging.info("Resumed from step %d in %s", current_step(state), workdir)
   else:
     state = jax.device_put(prepared_state(config, model, initial, folders), state_sharding)
@@ -483,21 +474,17 @@ def train(
     return state
 
   objective = models.get(config.model.name).objective(config)
-  train_step = make_train_step(model, objective, optimizer, mesh, category_loop(config))
+  train_step = make_train_step(model, objective, optimizer, mesh, category_loop(config, mesh))
   hparams = jax.device_put(hparams, state_sharding)
   batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
   # The iterator's saved state holds the saved mesh's padding rows: with other padding, the
   # batches are rebuilt from the step (each is a function of the seeds and the step).
   if start > 0 and not (
-    (not stacked or checkpoint.saved_rows(mngr, start) == rows)
-    and checkpoint.restore_data_iterator(mngr, start, batches)
+    restored.saved_rows == rows and checkpoint.restore_data_iterator(mngr, start, batches)
   ):
     batches.close()
     batches = iter(pipeline.training_batches(config, folders, mesh, num_steps, start))
-  batch_sharding, leading = (
-    sharding.batch_sharding(mesh, stacked),
-    pipeline.batch_shape(config, rows),
-  )
+  batch_sharding, leading = sharding.batch_sharding(mesh), pipeline.batch_shape(config, rows)
   # From a checkpoint, records after its step are dropped: they belong to the lost steps.
   scalars = _Scalars(workdir, runs, start)
   notice = preemption.Notice()
@@ -507,7 +494,7 @@ def train(
     with tqdm(
       total=num_steps,
       initial=start,
-      desc=f"train {len(runs)} runs" if stacked else f"train {folders[0].category}",
+      desc=f"train {len(runs)} runs" if len(runs) > 1 else f"train {folders[0].category}",
       unit="step",
       dynamic_ncols=True,
       disable=not sharding.is_primary(),
@@ -555,7 +542,7 @@ def train(
           logged = scalars.write(step, values, rate, validation)
           if validation and state.best:
             scores = [m[config.train.select_metric] for m in validation]
-            scores = runs_lib.padded(scores, rows) if rows else scores[0]
+            scores = runs_lib.padded(scores, rows)
             state = kept_best(state, np.asarray(scores, np.float32))
           bar.set_postfix(loss=f"{logged['loss']:.4f}")
           if jax.process_count() > 1:  # each process's own view, to compare across hosts

@@ -9,9 +9,10 @@ from pouta_jax import checkpoint, errors, train
 
 
 def _state(megabytes: float) -> train.TrainState:
+  """A stack of one run (its state has the run axis every state has)."""
   size = int(megabytes * 2**20 / 4)  # random: orbax compresses constant arrays to nothing
-  weights = {"w": np.random.default_rng(0).random(size, np.float32)}
-  return train.TrainState(step=np.int32(0), params=weights, batch_stats={}, opt_state=())
+  weights = {"w": np.random.default_rng(0).random((1, size), np.float32)}
+  return train.TrainState(step=np.zeros(1, np.int32), params=weights, batch_stats={}, opt_state=())
 
 
 def test_a_state_that_cannot_fit_is_refused_before_writing(small_disk):
@@ -83,8 +84,10 @@ def test_a_stacked_checkpoint_resumes_with_other_padding(tmp_path):
   saved = _stacked_state(4)
   saved.params["w"][3] = saved.params["w"][2]  # padding copies the last run
   checkpoint.save(mngr, 1, jax.device_put(saved))
-  assert checkpoint.saved_rows(mngr, 1) == 4
-  wider = checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(6)), num_runs=3)
+  wider, rows = checkpoint.restore_latest_with_rows(
+    mngr, jax.device_put(_stacked_state(6)), num_runs=3
+  )
+  assert rows == 4
   np.testing.assert_array_equal(wider.params["w"][:, 0], [1, 2, 3, 3, 3, 3])
   np.testing.assert_array_equal(wider.step, [1, 2, 3, 3, 3, 3])
   exact = checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(3)), num_runs=3)
@@ -99,7 +102,26 @@ def test_a_stacked_checkpoint_resumes_with_other_padding(tmp_path):
   mngr.close()
   # A new process's manager (it has not saved: orbax knows no handler for the item yet).
   fresh = checkpoint.manager(tmp_path, keep=2)
-  assert checkpoint.saved_rows(fresh, 1) == 4
-  wider = checkpoint.restore_latest(fresh, jax.device_put(_stacked_state(6)), num_runs=3)
+  wider, rows = checkpoint.restore_latest_with_rows(
+    fresh, jax.device_put(_stacked_state(6)), num_runs=3
+  )
+  assert rows == 4
   np.testing.assert_array_equal(wider.step, [1, 2, 3, 3, 3, 3])
   fresh.close()
+
+
+def test_a_single_runs_checkpoint_from_before_the_run_axis_restores_as_a_stack_of_one(tmp_path):
+  """Versions before every state had a run axis saved a single run's state without it."""
+  mngr = checkpoint.manager(tmp_path, keep=2)
+  one = jax.tree.map(lambda x: x[0], _stacked_state(1))  # step 1, w [1, 1, 1]
+  checkpoint.save(mngr, 1, jax.device_put(one))
+  restored, rows = checkpoint.restore_latest_with_rows(mngr, jax.device_put(_stacked_state(1)))
+  assert rows == 1
+  np.testing.assert_array_equal(restored.params["w"], [[1, 1, 1]])
+  np.testing.assert_array_equal(restored.step, [1])
+  assert restored.step.sharding == jax.device_put(np.zeros(1)).sharding
+  with pytest.raises(errors.ConfigError, match=r"does not hold 2 runs .* \(1 saved\)$"):
+    checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(2)), num_runs=2)
+  with pytest.raises(errors.ConfigError, match=r"mis-shaped params/w: \(3,\), expected \(5,\)"):
+    checkpoint.restore_latest(mngr, jax.device_put(_stacked_state(1, width=5)))
+  mngr.close()

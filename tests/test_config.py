@@ -74,12 +74,12 @@ def test_validate_names_the_key(key, value, message):
 def test_several_categories_make_one_program():
   config = _parse(f"--config={CONFIG_FILE}:weave,pill,tiny")
   assert tuple(config.data.categories) == ("weave", "pill") and config.data.category == "weave"
-  assert runs.is_stacked(config) and config_lib.categories_of(config) == ("weave", "pill")
+  assert runs.count(config) == 2 and config_lib.categories_of(config) == ("weave", "pill")
   config = _parse(f"--config={CONFIG_FILE}:all")
   assert tuple(config.data.categories) == config_lib.MVTEC_AD_CATEGORIES
   assert len(config_lib.MVTEC_AD_CATEGORIES) == 15
   one = _parse(f"--config={CONFIG_FILE}:pill")
-  assert not runs.is_stacked(one) and config_lib.categories_of(one) == ("pill",)
+  assert runs.count(one) == 1 and config_lib.categories_of(one) == ("pill",)
 
 
 def test_mesh_axes_on_the_command_line():

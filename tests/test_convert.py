@@ -19,10 +19,16 @@ WIDTH = 4
 
 
 def _template(width: int = WIDTH):
+  """The config and a fresh state (a stack of one run)."""
   config = config_lib.load("draem", "weave,tiny")
   config.model.base_width = width
   config.data.image_size = 32
   return config, train.setup(config, [1]).state
+
+
+def _variables(state) -> dict:
+  """The one run's variables of a state."""
+  return train.run_variables(state.variables, 0)
 
 
 def _torch_named(variables) -> dict[str, dict[str, np.ndarray]]:
@@ -50,9 +56,9 @@ def test_mapping_covers_every_variable_once():
   _, state = _template()
   rng = np.random.default_rng(0)
   variables = jax.tree.map(
-    lambda x: rng.standard_normal(x.shape).astype(np.float32), state.variables
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), _variables(state)
   )
-  back = convert.to_variables(_torch_named(variables), False, state.variables)
+  back = convert.to_variables(_torch_named(variables), False, _variables(state))
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
   # Full size: the torch names cover the official 69,048,579 + 28,374,146 parameters.
@@ -70,7 +76,7 @@ def test_mapping_covers_every_variable_once():
 
 def test_bad_weights_list_every_offending_key_and_write_nothing(tmp_path):
   config, state = _template()
-  named = _torch_named(state.variables)
+  named = _torch_named(_variables(state))
   del named[convert.SEG]["decoder_segment.db2.3.weight"]
   named[convert.RECON]["encoder.block9.0.weight"] = np.zeros(1)
   named[convert.RECON]["decoder.fin_out.0.bias"] = np.zeros(5)
@@ -89,13 +95,13 @@ def test_converted_workdir_restores_like_a_trained_one(tmp_path):
   config, state = _template()
   rng = np.random.default_rng(1)
   variables = jax.tree.map(
-    lambda x: rng.standard_normal(x.shape).astype(np.float32), state.variables
+    lambda x: rng.standard_normal(x.shape).astype(np.float32), _variables(state)
   )
   workdir = convert.convert(_torch_named(variables), False, config, tmp_path / "run")
   mngr = checkpoint.manager(workdir, 2)
   restored = checkpoint.restore_latest(mngr, state)
   mngr.close()
-  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored.variables)):
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(_variables(restored))):
     np.testing.assert_array_equal(a, b)
   assert config_lib.from_workdir(workdir).model.base_width == WIDTH
   with pytest.raises(FileExistsError, match="not empty"):
@@ -162,7 +168,7 @@ def test_parity_with_anomalib_draem(layout, tmp_path):
   restored = checkpoint.restore_latest(mngr, state)
   mngr.close()
   out = DRAEM(WIDTH).apply(
-    restored.variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), train=False
+    _variables(restored), jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), train=False
   )
   np.testing.assert_allclose(
     out["reconstruction"], reconstruction.numpy().transpose(0, 2, 3, 1), atol=1e-4

@@ -23,6 +23,7 @@ from pouta_jax import (
   files,
   models,
   predict,
+  train,
 )
 from pouta_jax.data import DataError
 from pouta_jax.data.folder import load_image
@@ -41,7 +42,7 @@ def trained(dataset_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   results = experiment.run(config, workdir)
   state = export._state_of(workdir, config)
-  return config, workdir, state.variables, results
+  return config, workdir, train.run_variables(state.variables, 0), results
 
 
 def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):

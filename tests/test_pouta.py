@@ -241,12 +241,13 @@ def test_level_weights_decay_with_the_training_progress(tiny_config):
   model, optimizer, state, hparams, num_steps = train.setup(config, [8])
   spec = models.get("pouta")
   step = train.make_train_step(model, spec.objective(config), optimizer, mesh)
-  batch, half = _batch(), num_steps // 2
+  batch = {k: v[None] for k, v in _batch().items()}  # a stack of one run
+  half = num_steps // 2
   terms = {}
   for at in (0, half):
     copy = jax.tree.map(jnp.array, state)  # the step donates its state
-    _, terms[at] = step(copy.replace(step=jnp.asarray(at, state.step.dtype)), batch, hparams)
-  assert float(terms[0]["focal_level0"]) > 0
+    _, terms[at] = step(copy.replace(step=jnp.full_like(state.step, at)), batch, hparams)
+  assert float(terms[0]["focal_level0"][0]) > 0
   for name in ("focal", "l2", "ssim"):
     np.testing.assert_allclose(terms[half][name], terms[0][name], rtol=1e-6)
   for level in range(4):

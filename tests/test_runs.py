@@ -15,10 +15,10 @@ def _stack(arg="weave,pill,tiny", model="pouta", **stack):
   return config
 
 
-def test_a_plain_config_is_one_run_with_no_folder_of_its_own():
+def test_a_plain_config_is_a_stack_of_one_run_with_no_folder_of_its_own():
   (run,) = runs.runs_of(config_lib.load("draem", "pill,tiny"))
   assert (run.name, run.category, run.point) == ("", "pill", ())
-  assert not runs.is_stacked(run.config) and runs.count(run.config) == 0
+  assert runs.count(run.config) == 1
 
 
 def test_categories_times_points_each_with_a_separate_runs_config():

@@ -63,14 +63,14 @@ def test_auto_layout_of_fifteen_stacked_categories(devices, layout, padding):
 
 def test_run_rows_pad_to_the_run_axis():
   assert [sharding.run_rows(15, axis) for axis in (1, 2, 4, 12, 16)] == [15, 16, 16, 24, 16]
-  assert sharding.run_rows(0, 4) == 0  # a single run has no run axis
+  assert sharding.run_rows(1, 1) == 1  # a single run: a stack of one
   assert runs_lib.padded(["a", "b", "c"], 5) == ["a", "b", "c", "c", "c"]
-  assert runs_lib.padded(["a", "b"], 0) == ["a", "b"]
+  assert runs_lib.padded(["a", "b"], 2) == ["a", "b"]
 
 
 def test_auto_layout_of_a_single_run_splits_the_batch():
-  assert sharding.layouts(8, num_runs=0, batch=8) == [{"data": 8}]
-  assert sharding.layouts(8, num_runs=0, batch=12) == []
+  assert sharding.layouts(8, num_runs=1, batch=8) == [{"data": 8}]
+  assert sharding.layouts(8, num_runs=1, batch=12) == []
 
 
 def test_config_mesh_on_this_process(tiny_config):
@@ -172,16 +172,18 @@ SCRIPT = textwrap.dedent("""
     mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
     batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
              "has_anomaly": mask.max(axis=(1, 2))}
+    batch = {k: v[None] for k, v in batch.items()}  # a stack of one run
+    hparams = train.stack_runs([train.hyperparameters(config, 1)])
     # A host copy in float64 (astype on device arrays would compile one program per shape).
     init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x,
-                        jax.device_get(train.fresh_state(model, tx, 32, seed=0)))
+                        train.stack_runs([train.fresh_state(model, tx, 32, seed=0)]))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = Mesh(np.asarray(devices), ("data",))
       state = jax.device_put(init, sharding.replicated(mesh))
       step = train.make_train_step(model, objective, lambda optim: tx, mesh)
-      state, metrics = step(state, batch, train.hyperparameters(config, 1))
-      results.append((float(metrics["loss"]), jax.device_get(state)))
+      state, metrics = step(state, batch, hparams)
+      results.append((float(metrics["loss"][0]), jax.device_get(state)))
       assert state.params["reconstructive"]["head"]["Conv_0"]["kernel"].sharding.is_fully_replicated
     (loss1, state1), (loss8, state8) = results
     np.testing.assert_allclose(loss1, loss8, rtol=1e-10)
@@ -246,23 +248,22 @@ STACK_SCRIPT = textwrap.dedent("""
       folders = [category_folder(r.config) for r in runs.runs_of(config)]
       model, optimizer, state, hparams, num_steps = train.setup(
           config, [len(f.train) for f in folders])
-      stacked = runs.is_stacked(config)
-      on_state = sharding.state_sharding(mesh, stacked)
+      on_state = sharding.state_sharding(mesh)
       state, hparams = jax.device_put(f64(state), on_state), jax.device_put(f64(hparams), on_state)
       step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh,
-                                   train.category_loop(config))
+                                   train.category_loop(config, mesh))
       batches = iter(pipeline.training_batches(config, folders, mesh, num_steps))
       losses, states = [], []
       for _ in range(num_steps):
         local = {k: v / 255.0 if k in pipeline.IMAGE_KEYS else v.astype(np.float64)
                  for k, v in next(batches).items()}
-        batch = sharding.global_batch(sharding.batch_sharding(mesh, stacked), local,
+        batch = sharding.global_batch(sharding.batch_sharding(mesh), local,
                                       pipeline.batch_shape(config))
         state, metrics = step(state, batch, hparams)
         losses.append(np.asarray(metrics["loss"]))
         states.append(jax.device_get(state))
       pipeline.close(batches)
-      if stacked and "category" in mesh.axis_names:
+      if "category" in mesh.axis_names:
         kernel = state.params["reconstructive"]["head"]["Conv_0"]["kernel"]
         assert kernel.sharding.spec == PartitionSpec("category"), kernel.sharding
       return model, np.array(losses), states, dict(mesh.shape)
@@ -276,18 +277,20 @@ STACK_SCRIPT = textwrap.dedent("""
     for run in program:
       run.config.mesh.num_devices = 1
       model, losses, states, _ = trained(run.config, ("auto",))
-      separate.append((losses[:, None], states, metrics_of(model, states[-1].variables, run)))
+      # A separate run is a stack of one.
+      alone_variables = train.run_variables(states[-1].variables, 0)
+      separate.append((losses, states, metrics_of(model, alone_variables, run)))
     config.mesh.num_devices = 1
     model, losses, states, shape = trained(config, ("auto",))
     assert shape == {"category": 1, "data": 1}, shape
     for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
       np.testing.assert_allclose(losses[:, i:i + 1], alone_losses, rtol=1e-8)
-      mine = jax.tree.map(lambda x: x[i], states[-1])
+      mine = jax.tree.map(lambda x: x[i:i + 1], states[-1])  # a stack of one, as `alone`
       # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
       # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
       for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[-1])):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
-      got = metrics_of(model, mine.variables, run)
+      got = metrics_of(model, train.run_variables(mine.variables, 0), run)
       for key, value in alone_metrics.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-7, err_msg=f"{run.name} {key}")
     # The runs differ: seeds and learning rates take effect.
@@ -345,7 +348,7 @@ PADDED_SCRIPT = textwrap.dedent("""
       rows = sharding.mesh_rows(mesh, config)
       model, optimizer, state, hparams, num_steps = train.setup(
           config, [len(f.train) for f in folders], rows)
-      on_state = sharding.state_sharding(mesh, True)
+      on_state = sharding.state_sharding(mesh)
       state, hparams = jax.device_put(f64(state), on_state), jax.device_put(f64(hparams), on_state)
       step = train.make_train_step(
           model, models.get("draem").objective(config), optimizer, mesh, "vmap")
@@ -353,7 +356,7 @@ PADDED_SCRIPT = textwrap.dedent("""
       local = {k: v / 255.0 if k in pipeline.IMAGE_KEYS else v.astype(np.float64)
                for k, v in next(batches).items()}
       pipeline.close(batches)
-      batch = sharding.global_batch(sharding.batch_sharding(mesh, True), local,
+      batch = sharding.global_batch(sharding.batch_sharding(mesh), local,
                                     pipeline.batch_shape(config, rows))
       state, metrics = step(state, batch, hparams)
       losses, state = np.asarray(metrics["loss"]), jax.device_get(state)
@@ -436,7 +439,9 @@ PRN_SCRIPT = textwrap.dedent("""
     mask = (rng.random((8, 32, 32)) > 0.9).astype(np.float64)
     batch = {"image": image, "augmented": image * (1 - mask[..., None]), "mask": mask,
              "has_anomaly": mask.max(axis=(1, 2))}
-    init = jax.device_get(train.fresh_state(model, tx, 32, seed=0, frozen=spec.frozen))
+    batch = {k: v[None] for k, v in batch.items()}  # a stack of one run
+    hparams = train.stack_runs([train.hyperparameters(config, 1)])
+    init = train.stack_runs([train.fresh_state(model, tx, 32, seed=0, frozen=spec.frozen)])
     init = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, init)
     # Prototypes that are not zero, so residuals take part.
     init = init.replace(constants={**init.constants, "prototypes": jax.tree.map(
@@ -446,9 +451,9 @@ PRN_SCRIPT = textwrap.dedent("""
       mesh = Mesh(np.asarray(devices), ("data",))
       state = jax.device_put(init, sharding.replicated(mesh))
       step = train.make_train_step(model, objective, lambda optim: tx, mesh)
-      state, metrics = step(state, batch, train.hyperparameters(config, 1))
+      state, metrics = step(state, batch, hparams)
       assert state.constants["prototypes"]["scale_0"].sharding.is_fully_replicated
-      results.append((float(metrics["loss"]), jax.device_get(state)))
+      results.append((float(metrics["loss"][0]), jax.device_get(state)))
     (loss1, state1), (loss8, state8) = results
     np.testing.assert_allclose(loss1, loss8, rtol=1e-10)
     for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):

@@ -67,7 +67,7 @@ def test_stacked_runs_equal_separate_runs(stacked_run, dataset_root, tmp_path):
     # steps themselves are exact in float64: test_sharding.py).
     np.testing.assert_allclose(stacked_losses[0], alone_losses[0], rtol=1e-5)
     np.testing.assert_allclose(stacked_losses, alone_losses, rtol=3e-2)
-    assert int(stacked.step[i]) == int(separate.step) == config.train.num_steps
+    assert int(stacked.step[i]) == int(separate.step[0]) == config.train.num_steps
     # The run's own folder holds what the separate run wrote, with its own scalars.
     folder = workdir / name
     assert (folder / "config.json").read_text() == (tmp_path / category / "config.json").read_text()

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import flax
 import jax
@@ -63,11 +64,22 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
   mngr = checkpoint.manager(tmp_path / "b", 2)
   assert mngr.all_steps() == [3, 6]
   mngr.delete(6)  # as if killed after the checkpoint at step 3
+  at_3 = checkpoint.restore_latest(mngr, train.setup(tiny_config, [8]).state)
   mngr.close()
-  resumed = train.train(tiny_config, tmp_path / "b", folder)
-  assert int(resumed.step) == 6
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
+  # The same checkpoint as a version before the run axis wrote it: the state without the axis.
+  shutil.copytree(tmp_path / "b", tmp_path / "c")
+  older = ocp.StandardCheckpointer()
+  older.save(
+    tmp_path / "c" / "checkpoints" / "3" / "state",
+    jax.tree.map(lambda x: np.asarray(x)[0], checkpoint._fields(at_3)),
+    force=True,
+  )
+  older.wait_until_finished()
+  for workdir in ("b", "c"):
+    resumed = train.train(tiny_config, tmp_path / workdir, folder)
+    assert resumed.step.tolist() == [6]
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
@@ -101,7 +113,7 @@ def test_checkpoint_holds_the_data_iterator(tiny_config, tmp_path):
 
 
 class _StateBeforeConstants(flax.struct.PyTreeNode):
-  """TrainState as versions before `constants` saved it."""
+  """TrainState as versions before `constants` saved it (a single run's: no run axis)."""
 
   step: jax.Array
   params: dict
@@ -109,16 +121,19 @@ class _StateBeforeConstants(flax.struct.PyTreeNode):
   opt_state: tuple
 
 
-def test_checkpoints_written_before_constants_existed_still_restore(tiny_config, tmp_path):
+def test_checkpoints_written_before_constants_and_the_run_axis_existed_still_restore(
+  tiny_config, tmp_path
+):
   state = train.setup(tiny_config, [8]).state
   state = state.replace(step=state.step + 7, params=jax.tree.map(lambda x: x + 1.0, state.params))
   old = _StateBeforeConstants(state.step, state.params, state.batch_stats, state.opt_state)
+  old = jax.tree.map(lambda x: np.asarray(x)[0], old)
   mngr = checkpoint.manager(tmp_path, 1)
   mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)), force=True)
   mngr.wait_until_finished()
   template = train.setup(tiny_config, [8]).state
   restored = checkpoint.restore_latest(mngr, template)
   mngr.close()
-  assert restored.constants == {} and int(restored.step) == 7
+  assert restored.constants == {} and restored.step.tolist() == [7]
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)

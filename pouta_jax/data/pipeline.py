@@ -156,11 +156,10 @@ def train_batches(
   return iterable
 
 
-def batch_shape(config: ml_collections.ConfigDict, rows: int = 0) -> tuple[int, ...]:
-  """The leading dims of a global batch: (batch,), or (runs, batch) when stacked, with `rows`
-  runs where the mesh pads them (sharding.mesh_rows)."""
-  num_runs = max(runs.count(config), rows)
-  return (num_runs, config.data.batch_size) if num_runs else (config.data.batch_size,)
+def batch_shape(config: ml_collections.ConfigDict, rows: int = 0) -> tuple[int, int]:
+  """The leading dims of a global batch: (runs, batch), with `rows` runs where the mesh pads
+  them (sharding.mesh_rows)."""
+  return (max(runs.count(config), rows), config.data.batch_size)
 
 
 def synthesized_sample(
@@ -203,14 +202,11 @@ def training_batches(
     synthesized_sample(run.config, folder, textures[run.config.data.anomaly_source])
     for run, folder in zip(program, folders)
   )
-  stacked = runs.is_stacked(config)
-  block = sharding.process_block(
-    sharding.batch_sharding(mesh, stacked), batch_shape(config, num_rows)
+  run_rows, rows = sharding.process_block(
+    sharding.batch_sharding(mesh), batch_shape(config, num_rows)
   )
-  rows = block[-1]
-  local_samples = samples[block[0]] if stacked else samples
   return train_batches(
-    BatchBlock(local_samples, config.data.batch_size, rows.start, rows.stop - rows.start),
+    BatchBlock(samples[run_rows], config.data.batch_size, rows.start, rows.stop - rows.start),
     num_steps,
     start_step,
     config.data.num_workers,
