@@ -279,6 +279,7 @@ STACKABLE_KEYS = frozenset(
   {
     "train.seed",
     "optim.lr",
+    "optim.milestones",  # a traced step each (train.hyperparameters)
     "optim.decay",
     "optim.weight_decay",
     "data.few_shot",

@@ -99,7 +99,8 @@ def read_thresholds(folder: Path, category: str) -> dict[str, dict]:
 
 
 def _read_json(path: Path) -> dict | None:
-  return json.loads(path.read_text()) if path.is_file() else None
+  """`path` parsed, None if there is none; a damaged one is named (files.read_json)."""
+  return files.read_json(path, hint="; evaluate the run again") if path.is_file() else None
 
 
 def export(

@@ -100,11 +100,24 @@ def make_optimizer(config: ml_collections.ConfigDict) -> Optimizer:
   )
 
 
-def hyperparameters(config: ml_collections.ConfigDict, num_steps: int) -> dict:
+# A milestone step no run reaches: it fills a run's schedule up to the program's count.
+NEVER = np.iinfo(np.int32).max
+
+
+def milestone_steps(config: ml_collections.ConfigDict, num_steps: int) -> list[int]:
+  """The distinct steps at which a run of `num_steps` decays its learning rate."""
+  return sorted({int(m * num_steps) for m in config.optim.milestones})
+
+
+def hyperparameters(
+  config: ml_collections.ConfigDict, num_steps: int, num_milestones: int = 0
+) -> dict:
   """A run's numbers that its step takes as arrays (see `Optimizer`, objectives.py) when it
-  trains for `num_steps`: its milestones become steps, and the objective sees the progress."""
+  trains for `num_steps`: its milestone steps (filled up to `num_milestones` with NEVER, as the
+  program's other runs need), and the objective sees the progress."""
   optim = {k: np.float32(config.optim[k]) for k in ("lr", "decay", "weight_decay")}
-  milestones = sorted({int(m * num_steps) for m in config.optim.milestones})
+  milestones = milestone_steps(config, num_steps)
+  milestones += [NEVER] * (num_milestones - len(milestones))
   optim["milestone_steps"] = np.array(milestones, np.int32)
   return {"optim": optim, "loss": models.loss_weights(config), "num_steps": np.float32(num_steps)}
 
@@ -186,7 +199,9 @@ def setup(config: ml_collections.ConfigDict, train_sizes: Sequence[int], rows: i
   model = spec.build(config)
   optimizer = make_optimizer(config)
   run_configs = [run.config for run in runs_lib.padded(runs_lib.runs_of(config), rows)]
-  hparams = [hyperparameters(c, num_steps) for c in run_configs]
+  # The runs' schedules as long as the longest: the number of milestones fixes the program.
+  num_milestones = max(len(milestone_steps(c, num_steps)) for c in run_configs)
+  hparams = [hyperparameters(c, num_steps, num_milestones) for c in run_configs]
   states = {}  # by seed: runs with one seed start alike
   for c, h in zip(run_configs, hparams):
     if c.train.seed not in states:

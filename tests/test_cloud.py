@@ -17,7 +17,7 @@ from orbax.checkpoint._src.path import gcs_utils
 from pouta_jax import errors, experiment, export, files, predict, report
 from tests.conftest import make_tiny_config, tensorboard_records
 
-pytestmark = pytest.mark.heavy(60)
+pytestmark = pytest.mark.heavy(16)
 
 
 class FakeStore:

@@ -23,7 +23,7 @@ from PIL import Image
 from tests.conftest import make_tiny_config, tiny_main_command
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(113)
+pytestmark = pytest.mark.heavy(95)
 
 REPO = Path(__file__).resolve().parents[1]
 

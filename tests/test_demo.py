@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(62)
+pytestmark = pytest.mark.heavy(115)
 
 
 def test_demo_runs_in_workers_and_gathers_every_run(tmp_path):

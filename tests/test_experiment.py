@@ -15,7 +15,7 @@ from pouta_jax import experiment, report
 from pouta_jax.data import DataError
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(44)
+pytestmark = pytest.mark.heavy(60)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from pouta_jax.data.folder import load_image
 from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(65)
+pytestmark = pytest.mark.heavy(85)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -401,3 +401,10 @@ def test_calibrated_threshold_keeps_its_rate_on_good_images_and_predict_uses_it(
   (path / artifact.MANIFEST).write_text(json.dumps(manifest))
   with pytest.raises(artifact.ArtifactError, match="calibration .* has no numeric image_threshold"):
     predict.from_artifact(path)
+
+
+def test_a_damaged_thresholds_file_is_named(tmp_path):
+  (tmp_path / "thresholds.json").write_text('{"weave": ')  # a write cut short
+  with pytest.raises(DataError, match=r"thresholds.json: not valid JSON .*evaluate the run again"):
+    export.read_thresholds(tmp_path, "weave")
+  assert export.read_thresholds(tmp_path / "never_evaluated", "weave") == {}

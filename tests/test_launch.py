@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(46)
+pytestmark = pytest.mark.heavy(20)
 
 
 def test_local_launcher_dry_run_prints_one_command_per_category():

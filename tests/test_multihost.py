@@ -19,7 +19,7 @@ from tests.conftest import tiny_main_command, xla_flags
 
 # Scheduled by its length (see conftest). It runs beside the other tests: a process lagging
 # behind the other under their load is what sharding.connect_collectives is for.
-pytestmark = pytest.mark.heavy(200)
+pytestmark = pytest.mark.heavy(310)
 
 REPO = Path(__file__).resolve().parents[1]
 STACKED = "configs/draem.py:weave,pill,tiny"

@@ -9,7 +9,7 @@ from pouta_jax.models.pouta import POUTA
 from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(100)
+pytestmark = pytest.mark.heavy(130)
 
 
 def _count(tree) -> int:

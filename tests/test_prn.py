@@ -9,7 +9,7 @@ import pytest
 from pouta_jax.models import backbone, prn, prototypes
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(62)
+pytestmark = pytest.mark.heavy(80)
 
 
 def _naive_window_attention(q, k, v, window):

@@ -17,7 +17,7 @@ from pouta_jax.models import backbone, prn
 from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(130)
+pytestmark = pytest.mark.heavy(180)
 
 NUM_REAL = 3
 

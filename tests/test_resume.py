@@ -17,7 +17,7 @@ from pouta_jax import checkpoint, preemption, train
 from tests.conftest import make_tiny_config, tiny_main_command
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(125)
+pytestmark = pytest.mark.heavy(150)
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 30

@@ -13,7 +13,7 @@ from pouta_jax.errors import ConfigError
 from tests.conftest import xla_flags
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(240)
+pytestmark = pytest.mark.heavy(450)
 
 REPO = Path(__file__).resolve().parents[1]
 

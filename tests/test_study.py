@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(60)
+pytestmark = pytest.mark.heavy(70)
 
 REPO = Path(__file__).resolve().parents[1]
 

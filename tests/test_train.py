@@ -7,27 +7,49 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pouta_jax import checkpoint, sharding, train
+from pouta_jax import checkpoint, runs, sharding, train
 from pouta_jax.data import category_folder, pipeline
 from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(85)
+pytestmark = pytest.mark.heavy(50)
+
+
+def _learning_rates(config, optim: dict, num_steps: int) -> list[float]:
+  """The schedule of `optim` (a run's hyperparameters), recovered through Adam's state-free
+  first step: update = -lr * sign(grad)."""
+  tx = train.make_optimizer(config)(optim)
+  params = {"w": np.zeros(())}
+  lrs = []
+  state = tx.init(params)
+  for _ in range(num_steps):
+    updates, state = tx.update({"w": np.ones(())}, state, params)
+    lrs.append(-float(updates["w"]))
+  return lrs
 
 
 def test_schedule_decays_at_milestones(tiny_config):
   tiny_config.optim.lr = 1.0
-  tx = train.make_optimizer(tiny_config)(train.hyperparameters(tiny_config, 100)["optim"])
-  # Recover the schedule through Adam's state-free first step: update = -lr * sign(grad).
-  params = {"w": np.zeros(())}
-  lrs = []
-  state = tx.init(params)
-  for _ in range(100):
-    updates, state = tx.update({"w": np.ones(())}, state, params)
-    lrs.append(-float(updates["w"]))
+  lrs = _learning_rates(tiny_config, train.hyperparameters(tiny_config, 100)["optim"], 100)
   np.testing.assert_allclose(lrs[79], 1.0, rtol=1e-4)
   np.testing.assert_allclose(lrs[80], 0.2, rtol=1e-4)
   np.testing.assert_allclose(lrs[90], 0.04, rtol=1e-4)
+
+
+def test_runs_of_one_program_have_their_own_milestones(tiny_config):
+  """optim.milestones is stackable: each run of a program follows the schedule it would
+  alone; one whose milestones fall on fewer distinct steps is filled with steps never reached."""
+  tiny_config.optim.lr = 1.0
+  tiny_config.stack.sweep = ("optim.milestones=(0.5,0.75),(0.2,0.21)",)  # 6 steps
+  hparams = train.setup(tiny_config, [8]).hparams
+  np.testing.assert_array_equal(hparams["optim"]["milestone_steps"], [[3, 4], [1, train.NEVER]])
+  for i, run in enumerate(runs.runs_of(tiny_config)):
+    stacked = jax.tree.map(lambda x, i=i: x[i], hparams["optim"])
+    alone = train.hyperparameters(run.config, 6)["optim"]
+    assert len(alone["milestone_steps"]) == (2, 1)[i]
+    np.testing.assert_array_equal(
+      _learning_rates(tiny_config, stacked, 8), _learning_rates(run.config, alone, 8)
+    )
 
 
 def test_steps_from_epochs(tiny_config):

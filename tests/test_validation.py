@@ -16,7 +16,7 @@ from pouta_jax.errors import ConfigError
 from tests.conftest import make_tiny_config, tensorboard_records
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(85)
+pytestmark = pytest.mark.heavy(75)
 
 CATEGORIES = ("weave", "pill")
 

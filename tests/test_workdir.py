@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_config, tiny_main_command
 REPO = Path(__file__).resolve().parents[1]
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(45)
+pytestmark = pytest.mark.heavy(30)
 
 
 def _store(workdir: Path, config, allow_changes=()) -> None:
