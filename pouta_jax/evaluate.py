@@ -44,7 +44,8 @@ PredictFn = Callable[[np.ndarray], tuple[jax.Array, jax.Array]]
 
 
 def model_predict_fn(model: nn.Module, variables: dict, filter_size: int) -> PredictFn:
-  return functools.partial(make_predict_fn(model, filter_size), variables)
+  """`variables` (host copies, say) placed on the device once, not at every batch."""
+  return functools.partial(make_predict_fn(model, filter_size), jax.device_put(variables))
 
 
 def predict(

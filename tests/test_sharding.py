@@ -213,9 +213,9 @@ def test_eight_devices_match_one_device():
 
 # 2 categories x 2 seeds x 2 learning rates in one program, against the 8 runs trained alone:
 # the same data streams, initialisations and Adam steps with a decayed learning rate at the
-# second (float64), then the same metrics. On 1 device: the stack split over devices, and
-# padded, is compared with 1 device by the next test. Width 2 and 2 steps: XLA:CPU's float64
-# grouped convolutions (a vmapped step's) are slow.
+# second (float64), then the same metrics; the stack on 1 device and split over 8 (padded
+# layouts: the next test). Width 2 and 2 steps: XLA:CPU's float64 grouped convolutions (a
+# vmapped step's) are slow.
 STACK_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
@@ -280,19 +280,21 @@ STACK_SCRIPT = textwrap.dedent("""
       # A separate run is a stack of one.
       alone_variables = train.run_variables(states[-1].variables, 0)
       separate.append((losses, states, metrics_of(model, alone_variables, run)))
-    config.mesh.num_devices = 1
-    model, losses, states, shape = trained(config, ("auto",))
-    assert shape == {"category": 1, "data": 1}, shape
-    for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
-      np.testing.assert_allclose(losses[:, i:i + 1], alone_losses, rtol=1e-8)
-      mine = jax.tree.map(lambda x: x[i:i + 1], states[-1])  # a stack of one, as `alone`
-      # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
-      # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
-      for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[-1])):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
-      got = metrics_of(model, train.run_variables(mine.variables, 0), run)
-      for key, value in alone_metrics.items():
-        np.testing.assert_allclose(got[key], value, rtol=1e-7, err_msg=f"{run.name} {key}")
+    for num_devices in (1, 8):  # the stack on one device, then a run on each of 8
+      config.mesh.num_devices = num_devices
+      model, losses, states, shape = trained(config, ("auto",))
+      assert shape == {"category": num_devices, "data": 1}, shape
+      for i, (run, (alone_losses, alone, alone_metrics)) in enumerate(zip(program, separate)):
+        np.testing.assert_allclose(losses[:, i:i + 1], alone_losses, rtol=1e-8)
+        mine = jax.tree.map(lambda x: x[i:i + 1], states[-1])  # a stack of one, as `alone`
+        # atol: the biases of convolutions before BatchNorm have a gradient of rounding noise
+        # only (BatchNorm removes them), and Adam turns noise of ~eps into steps of ~lr * 1e-5.
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone[-1])):
+          np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-7)
+        got = metrics_of(model, train.run_variables(mine.variables, 0), run)
+        for key, value in alone_metrics.items():
+          np.testing.assert_allclose(
+              got[key], value, rtol=1e-7, err_msg=f"{num_devices} {run.name} {key}")
     # The runs differ: seeds and learning rates take effect.
     first = [l[0, 0] for l, _, _ in separate]
     assert len(set(np.round(first, 12))) == 4, first  # 2 categories x 2 seeds
