@@ -229,6 +229,7 @@ def prepared_state(
   spec = models.get(config.model.name)
   if spec.prepare is None:
     return state
+  host_variables = jax.device_get(state.variables)  # one copy for every run's slice
   prepared = []
   for index, (run, folder) in enumerate(zip(runs_lib.runs_of(config), folders)):
     key = jax.random.fold_in(jax.random.key(run.config.train.seed), PREPARE_STREAM)
@@ -243,7 +244,7 @@ def prepared_state(
       spec.prepare(
         run.config,
         model,
-        run_variables(state.variables, index),
+        run_variables(host_variables, index),
         images.astype(np.float32) / 255.0,
         key,
       )
