@@ -1,7 +1,7 @@
 """POUTA against DRAEM at the same base width and image size, measured in one run.
 
     .venv/bin/python bench/pouta_vs_draem.py [--base_width=128] [--image_size=256] [--repeats=5] \
-        [--discriminative_width=0]
+        [--pouta.model.discriminative_width=32 --pouta.model.fuse_kernel=1 ...]
 
 Prints parameters and XLA FLOPs per image (reconstructive / discriminative / total; FLOPs
 split as `evaluate.profile` does) and the median inference latency at batch 1 (the two models
@@ -18,15 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
+from etils.epath import Path
+from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, evaluate, models, train
+from pouta_jax import config as config_lib, errors, evaluate, models, train
 
 _WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width of both models.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed inferences per model.")
-_DISC_WIDTH = flags.DEFINE_integer(
-  "discriminative_width", 0, "POUTA's model.discriminative_width (0: half the base width)."
+# POUTA's settings as the training command takes them (--pouta.model.<key>=...); the base width
+# is --base_width's, for both models.
+_POUTA = config_flags.DEFINE_config_file(
+  "pouta", str(Path(__file__).resolve().parents[1] / "configs" / "pouta.py"), "POUTA's config."
 )
 _FILTER = 21
 
@@ -35,10 +39,9 @@ def main(argv: list[str]) -> None:
   del argv
   setups = {}
   for name in ("draem", "pouta"):
-    config = config_lib.load(name)
+    config = _POUTA.value if name == "pouta" else config_lib.load(name)
     config.model.base_width = _WIDTH.value
-    if name == "pouta":
-      config.model.discriminative_width = _DISC_WIDTH.value
+    models.get(name).validate(config)
     model = models.get(name).build(config)
     state = train.fresh_state(model, optax.identity(), _SIZE.value, seed=0)
     profile = evaluate.profile(model, state.variables, _SIZE.value, _FILTER, repeats=1)
@@ -52,10 +55,12 @@ def main(argv: list[str]) -> None:
       jax.block_until_ready(predict_fn(variables, image))
       times[name].append(time.perf_counter() - start)
 
+  model = _POUTA.value.model
   print(
     f"base width {_WIDTH.value} (POUTA's discriminative width "
-    f"{_DISC_WIDTH.value or _WIDTH.value // 2}), {_SIZE.value} px, batch 1, "
-    f"{_REPEATS.value} repeats"
+    f"{model.discriminative_width or _WIDTH.value // 2}, level multipliers "
+    f"{tuple(model.level_multipliers)}, fuse kernel {model.fuse_kernel}), {_SIZE.value} px, "
+    f"batch 1, {_REPEATS.value} repeats"
   )
   print(
     "| model | params recon. | params discr. | params total | GFLOPs recon. | GFLOPs discr. "
@@ -85,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)  # a bad --pouta.* value: one line naming the key

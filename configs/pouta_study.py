@@ -75,6 +75,20 @@ def get_study() -> dict:
         include=("models/*/pouta",),
       ),
       dict(
+        name="cost",
+        question="a discriminative part within 0.25x the FLOPs of DRAEM's (the default has "
+        "0.66x, most of it the finest level's 3x3 convolutions): FCM's fuse per pixel (1x1) with "
+        "the unit width 6 (0.25x), or with the unit width 4 and level multipliers 1, 2, 2, 4 "
+        "(0.20x; the default's are 1, 1, 2, 4)",
+        configs=("configs/pouta.py",),
+        zip=(
+          "model.fuse_kernel=1,1",
+          "model.discriminative_width=6,4",
+          "model.level_multipliers=(1,1,2,4),(1,2,2,4)",
+        ),
+        include=("models/*/pouta", "width/*/pouta/model.discriminative_width=4,*"),
+      ),
+      dict(
         name="pixels",
         question="(f) the finest level also given the image, its reconstruction and their "
         "difference",

@@ -31,6 +31,7 @@ import os
 import shlex
 import sys
 
+import numpy as np
 from absl import flags
 from etils.epath import Path
 
@@ -179,6 +180,45 @@ def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> s
   return "\n".join(lines)
 
 
+def cost_table(roots: list, keys: list[str], draem_roots: list, ranked_csv: str) -> str:
+  """Markdown: each setting's discriminative FLOPs per image (evaluate.profile, in its runs'
+  metrics.json) over DRAEM's discriminative subnetwork's at the same image size (`draem_roots`:
+  DRAEM's runs), rows in `ranked_csv`'s order; the cost target is 0.25."""
+  draem = {
+    config["data"]["image_size"]: results["flops"]["discriminative"]
+    for config, results, _ in sweep.finished_runs(draem_roots)
+    if config["model"]["name"] == "draem" and "flops" in results
+  }
+  ratios = {}
+  for config, results, _ in sweep.finished_runs(roots):
+    size = config["data"]["image_size"]
+    if size in draem and "flops" in results:
+      ratio = results["flops"]["discriminative"] / draem[size]
+      ratios.setdefault(sweep.setting_of(config, keys), []).append(ratio)
+  if not ratios:
+    return "(cost: no DRAEM run of the same image size is done yet)"
+  means = {setting: float(np.mean(r)) for setting, r in ratios.items()}
+  if max(means.values()) - min(means.values()) < 0.005:
+    return (
+      f"Cost: every setting's discriminative part has {min(means.values()):.2f}x the FLOPs per "
+      "image of DRAEM's discriminative subnetwork (the target is at most 0.25)."
+    )
+  order = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  header = (keys or ["setting"]) + ["discriminative FLOPs / DRAEM's"]
+  lines = [
+    "Cost: the discriminative part's FLOPs per image over DRAEM's discriminative subnetwork's "
+    "(the target is at most 0.25):",
+    "",
+    "| " + " | ".join(header) + " |",
+    "|---" * len(header) + "|",
+  ]
+  lines += [
+    "| " + " | ".join([*setting, f"{means[setting]:.2f}" if setting in means else "–"]) + " |"
+    for setting in order
+  ]
+  return "\n".join(lines)
+
+
 def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -> str:
   """The study's markdown: per question, a table per reported metric (validation split) and the
   setting chosen by the `select` metric; `all_jobs`: every run of the study, to say how many of
@@ -196,6 +236,9 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
     + ". Every number is on the **validation split** (held-out normal training images, and the "
     "same images with an anomaly of each kind in data.val_defects): no test label chose "
     "anything here.",
+  ]
+  draem_roots = [  # the reference of the cost tables
+    j.workdir for j in all_jobs if f"{os.sep}draem{os.sep}" in j.workdir and is_done(j)
   ]
   for q in study["questions"]:
     mine = [
@@ -236,6 +279,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
         else:
           lines.append(f"Chosen by validation {metric}: **{best}**.")
         lines += ["", kinds_table(roots, keys, metric, table_csv)]
+        lines += ["", cost_table(roots, keys, draem_roots, table_csv)]
     if q.get("test"):  # reported beside, never used to choose
       lines += ["", "Reported on the test sets (chosen by nothing):"]
       for metric in study["report"]:

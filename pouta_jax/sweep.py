@@ -269,6 +269,33 @@ def jobs_from_flags(extra: list[str]) -> list[Job]:
   return jobs(f.config, f.preset, categories, f.workdir, points, extra, stacked)
 
 
+def finished_runs(root: str | Path | list) -> list[tuple[dict, dict, Path]]:
+  """(config, its model's metrics, metrics.json's path) of every run under `root` (a folder or
+  a list of them) with metrics.json and config.json; each config as today's code reads it
+  (config.upgrade: a key added since a run has its default, so settings compare)."""
+  roots = root if isinstance(root, list) else [root]
+  found = []
+  for metrics_path in (p for r in roots for p in files.files_in(r) if p.name == "metrics.json"):
+    config_path = metrics_path.parent / "config.json"
+    if not config_path.is_file():
+      continue  # e.g. the demo's combined metrics.json
+    stored = files.read_json(config_path, SweepError)
+    try:
+      config = config_lib.upgrade(stored).to_dict()
+    except (errors.ConfigError, KeyError, TypeError) as e:
+      raise SweepError(f"{config_path}: not a config of this version ({e})") from None
+    results = files.read_json(metrics_path, SweepError).get(config["model"]["name"])
+    if not isinstance(results, dict):
+      raise SweepError(f"{metrics_path}: no metrics of model {config['model']['name']!r}")
+    found.append((config, results, metrics_path))
+  return found
+
+
+def setting_of(config: dict, keys: list[str]) -> tuple[str, ...]:
+  """A run's values of the swept `keys`, as the tables show them."""
+  return tuple(json.dumps(_get(config, k)) for k in keys)
+
+
 def _get(config: dict, key: str):
   """The value at a dotted key, or None where a run's config lacks it (an older run)."""
   for part in key.split("."):
@@ -296,15 +323,8 @@ def aggregate(
   base, _, kind = split.partition("/")
   if base not in SPLITS or (kind and base != "validation"):
     raise SweepError(f"--split={split!r}: expected one of {SPLITS} or validation/<kind>")
-  roots = root if isinstance(root, list) else [root]
   runs = []
-  found = [p for r in roots for p in files.files_in(r) if p.name == "metrics.json"]
-  for metrics_path in found:
-    config_path = metrics_path.parent / "config.json"
-    if not config_path.is_file():
-      continue  # e.g. the demo's combined metrics.json
-    config = files.read_json(config_path, SweepError)
-    results = files.read_json(metrics_path, SweepError)[config["model"]["name"]]
+  for config, results, metrics_path in finished_runs(root):
     categories = config["data"].get("categories") or [config["data"]["category"]]
     if base == "validation":
       if kind:
@@ -321,6 +341,7 @@ def aggregate(
         )
     runs.extend((config, category, results[category][metric]) for category in categories)
   if not runs:
+    roots = root if isinstance(root, list) else [root]
     raise SweepError(f"no run with metrics.json and config.json under {', '.join(map(str, roots))}")
   if swept is None:
     flat = [{k: json.dumps(v) for k, v in config_lib.flatten(c).items()} for c, _, _ in runs]
@@ -330,7 +351,7 @@ def aggregate(
   for config, category, value in runs:
     if value is None:
       continue  # a pixel metric of an image-level dataset (metrics.json's notes say so)
-    setting = tuple(json.dumps(_get(config, k)) for k in swept)
+    setting = setting_of(config, swept)
     table.setdefault(setting, {}).setdefault(category, []).append(value)
   categories = sorted({c for _, c, _ in runs})
 

@@ -160,6 +160,21 @@ def test_design_options_change_only_what_they_name(tiny_config):
   assert all(shape == full[p] for p, shape in pixels.items() if p != finest)
   wide = _param_paths(_with(tiny_config, discriminative_width=2 * widths[0]))
   assert wide["['head']['Conv_0']['kernel']"][2] == 2 * widths[0] and set(wide) == set(full)
+  per_pixel = _param_paths(_with(tiny_config, fuse_kernel=1))
+  for level in widths:  # the fuse alone turns 1x1, with its input and width
+    fuse = f"['compare_{level}']['fuse']"
+    assert (
+      per_pixel[f"{fuse}['Conv_0']['kernel']"]
+      == (1, 1) + full[f"{fuse}['Conv3x3_0']['Conv_0']['kernel']"][2:]
+    )
+  assert {p for p in per_pixel if "['fuse']" in p} == {
+    p.replace("['Conv3x3_0']", "") for p in full if "['fuse']" in p
+  }
+  assert all(per_pixel[p] == full[p] for p in per_pixel if "['fuse']" not in p)
+  levels = _param_paths(_with(tiny_config, level_multipliers=(1, 2, 2, 4)))
+  assert [
+    levels[f"['compare_{level}']['fuse']['Conv3x3_0']['Conv_0']['kernel']"][3] for level in range(4)
+  ] == [widths[0] * m for m in (1, 2, 2, 4)]
 
 
 def test_flops_of_each_part():
@@ -196,6 +211,37 @@ def test_flops_of_each_part():
   alone = recon.lower(shared, jnp.zeros((1, 32, 32, 3))).compile().cost_analysis()["flops"]
   last_conv = 2 * 9 * 4 * 3 * 32 * 32  # the 3x3 conv to RGB, multiply-adds as 2 FLOPs
   assert 0 < alone - pouta["reconstructive"] < 2 * last_conv
+
+
+def test_the_cost_options_cut_the_discriminative_flops():
+  """At a full-size config's proportions (unit width half the base width), FCM's fuse per pixel
+  and a narrower finest level bring the discriminative part under 0.25x DRAEM's FLOPs, which the
+  default is far above: most of its FLOPs are the finest level's 3x3 convolutions."""
+  import functools
+
+  from pouta_jax import evaluate
+
+  def discriminative_flops(name: str, **model) -> float:
+    config = config_lib.load(name)
+    config.model.update(base_width=8, **model)
+    models.get(name).validate(config)
+    net = models.get(name).build(config)
+    shapes = jax.eval_shape(
+      functools.partial(net.init, train=False), jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+    )
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return evaluate.profile(net, variables, 32, 3, 1)["flops"]["discriminative"]
+
+  draem = discriminative_flops("draem")
+  ratios = [
+    discriminative_flops("pouta", **options) / draem
+    for options in (
+      {},
+      dict(fuse_kernel=1),
+      dict(fuse_kernel=1, discriminative_width=2, level_multipliers=(1, 2, 2, 4)),
+    )
+  ]
+  assert ratios[0] > 0.5 and ratios[2] < ratios[1] < ratios[0] and ratios[2] <= 0.25, ratios
 
 
 def test_cosine_distance_against_numpy():
@@ -273,6 +319,9 @@ def test_guidance_changes_the_map():
     ("model.discriminative_width", -8, "config.model.discriminative_width=-8: expected an int"),
     ("loss.level_weights", (1.0, 1.0), r"config.loss.level_weights=\(1.0, 1.0\): expected 4"),
     ("loss.final_weight", -1.0, "config.loss.final_weight=-1.0"),
+    ("model.fuse_kernel", 5, r"config.model.fuse_kernel=5: expected one of \(1, 3\)"),
+    ("model.level_multipliers", (1, 2, 4), r"level_multipliers=\(1, 2, 4\): expected 4 integers"),
+    ("model.level_multipliers", (1, 0, 2, 4), r"level_multipliers=\(1, 0, 2, 4\): expected 4"),
   ],
 )
 def test_bad_pouta_config_fails_before_any_work(tiny_config, tmp_path, key, value, message):

@@ -20,7 +20,7 @@ import numpy as np
 from pouta_jax import errors, objectives
 from pouta_jax.models import prn, prn_hooks
 from pouta_jax.models.draem import DRAEM
-from pouta_jax.models.pouta import COMPARE_MODES, LEVEL_MULTIPLIERS, POUTA
+from pouta_jax.models.pouta import COMPARE_MODES, FUSE_KERNELS, LEVEL_MULTIPLIERS, POUTA
 
 Config = ml_collections.ConfigDict
 
@@ -40,6 +40,18 @@ def _check_pouta(config: Config) -> None:
     isinstance(width, int) and not isinstance(width, bool) and width >= 0,
     "model.discriminative_width",
     "an integer >= 0 (0: half the base width)",
+  )
+  multipliers = config.model.level_multipliers
+  errors.check(
+    config,
+    len(multipliers) == len(LEVEL_MULTIPLIERS)
+    and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in multipliers),
+    "model.level_multipliers",
+    f"{len(LEVEL_MULTIPLIERS)} integers >= 1 (each level's width / the discriminative width, "
+    "finest level first)",
+  )
+  errors.check(
+    config, config.model.fuse_kernel in FUSE_KERNELS, "model.fuse_kernel", f"one of {FUSE_KERNELS}"
   )
   errors.check(
     config,
@@ -93,6 +105,8 @@ REGISTRY = {
       guidance=c.model.guidance,
       guidance_gate=c.model.guidance_gate,
       discriminative_width=c.model.discriminative_width,
+      level_multipliers=tuple(c.model.level_multipliers),
+      fuse_kernel=c.model.fuse_kernel,
       detach_features=c.model.detach_features,
       pixel_input=c.model.pixel_input,
       conv_weight_grad=c.model.conv_weight_grad,

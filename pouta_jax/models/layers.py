@@ -188,13 +188,15 @@ def conv1x1(features: int, name: str | None = None) -> nn.Conv:
 
 
 class ConvBNReLU(nn.Module):
-  """Conv3x3 -> BatchNorm -> ReLU, the unit every DRAEM/POUTA block is made of."""
+  """Conv (3x3, or 1x1 for a per-pixel mix) -> BatchNorm -> ReLU, the unit every DRAEM/POUTA
+  block is made of."""
 
   features: int
+  kernel: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv3x3(self.features)(x)
+    x = Conv3x3(self.features)(x) if self.kernel == 3 else conv1x1(self.features)(x)
     x = batch_norm(train, scale_init=_bn_scale_init)(x)
     return nn.relu(x)
 

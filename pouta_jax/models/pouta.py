@@ -12,10 +12,13 @@ encoder of its own. For each decoder level, deepest first:
        resolution; a 3x3 head on the finest refined feature gives the final map.
 No public code exists; module contents beyond the paper's description are our design. The
 design study's alternatives (configs/pouta_study.py) are options here: what FCM compares
-(`compare`), HSG without its gate (`guidance_gate`), the discriminative width, the features
-detached from the discriminative losses (`detach_features`), and the finest level also given
-the pixels (`pixel_input`: the image, its reconstruction and their difference, as DRAEM's
-discriminator sees them).
+(`compare`), HSG without its gate (`guidance_gate`), the discriminative width and each level's
+multiple of it (`level_multipliers`), FCM's fuse per pixel (`fuse_kernel=1`: the comparison is
+pointwise; HSG's 3x3 refine adds the context), the features detached from the discriminative
+losses (`detach_features`), and the finest level also given the pixels (`pixel_input`: the
+image, its reconstruction and their difference, as DRAEM's discriminator sees them). Most of
+the discriminative FLOPs are the finest level's 3x3 convolutions at full resolution, which
+`fuse_kernel=1` and a smaller finest multiplier cut.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from pouta_jax.models.layers import (
 )
 from pouta_jax.models.reconstructive import ReconstructiveNetwork
 
-# Width of each supervised level (x the discriminative base width), finest first; the four
-# levels are the resolutions of the reconstructive decoder's four stages (H, H/2, H/4, H/8).
+# Default width of each supervised level (x the discriminative base width), finest first; the
+# four levels are the resolutions of the reconstructive decoder's four stages (H, H/2, H/4, H/8).
 LEVEL_MULTIPLIERS = (1, 1, 2, 4)
+FUSE_KERNELS = (1, 3)
 # What FCM compares: "both" [P(E), P(D), |P(E) - P(D)|], one side only, the difference only,
 # or [P(E), P(D)] with their cosine distance (E and D themselves differ in width).
 COMPARE_MODES = ("both", "encoder", "decoder", "difference", "cosine")
@@ -53,6 +57,7 @@ class FeatureComparison(nn.Module):
 
   features: int
   compare: str = "both"
+  kernel: int = 3  # the fuse convolution's
 
   @nn.compact
   def __call__(
@@ -69,7 +74,7 @@ class FeatureComparison(nn.Module):
     }[self.compare]()
     if pixels is not None:
       parts.append(pixels)
-    return ConvBNReLU(self.features, name="fuse")(jnp.concatenate(parts, -1), train)
+    return ConvBNReLU(self.features, self.kernel, name="fuse")(jnp.concatenate(parts, -1), train)
 
 
 class HighLevelGuidance(nn.Module):
@@ -93,6 +98,8 @@ class POUTADiscriminative(nn.Module):
   compare: str = "both"
   guidance: bool = True
   guidance_gate: bool = True
+  level_multipliers: tuple[int, ...] = LEVEL_MULTIPLIERS
+  fuse_kernel: int = 3
 
   @nn.compact
   def __call__(
@@ -101,9 +108,9 @@ class POUTADiscriminative(nn.Module):
     """`pixels`, when given, join the finest level's comparison."""
     level_logits = []
     refined = None
-    for level in reversed(range(len(LEVEL_MULTIPLIERS))):
-      width = LEVEL_MULTIPLIERS[level] * self.base_width
-      feature = FeatureComparison(width, self.compare, name=f"compare_{level}")(
+    for level in reversed(range(len(self.level_multipliers))):
+      width = self.level_multipliers[level] * self.base_width
+      feature = FeatureComparison(width, self.compare, self.fuse_kernel, name=f"compare_{level}")(
         encoder[level], decoder[level], train, pixels if level == 0 else None
       )
       if self.guidance and refined is not None:
@@ -126,6 +133,8 @@ class POUTA(nn.Module):
   guidance: bool = True
   guidance_gate: bool = True
   discriminative_width: int = 0  # 0: base_width // 2
+  level_multipliers: tuple[int, ...] = LEVEL_MULTIPLIERS
+  fuse_kernel: int = 3
   detach_features: bool = False  # the discriminative losses stop at the shared features
   pixel_input: bool = False
   conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
@@ -146,6 +155,8 @@ class POUTA(nn.Module):
         self.compare,
         self.guidance,
         self.guidance_gate,
+        tuple(self.level_multipliers),
+        self.fuse_kernel,
         name="discriminative",
       )(encoder, decoder, train, pixels)
     return {
