@@ -14,8 +14,9 @@ runs was still compiling after 3 minutes, while the single-run programs of one m
 size are one program (hyperparameters and seeds are its inputs), compiled once
 into the shared compilation cache `<workdir>/compilation_cache`. `--real_root` is the real
 dataset's root (its categories as the study names them); without it those runs are left out and
-the report says so. Each run's arguments are kept beside it (`<run>.args.json`): a run started
-with other arguments (the study file changed under it) is refused, naming it. The report
+the report says so. A started run whose stored config differs from the one its command gives
+today (the study file or a config file's default changed under it) is refused, naming it and
+the keys. The report
 (`--out`) ranks each question's settings by validation metrics, mean ± std over seeds per
 category, and names the setting with the best mean of the study's `select` metric once all of
 the question's runs are done; questions marked `test` also show the test sets' tables.
@@ -27,6 +28,7 @@ import csv
 import datetime
 import fnmatch
 import io
+import json
 import os
 import shlex
 import sys
@@ -34,6 +36,7 @@ import sys
 import numpy as np
 from absl import flags
 from etils.epath import Path
+from ml_collections import config_flags
 
 from pouta_jax import config as config_lib, errors, files, sweep
 
@@ -124,25 +127,38 @@ def is_scored_on_an_older_validation_set(job: sweep.Job) -> bool:
   )
 
 
-def check_arguments(found: list[sweep.Job]) -> None:
-  """Each run's arguments are kept beside its workdir (`<workdir>.args.json`): a run started
-  with other arguments (the study file's preset, common flags or a dataset root changed since)
-  is refused, naming it, before anything runs, rather than counted as this study's. A run
-  without the file (started by an older launcher) is taken as it is and the file written; if
-  unfinished, pouta_jax.main itself refuses to resume it with a changed config."""
+def job_config(job: sweep.Job) -> dict:
+  """The config `job`'s command line gives pouta_jax.main today (its config file's current
+  defaults with the job's overrides), as config.json stores it."""
+  argv = ["pouta_jax.main", *(a for a in job.args if a.startswith("--config"))]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+  config_lib.parse_flags(argv, values)
+  return json.loads(values.config.to_json_best_effort())
+
+
+def check_configs(found: list[sweep.Job]) -> None:
+  """A started run whose stored config is not the one its command gives today (the study
+  file's preset, common flags or a dataset root changed since, or a default in a config file)
+  is refused, naming it and the keys, before anything runs, rather than counted as this
+  study's: a run is its config, not its command line (a study file that spells out a value
+  the default already had keeps its runs)."""
   for job in found:
-    record = files.path(f"{job.workdir}.args.json")
-    if record.is_file():
-      kept = files.read_json(record, errors.ConfigError, "; remove it")
-      if kept != list(job.args):
-        changed = sorted(set(map(str, kept)) ^ set(job.args)) or ["their order"]
-        raise errors.ConfigError(
-          f"{job.workdir} was run with other arguments ({', '.join(changed)} differ); remove "
-          f"it, or give this study another --workdir"
-        )
-    else:
-      record.parent.mkdir(parents=True, exist_ok=True)
-      files.write_json(record, list(job.args))
+    path = files.path(job.workdir) / "config.json"
+    if not path.is_file():
+      continue
+    stored = files.read_json(path, errors.ConfigError, "; remove the run")
+    stored = json.loads(config_lib.upgrade(stored).to_json_best_effort())
+    changed = [
+      f"config.{key}: stored {old!r}, now {new!r}"
+      for key, old, new in config_lib.differences(stored, job_config(job))
+      if key not in config_lib.OUTPUT_ONLY_KEYS
+    ]
+    if changed:
+      raise errors.ConfigError(
+        f"{job.workdir} was run with another config ({'; '.join(changed)}); remove it, or "
+        f"give this study another --workdir"
+      )
 
 
 def runs_of(question: dict) -> list[str]:
@@ -309,7 +325,7 @@ def main(argv: list[str]) -> None:
     return
   failed = []
   if not _REPORT_ONLY.value:
-    check_arguments(found)
+    check_configs(found)
     print(
       f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set, "
       f"{_PARALLEL.value} at a time",

@@ -70,7 +70,7 @@ def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):
   )
   assert manifest["validation_thresholds"] is None  # no data.val_fraction
   assert manifest["metrics"] == pytest.approx(results["metrics"]["pouta"]["weave"], nan_ok=True)
-  assert manifest["config"]["model"] == config.model.to_dict()
+  assert manifest["config"]["model"] == json.loads(config.model.to_json())
   with pytest.raises(ValueError, match=r"S in \(32, 64\)"):
     art.predict(np.zeros((1, 48, 48, 3), np.float32))
 

@@ -214,16 +214,17 @@ def test_flops_of_each_part():
 
 
 def test_the_cost_options_cut_the_discriminative_flops():
-  """At a full-size config's proportions (unit width half the base width), FCM's fuse per pixel
-  and a narrower finest level bring the discriminative part under 0.25x DRAEM's FLOPs, which the
-  default is far above: most of its FLOPs are the finest level's 3x3 convolutions."""
+  """At a config's proportions (unit width half the base width), FCM's fuse per pixel and a
+  narrower finest level bring the discriminative part under 0.25x DRAEM's FLOPs, which the
+  default is far above: most of its FLOPs are the finest level's 3x3 convolutions. (Width 4 and
+  32 px as test_flops_of_each_part: the default's programs come from the compilation cache.)"""
   import functools
 
   from pouta_jax import evaluate
 
   def discriminative_flops(name: str, **model) -> float:
     config = config_lib.load(name)
-    config.model.update(base_width=8, **model)
+    config.model.update(base_width=4, **model)
     models.get(name).validate(config)
     net = models.get(name).build(config)
     shapes = jax.eval_shape(
@@ -233,15 +234,11 @@ def test_the_cost_options_cut_the_discriminative_flops():
     return evaluate.profile(net, variables, 32, 3, 1)["flops"]["discriminative"]
 
   draem = discriminative_flops("draem")
-  ratios = [
-    discriminative_flops("pouta", **options) / draem
-    for options in (
-      {},
-      dict(fuse_kernel=1),
-      dict(fuse_kernel=1, discriminative_width=2, level_multipliers=(1, 2, 2, 4)),
-    )
-  ]
-  assert ratios[0] > 0.5 and ratios[2] < ratios[1] < ratios[0] and ratios[2] <= 0.25, ratios
+  default = discriminative_flops("pouta") / draem
+  cheap = discriminative_flops(
+    "pouta", fuse_kernel=1, discriminative_width=1, level_multipliers=(1, 2, 2, 4)
+  )
+  assert default > 0.6 and cheap / draem <= 0.25, (default, cheap / draem)
 
 
 def test_cosine_distance_against_numpy():

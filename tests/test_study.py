@@ -146,12 +146,23 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   }
   assert sorted((metrics_path.parent / "checkpoints").iterdir()) == checkpoints
   assert out.read_text() == text
-  # The study file changed under its runs: refused before anything runs, naming the run.
-  path.write_text(path.read_text().replace("num_steps=4", "num_steps=5"))
+  # A run is its config, not its command line: the same config file by another path keeps the
+  # runs; a default changed in it under them is refused before anything runs, naming the run
+  # and the key.
+  copy = tmp_path / "configs" / "pouta.py"
+  copy.parent.mkdir()
+  shutil.copy(REPO / "configs" / "pouta.py", copy)
+  path.write_text(path.read_text().replace('"configs/pouta.py"', f'"{copy}"'))
+  moved = _study(*args, f"--out={out}")
+  assert moved.returncode == 0 and "0 runs to do" in moved.stdout, moved.stderr[-3000:]
+  default = "config.model.pixel_input = False"
+  copy.write_text(copy.read_text().replace(default, default.replace("False", "True")))
   changed = _study(*args, f"--out={out}")
   assert changed.returncode == 1 and "runs to do" not in changed.stdout
-  assert "was run with other arguments (--config.train.num_steps=4, " in changed.stderr
-  path.write_text(path.read_text().replace("num_steps=5", "num_steps=4"))
+  assert "was run with another config (config.model.pixel_input: stored False, now True)" in (
+    changed.stderr
+  )
+  shutil.copy(REPO / "configs" / "pouta.py", copy)
   # A damaged metrics.json: refused before anything runs, naming the file.
   metrics_path.write_text("{")
   damaged = _study(*args, f"--out={out}")
