@@ -163,8 +163,13 @@ def check_configs(found: list[sweep.Job]) -> None:
 
 def runs_of(question: dict) -> list[str]:
   """The folders (globs, relative to the workdir) whose runs a question ranks: its own, and
-  those it `include`s from other questions (e.g. the default setting, run once)."""
+  those it `include`s from other questions: the first, the default setting's runs (each model's
+  default, which the others are measured against), then any others to rank beside."""
   return [question["name"], *question.get("include", ())]
+
+
+def matches(job: sweep.Job, workdir: str, pattern: str) -> bool:
+  return fnmatch.fnmatch(os.path.relpath(job.workdir, workdir), f"{pattern}/*")
 
 
 def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> str:
@@ -257,14 +262,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
     j.workdir for j in all_jobs if f"{os.sep}draem{os.sep}" in j.workdir and is_done(j)
   ]
   for q in study["questions"]:
-    mine = [
-      j
-      for j in all_jobs
-      if any(
-        fnmatch.fnmatch(os.path.relpath(j.workdir, workdir), f"{pattern}/*")
-        for pattern in runs_of(q)
-      )
-    ]
+    mine = [j for j in all_jobs if any(matches(j, workdir, pattern) for pattern in runs_of(q))]
     expected = len(mine)
     keys = [s.partition("=")[0] for s in (*q.get("sweep", ()), *q.get("zip", ()))]
     several_models = len(q["configs"]) > 1 or q.get("include")  # included runs may be others'
@@ -287,11 +285,21 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       if metric == study["select"]:
         best = list(csv.reader(io.StringIO(table_csv)))[1]
         best = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
+        default = q.get("include", ("",))[0]
+        defaults = [j.workdir for j in mine if default and matches(j, workdir, default)]
+        others = [j.workdir for j in mine if j.workdir not in defaults]
+        differences = sweep.paired_differences(
+          [r for r in others if r in roots], [r for r in defaults if r in roots], keys, metric
+        )
+        if differences:
+          lines += ["", sweep.differences_table(keys, table_csv, differences, metric)]
         lines.append("")
         if done < expected:  # a partial table can rank on fewer seeds or categories
           lines.append(f"Ahead so far by validation {metric}: {best} (not chosen before all runs)")
         elif keys == ["model.name"]:  # a comparison of models, nothing to choose
           lines.append(f"Ahead by validation {metric}: **{best}**.")
+        elif differences:
+          lines.append(sweep.choice(keys, table_csv, differences, metric))
         else:
           lines.append(f"Chosen by validation {metric}: **{best}**.")
         lines += ["", kinds_table(roots, keys, metric, table_csv)]

@@ -305,6 +305,67 @@ def _get(config: dict, key: str):
   return config
 
 
+def paired_differences(roots: list, default_roots: list, keys: list[str], metric: str) -> dict:
+  """{setting: (mean, standard error, pairs)}: the validation `metric` (in points) of each
+  setting of `keys` among the runs under `roots`, less that of its model's default (the runs
+  under `default_roots`), paired over (category, seed): two such runs share their data stream
+  and initialisation, so the pairs' spread is the setting's effect's noise, not the seeds'."""
+
+  def values(folders: list) -> dict[tuple, tuple[str, dict]]:
+    found: dict[tuple, tuple[str, dict]] = {}
+    for config, results, _ in finished_runs(folders):
+      setting = setting_of(config, keys)
+      per_pair = found.setdefault(setting, (config["model"]["name"], {}))[1]
+      for category, metrics in results.get("validation", {}).items():
+        per_pair[(category, config["train"]["seed"])] = 100 * metrics[metric]
+    return found
+
+  defaults = {model: pairs for model, pairs in values(default_roots).values()}
+  differences = {}
+  for setting, (model, pairs) in values(roots).items():
+    default = defaults.get(model, {})
+    d = [value - default[pair] for pair, value in pairs.items() if pair in default]
+    if len(d) > 1:
+      differences[setting] = (float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d))), len(d))
+  return differences
+
+
+def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
+  """The setting chosen per model: its best mean by validation `metric`, if that beats the
+  model's default by more than 2 standard errors of the paired differences; else the default
+  stays (a gain within the seeds' noise does not change a default)."""
+  rows = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  lines = []
+  for model in dict.fromkeys(row[0] for row in rows):
+    best = next(row for row in rows if row[0] == model)
+    named = ", ".join(f"{k}={v}" for k, v in zip(keys, best))
+    if best not in differences:
+      lines.append(f"Chosen by validation {metric}: **{named}**, the default: the best mean.")
+      continue
+    mean, error, pairs = differences[best]
+    against = f"{mean:+.1f} ± {error:.1f} points against the default over {pairs} pairs"
+    if mean > 2 * error:
+      lines.append(f"Chosen by validation {metric}: **{named}** ({against}).")
+    else:
+      lines.append(
+        f"Chosen by validation {metric}: **the default** of {model.strip(chr(34))}: the best "
+        f"mean, {named}, is {against}, within 2 standard errors."
+      )
+  return "\n".join(lines)
+
+
+def differences_table(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
+  """Markdown: `paired_differences` per row of `ranked_csv` (aggregate's CSV), in its order."""
+  rows = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  header = keys + [f"{metric} less the default's (points, mean ± s.e. over category x seed)"]
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for row in rows:
+    mean, error, pairs = differences.get(row, (None, None, 0))
+    cell = f"{mean:+.1f} ± {error:.1f} (n={pairs})" if pairs else "(the default)"
+    lines.append("| " + " | ".join([*row, cell]) + " |")
+  return "\n".join(lines)
+
+
 # And "validation/<kind>": the validation set's anomalies of one kind (data.val_defects) with its
 # normal images.
 SPLITS = ("test", "validation")

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 
 from pouta_jax import config as config_lib, sweep
@@ -240,3 +241,38 @@ def test_launcher_stacks_what_it_can_and_splits_the_rest():
   # A --zip axis with a key that changes the program is run as separate programs, whole.
   _, zips, stacked = sweep.split_axes(config, [], ["optim.lr=1,2", "model.compare=both,encoder"], 1)
   assert zips == ["optim.lr=1,2", "model.compare=both,encoder"] and stacked == ()
+
+
+def test_settings_are_measured_against_the_default_in_pairs(tmp_path):
+  """Each setting less the default, paired over (category, seed), against numpy; the default
+  stays unless the best beats it by more than 2 standard errors of those differences."""
+  default, other, noisy = tmp_path / "default", tmp_path / "encoder", tmp_path / "decoder"
+  gains = {"encoder": [0.05, 0.04, 0.06, 0.05], "decoder": [0.20, -0.10, 0.25, -0.05]}
+  pairs = [("weave", 0), ("weave", 1), ("pill", 0), ("pill", 1)]
+  for i, (category, seed) in enumerate(pairs):
+    base = 0.3 + 0.1 * i  # seeds and categories differ far more than the settings do
+    _fake_run(default, f"s{seed}", "both", seed, category, 0.0, val=base)
+    _fake_run(other, f"s{seed}", "encoder", seed, category, 0.0, val=base + gains["encoder"][i])
+    _fake_run(noisy, f"s{seed}", "decoder", seed, category, 0.0, val=base + gains["decoder"][i])
+  _fake_run(other, "s2", "encoder", 2, "weave", 0.0, val=0.9)  # no default to pair with
+  keys = ["model.name", "model.compare"]
+  found = sweep.paired_differences([other, noisy], [default], keys, "pixel_ap")
+  for name, gain in gains.items():
+    mean, error, n = found[('"pouta"', f'"{name}"')]
+    d = 100 * np.asarray(gain)
+    assert n == 4 and mean == pytest.approx(d.mean())
+    assert error == pytest.approx(d.std(ddof=1) / 2)
+  _, ranked = sweep.aggregate([default, other, noisy], keys, "pixel_ap", "validation")
+  text = sweep.choice(keys, ranked, found, "pixel_ap")
+  assert text.startswith('Chosen by validation pixel_ap: **model.name="pouta", model.compare=')
+  table = sweep.differences_table(keys, ranked, found, "pixel_ap")
+  assert '| "pouta" | "both" | (the default) |' in table
+  assert '| "pouta" | "encoder" | +5.0 ± 0.4 (n=4) |' in table
+  # Without the steady setting, the best mean is the noisy one: within 2 standard errors.
+  del found[('"pouta"', '"encoder"')]
+  _, ranked = sweep.aggregate([default, noisy], keys, "pixel_ap", "validation")
+  assert sweep.choice(keys, ranked, found, "pixel_ap") == (
+    "Chosen by validation pixel_ap: **the default** of pouta: the best mean, "
+    'model.name="pouta", model.compare="decoder", is +7.5 ± 8.8 points against the default '
+    "over 4 pairs, within 2 standard errors."
+  )
