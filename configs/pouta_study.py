@@ -8,7 +8,9 @@ data.val_defects, the training synthesis's and three it never makes; no test lab
 
 runs what is missing and writes the study's tables (launch/study.py). Each question names the
 config files it trains and its axes in the launchers' syntax (`sweep`: product axes, `zip`:
-axes whose i-th values go together; tuple values in brackets).
+axes whose i-th values go together; tuple values in brackets), and may `include` other
+questions' runs: the first include is the default each setting is measured against (paired
+over category and seed; a setting replaces the default only beyond 2 standard errors).
 """
 
 EMBEDDED = ("weave", "granite", "washer", "pill")

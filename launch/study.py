@@ -51,15 +51,20 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Write the report; run no
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the missing runs' commands; run nothing.")
 
 STUDY_KEYS = {"preset", "seeds", "select", "report", "common", "datasets", "questions"}
-QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include", "test"}
+# `pinned` (optional): {config file: flags} that pin the values a config file's defaults had when
+# the study's runs were made, so that a default changed since (the study's outcome) keeps them
+# the study's; a question with pinned=False runs today's defaults.
+OPTIONAL_KEYS = {"pinned"}
+QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include", "test", "pinned"}
 
 
 def load(path: str) -> dict:
   """The study file's get_study(), its questions checked (names, keys, config files, axes)."""
   study = config_lib.load_study(path)
-  if set(study) != STUDY_KEYS:
+  if not STUDY_KEYS <= set(study) <= STUDY_KEYS | OPTIONAL_KEYS:
     raise errors.ConfigError(
-      f"{path}: get_study() has {sorted(study)}; expected the keys {sorted(STUDY_KEYS)}"
+      f"{path}: get_study() has {sorted(study)}; expected the keys {sorted(STUDY_KEYS)} "
+      f"(optional: {sorted(OPTIONAL_KEYS)})"
     )
   if study["select"] not in study["report"]:
     raise errors.ConfigError(f"{path}: select={study['select']!r} is not among report")
@@ -92,9 +97,13 @@ def jobs(study: dict, workdir: str, real_root: str, only: list[str]) -> list[swe
       if dataset == "real" and not real_root:
         continue
       extra = [*study["common"], *spec["args"]] + ([f"--config.data.root={root}"] if root else [])
+      axes = {a.partition("=")[0] for a in (*q.get("sweep", ()), *q.get("zip", ()))}
       for config_path in q["configs"]:
         model = Path(config_path).stem
         sweep.check_categories(list(spec["categories"]), root)
+        pins = study.get("pinned", {}).get(config_path, ()) if q.get("pinned", True) else ()
+        # A pinned key the question varies is the question's.
+        pins = [f for f in pins if f.partition("=")[0].removeprefix("--config.") not in axes]
         points = sweep.expand(
           config_lib.load_file(config_path),
           list(q.get("sweep", ())),
@@ -107,7 +116,7 @@ def jobs(study: dict, workdir: str, real_root: str, only: list[str]) -> list[swe
           list(spec["categories"]),
           os.path.join(workdir, name, dataset, model),
           points,
-          extra,
+          [*pins, *extra],
         )
   return found
 

@@ -162,6 +162,13 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert "was run with another config (config.model.pixel_input: stored False, now True)" in (
     changed.stderr
   )
+  # The study pins the value its runs had: they are its own again.
+  pinned = f"pinned={{{str(copy)!r}: ('--config.model.pixel_input=False',)}}, questions="
+  path.write_text(path.read_text().replace("questions=", pinned))
+  kept_by_pin = _study(*args, f"--out={out}")
+  assert kept_by_pin.returncode == 0 and "0 runs to do" in kept_by_pin.stdout, kept_by_pin.stderr[
+    -3000:
+  ]
   shutil.copy(REPO / "configs" / "pouta.py", copy)
   # A damaged metrics.json: refused before anything runs, naming the file.
   metrics_path.write_text("{")
