@@ -308,8 +308,9 @@ def _get(config: dict, key: str):
 def paired_differences(roots: list, default_roots: list, keys: list[str], metric: str) -> dict:
   """{setting: (mean, standard error, pairs)}: the validation `metric` (in points) of each
   setting of `keys` among the runs under `roots`, less that of its model's default (the runs
-  under `default_roots`), paired over (category, seed): two such runs share their data stream
-  and initialisation, so the pairs' spread is the setting's effect's noise, not the seeds'."""
+  under `default_roots`; the default's own setting maps to None), paired over (category, seed):
+  two such runs share their data stream and initialisation, so the pairs' spread is the
+  setting's effect's noise, not the seeds'. A setting with fewer than 2 pairs is left out."""
 
   def values(folders: list) -> dict[tuple, tuple[str, dict]]:
     found: dict[tuple, tuple[str, dict]] = {}
@@ -320,8 +321,9 @@ def paired_differences(roots: list, default_roots: list, keys: list[str], metric
         per_pair[(category, config["train"]["seed"])] = 100 * metrics[metric]
     return found
 
-  defaults = {model: pairs for model, pairs in values(default_roots).values()}
-  differences = {}
+  default_runs = values(default_roots)
+  defaults = {model: pairs for model, pairs in default_runs.values()}
+  differences: dict[tuple, tuple | None] = dict.fromkeys(default_runs)
   for setting, (model, pairs) in values(roots).items():
     default = defaults.get(model, {})
     d = [value - default[pair] for pair, value in pairs.items() if pair in default]
@@ -340,6 +342,9 @@ def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> 
     best = next(row for row in rows if row[0] == model)
     named = ", ".join(f"{k}={v}" for k, v in zip(keys, best))
     if best not in differences:
+      lines.append(f"{named} leads, but has fewer than 2 runs paired with the default's.")
+      continue
+    if differences[best] is None:
       lines.append(f"Chosen by validation {metric}: **{named}**, the default: the best mean.")
       continue
     mean, error, pairs = differences[best]
@@ -360,8 +365,13 @@ def differences_table(keys: list[str], ranked_csv: str, differences: dict, metri
   header = keys + [f"{metric} less the default's (points, mean ± s.e. over category x seed)"]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for row in rows:
-    mean, error, pairs = differences.get(row, (None, None, 0))
-    cell = f"{mean:+.1f} ± {error:.1f} (n={pairs})" if pairs else "(the default)"
+    if row not in differences:
+      cell = "– (fewer than 2 pairs)"
+    elif differences[row] is None:
+      cell = "(the default)"
+    else:
+      mean, error, pairs = differences[row]
+      cell = f"{mean:+.1f} ± {error:.1f} (n={pairs})"
     lines.append("| " + " | ".join([*row, cell]) + " |")
   return "\n".join(lines)
 

@@ -257,6 +257,7 @@ def test_settings_are_measured_against_the_default_in_pairs(tmp_path):
   _fake_run(other, "s2", "encoder", 2, "weave", 0.0, val=0.9)  # no default to pair with
   keys = ["model.name", "model.compare"]
   found = sweep.paired_differences([other, noisy], [default], keys, "pixel_ap")
+  assert found[('"pouta"', '"both"')] is None  # the default itself
   for name, gain in gains.items():
     mean, error, n = found[('"pouta"', f'"{name}"')]
     d = 100 * np.asarray(gain)
@@ -268,6 +269,14 @@ def test_settings_are_measured_against_the_default_in_pairs(tmp_path):
   table = sweep.differences_table(keys, ranked, found, "pixel_ap")
   assert '| "pouta" | "both" | (the default) |' in table
   assert '| "pouta" | "encoder" | +5.0 ± 0.4 (n=4) |' in table
+  _fake_run(tmp_path / "once", "s0", "cosine", 0, "weave", 0.0, val=0.9)  # a single pair
+  once = sweep.paired_differences([tmp_path / "once"], [default], keys, "pixel_ap")
+  assert ('"pouta"', '"cosine"') not in once
+  _, ranked = sweep.aggregate([default, tmp_path / "once"], keys, "pixel_ap", "validation")
+  assert '| "pouta" | "cosine" | – (fewer than 2 pairs) |' in sweep.differences_table(
+    keys, ranked, once, "pixel_ap"
+  )
+  assert "fewer than 2 runs paired" in sweep.choice(keys, ranked, once, "pixel_ap")
   # Without the steady setting, the best mean is the noisy one: within 2 standard errors.
   del found[('"pouta"', '"encoder"')]
   _, ranked = sweep.aggregate([default, noisy], keys, "pixel_ap", "validation")
