@@ -185,7 +185,7 @@ def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> s
   """Markdown: `metric` per kind of validation anomaly (columns), each setting's mean over the
   categories (rows in `ranked_csv`'s order, the select metric's table); runs scored before
   data.val_defects have no kinds (launch/study.py re-scores them)."""
-  order = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  order = sweep.ranked_settings(ranked_csv, keys)
   columns = {}
   for kind in config_lib.VALIDATION_DEFECTS:
     try:
@@ -233,7 +233,7 @@ def cost_table(roots: list, keys: list[str], draem_roots: list, ranked_csv: str)
       f"Cost: every setting's discriminative part has {min(means.values()):.2f}x the FLOPs per "
       "image of DRAEM's discriminative subnetwork (the target is at most 0.25)."
     )
-  order = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  order = sweep.ranked_settings(ranked_csv, keys)
   header = (keys or ["setting"]) + ["discriminative FLOPs / DRAEM's"]
   lines = [
     "Cost: the discriminative part's FLOPs per image over DRAEM's discriminative subnetwork's "

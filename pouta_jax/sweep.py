@@ -332,11 +332,16 @@ def paired_differences(roots: list, default_roots: list, keys: list[str], metric
   return differences
 
 
+def ranked_settings(ranked_csv: str, keys: list[str]) -> list[tuple[str, ...]]:
+  """The settings (values of `keys`) of `aggregate`'s CSV, best first."""
+  return [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+
+
 def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
   """The setting chosen per model: its best mean by validation `metric`, if that beats the
   model's default by more than 2 standard errors of the paired differences; else the default
   stays (a gain within the seeds' noise does not change a default)."""
-  rows = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  rows = ranked_settings(ranked_csv, keys)
   lines = []
   for model in dict.fromkeys(row[0] for row in rows):
     best = next(row for row in rows if row[0] == model)
@@ -353,7 +358,7 @@ def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> 
       lines.append(f"Chosen by validation {metric}: **{named}** ({against}).")
     else:
       lines.append(
-        f"Chosen by validation {metric}: **the default** of {model.strip(chr(34))}: the best "
+        f"Chosen by validation {metric}: **the default** of {json.loads(model)}: the best "
         f"mean, {named}, is {against}, within 2 standard errors."
       )
   return "\n".join(lines)
@@ -361,7 +366,7 @@ def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> 
 
 def differences_table(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
   """Markdown: `paired_differences` per row of `ranked_csv` (aggregate's CSV), in its order."""
-  rows = [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
+  rows = ranked_settings(ranked_csv, keys)
   header = keys + [f"{metric} less the default's (points, mean ± s.e. over category x seed)"]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for row in rows:
