@@ -27,7 +27,7 @@ import ml_collections
 from absl import flags
 from etils.epath import Path
 
-from pouta_jax import config as config_lib, errors, experiment, files
+from pouta_jax import config as config_lib, errors, experiment, files, models
 from pouta_jax.data import category_folder, embedded
 
 _WORKDIR = flags.DEFINE_string("workdir", "outputs/demo", "Where the outputs go.")
@@ -42,6 +42,14 @@ _BACKBONE_WEIGHTS = flags.DEFINE_string(
   "",
   "Pretrained backbone weights (.npz from pouta_jax.convert) for "
   "models with a frozen backbone (PRN); empty: a random backbone.",
+)
+_VAL_FRACTION = flags.DEFINE_float(
+  "val_fraction",
+  0.2,
+  "data.val_fraction of every run: the training images held out as its validation set, "
+  "where the deployment thresholds come from (0: none; thresholds from the test set).",
+  lower_bound=0.0,
+  upper_bound=0.9,
 )
 _JOBS = flags.DEFINE_integer(
   "jobs", 2, "Runs at once, each in a worker process of its own.", lower_bound=1
@@ -80,8 +88,21 @@ def _notes(configs: dict) -> list[str]:
   return notes
 
 
+def _thresholds_note(config: ml_collections.ConfigDict) -> str:
+  """Where the caption's thresholds come from: the validation set when there is one."""
+  if not config.data.val_fraction:
+    return "Heatmap threshold: pixel F1-max on the test set (display only)."
+  return (
+    f"Thresholds from each run's validation set ({100 * config.data.val_fraction:.0f}% of "
+    f"the normal training images, held out of training, alone and with synthetic anomalies): "
+    f"the heatmaps' binary maps and *_f1_at_val_thr (test F1 at them, what a deployment gets); "
+    f"*_f1_max is the test set's best F1, an oracle."
+  )
+
+
 def _config(model: str, category: str) -> ml_collections.ConfigDict:
   config = config_lib.load(model, f"{category},{_PRESET.value}")
+  config.data.val_fraction = _VAL_FRACTION.value
   if _NUM_STEPS.value:
     config.train.num_steps = _NUM_STEPS.value
   if _EMBEDDED_SEED.value:
@@ -124,10 +145,17 @@ def main(argv: list[str]) -> None:
   # programs; every later run finds them in the compilation cache (two runs of one model
   # starting together would both compile the same programs).
   runs = [(m, c, _config(m, c)) for c in _CATEGORIES.value for m in _MODELS.value]
-  for _, category, config in runs:  # every category checked and built before any run starts
+  for model, category, config in runs:  # every run checked and built before any run starts
     if seed:
       embedded.build(config.data.root, embedded.BuildSpec(seed=seed), (category,))
-    category_folder(config)
+    resolved = models.resolve(config, [len(category_folder(config).train)])
+    changed = experiment.config_changes(workdir / model / category, resolved)
+    if changed:
+      raise errors.ConfigError(
+        f"{workdir / model / category} holds a demo run with other settings "
+        f"({experiment.listed_changes(changed)}): from another version or other flags. Remove "
+        f"{workdir}, or give another --workdir (make demo DEMO_DIR=...)"
+      )
   finished, results, profiles, configs = {}, {}, {}, {}
   with contextlib.ExitStack() as stack:
     pool = stack.enter_context(
@@ -172,8 +200,8 @@ def main(argv: list[str]) -> None:
     f"{config.data.batch_size} per model and category (a short CPU schedule, not the papers' "
     f"700 epochs). FLOPs from XLA's cost analysis, latency at batch 1 on this machine's CPU "
     f"({_JOBS.value} runs at once). Wall time {minutes:.1f} min, peak memory {peak_gib:.2f} "
-    f"GiB (the largest run process). Heatmap threshold: pixel F1-max on the test set "
-    f"(display only)." + "".join(f" {note}." for note in _notes(configs))
+    f"GiB (the largest run process). {_thresholds_note(config)}"
+    + "".join(f" {note}." for note in _notes(configs))
   )
   experiment.write_results(workdir, results, profiles, caption)
   print((workdir / "results.md").read_text())

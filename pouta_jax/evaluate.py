@@ -109,6 +109,24 @@ def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluati
   )
 
 
+def at_thresholds(evaluation: Evaluation, thresholds: dict[str, float | None]) -> dict:
+  """`metrics.AT_VALIDATION_THRESHOLDS` of a test-set `evaluation` at `thresholds` (the
+  validation set's F1-max thresholds, `Evaluation.thresholds`): None for pixels without masks,
+  nan where validation gave no threshold."""
+  found = {}
+  for name in metrics.AT_VALIDATION_THRESHOLDS:
+    kind = name.split("_", 1)[0]
+    c, threshold = evaluation.curves[kind], thresholds.get(kind)
+    found[name] = (
+      None
+      if c is None
+      else float("nan")
+      if threshold is None
+      else metrics.f1_at(c, None, threshold)
+    )
+  return found
+
+
 def defect_metrics(test_set: dict, maps: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
   """Each defect type's metrics, on its images and every good one: where a model fails (MVTec
   AD's types range from obvious to faint within one category). {} without a defect column."""

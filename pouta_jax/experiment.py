@@ -60,24 +60,17 @@ def store_config(
   """Stores the config in `workdir`, which may already hold a run: then every key outside
   `config.OUTPUT_ONLY_KEYS` must equal the stored value, or be named in `allow_changes`
   (the change is appended to config_changes.jsonl). Process 0 writes; every process checks."""
-  path = workdir / "config.json"
   serialised = config.to_json_best_effort(indent=2) + "\n"
-  current = json.loads(serialised)
-  unknown = [k for k in allow_changes if not config_lib.has_key(current, k)]
+  unknown = [k for k in allow_changes if not config_lib.has_key(json.loads(serialised), k)]
   if unknown:
     raise errors.ConfigError(f"--allow_config_change: {unknown} are not config keys")
-  changed = []
-  if path.exists():
-    stored = files.read_json(path, errors.ConfigError, "; the workdir is damaged")
-    changed = [
-      c for c in config_lib.differences(stored, current) if c[0] not in config_lib.OUTPUT_ONLY_KEYS
-    ]
+  changed = config_changes(workdir, config)
   refused = [c for c in changed if c[0] not in allow_changes]
   if refused:
-    listed = "; ".join(f"config.{key}: stored {old!r}, now {new!r}" for key, old, new in refused)
     raise errors.ConfigError(
-      f"workdir {workdir} holds a run with another config ({listed}). Use another --workdir, or "
-      f"--allow_config_change={','.join(c[0] for c in refused)} to go on with the new values"
+      f"workdir {workdir} holds a run with another config ({listed_changes(refused)}). Use "
+      f"another --workdir, or --allow_config_change={','.join(c[0] for c in refused)} to go on "
+      f"with the new values"
     )
   if not sharding.is_primary():
     return
@@ -88,7 +81,24 @@ def store_config(
       json.dumps({"time": now, "key": k, "stored": old, "new": new}) for k, old, new in changed
     ]
     files.write_atomic(log, (log.read_text() if log.exists() else "") + "\n".join(lines) + "\n")
-  files.write_atomic(path, serialised)
+  files.write_atomic(workdir / "config.json", serialised)
+
+
+def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[tuple]:
+  """(key, stored, new) where `config` differs from the run `workdir` holds, outside
+  `config.OUTPUT_ONLY_KEYS`; [] for a workdir without a run."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return []
+  stored = files.read_json(path, errors.ConfigError, "; the workdir is damaged")
+  current = json.loads(config.to_json_best_effort())
+  return [
+    c for c in config_lib.differences(stored, current) if c[0] not in config_lib.OUTPUT_ONLY_KEYS
+  ]
+
+
+def listed_changes(changes: list[tuple]) -> str:
+  return "; ".join(f"config.{key}: stored {old!r}, now {new!r}" for key, old, new in changes)
 
 
 @contextlib.contextmanager
@@ -193,15 +203,19 @@ def _run_in(
       name: evaluate.evaluate(per_run[i], test_set, config.eval.batch_size)
       for name, per_run in predictors.items()
     }
-    for name, evaluation in evaluations.items():
-      results.setdefault(name, {})[key] = evaluation.metrics
-      logging.info("%s %s: %s", name, key, evaluation.metrics)
     main_name, main = next(iter(predictors)), next(iter(predictors.values()))[i]
     validated = None
     if val_sets:
       validated = evaluate.evaluate(main, val_sets[i], config.eval.batch_size)
       on_validation.setdefault(main_name, {})[key] = validated.metrics
       logging.info("%s %s validation: %s", main_name, key, validated.metrics)
+      tested = evaluations[main_name]
+      evaluations[main_name] = tested._replace(
+        metrics={**tested.metrics, **evaluate.at_thresholds(tested, validated.thresholds)}
+      )
+    for name, evaluation in evaluations.items():
+      results.setdefault(name, {})[key] = evaluation.metrics
+      logging.info("%s %s: %s", name, key, evaluation.metrics)
     if sharding.is_primary():
       step = train.num_train_steps(run.config, len(folders[i].train))
       _write_run_outputs(

@@ -118,6 +118,20 @@ def f1_max(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> tupl
   return float(f1[best]), float(c.thresholds[best])
 
 
+def f1_at(labels: np.ndarray | Curve, scores: np.ndarray | None, threshold: float) -> float:
+  """F1 of predicting positive at score >= `threshold`: a fixed threshold's result (one chosen
+  on validation data, applied to the test set), beside f1_max's best case. nan without
+  positives; 0 where nothing scores at or above it."""
+  c = _as_curve(labels, scores)
+  if c.num_positive == 0:
+    return float("nan")
+  at_or_above = int(np.searchsorted(-c.thresholds, -threshold, side="right"))
+  if at_or_above == 0:
+    return 0.0
+  tp, fp = c.positives[at_or_above - 1], c.negatives[at_or_above - 1]
+  return float(2 * tp / (tp + fp + c.num_positive))
+
+
 def aupro(
   masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, pixel_curve: Curve | None = None
 ) -> float:
@@ -161,6 +175,11 @@ METRIC_NAMES = (
   "image_f1_max",
   "pixel_f1_max",
 )
+
+
+# Test F1 at the thresholds chosen on the validation set (data.val_fraction): what a deployment
+# gets, beside the test set's own F1-max (an oracle). Only runs with a validation set have them.
+AT_VALIDATION_THRESHOLDS = ("image_f1_at_val_thr", "pixel_f1_at_val_thr")
 
 
 def category_metrics(

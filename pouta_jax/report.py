@@ -161,7 +161,8 @@ def results_table(
   if any(v is None for r in results.values() for m in r.values() for v in m.values()):
     lines += [f"n/a: {IMAGE_LEVEL_REASON}.", ""]
   categories = list(next(iter(results.values())).keys())
-  for metric in METRIC_COLUMNS:
+  present = {m for r in results.values() for c in r.values() for m in c}
+  for metric in METRIC_COLUMNS + tuple(m for m in metrics.AT_VALIDATION_THRESHOLDS if m in present):
     lines += [
       f"**{metric}** (%)",
       "",

@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+  average_precision_score,
+  f1_score,
+  precision_recall_curve,
+  roc_auc_score,
+)
 
 from pouta_jax import metrics
 
@@ -35,6 +40,19 @@ def test_f1_max_threshold_reproduces_the_f1():
   pred = scores >= threshold
   tp = np.sum(pred & (labels == 1))
   assert f1 == pytest.approx(2 * tp / (pred.sum() + labels.sum()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_f1_at_a_fixed_threshold_matches_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.random(200) < 0.3
+  scores = np.round(rng.random(200) * 8) / 8 + 0.2 * labels  # many ties
+  # At a score, between scores, below and above them all (nothing predicted positive: 0).
+  for threshold in (*np.unique(scores)[::3], 0.4321, -1.0, 5.0):
+    assert metrics.f1_at(labels, scores, threshold) == pytest.approx(
+      f1_score(labels, scores >= threshold, zero_division=0.0), abs=1e-12
+    )
+  assert np.isnan(metrics.f1_at(np.zeros(4), np.arange(4), 1.0))
 
 
 def test_single_class_gives_nan():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import f1_score
 
 from pouta_jax import artifact, experiment, export, metrics, predict, train
 from pouta_jax.config import validate
@@ -232,6 +233,18 @@ def test_deployment_thresholds_come_from_validation(validated_run, tmp_path):
   )
   assert art.validation_thresholds == found["validation"]
   assert art.thresholds == found["oracle"]
+  # The test set's F1 at the validation thresholds (what a deployment gets), in the metrics and
+  # results; scikit-learn as the oracle, on the artifact's maps of the test images.
+  test_set = folder_lib.load_test_set(category_folder(config, "pill"), config.data.image_size)
+  maps, scores = art.predict(art.preprocess(test_set["image"]))
+  tested = json.loads((workdir / "pill" / "metrics.json").read_text())["draem"]["pill"]
+  assert tested["image_f1_at_val_thr"] == pytest.approx(
+    f1_score(test_set["label"], scores >= found["validation"]["image"]), abs=1e-6
+  )
+  assert tested["pixel_f1_at_val_thr"] == pytest.approx(
+    f1_score(test_set["mask"].ravel(), maps.ravel() >= found["validation"]["pixel"]), abs=1e-3
+  )
+  assert "**pixel_f1_at_val_thr** (%)" in (workdir / "pill" / "results.md").read_text()
   # predict takes the validation threshold before the oracle one, and says so.
   chosen = predict.from_artifact(art.path).threshold()
   assert chosen == (found["validation"]["image"], predict.VALIDATION_RULE)
