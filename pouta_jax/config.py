@@ -134,9 +134,17 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # metrics (with data.val_fraction) every this many steps in the training scalars, besides
   # the last step (0: the last step only). flops_by_part: the profile's FLOPs of the
   # reconstructive network, the discriminative part and the scoring (metrics.json `flops`),
-  # three more programs compiled at evaluation; False: the total alone.
+  # three more programs compiled at evaluation; False: the total alone. reconstruction_error:
+  # the trained model's reconstruction error (mean |x - reconstruction| over the channels) is
+  # evaluated too, as `<model>_recon_error`: what the reconstructive network finds alone, per
+  # category and defect type, so the tables show what the discriminative part adds or loses.
   config.eval = dict(
-    batch_size=16, score_filter_size=21, num_heatmaps=8, val_every=0, flops_by_part=True
+    batch_size=16,
+    score_filter_size=21,
+    num_heatmaps=8,
+    val_every=0,
+    flops_by_part=True,
+    reconstruction_error=False,
   )
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
   # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
@@ -264,6 +272,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "eval.num_heatmaps",
     "eval.batch_size",  # memory only; float rounding aside, the same maps
     "eval.flops_by_part",
+    "eval.reconstruction_error",  # one more model evaluated, the trained one unchanged
     "mesh.axes",  # a resumed job may land on another slice shape
     "mesh.num_devices",
     "mesh.require_platform",  # a check at start, not a setting of the run

@@ -28,11 +28,25 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   return jnp.max(summed / (size * size), axis=(1, 2))
 
 
-@functools.lru_cache(maxsize=16)  # one compilation per (model, filter size)
-def make_predict_fn(model: nn.Module, filter_size: int) -> Callable:
+# What a predict function maps: the model's anomaly map, or the error of its reconstruction
+# (mean |x - reconstruction| over the channels; eval.reconstruction_error): what the
+# reconstructive network finds without any discriminative part, a peer that shows what that
+# part adds.
+MAP_SOURCES = ("anomaly_map", "reconstruction_error")
+
+
+@functools.lru_cache(maxsize=16)  # one compilation per (model, filter size, source)
+def make_predict_fn(model: nn.Module, filter_size: int, source: str = "anomaly_map") -> Callable:
+  if source not in MAP_SOURCES:
+    raise ValueError(f"source={source!r}: expected one of {MAP_SOURCES}")
+
   @jax.jit
   def predict(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    maps = model.apply(variables, images, train=False)["anomaly_map"]
+    out = model.apply(variables, images, train=False)
+    if source == "anomaly_map":
+      maps = out["anomaly_map"]
+    else:
+      maps = jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
     return maps, mean_filter_max(maps, filter_size)
 
   return predict
@@ -43,9 +57,11 @@ def make_predict_fn(model: nn.Module, filter_size: int) -> Callable:
 PredictFn = Callable[[np.ndarray], tuple[jax.Array, jax.Array]]
 
 
-def model_predict_fn(model: nn.Module, variables: dict, filter_size: int) -> PredictFn:
+def model_predict_fn(
+  model: nn.Module, variables: dict, filter_size: int, source: str = "anomaly_map"
+) -> PredictFn:
   """`variables` (host copies, say) placed on the device once, not at every batch."""
-  return functools.partial(make_predict_fn(model, filter_size), jax.device_put(variables))
+  return functools.partial(make_predict_fn(model, filter_size, source), jax.device_put(variables))
 
 
 def predict(

@@ -137,6 +137,11 @@ def run(
     raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
+  if config.eval.reconstruction_error and not models.get(config.model.name).reconstructs:
+    raise errors.ConfigError(
+      f"config.eval.reconstruction_error=True: model {config.model.name!r} has no "
+      f"reconstruction to score (expected False)"
+    )
   # The mesh must fit the platform, the devices, the batch and the categories.
   mesh = sharding.make_mesh(config)
   logging.info("Devices: %s", sharding.describe(mesh))
@@ -146,6 +151,11 @@ def run(
     if mode != "eval":
       raise errors.ConfigError(
         f"--artifact evaluates an exported model: use --mode=eval, not {mode!r}"
+      )
+    if config.eval.reconstruction_error:
+      raise errors.ConfigError(
+        "config.eval.reconstruction_error=True: an exported artifact gives anomaly maps only "
+        "(expected False with --artifact)"
       )
     exported = artifact.load(artifact_path)
     if config.data.image_size not in exported.image_sizes:
@@ -323,6 +333,14 @@ def _trained_predictors(
     name: _run_predictors(config, model, variables, len(folders))
     for name, variables in variants.items()
   }
+  if config.eval.reconstruction_error:  # the trained model's reconstruction error, beside it
+    main = variants[config.model.name]
+    errors_of = _run_predictors(config, model, main, len(folders), "reconstruction_error")
+    predictors = {
+      config.model.name: predictors.pop(config.model.name),
+      f"{config.model.name}_recon_error": errors_of,
+      **predictors,
+    }
   profiles = {
     config.model.name: evaluate.profile(
       model,
@@ -336,12 +354,17 @@ def _trained_predictors(
 
 
 def _run_predictors(
-  config: ml_collections.ConfigDict, model, variables: dict, count: int
+  config: ml_collections.ConfigDict,
+  model,
+  variables: dict,
+  count: int,
+  source: str = "anomaly_map",
 ) -> list[evaluate.PredictFn]:
-  """The predict function of each of the program's `count` runs, from (stacked) `variables`."""
+  """The predict function of each of the program's `count` runs, from (stacked) `variables`;
+  `source`: evaluate.MAP_SOURCES."""
   return [
     evaluate.model_predict_fn(
-      model, train.run_variables(variables, i), config.eval.score_filter_size
+      model, train.run_variables(variables, i), config.eval.score_filter_size, source
     )
     for i in range(count)
   ]

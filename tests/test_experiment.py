@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pouta_jax import experiment, report
-from pouta_jax.data import DataError
+from pouta_jax import experiment, export, report
+from pouta_jax.data import DataError, category_folder
+from pouta_jax.data.folder import load_test_set
+from pouta_jax.errors import ConfigError
+from tests.conftest import make_tiny_config
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(60)
@@ -96,11 +100,35 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
     average_precision_score(labels, scores), abs=1e-6
   )
 
+  # Evaluated again, with the reconstruction error beside the model (an output-only key: the
+  # stored run accepts it): the model's metrics as they were, the peer's against an oracle.
   (workdir / "metrics.json").unlink()
-  result = _cli(*_tiny_flags(dataset_root, workdir), "--mode=eval")
+  flags = _tiny_flags(dataset_root, workdir)
+  result = _cli(*flags, "--mode=eval", "--config.eval.reconstruction_error=True")
   assert result.returncode == 0, result.stderr[-3000:]
   again = json.loads((workdir / "metrics.json").read_text())
   assert again["draem"]["pill"] == metrics["draem"]["pill"]
+  trained = export.trained_model(workdir)
+  test_set = load_test_set(category_folder(trained.config), 32)
+  images = test_set["image"].astype(np.float32) / 255
+  restored = trained.model.apply(trained.variables, images, train=False)["reconstruction"]
+  error = np.abs(images - np.asarray(restored)).mean(-1)
+  # abs: the error of a 4-step model has near-ties that float rounding (jit, batches) reorders.
+  peer = again["draem_recon_error"]["pill"]["pixel_ap"]
+  assert peer == pytest.approx(
+    average_precision_score(test_set["mask"].ravel(), error.ravel()), abs=2e-4
+  )
+  assert abs(peer - metrics["draem"]["pill"]["pixel_ap"]) > 1e-3  # another map than the model's
+  assert "| draem_recon_error | pill | crack |" in (workdir / "results.md").read_text()
+
+
+def test_reconstruction_error_needs_a_model_that_reconstructs(dataset_root, tmp_path):
+  config = make_tiny_config("prn", dataset_root)
+  config.backbone.pretrained = False
+  config.eval.reconstruction_error = True
+  with pytest.raises(ConfigError, match="model 'prn' has no reconstruction to score"):
+    experiment.run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_command_line_rejects_unknown_config_key(dataset_root, tmp_path):

@@ -91,12 +91,16 @@ class ModelSpec:
   # Whether variables fitted by `prepare` fix the input size (PRN's prototypes have the
   # training size's feature maps): such a model runs at its training size only.
   size_bound: bool = False
+  # Whether the model outputs `reconstruction`, its input restored: its error is then a peer
+  # of the anomaly map (eval.reconstruction_error).
+  reconstructs: bool = False
 
 
 REGISTRY = {
   "draem": ModelSpec(
     build=lambda c: DRAEM(base_width=c.model.base_width, conv_weight_grad=c.model.conv_weight_grad),
     objective=lambda c: objectives.draem_objective,
+    reconstructs=True,
   ),
   "pouta": ModelSpec(
     build=lambda c: POUTA(
@@ -113,6 +117,7 @@ REGISTRY = {
     ),
     objective=lambda c: objectives.pouta_objective(c.loss.deep_supervision),
     validate=_check_pouta,
+    reconstructs=True,
   ),
   "prn": ModelSpec(
     build=lambda c: prn.PRN(
