@@ -11,7 +11,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import ml_collections
 from absl import flags
@@ -245,12 +245,37 @@ def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   return upgrade(stored)
 
 
+# Keys added after runs were stored, each with the value a config stored before it existed ran
+# with (the behaviour before the option). A stored config without such a key reads (`upgrade`)
+# and compares (`differences`) as that value, not as today's default, so a changed default
+# never changes an older run's model. List a key here before its default changes.
+VALUES_BEFORE_KEYS = {
+  "model.compare": "both",
+  "model.guidance_gate": True,
+  "model.discriminative_width": 0,
+  "model.level_multipliers": (1, 1, 2, 4),
+  "model.fuse_kernel": 3,
+  "model.detach_features": False,
+  "model.pixel_input": False,
+  "loss.level_weights": (1.0, 1.0, 1.0, 1.0),
+  "loss.level_decay": 0.0,
+}
+
+
+def _as_stored(stored: dict, keys: Iterable[str]) -> dict[str, object]:
+  """`stored` flattened, with the `VALUES_BEFORE_KEYS` of those `keys` (today's) it lacks, as
+  JSON values."""
+  before = {k: json.loads(json.dumps(v)) for k, v in VALUES_BEFORE_KEYS.items() if k in keys}
+  return {**before, **flatten(stored)}
+
+
 def upgrade(stored: dict) -> ml_collections.ConfigDict:
   """A config stored by any version, as today's code reads it: the stored values laid over
   the defaults of its model's config file, so a key added since (say data.real_anomaly_prob)
-  has its default. The one place that knows older workdirs; code reads keys plainly."""
+  has its default, or the value it had before it existed (`VALUES_BEFORE_KEYS`). The one place
+  that knows older workdirs; code reads keys plainly."""
   config = load(stored["model"]["name"])
-  for key, value in flatten(stored).items():
+  for key, value in _as_stored(stored, flatten(config.to_dict())).items():
     *sections, name = key.split(".")
     node = config
     for section in sections:
@@ -332,8 +357,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
   """(dotted key, stored value, current value) for each key whose values differ between two
   configs as JSON. Keys only one side has are skipped: an older version's config lacks keys
-  added since, and another model's sections differ (model.name tells those apart)."""
-  old, new = flatten(stored), flatten(current)
+  added since (but one of `VALUES_BEFORE_KEYS` compares as its value before), and another
+  model's sections differ (model.name tells those apart)."""
+  new = flatten(current)
+  old = _as_stored(stored, new)
   return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
 
 

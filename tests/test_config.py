@@ -4,7 +4,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from pouta_jax import config as config_lib, errors, runs, sharding
+from pouta_jax import config as config_lib, errors, models, runs, sharding
 
 CONFIG_FILE = "configs/draem.py"
 
@@ -109,6 +109,44 @@ def test_a_config_stored_by_an_older_version_reads_as_today(tmp_path):
   assert config.optim.milestones == defaults.optim.milestones
   assert isinstance(config.loss.level_weights, tuple)
   config_lib.validate(config)
+
+
+def test_a_key_added_later_reads_as_its_value_before_it_existed(tmp_path, monkeypatch):
+  """A run stored before model.fuse_kernel existed ran with a 3x3 fuse: with a changed default
+  (the value before is set to 1 here: the default stays 3), it still reads and compares as the
+  value before, and resuming it with another value is refused."""
+  monkeypatch.setitem(config_lib.VALUES_BEFORE_KEYS, "model.fuse_kernel", 1)
+  monkeypatch.setitem(config_lib.VALUES_BEFORE_KEYS, "model.level_multipliers", (1, 2, 2, 4))
+  today = config_lib.load("pouta", "pill,tiny")
+  stored = json.loads(today.to_json_best_effort())
+  del stored["model"]["fuse_kernel"], stored["model"]["level_multipliers"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  config = config_lib.from_workdir(tmp_path)
+  assert config.model.fuse_kernel == 1 and config.model.level_multipliers == (1, 2, 2, 4)
+  current = json.loads(today.to_json_best_effort())
+  assert config_lib.differences(stored, current) == [
+    ("model.fuse_kernel", 1, 3),
+    ("model.level_multipliers", [1, 2, 2, 4], [1, 1, 2, 4]),
+  ]
+  # A stored value wins over the value before, and other models do not get the key.
+  stored["model"]["fuse_kernel"] = 3
+  assert [k for k, _, _ in config_lib.differences(stored, current)] == ["model.level_multipliers"]
+  draem = json.loads(config_lib.load("draem", "pill").to_json_best_effort())
+  assert "fuse_kernel" not in config_lib.upgrade(draem).model
+  assert config_lib.differences(draem, draem) == []
+
+
+def test_each_value_before_a_key_is_a_valid_value_of_it():
+  """A key there names a key of today's configs (no typo), and its value before passes the
+  model's checks."""
+  config = config_lib.load("pouta", "pill")
+  flat = config_lib.flatten(config.to_dict())
+  for key, value in config_lib.VALUES_BEFORE_KEYS.items():
+    assert key in flat, key
+    section, name = key.split(".")
+    config[section][name] = value
+  config_lib.validate(config)
+  models.get("pouta").validate(config)
 
 
 def test_a_damaged_stored_config_is_named(tmp_path):
