@@ -133,13 +133,12 @@ def at_thresholds(evaluation: Evaluation, thresholds: dict[str, float | None]) -
   for name in metrics.AT_VALIDATION_THRESHOLDS:
     kind = name.split("_", 1)[0]
     c, threshold = evaluation.curves[kind], thresholds.get(kind)
-    found[name] = (
-      None
-      if c is None
-      else float("nan")
-      if threshold is None
-      else metrics.f1_at(c, None, threshold)
-    )
+    if c is None:
+      found[name] = None
+    elif threshold is None:
+      found[name] = float("nan")
+    else:
+      found[name] = metrics.f1_at(c, None, threshold)
   return found
 
 
