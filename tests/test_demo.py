@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Scheduled by its length (see conftest).
-pytestmark = pytest.mark.heavy(115)
+pytestmark = pytest.mark.heavy(140)
 
 
 def _demo(tmp_path, *flags):
