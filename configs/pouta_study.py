@@ -99,6 +99,24 @@ def get_study() -> dict:
         include=("models/*/pouta",),
       ),
       dict(
+        name="compact",
+        question="the cost question's per-pixel fuse at unit width 6 with what helped alone: "
+        "|E-D| only (compare: 0.23x DRAEM's discriminative FLOPs here), and with the pixels at "
+        "the finest level too (pixels: 0.24x; 0.21x at full size); the cost question's setting "
+        "(0.25x) beside them",
+        configs=("configs/pouta.py",),
+        zip=(
+          "model.fuse_kernel=1,1",
+          "model.discriminative_width=6,6",
+          "model.compare=difference,difference",
+          "model.pixel_input=False,True",
+        ),
+        include=(
+          "models/*/pouta",
+          "cost/*/pouta/model.fuse_kernel=1,model.discriminative_width=6,*",
+        ),
+      ),
+      dict(
         name="lr",
         question="(g) the learning rate at this short schedule (tiny default: 5e-4)",
         configs=("configs/draem.py", "configs/pouta.py"),
