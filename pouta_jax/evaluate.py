@@ -95,8 +95,13 @@ class Evaluation(NamedTuple):
   by_defect: dict[str, dict[str, float]]  # defect type -> its metrics (`defect_metrics`)
 
 
-def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluation:
-  """Metrics of one category, with the maps and scores they came from."""
+def evaluate(
+  predict_fn: PredictFn, test_set: dict, batch_size: int, balanced_threshold: bool = False
+) -> Evaluation:
+  """Metrics of one category, with the maps and scores they came from. `balanced_threshold`:
+  the image threshold maximises F1 with the defective images weighing as much in total as the
+  good ones, so it does not follow the set's share of defective images (the validation set's
+  is set by how many kinds of anomaly it makes of each held-out image)."""
   maps, scores = predict(predict_fn, test_set["image"], batch_size)
   if np.isnan(maps).any() or np.isnan(scores).any():
     raise errors.DivergedError(
@@ -109,8 +114,13 @@ def evaluate(predict_fn: PredictFn, test_set: dict, batch_size: int) -> Evaluati
     "image": metrics.curve(test_set["label"], scores),
     "pixel": None if masks is None else metrics.curve(masks, maps),
   }
+  weights = {"image": 1.0, "pixel": 1.0}
+  if balanced_threshold and curves["image"].has_both_classes:
+    weights["image"] = curves["image"].num_negative / curves["image"].num_positive
   found = {
-    kind: metrics.f1_max(c)[1] if c is not None and c.has_both_classes else None
+    kind: metrics.f1_max(c, positive_weight=weights[kind])[1]
+    if c is not None and c.has_both_classes
+    else None
     for kind, c in curves.items()
   }
   return Evaluation(

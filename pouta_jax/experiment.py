@@ -216,7 +216,9 @@ def _run_in(
     main_name, main = next(iter(predictors)), next(iter(predictors.values()))[i]
     validated = None
     if val_sets:
-      validated = evaluate.evaluate(main, val_sets[i], config.eval.batch_size)
+      validated = evaluate.evaluate(
+        main, val_sets[i], config.eval.batch_size, balanced_threshold=True
+      )
       on_validation.setdefault(main_name, {})[key] = validated.metrics
       logging.info("%s %s validation: %s", main_name, key, validated.metrics)
       tested = evaluations[main_name]

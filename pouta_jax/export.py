@@ -182,8 +182,9 @@ def export(
     "thresholds_rule": "oracle: F1-max on the run's test set, chosen on the test labels (null: "
     "the run was never evaluated); python -m pouta_jax.calibrate sets one on good images",
     "validation_thresholds": thresholds.get("validation"),
-    "validation_thresholds_rule": "F1-max on the run's validation set: held-out normal "
-    "training images and the same images with a synthesised anomaly (null: no data.val_fraction)",
+    "validation_thresholds_rule": "F1-max on the run's validation set (the image threshold's "
+    "with both classes weighed alike): held-out normal training images and the same images "
+    "with a synthesised anomaly (null: no data.val_fraction)",
     "metrics": metrics.get(config.model.name, {}).get(category),
     "config": trained.config.to_dict(),
     "versions": {"jax": jax.__version__}

@@ -107,12 +107,17 @@ def average_precision(labels: np.ndarray | Curve, scores: np.ndarray | None = No
   return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def f1_max(labels: np.ndarray | Curve, scores: np.ndarray | None = None) -> tuple[float, float]:
-  """The best F1 over all thresholds, and that threshold (predict positive at score >= it)."""
+def f1_max(
+  labels: np.ndarray | Curve, scores: np.ndarray | None = None, positive_weight: float = 1.0
+) -> tuple[float, float]:
+  """The best F1 over all thresholds, and that threshold (predict positive at score >= it).
+  `positive_weight`: each positive item counts this many times (scikit-learn's sample_weight),
+  e.g. negatives / positives to weigh both classes alike."""
   c = _as_curve(labels, scores)
   if not c.has_both_classes:
     return float("nan"), float("nan")
-  precision, recall = _precision_recall(c)
+  recall = c.positives / c.num_positive
+  precision = positive_weight * c.positives / (positive_weight * c.positives + c.negatives)
   f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
   best = int(np.argmax(f1))
   return float(f1[best]), float(c.thresholds[best])

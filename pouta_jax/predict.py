@@ -47,7 +47,10 @@ from pouta_jax.data.folder import IMAGE_SUFFIXES, check_readable, open_image, re
 
 MAP_FORMATS = ("png16", "npy")
 ORACLE_RULE = "oracle: F1-max on the training run's test set (chosen on the test labels)"
-VALIDATION_RULE = "validation: F1-max on the training run's validation set (no test label used)"
+VALIDATION_RULE = (
+  "validation: F1-max on the training run's validation set, its two classes weighed alike (no "
+  "test label used)"
+)
 THRESHOLD_SOURCES = ("calibrated", "validation", "oracle")
 
 

@@ -66,6 +66,22 @@ def test_evaluate_reports_metrics_and_f1_thresholds_from_the_same_curves():
   }
 
 
+def test_a_balanced_image_threshold_does_not_follow_the_share_of_anomalous_images():
+  """2 good images and 8 anomalous ones, 2 of them scoring below the good ones: F1-max calls
+  every image anomalous; with both classes weighed alike it separates the good ones."""
+  red = np.array([40, 50, 10, 20, 100, 110, 120, 130, 140, 150], np.uint8)
+  images = np.broadcast_to(red[:, None, None, None], (10, 4, 4, 3)).copy()
+  labels = np.array([0, 0] + [1] * 8, bool)
+  masks = np.broadcast_to(labels[:, None, None], (10, 4, 4)).copy()
+  test_set = {"image": images, "label": labels, "mask": masks}
+  plain = evaluate.evaluate(_fake_predict, test_set, batch_size=4)
+  balanced = evaluate.evaluate(_fake_predict, test_set, batch_size=4, balanced_threshold=True)
+  assert plain.thresholds["image"] == pytest.approx(10 / 255)  # everything anomalous
+  assert balanced.thresholds["image"] == pytest.approx(100 / 255)  # both good images pass
+  assert balanced.thresholds["pixel"] == plain.thresholds["pixel"]  # pixels: F1-max as before
+  assert balanced.metrics == plain.metrics
+
+
 def test_nan_maps_are_one_clear_error():
   test_set = {
     "image": np.zeros((2, 8, 8, 3), np.uint8),

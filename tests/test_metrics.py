@@ -33,6 +33,18 @@ def test_results_do_not_depend_on_order_of_ties():
     assert fn(labels, scores) == fn(labels[perm], scores[perm])
 
 
+@pytest.mark.parametrize("weight", [0.25, 3.0])
+def test_weighted_f1_max_matches_sklearn_with_sample_weights(weight):
+  rng = np.random.default_rng(7)
+  labels = rng.random(120) < 0.7
+  scores = np.round(rng.random(120) * 10) / 10 + 0.3 * labels
+  f1, threshold = metrics.f1_max(labels, scores, positive_weight=weight)
+  sample_weight = np.where(labels, weight, 1.0)
+  best = max(f1_score(labels, scores >= t, sample_weight=sample_weight) for t in np.unique(scores))
+  assert f1 == pytest.approx(best, abs=1e-12)
+  assert f1_score(labels, scores >= threshold, sample_weight=sample_weight) == pytest.approx(f1)
+
+
 def test_f1_max_threshold_reproduces_the_f1():
   labels = np.array([0, 0, 1, 1, 0, 1])
   scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
