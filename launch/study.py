@@ -97,7 +97,7 @@ def jobs(study: dict, workdir: str, real_root: str, only: list[str]) -> list[swe
       if dataset == "real" and not real_root:
         continue
       extra = [*study["common"], *spec["args"]] + ([f"--config.data.root={root}"] if root else [])
-      axes = {a.partition("=")[0] for a in (*q.get("sweep", ()), *q.get("zip", ()))}
+      axes = set(axis_keys(q))
       for config_path in q["configs"]:
         model = Path(config_path).stem
         sweep.check_categories(list(spec["categories"]), root)
@@ -168,6 +168,11 @@ def check_configs(found: list[sweep.Job]) -> None:
         f"{job.workdir} was run with another config ({'; '.join(changed)}); remove it, or "
         f"give this study another --workdir"
       )
+
+
+def axis_keys(question: dict) -> list[str]:
+  """The config keys a question varies (its sweep and zip axes), in their order."""
+  return [a.partition("=")[0] for a in (*question.get("sweep", ()), *question.get("zip", ()))]
 
 
 def runs_of(question: dict) -> list[str]:
@@ -273,7 +278,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
   for q in study["questions"]:
     mine = [j for j in all_jobs if any(matches(j, workdir, pattern) for pattern in runs_of(q))]
     expected = len(mine)
-    keys = [s.partition("=")[0] for s in (*q.get("sweep", ()), *q.get("zip", ()))]
+    keys = axis_keys(q)
     several_models = len(q["configs"]) > 1 or q.get("include")  # included runs may be others'
     keys = (["model.name"] if several_models else []) + keys
     lines += ["", f"## {q['name']}: {q['question']}", ""]
@@ -292,7 +297,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       table, table_csv = sweep.aggregate(roots, keys, metric, "validation")
       lines += ["", table.rstrip()]
       if metric == study["select"]:
-        best = list(csv.reader(io.StringIO(table_csv)))[1]
+        best = sweep.ranked_settings(table_csv, keys)[0]
         best = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
         default = q.get("include", ("",))[0]
         defaults = [j.workdir for j in mine if default and matches(j, workdir, default)]

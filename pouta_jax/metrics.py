@@ -88,8 +88,10 @@ def roc_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
   return np.r_[0.0, c.negatives / c.num_negative], np.r_[0.0, c.positives / c.num_positive]
 
 
-def _precision_recall(c: Curve) -> tuple[np.ndarray, np.ndarray]:
-  return c.positives / (c.positives + c.negatives), c.positives / c.num_positive
+def _precision_recall(c: Curve, positive_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """Per threshold; `positive_weight`: each positive item counts this many times."""
+  weighted = positive_weight * c.positives
+  return weighted / (weighted + c.negatives), c.positives / c.num_positive
 
 
 def pr_points(c: Curve) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +118,7 @@ def f1_max(
   c = _as_curve(labels, scores)
   if not c.has_both_classes:
     return float("nan"), float("nan")
-  recall = c.positives / c.num_positive
-  precision = positive_weight * c.positives / (positive_weight * c.positives + c.negatives)
+  precision, recall = _precision_recall(c, positive_weight)
   f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
   best = int(np.argmax(f1))
   return float(f1[best]), float(c.thresholds[best])
