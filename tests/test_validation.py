@@ -241,12 +241,18 @@ def test_deployment_thresholds_come_from_validation(validated_run, tmp_path):
   test_set = folder_lib.load_test_set(category_folder(config, "pill"), config.data.image_size)
   maps, scores = art.predict(art.preprocess(test_set["image"]))
   tested = json.loads((workdir / "pill" / "metrics.json").read_text())["draem"]["pill"]
-  assert tested["image_f1_at_val_thr"] == pytest.approx(
-    f1_score(test_set["label"], scores >= found["validation"]["image"]), abs=1e-6
-  )
-  assert tested["pixel_f1_at_val_thr"] == pytest.approx(
-    f1_score(test_set["mask"].ravel(), maps.ravel() >= found["validation"]["pixel"]), abs=1e-3
-  )
+  for kind, labels, values in (
+    ("image", test_set["label"], np.asarray(scores)),
+    ("pixel", test_set["mask"].ravel(), np.asarray(maps).ravel()),
+  ):
+    threshold = found["validation"][kind]
+    # The artifact's values differ from the run's by float rounding (within 1e-5: the check of
+    # the thresholds above): only items that close to the threshold may fall on the other side,
+    # and each moves F1 = 2tp / (tp + fp + positives) by at most 2 / positives.
+    near = int(np.sum(np.abs(values - threshold) <= 1e-5 * max(1.0, abs(threshold))))
+    assert tested[f"{kind}_f1_at_val_thr"] == pytest.approx(
+      f1_score(labels, values >= threshold), abs=1e-9 + 2 * near / np.sum(labels)
+    )
   assert "**pixel_f1_at_val_thr** (%)" in (workdir / "pill" / "results.md").read_text()
   # predict takes the validation threshold before the oracle one, and says so.
   chosen = predict.from_artifact(art.path).threshold()
