@@ -23,6 +23,7 @@ from etils.epath import Path
 from ml_collections import config_flags
 
 from pouta_jax import config as config_lib, errors, evaluate, models, train
+from pouta_jax.models.pouta import unit_width
 
 _WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width of both models.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
@@ -58,9 +59,9 @@ def main(argv: list[str]) -> None:
   model = _POUTA.value.model
   print(
     f"base width {_WIDTH.value} (POUTA's discriminative width "
-    f"{model.discriminative_width or _WIDTH.value // 2}, level multipliers "
-    f"{tuple(model.level_multipliers)}, fuse kernel {model.fuse_kernel}), {_SIZE.value} px, "
-    f"batch 1, {_REPEATS.value} repeats"
+    f"{unit_width(_WIDTH.value, model.discriminative_width, model.discriminative_fraction)}, "
+    f"level multipliers {tuple(model.level_multipliers)}, fuse kernel {model.fuse_kernel}), "
+    f"{_SIZE.value} px, batch 1, {_REPEATS.value} repeats"
   )
   print(
     "| model | params recon. | params discr. | params total | GFLOPs recon. | GFLOPs discr. "

@@ -253,6 +253,7 @@ VALUES_BEFORE_KEYS = {
   "model.compare": "both",
   "model.guidance_gate": True,
   "model.discriminative_width": 0,
+  "model.discriminative_fraction": 0.5,
   "model.level_multipliers": (1, 1, 2, 4),
   "model.fuse_kernel": 3,
   "model.detach_features": False,

@@ -160,6 +160,12 @@ def test_design_options_change_only_what_they_name(tiny_config):
   assert all(shape == full[p] for p, shape in pixels.items() if p != finest)
   wide = _param_paths(_with(tiny_config, discriminative_width=2 * widths[0]))
   assert wide["['head']['Conv_0']['kernel']"][2] == 2 * widths[0] and set(wide) == set(full)
+  base = _pouta_config(tiny_config).model.base_width
+  assert widths[0] == base // 2  # the fraction's value before it was a key
+  other = _param_paths(_with(tiny_config, discriminative_fraction=0.75))
+  assert other["['head']['Conv_0']['kernel']"][2] == 3 == 0.75 * base
+  pinned = _with(tiny_config, discriminative_fraction=0.75, discriminative_width=2 * widths[0])
+  assert _param_paths(pinned) == wide  # a width given wins over the fraction
   per_pixel = _param_paths(_with(tiny_config, fuse_kernel=1))
   for level in widths:  # the fuse alone turns 1x1, with its input and width
     fuse = f"['compare_{level}']['fuse']"
@@ -314,6 +320,8 @@ def test_guidance_changes_the_map():
   [
     ("model.compare", "distance", "config.model.compare='distance': expected one of"),
     ("model.discriminative_width", -8, "config.model.discriminative_width=-8: expected an int"),
+    ("model.discriminative_fraction", 0.0, "config.model.discriminative_fraction=0.0: expected"),
+    ("model.discriminative_fraction", 5.0, r"fraction=5.0: expected a number in \(0"),
     ("loss.level_weights", (1.0, 1.0), r"config.loss.level_weights=\(1.0, 1.0\): expected 4"),
     ("loss.final_weight", -1.0, "config.loss.final_weight=-1.0"),
     ("model.fuse_kernel", 5, r"config.model.fuse_kernel=5: expected one of \(1, 3\)"),

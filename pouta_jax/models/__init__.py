@@ -39,7 +39,14 @@ def _check_pouta(config: Config) -> None:
     config,
     isinstance(width, int) and not isinstance(width, bool) and width >= 0,
     "model.discriminative_width",
-    "an integer >= 0 (0: half the base width)",
+    "an integer >= 0 (0: model.discriminative_fraction of the base width)",
+  )
+  fraction = config.model.discriminative_fraction
+  errors.check(
+    config,
+    isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 4,
+    "model.discriminative_fraction",
+    "a number in (0, 4]: the levels' unit width over the base width",
   )
   multipliers = config.model.level_multipliers
   errors.check(
@@ -109,6 +116,7 @@ REGISTRY = {
       guidance=c.model.guidance,
       guidance_gate=c.model.guidance_gate,
       discriminative_width=c.model.discriminative_width,
+      discriminative_fraction=c.model.discriminative_fraction,
       level_multipliers=tuple(c.model.level_multipliers),
       fuse_kernel=c.model.fuse_kernel,
       detach_features=c.model.detach_features,

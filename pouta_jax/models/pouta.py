@@ -45,6 +45,12 @@ FUSE_KERNELS = (1, 3)
 COMPARE_MODES = ("both", "encoder", "decoder", "difference", "cosine")
 
 
+def unit_width(base_width: int, width: int, fraction: float) -> int:
+  """The levels' unit width: `width`, or when 0 that fraction of the base width (rounded half
+  up, at least 1), so a config's proportions hold at every size (16 -> 6 and 128 -> 48 at 3/8)."""
+  return width or max(1, int(base_width * fraction + 0.5))
+
+
 def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   """1 - cos(a, b) over the channels, per pixel: (..., 1), in [0, 2]."""
   dot = jnp.sum(a * b, -1, keepdims=True)
@@ -132,7 +138,8 @@ class POUTA(nn.Module):
   compare: str = "both"
   guidance: bool = True
   guidance_gate: bool = True
-  discriminative_width: int = 0  # 0: base_width // 2
+  discriminative_width: int = 0  # 0: unit_width's rule
+  discriminative_fraction: float = 0.5
   level_multipliers: tuple[int, ...] = LEVEL_MULTIPLIERS
   fuse_kernel: int = 3
   detach_features: bool = False  # the discriminative losses stop at the shared features
@@ -151,7 +158,7 @@ class POUTA(nn.Module):
       if self.pixel_input:
         pixels = jnp.concatenate([x, reconstruction, jnp.abs(x - reconstruction)], -1)
       seg = POUTADiscriminative(
-        self.discriminative_width or self.base_width // 2,
+        unit_width(self.base_width, self.discriminative_width, self.discriminative_fraction),
         self.compare,
         self.guidance,
         self.guidance_gate,
