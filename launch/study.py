@@ -19,7 +19,10 @@ today (the study file or a config file's default changed under it) is refused, n
 the keys. The report
 (`--out`) ranks each question's settings by validation metrics, mean ± std over seeds per
 category, and names the setting with the best mean of the study's `select` metric once all of
-the question's runs are done; questions marked `test` also show the test sets' tables.
+the question's runs are done; a question's `cost_at_most` (discriminative FLOPs over DRAEM's)
+limits the choice to the settings within it, and replaces a default over it by the best within
+it unless that one is worse by more than 2 standard errors (`sweep.choice`); questions marked
+`test` also show the test sets' tables.
 """
 
 from __future__ import annotations
@@ -55,7 +58,17 @@ STUDY_KEYS = {"preset", "seeds", "select", "report", "common", "datasets", "ques
 # the study's runs were made, so that a default changed since (the study's outcome) keeps them
 # the study's; a question with pinned=False runs today's defaults.
 OPTIONAL_KEYS = {"pinned"}
-QUESTION_KEYS = {"name", "question", "configs", "sweep", "zip", "include", "test", "pinned"}
+QUESTION_KEYS = {
+  "name",
+  "question",
+  "configs",
+  "sweep",
+  "zip",
+  "include",
+  "test",
+  "pinned",
+  "cost_at_most",
+}
 
 
 def load(path: str) -> dict:
@@ -215,10 +228,10 @@ def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> s
   return "\n".join(lines)
 
 
-def cost_table(roots: list, keys: list[str], draem_roots: list, ranked_csv: str) -> str:
-  """Markdown: each setting's discriminative FLOPs per image (evaluate.profile, in its runs'
+def cost_ratios(roots: list, keys: list[str], draem_roots: list) -> dict[tuple, float]:
+  """Each setting's discriminative FLOPs per image (evaluate.profile, in its runs'
   metrics.json) over DRAEM's discriminative subnetwork's at the same image size (`draem_roots`:
-  DRAEM's runs), rows in `ranked_csv`'s order; the cost target is 0.25."""
+  DRAEM's runs), the mean over its runs."""
   draem = {
     config["data"]["image_size"]: results["flops"]["discriminative"]
     for config, results, _ in sweep.finished_runs(draem_roots)
@@ -230,9 +243,13 @@ def cost_table(roots: list, keys: list[str], draem_roots: list, ranked_csv: str)
     if size in draem and "flops" in results:
       ratio = results["flops"]["discriminative"] / draem[size]
       ratios.setdefault(sweep.setting_of(config, keys), []).append(ratio)
-  if not ratios:
+  return {setting: float(np.mean(r)) for setting, r in ratios.items()}
+
+
+def cost_table(means: dict[tuple, float], keys: list[str], ranked_csv: str) -> str:
+  """Markdown: `cost_ratios`' `means`, rows in `ranked_csv`'s order; the cost target is 0.25."""
+  if not means:
     return "(cost: no DRAEM run of the same image size is done yet)"
-  means = {setting: float(np.mean(r)) for setting, r in ratios.items()}
   if max(means.values()) - min(means.values()) < 0.005:
     return (
       f"Cost: every setting's discriminative part has {min(means.values()):.2f}x the FLOPs per "
@@ -293,6 +310,10 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
     # The study's own runs only: a folder left by an older version of the study file (a
     # setting since removed) is not ranked.
     roots = [j.workdir for j in mine if is_done(j)]
+    costs = cost_ratios(roots, keys, draem_roots)
+    limit = q.get("cost_at_most")
+    allowed = None if limit is None else {s for s, ratio in costs.items() if ratio <= limit}
+    requirement = f"within {limit}x DRAEM's discriminative FLOPs" if limit is not None else ""
     for metric in study["report"]:
       table, table_csv = sweep.aggregate(roots, keys, metric, "validation")
       lines += ["", table.rstrip()]
@@ -313,11 +334,11 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
         elif keys == ["model.name"]:  # a comparison of models, nothing to choose
           lines.append(f"Ahead by validation {metric}: **{best}**.")
         elif differences:
-          lines.append(sweep.choice(keys, table_csv, differences, metric))
+          lines.append(sweep.choice(keys, table_csv, differences, metric, allowed, requirement))
         else:
           lines.append(f"Chosen by validation {metric}: **{best}**.")
         lines += ["", kinds_table(roots, keys, metric, table_csv)]
-        lines += ["", cost_table(roots, keys, draem_roots, table_csv)]
+        lines += ["", cost_table(costs, keys, table_csv)]
     if q.get("test"):  # reported beside, never used to choose
       lines += ["", "Reported on the test sets (chosen by nothing):"]
       for metric in study["report"]:

@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 
 import ml_collections
 import numpy as np
@@ -337,14 +338,28 @@ def ranked_settings(ranked_csv: str, keys: list[str]) -> list[tuple[str, ...]]:
   return [tuple(row[: len(keys)]) for row in list(csv.reader(io.StringIO(ranked_csv)))[1:]]
 
 
-def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
+def choice(
+  keys: list[str],
+  ranked_csv: str,
+  differences: dict,
+  metric: str,
+  allowed: Collection[tuple] | None = None,
+  requirement: str = "",
+) -> str:
   """The setting chosen per model: its best mean by validation `metric`, if that beats the
   model's default by more than 2 standard errors of the paired differences; else the default
-  stays (a gain within the seeds' noise does not change a default)."""
+  stays (a gain within the seeds' noise does not change a default). With `allowed` (the
+  settings that meet `requirement`, say a cost target), only those may be chosen, and a default
+  that does not meet it gives way to the best that does unless that one is worse by more than
+  2 standard errors (then the default stays and the requirement is missed, said so)."""
   rows = ranked_settings(ranked_csv, keys)
   lines = []
   for model in dict.fromkeys(row[0] for row in rows):
-    best = next(row for row in rows if row[0] == model)
+    candidates = [row for row in rows if row[0] == model and (allowed is None or row in allowed)]
+    if not candidates:
+      lines.append(f"No setting of {json.loads(model)} is {requirement}.")
+      continue
+    best = candidates[0]
     named = ", ".join(f"{k}={v}" for k, v in zip(keys, best))
     if best not in differences:
       lines.append(f"{named} leads, but has fewer than 2 runs paired with the default's.")
@@ -354,12 +369,27 @@ def choice(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> 
       continue
     mean, error, pairs = differences[best]
     against = f"{mean:+.1f} ± {error:.1f} points against the default over {pairs} pairs"
+    default_allowed = allowed is None or any(
+      row[0] == model and differences.get(row, 0) is None for row in allowed
+    )
     if mean > 2 * error:
       lines.append(f"Chosen by validation {metric}: **{named}** ({against}).")
+    elif not default_allowed and mean >= -2 * error:
+      lines.append(
+        f"Chosen by validation {metric}: **{named}**, the best mean of the settings "
+        f"{requirement} ({against}, within 2 standard errors; the default is not {requirement})."
+      )
+    elif not default_allowed:
+      lines.append(
+        f"Chosen by validation {metric}: **the default** of {json.loads(model)}, which is not "
+        f"{requirement}: the best that is, {named}, is {against}, worse by more than 2 "
+        "standard errors."
+      )
     else:
       lines.append(
         f"Chosen by validation {metric}: **the default** of {json.loads(model)}: the best "
-        f"mean, {named}, is {against}, within 2 standard errors."
+        f"mean{' ' + requirement if requirement else ''}, {named}, is {against}, within 2 "
+        "standard errors."
       )
   return "\n".join(lines)
 

@@ -285,3 +285,52 @@ def test_settings_are_measured_against_the_default_in_pairs(tmp_path):
     'model.name="pouta", model.compare="decoder", is +7.5 ± 8.8 points against the default '
     "over 4 pairs, within 2 standard errors."
   )
+
+
+def test_a_requirement_limits_the_choice_and_displaces_a_default_that_misses_it(tmp_path):
+  """With `allowed` (the settings meeting a cost target, say), the choice is among those only;
+  a default outside them gives way to the best inside unless that is worse by more than 2
+  standard errors of the paired differences, which is then said."""
+  gains = {
+    "encoder": [0.05, 0.04, 0.06, 0.05],  # +5.0 ± 0.4: beyond 2 s.e.
+    "decoder": [0.20, -0.10, 0.25, -0.05],  # +7.5 ± 8.8: within
+    "cosine": [-0.20, -0.25, -0.30, -0.20],  # -23.8 ± 2.4: worse beyond
+  }
+  for i, (category, seed) in enumerate([("weave", 0), ("weave", 1), ("pill", 0), ("pill", 1)]):
+    base = 0.3 + 0.1 * i
+    _fake_run(tmp_path / "default", f"s{seed}", "both", seed, category, 0.0, val=base)
+    for name, gain in gains.items():
+      _fake_run(tmp_path / name, f"s{seed}", name, seed, category, 0.0, val=base + gain[i])
+  keys = ["model.name", "model.compare"]
+  roots = [tmp_path / name for name in gains]
+  found = sweep.paired_differences(roots, [tmp_path / "default"], keys, "pixel_ap")
+  _, ranked = sweep.aggregate([tmp_path / "default", *roots], keys, "pixel_ap", "validation")
+  need = "within 0.25x"
+
+  def chosen(*settings: str) -> str:
+    allowed = {('"pouta"', f'"{name}"') for name in settings}
+    return sweep.choice(keys, ranked, found, "pixel_ap", allowed, need)
+
+  assert chosen("decoder") == (  # the default is over: the best within replaces it
+    'Chosen by validation pixel_ap: **model.name="pouta", model.compare="decoder"**, the best '
+    "mean of the settings within 0.25x (+7.5 ± 8.8 points against the default over 4 pairs, "
+    "within 2 standard errors; the default is not within 0.25x)."
+  )
+  assert chosen("cosine") == (
+    "Chosen by validation pixel_ap: **the default** of pouta, which is not within 0.25x: the "
+    'best that is, model.name="pouta", model.compare="cosine", is -23.8 ± 2.4 points against '
+    "the default over 4 pairs, worse by more than 2 standard errors."
+  )
+  assert chosen("both", "decoder").startswith(  # the default allowed: the usual rule
+    'Chosen by validation pixel_ap: **the default** of pouta: the best mean within 0.25x, '
+    'model.name="pouta", model.compare="decoder", is +7.5'
+  )
+  assert chosen("both", "encoder", "cosine") == (
+    'Chosen by validation pixel_ap: **model.name="pouta", model.compare="encoder"** (+5.0 ± 0.4 '
+    "points against the default over 4 pairs)."
+  )
+  assert chosen() == "No setting of pouta is within 0.25x."
+  assert sweep.choice(keys, ranked, found, "pixel_ap").startswith(  # no requirement: the best
+    'Chosen by validation pixel_ap: **the default** of pouta: the best mean, model.name="pouta", '
+    'model.compare="decoder"'
+  )
