@@ -88,6 +88,12 @@ def load(path: str) -> dict:
     unknown = set(q) - QUESTION_KEYS
     if unknown:
       raise errors.ConfigError(f"{path}: question {q['name']}: unknown keys {sorted(unknown)}")
+    for entry in q.get("include", ()):
+      if not all(isinstance(g, str) and g for g in _globs(entry)):
+        raise errors.ConfigError(
+          f"{path}: question {q['name']}: include entry {entry!r} is not a glob or a tuple of "
+          "globs (folders relative to the study's workdir)"
+        )
     for config_path in q["configs"]:  # every axis key checked against every config it runs
       sweep.expand(
         config_lib.load_file(config_path), list(q.get("sweep", ())), list(q.get("zip", ()))
@@ -188,11 +194,22 @@ def axis_keys(question: dict) -> list[str]:
   return [a.partition("=")[0] for a in (*question.get("sweep", ()), *question.get("zip", ()))]
 
 
+def _globs(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def runs_of(question: dict) -> list[str]:
   """The folders (globs, relative to the workdir) whose runs a question ranks: its own, and
-  those it `include`s from other questions: the first, the default setting's runs (each model's
-  default, which the others are measured against), then any others to rank beside."""
-  return [question["name"], *question.get("include", ())]
+  those it `include`s from other questions: the first entry, the default setting's runs (each
+  model's default, which the others are measured against; a tuple of globs when the models'
+  defaults live in different questions), then any others to rank beside."""
+  return [question["name"], *(g for entry in question.get("include", ()) for g in _globs(entry))]
+
+
+def default_runs(question: dict) -> tuple[str, ...]:
+  """The globs of the default setting's runs: the first entry of `include`."""
+  include = question.get("include", ())
+  return _globs(include[0]) if include else ()
 
 
 def matches(job: sweep.Job, workdir: str, pattern: str) -> bool:
@@ -320,8 +337,7 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       if metric == study["select"]:
         best = sweep.ranked_settings(table_csv, keys)[0]
         best = ", ".join(f"{k}={v}" for k, v in zip(keys, best)) if keys else "the only one"
-        default = q.get("include", ("",))[0]
-        defaults = [j.workdir for j in mine if default and matches(j, workdir, default)]
+        defaults = [j.workdir for j in mine if any(matches(j, workdir, g) for g in default_runs(q))]
         others = [j.workdir for j in mine if j.workdir not in defaults]
         differences = sweep.paired_differences(
           [r for r in others if r in roots], [r for r in defaults if r in roots], keys, metric

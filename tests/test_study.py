@@ -177,11 +177,26 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert f"{metrics_path}: not valid JSON" in damaged.stderr and "Traceback" not in damaged.stderr
   metrics_path.write_text(json.dumps({"pouta": again}))
   # With a run missing, the leader is not called chosen.
-  next((tmp_path / "runs").rglob("metrics.json")).unlink()
+  missing = next((tmp_path / "runs").rglob("metrics.json"))
+  kept = missing.read_text()
+  missing.unlink()
   partial = _study(*args, f"--out={out}", "--report_only")
   assert partial.returncode == 0 and "runs to do" not in partial.stdout
   assert "1 of 2 runs done." in out.read_text() and "Chosen by" not in out.read_text()
   assert "(not chosen before all runs)" in out.read_text()
+  missing.write_text(kept)
+  # A question whose default is a tuple of globs (each model's default in another question):
+  # its own run (a copy: a run is its config) is measured against the runs they name.
+  off = next(p.parent for p in (tmp_path / "runs").rglob("config.json") if "(0,0,0,0)" in str(p))
+  shutil.copytree(off, tmp_path / "runs" / "b" / off.relative_to(tmp_path / "runs" / "levels"))
+  b = """dict(name="b", question="b", configs=("configs/pouta.py",),
+    sweep=("loss.level_weights=(0,0,0,0)",), include=(("nothing/*", "levels/*/*=(1,1,1,1)*"),))"""
+  path.write_text(path.read_text().replace("test=True)]", f"test=True), {b}]"))
+  both = _study(*args, f"--out={out}", "--report_only")
+  assert both.returncode == 0, both.stderr[-3000:]
+  section = out.read_text().partition("## b: b")[2]
+  assert "2 of 2 runs done." in section and "| [1, 1, 1, 1] | (the default) |" in section
+  assert "| [0, 0, 0, 0] | – (fewer than 2 pairs) |" in section
 
 
 @pytest.mark.parametrize(
@@ -195,6 +210,10 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
     (
       '[dict(name="a", question="?", configs=("configs/pouta.py",))] * 2',
       "names must be given and distinct",
+    ),
+    (
+      '[dict(name="a", question="?", configs=("configs/pouta.py",), include=(("m/*", 3),))]',
+      "include entry ('m/*', 3) is not a glob or a tuple of globs",
     ),
   ],
 )

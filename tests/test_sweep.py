@@ -322,7 +322,7 @@ def test_a_requirement_limits_the_choice_and_displaces_a_default_that_misses_it(
     "the default over 4 pairs, worse by more than 2 standard errors."
   )
   assert chosen("both", "decoder").startswith(  # the default allowed: the usual rule
-    'Chosen by validation pixel_ap: **the default** of pouta: the best mean within 0.25x, '
+    "Chosen by validation pixel_ap: **the default** of pouta: the best mean within 0.25x, "
     'model.name="pouta", model.compare="decoder", is +7.5'
   )
   assert chosen("both", "encoder", "cosine") == (
