@@ -41,7 +41,7 @@ def get_sweep(arg: str | None = None) -> dict:
   del arg
   return {
     "zip": {
-      "model.compare": ["both", "encoder", "decoder", "both", "both"],
+      "model.compare": ["difference", "encoder", "decoder", "difference", "difference"],
       "model.guidance": [True, True, True, False, True],
       "loss.deep_supervision": [True, True, True, True, False],
     }

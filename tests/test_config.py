@@ -112,24 +112,25 @@ def test_a_config_stored_by_an_older_version_reads_as_today(tmp_path):
 
 
 def test_a_key_added_later_reads_as_its_value_before_it_existed(tmp_path, monkeypatch):
-  """A run stored before model.fuse_kernel existed ran with a 3x3 fuse: with a changed default
-  (the value before is set to 1 here: the default stays 3), it still reads and compares as the
-  value before, and resuming it with another value is refused."""
-  monkeypatch.setitem(config_lib.VALUES_BEFORE_KEYS, "model.fuse_kernel", 1)
+  """A run stored before model.fuse_kernel existed ran with a 3x3 fuse: with the default changed
+  since (1, the design study's choice), it still reads and compares as the value before; so does
+  a key whose value before is set here ((1, 2, 2, 4): the default stays (1, 1, 2, 4))."""
+  assert config_lib.VALUES_BEFORE_KEYS["model.fuse_kernel"] == 3
   monkeypatch.setitem(config_lib.VALUES_BEFORE_KEYS, "model.level_multipliers", (1, 2, 2, 4))
   today = config_lib.load("pouta", "pill,tiny")
+  assert today.model.fuse_kernel == 1
   stored = json.loads(today.to_json_best_effort())
   del stored["model"]["fuse_kernel"], stored["model"]["level_multipliers"]
   (tmp_path / "config.json").write_text(json.dumps(stored))
   config = config_lib.from_workdir(tmp_path)
-  assert config.model.fuse_kernel == 1 and config.model.level_multipliers == (1, 2, 2, 4)
+  assert config.model.fuse_kernel == 3 and config.model.level_multipliers == (1, 2, 2, 4)
   current = json.loads(today.to_json_best_effort())
   assert config_lib.differences(stored, current) == [
-    ("model.fuse_kernel", 1, 3),
+    ("model.fuse_kernel", 3, 1),
     ("model.level_multipliers", [1, 2, 2, 4], [1, 1, 2, 4]),
   ]
   # A stored value wins over the value before, and other models do not get the key.
-  stored["model"]["fuse_kernel"] = 3
+  stored["model"]["fuse_kernel"] = 1
   assert [k for k, _, _ in config_lib.differences(stored, current)] == ["model.level_multipliers"]
   draem = json.loads(config_lib.load("draem", "pill").to_json_best_effort())
   assert "fuse_kernel" not in config_lib.upgrade(draem).model

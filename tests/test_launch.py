@@ -141,9 +141,9 @@ def test_slurm_dry_run_prints_the_array_script_jobs_and_submit(tmp_path):
     "-m",
     "pouta_jax.main",
     "--config=configs/pouta.py:pill",
-    f"--workdir={tmp_path}/runs/model.compare=both,model.guidance=True,"
+    f"--workdir={tmp_path}/runs/model.compare=difference,model.guidance=True,"
     "loss.deep_supervision=False/pill",
-    "--config.model.compare=both",
+    "--config.model.compare=difference",
     "--config.model.guidance=True",
     "--config.loss.deep_supervision=False",
     "--config.optim.lr=2e-4",

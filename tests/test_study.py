@@ -155,15 +155,16 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   path.write_text(path.read_text().replace('"configs/pouta.py"', f'"{copy}"'))
   moved = _study(*args, f"--out={out}")
   assert moved.returncode == 0 and "0 runs to do" in moved.stdout, moved.stderr[-3000:]
-  default = "config.model.pixel_input = False"
-  copy.write_text(copy.read_text().replace(default, default.replace("False", "True")))
+  default = "config.model.pixel_input = True"
+  assert default in copy.read_text()
+  copy.write_text(copy.read_text().replace(default, default.replace("True", "False")))
   changed = _study(*args, f"--out={out}")
   assert changed.returncode == 1 and "runs to do" not in changed.stdout
-  assert "was run with another config (config.model.pixel_input: stored False, now True)" in (
+  assert "was run with another config (config.model.pixel_input: stored True, now False)" in (
     changed.stderr
   )
   # The study pins the value its runs had: they are its own again.
-  pinned = f"pinned={{{str(copy)!r}: ('--config.model.pixel_input=False',)}}, questions="
+  pinned = f"pinned={{{str(copy)!r}: ('--config.model.pixel_input=True',)}}, questions="
   path.write_text(path.read_text().replace("questions=", pinned))
   kept_by_pin = _study(*args, f"--out={out}")
   assert kept_by_pin.returncode == 0 and "0 runs to do" in kept_by_pin.stdout, kept_by_pin.stderr[

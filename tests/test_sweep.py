@@ -153,12 +153,12 @@ def test_config_get_sweep_is_the_ablation_study():
   zipped = [f"{k}={','.join(map(str, v))}" for k, v in spec["zip"].items()]
   points = sweep.expand(config_lib.load("pouta", "weave,tiny"), [], zipped)
   assert points[0] == {
-    "model.compare": "both",
+    "model.compare": "difference",
     "model.guidance": "True",
     "loss.deep_supervision": "True",
   }
   # The full model, then one idea off at a time.
-  off = [sum(v not in ("both", "True") for v in p.values()) for p in points]
+  off = [sum(v not in ("difference", "True") for v in p.values()) for p in points]
   assert off == [0, 1, 1, 1, 1]
   with pytest.raises(ValueError, match="defines no get_sweep"):
     config_lib.load_sweep(config_lib.CONFIG_DIR / "draem.py")

@@ -134,16 +134,17 @@ class POUTA(nn.Module):
   `level_logits` (finest first) are returned for deep supervision; `logits` is the final map.
   """
 
+  # Defaults: configs/pouta.py's (the design study's choice).
   base_width: int = 128
-  compare: str = "both"
+  compare: str = "difference"
   guidance: bool = True
   guidance_gate: bool = True
   discriminative_width: int = 0  # 0: unit_width's rule
-  discriminative_fraction: float = 0.5
+  discriminative_fraction: float = 0.375
   level_multipliers: tuple[int, ...] = LEVEL_MULTIPLIERS
-  fuse_kernel: int = 3
+  fuse_kernel: int = 1
   detach_features: bool = False  # the discriminative losses stop at the shared features
-  pixel_input: bool = False
+  pixel_input: bool = True
   conv_weight_grad: str = "auto"  # see layers.CONV_WEIGHT_GRAD_MODES
 
   @nn.compact
