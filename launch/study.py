@@ -88,6 +88,12 @@ def load(path: str) -> dict:
     unknown = set(q) - QUESTION_KEYS
     if unknown:
       raise errors.ConfigError(f"{path}: question {q['name']}: unknown keys {sorted(unknown)}")
+    limit = q.get("cost_at_most", 1.0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+      raise errors.ConfigError(
+        f"{path}: question {q['name']}: cost_at_most={limit!r} is not a positive number (the "
+        "discriminative FLOPs over DRAEM's a chosen setting may have)"
+      )
     for entry in q.get("include", ()):
       if not all(isinstance(g, str) and g for g in _globs(entry)):
         raise errors.ConfigError(

@@ -216,6 +216,10 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
       '[dict(name="a", question="?", configs=("configs/pouta.py",), include=(("m/*", 3),))]',
       "include entry ('m/*', 3) is not a glob or a tuple of globs",
     ),
+    (
+      '[dict(name="a", question="?", configs=("configs/pouta.py",), cost_at_most="0.25")]',
+      "cost_at_most='0.25' is not a positive number",
+    ),
   ],
 )
 def test_bad_study_files_are_refused_before_running(tmp_path, questions, message):
