@@ -138,6 +138,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # the trained model's reconstruction error (mean |x - reconstruction| over the channels) is
   # evaluated too, as `<model>_recon_error`: what the reconstructive network finds alone, per
   # category and defect type, so the tables show what the discriminative part adds or loses.
+  # error_weight: the anomaly map is the model's map plus this times that reconstruction error
+  # (the error finds removed structure the discriminative part misses: README), in the
+  # validation and test metrics, the thresholds and exported artifacts alike.
   config.eval = dict(
     batch_size=16,
     score_filter_size=21,
@@ -145,6 +148,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     val_every=0,
     flops_by_part=True,
     reconstruction_error=False,
+    error_weight=0.0,
   )
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
   # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
@@ -260,6 +264,7 @@ VALUES_BEFORE_KEYS = {
   "model.pixel_input": False,
   "loss.level_weights": (1.0, 1.0, 1.0, 1.0),
   "loss.level_decay": 0.0,
+  "eval.error_weight": 0.0,
 }
 
 
@@ -491,6 +496,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors.check(
     config, config.eval.val_every >= 0, "eval.val_every", "0 (the last step) or an interval"
   )
+  errors.check(config, config.eval.error_weight >= 0, "eval.error_weight", "a weight >= 0")
   errors.check(config, config.train.select in SELECTIONS, "train.select", f"one of {SELECTIONS}")
   errors.check(
     config,

@@ -35,18 +35,26 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
 MAP_SOURCES = ("anomaly_map", "reconstruction_error")
 
 
-@functools.lru_cache(maxsize=16)  # one compilation per (model, filter size, source)
-def make_predict_fn(model: nn.Module, filter_size: int, source: str = "anomaly_map") -> Callable:
+@functools.lru_cache(maxsize=16)  # one compilation per (model, filter size, source, weight)
+def make_predict_fn(
+  model: nn.Module, filter_size: int, source: str = "anomaly_map", error_weight: float = 0.0
+) -> Callable:
+  """`error_weight` (eval.error_weight): the anomaly map source plus that many times the
+  reconstruction error."""
   if source not in MAP_SOURCES:
     raise ValueError(f"source={source!r}: expected one of {MAP_SOURCES}")
 
   @jax.jit
   def predict(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = model.apply(variables, images, train=False)
-    if source == "anomaly_map":
-      maps = out["anomaly_map"]
+    if source == "reconstruction_error" or error_weight:
+      error = jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
+    if source == "reconstruction_error":
+      maps = error
+    elif error_weight:
+      maps = out["anomaly_map"] + error_weight * error
     else:
-      maps = jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
+      maps = out["anomaly_map"]
     return maps, mean_filter_max(maps, filter_size)
 
   return predict
@@ -58,10 +66,15 @@ PredictFn = Callable[[np.ndarray], tuple[jax.Array, jax.Array]]
 
 
 def model_predict_fn(
-  model: nn.Module, variables: dict, filter_size: int, source: str = "anomaly_map"
+  model: nn.Module,
+  variables: dict,
+  filter_size: int,
+  source: str = "anomaly_map",
+  error_weight: float = 0.0,
 ) -> PredictFn:
   """`variables` (host copies, say) placed on the device once, not at every batch."""
-  return functools.partial(make_predict_fn(model, filter_size, source), jax.device_put(variables))
+  predict_fn = make_predict_fn(model, filter_size, source, error_weight)
+  return functools.partial(predict_fn, jax.device_put(variables))
 
 
 def predict(

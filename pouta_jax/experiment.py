@@ -137,11 +137,13 @@ def run(
     raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
-  if config.eval.reconstruction_error and not models.get(config.model.name).reconstructs:
-    raise errors.ConfigError(
-      f"config.eval.reconstruction_error=True: model {config.model.name!r} has no "
-      f"reconstruction to score (expected False)"
-    )
+  if not models.get(config.model.name).reconstructs:
+    for key, unset in (("reconstruction_error", False), ("error_weight", 0.0)):
+      if config.eval[key] != unset:
+        raise errors.ConfigError(
+          f"config.eval.{key}={config.eval[key]}: model {config.model.name!r} has no "
+          f"reconstruction to score (expected {unset})"
+        )
   # The mesh must fit the platform, the devices, the batch and the categories.
   mesh = sharding.make_mesh(config)
   logging.info("Devices: %s", sharding.describe(mesh))
@@ -366,7 +368,11 @@ def _run_predictors(
   `source`: evaluate.MAP_SOURCES."""
   return [
     evaluate.model_predict_fn(
-      model, train.run_variables(variables, i), config.eval.score_filter_size, source
+      model,
+      train.run_variables(variables, i),
+      config.eval.score_filter_size,
+      source,
+      config.eval.error_weight,
     )
     for i in range(count)
   ]

@@ -103,6 +103,16 @@ def _read_json(path: Path) -> dict | None:
   return files.read_json(path, hint="; evaluate the run again") if path.is_file() else None
 
 
+def _map_description(error_weight: float) -> str:
+  probability = "per-pixel anomaly probability"
+  if not error_weight:
+    return f"float32 (B, S, S) in [0, 1]: {probability}"
+  return (
+    f"float32 (B, S, S) in [0, {1 + error_weight:g}]: {probability} plus {error_weight:g} x the "
+    "reconstruction error (mean |image - reconstruction| over the channels)"
+  )
+
+
 def export(
   workdir: str | Path,
   out: str | Path,
@@ -145,7 +155,9 @@ def export(
   trained = trained_model(workdir, run, config)
   category, model, variables = trained.category, trained.model, trained.variables
 
-  predict_fn = evaluate.make_predict_fn(model, config.eval.score_filter_size)
+  predict_fn = evaluate.make_predict_fn(
+    model, config.eval.score_filter_size, error_weight=config.eval.error_weight
+  )
   programs = {}
   if runtime == "jax":
     variables_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
@@ -173,7 +185,7 @@ def export(
       "scale": "uint8 / 255",
     },
     "outputs": {
-      "anomaly_map": "float32 (B, S, S) in [0, 1]: per-pixel anomaly probability",
+      "anomaly_map": _map_description(config.eval.error_weight),
       "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
       f"{config.eval.score_filter_size} mean-filtered map (zero "
       "padding)",

@@ -158,7 +158,12 @@ def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
     model=config.model.name,
     image_size=config.data.image_size,
     batch_size=0,
-    fn=evaluate.model_predict_fn(trained.model, trained.variables, config.eval.score_filter_size),
+    fn=evaluate.model_predict_fn(
+      trained.model,
+      trained.variables,
+      config.eval.score_filter_size,
+      error_weight=config.eval.error_weight,
+    ),
     thresholds=_run_thresholds(export.read_thresholds(trained.folder, trained.category)),
   )
 

@@ -58,6 +58,7 @@ def test_unknown_key_is_an_error_naming_it():
     ("optim.milestones", (0.9, 0.8), "increasing fractions"),
     ("eval.score_filter_size", 4, "odd filter size"),
     ("eval.num_heatmaps", -2, "or -1 for every one"),
+    ("eval.error_weight", -0.5, "a weight >= 0"),
     ("mesh.num_devices", -1, "0 .all devices. or a count"),
     ("data.anomaly_prob", 1.5, r"probability in \[0, 1\]"),
     ("data.categories", ("pill", "pill"), "distinct category names"),

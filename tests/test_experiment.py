@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pouta_jax import evaluate, experiment, export, report
+from pouta_jax import artifact, evaluate, experiment, export, report
 from pouta_jax.data import DataError, category_folder
 from pouta_jax.data.folder import load_test_set
 from pouta_jax.errors import ConfigError
@@ -128,12 +128,31 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   assert abs(peer - metrics["draem"]["pill"]["pixel_ap"]) > 1e-3  # another map than the model's
   assert "| draem_recon_error | pill | crack |" in (workdir / "results.md").read_text()
 
+  # The error in the score: evaluated again with eval.error_weight (a changed evaluation, so
+  # named in allow_changes), the map is the model's plus the weighted error; the export too.
+  config = trained.config
+  config.eval.error_weight = 0.5
+  with pytest.raises(ConfigError, match="config.eval.error_weight: stored 0.0, now 0.5"):
+    experiment.run(config, workdir, mode="eval")
+  weighted = experiment.run(config, workdir, mode="eval", allow_changes=["eval.error_weight"])
+  own_map = trained.model.apply(trained.variables, images, train=False)["anomaly_map"]
+  expected = np.asarray(own_map) + 0.5 * error
+  own_ap = metrics["draem"]["pill"]["pixel_ap"]
+  assert weighted["metrics"]["draem"]["pill"]["pixel_ap"] == pytest.approx(
+    average_precision_score(test_set["mask"].ravel(), expected.ravel()), abs=1e-4
+  )
+  assert abs(weighted["metrics"]["draem"]["pill"]["pixel_ap"] - own_ap) > 1e-3
+  art = artifact.load(export.export(workdir, tmp_path / "artifact"))
+  assert "plus 0.5 x the reconstruction error" in art.manifest["outputs"]["anomaly_map"]
+  np.testing.assert_allclose(art.predict(images)[0], expected, atol=1e-5)
 
-def test_reconstruction_error_needs_a_model_that_reconstructs(dataset_root, tmp_path):
+
+@pytest.mark.parametrize("key, value", [("reconstruction_error", True), ("error_weight", 0.5)])
+def test_reconstruction_error_needs_a_model_that_reconstructs(dataset_root, tmp_path, key, value):
   config = make_tiny_config("prn", dataset_root)
   config.backbone.pretrained = False
-  config.eval.reconstruction_error = True
-  with pytest.raises(ConfigError, match="model 'prn' has no reconstruction to score"):
+  config.eval[key] = value
+  with pytest.raises(ConfigError, match=f"eval.{key}={value}: model 'prn' has no reconstruction"):
     experiment.run(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
