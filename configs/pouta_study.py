@@ -173,6 +173,17 @@ def get_study() -> dict:
         pinned=False,
       ),
       dict(
+        name="error",
+        question="the reconstruction error in the score: the map plus W times mean |x - "
+        "reconstruction| (eval.error_weight; that error alone beats both maps on granite's "
+        "test set, README)",
+        configs=("configs/draem.py", "configs/pouta.py"),
+        sweep=("eval.error_weight=0.5,1",),
+        include=(TODAY,),
+        test=True,
+        pinned=False,
+      ),
+      dict(
         name="steps",
         question="(g) twice the steps (600)",
         configs=("configs/draem.py", "configs/pouta.py"),
