@@ -20,6 +20,7 @@ import functools
 import logging
 import shutil
 import sys
+import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 import grain
@@ -100,20 +101,44 @@ def _disk_full(directory: Path, step: int | str, what: str) -> errors.DiskFullEr
   )
 
 
+# A failed write's partial folder is removed until none has reappeared for QUIET_S seconds (at
+# most GIVE_UP_S): tensorstore's writes still in flight when orbax gave up recreate its folders
+# as they land (a clean-clone CI run on a busy machine found one left behind).
+QUIET_S, GIVE_UP_S = 1.0, 30.0
+
+
+def _remove_partials(directory: Path) -> list[str]:
+  """Removes orbax's temporary folders (of a failed write) in `directory`; their names."""
+  removed: list[str] = []
+  start = quiet_since = time.monotonic()
+  while time.monotonic() - quiet_since < QUIET_S and time.monotonic() - start < GIVE_UP_S:
+    partials = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+    for partial in partials:
+      shutil.rmtree(partial, ignore_errors=True)
+      removed += [partial.name] if partial.name not in removed else []
+    if partials:
+      quiet_since = time.monotonic()
+    time.sleep(0.05)
+  return removed
+
+
 @contextlib.contextmanager
-def _full_disk_reported(directory: Path, step: int | None = None) -> Iterator[None]:
+def _full_disk_reported(mngr: ocp.CheckpointManager, step: int | None = None) -> Iterator[None]:
   """Turns a write (of `step`, or of the step being written in the background) that filled the
   disk into one DiskFullError naming it, after removing the partial checkpoint (orbax leaves
   its temporary folder behind)."""
+  directory = Path(mngr.directory)
   try:
     yield
   except Exception as e:
     if not errors.is_disk_full(e):
       raise
-    partials = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
-    written = step if step is not None else ", ".join(p.name.split(".")[0] for p in partials)
-    for partial in partials:
-      shutil.rmtree(partial, ignore_errors=True)
+    try:  # orbax's own background work on the failed step ends first
+      mngr.wait_until_finished()
+    except Exception:  # the same failure, reported below
+      pass
+    partials = _remove_partials(directory)
+    written = step if step is not None else ", ".join(p.split(".")[0] for p in partials)
     raise _disk_full(
       directory, written or "in progress", "was not written (the partial one is removed)"
     ) from None
@@ -121,7 +146,7 @@ def _full_disk_reported(directory: Path, step: int | None = None) -> Iterator[No
 
 def wait(mngr: ocp.CheckpointManager) -> None:
   """Returns when every save is on disk; raises what a write in the background raised."""
-  with _full_disk_reported(Path(mngr.directory)):
+  with _full_disk_reported(mngr):
     mngr.wait_until_finished()
 
 
@@ -149,7 +174,7 @@ def save(
   items = {"state": ocp.args.StandardSave(_fields(state))}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  with _full_disk_reported(directory, step):
+  with _full_disk_reported(mngr, step):
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
   if block:
     wait(mngr)

@@ -289,7 +289,11 @@ def _write_run_outputs(
   # The heatmaps' binary map: at the deployment threshold where there is one.
   pixel = (validated or main).thresholds["pixel"]
   panels = report.heatmap_panels(
-    test_set, main.maps, float("nan") if pixel is None else pixel, config.eval.num_heatmaps
+    test_set,
+    main.maps,
+    float("nan") if pixel is None else pixel,
+    config.eval.num_heatmaps,
+    1.0 + config.eval.error_weight,
   )
   report.write_heatmaps(folder / "heatmaps", panels)
   report.write_evaluation_to_tensorboard(folder, step, main.metrics, panels)

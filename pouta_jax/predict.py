@@ -11,7 +11,8 @@ bilinear resize to the training size). 16-bit and float images are refused as in
 
     scores.csv            path, image score, decision (anomalous / normal at the threshold)
     maps/<name>.png       the anomaly map at the image's own size: 16-bit, value / 65535 is the
-                          per-pixel anomaly probability (or maps/<name>.npy, float32)
+                          per-pixel anomaly probability, times 1 + eval.error_weight for a
+                          model scored with its reconstruction error (or maps/<name>.npy, float32)
     overlays/<name>.png   the map over the image, with the score and the decision written in
     errors.csv            files that could not be read, and why (all others are scored)
     predict.json          the model, the threshold and where it came from, the counts
@@ -56,8 +57,8 @@ THRESHOLD_SOURCES = ("calibrated", "validation", "oracle")
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-  """A model ready to score images: float32 (B, S, S, 3) in [0, 1] -> maps (B, S, S) in [0, 1]
-  and image scores (B,), with the image thresholds it carries."""
+  """A model ready to score images: float32 (B, S, S, 3) in [0, 1] -> maps (B, S, S) in
+  [0, map_max] and image scores (B,), with the image thresholds it carries."""
 
   source: str  # what was loaded, for predict.json
   model: str
@@ -65,6 +66,7 @@ class Predictor:
   batch_size: int  # the program's fixed batch; 0: any
   fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
   thresholds: dict[str, tuple[float, str]]  # source (THRESHOLD_SOURCES) -> (value, rule)
+  map_max: float = 1.0  # 1 + eval.error_weight: a probability plus the weighted error
 
   def threshold(self, choice: str = "") -> tuple[float | None, str]:
     """The image threshold and how it was set, for `--threshold=choice`: a source, a number, or
@@ -107,7 +109,7 @@ class Predictor:
         full = Image.fromarray(np.asarray(m, np.float32), mode="F").resize(
           image.size, Image.BILINEAR
         )
-        out.append((np.clip(np.asarray(full), 0.0, 1.0), float(s)))
+        out.append((np.clip(np.asarray(full), 0.0, self.map_max), float(s)))
     return out
 
 
@@ -131,6 +133,13 @@ def from_artifact(path: str | Path) -> Predictor:
   thresholds.update(
     _run_thresholds({"validation": art.validation_thresholds, "oracle": art.thresholds})
   )
+  config = art.manifest.get("config")
+  evaluation = config.get("eval") if isinstance(config, dict) else None
+  weight = evaluation.get("error_weight", 0.0) if isinstance(evaluation, dict) else 0.0
+  if not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+    raise artifact_lib.ArtifactError(
+      f"{path}/{artifact_lib.MANIFEST}: config.eval.error_weight {weight!r} is not a weight >= 0"
+    )
   return Predictor(
     source=f"artifact {files.absolute(path)}",
     model=art.manifest["model"],
@@ -138,6 +147,7 @@ def from_artifact(path: str | Path) -> Predictor:
     batch_size=0 if batch == "any" else int(batch),
     fn=art.predict,
     thresholds=thresholds,
+    map_max=1.0 + weight,
   )
 
 
@@ -165,6 +175,7 @@ def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
       error_weight=config.eval.error_weight,
     ),
     thresholds=_run_thresholds(export.read_thresholds(trained.folder, trained.category)),
+    map_max=1.0 + config.eval.error_weight,
   )
 
 
@@ -245,12 +256,13 @@ def _overlay(image: Image.Image, anomaly_map: np.ndarray, score: float, decision
   return report.png_bytes(picture)
 
 
-def _map_bytes(anomaly_map: np.ndarray, map_format: str) -> bytes:
+def _map_bytes(anomaly_map: np.ndarray, map_format: str, map_max: float) -> bytes:
   if map_format == "npy":
     out = io.BytesIO()
     np.save(out, anomaly_map.astype(np.float32))
     return out.getvalue()
-  return report.png_bytes(Image.fromarray(np.round(anomaly_map * 65535).astype(np.uint16)))
+  levels = np.round(anomaly_map / map_max * 65535).astype(np.uint16)
+  return report.png_bytes(Image.fromarray(levels))
 
 
 def predict(
@@ -286,9 +298,12 @@ def predict(
       decision = "" if threshold is None else ("anomalous" if score >= threshold else "normal")
       name = output_name(path, root)
       rows.append([str(path), f"{score:.6f}", decision])
-      files.write_atomic(staging / "maps" / f"{name}{suffix}", _map_bytes(anomaly_map, map_format))
       files.write_atomic(
-        staging / "overlays" / f"{name}.png", _overlay(image, anomaly_map, score, decision)
+        staging / "maps" / f"{name}{suffix}", _map_bytes(anomaly_map, map_format, predictor.map_max)
+      )
+      files.write_atomic(
+        staging / "overlays" / f"{name}.png",
+        _overlay(image, anomaly_map / predictor.map_max, score, decision),
       )
     summary = {
       "source": predictor.source,
@@ -300,7 +315,8 @@ def predict(
       "unreadable": len(failures) - 1,
       "threshold": threshold,
       "threshold_rule": rule,
-      "maps": f"{map_format}: " + ("float32" if map_format == "npy" else "uint16, value / 65535"),
+      "maps": f"{map_format}: "
+      + ("float32" if map_format == "npy" else f"uint16, value / 65535 x {predictor.map_max:g}"),
     }
     files.write_atomic(staging / "scores.csv", report.csv_text(rows))
     files.write_atomic(staging / "errors.csv", report.csv_text(failures))

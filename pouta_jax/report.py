@@ -218,18 +218,23 @@ def overlaid(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
 
 
 def heatmap_panel(
-  image: np.ndarray, mask: np.ndarray, anomaly_map: np.ndarray, threshold: float
+  image: np.ndarray,
+  mask: np.ndarray,
+  anomaly_map: np.ndarray,
+  threshold: float,
+  map_max: float = 1.0,
 ) -> np.ndarray:
-  """image | ground truth | anomaly map over the image | map >= threshold, side by side."""
+  """image | ground truth | anomaly map over the image | map >= threshold, side by side; the
+  colours span [0, map_max] (1 + eval.error_weight)."""
   gray = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
-  overlay = overlaid(image, anomaly_map)
+  overlay = overlaid(image, anomaly_map / map_max)
   predicted = np.repeat((anomaly_map >= threshold)[..., None].astype(np.uint8) * 255, 3, -1)
   gap = np.full((image.shape[0], 2, 3), 255, np.uint8)
   return np.concatenate([image, gap, gray, gap, overlay, gap, predicted], axis=1)
 
 
 def heatmap_panels(
-  test_set: dict, maps: np.ndarray, threshold: float, count: int
+  test_set: dict, maps: np.ndarray, threshold: float, count: int, map_max: float = 1.0
 ) -> dict[str, np.ndarray]:
   """`heatmap_panel`s of up to `count` test images (-1: all of them) by `<defect>_<name>`,
   defective ones first, small ones enlarged to MIN_PANEL_HEIGHT."""
@@ -239,7 +244,7 @@ def heatmap_panels(
   step = max(1, len(order) // max(count, 1))
   panels = {}
   for i in order[::step][:count]:
-    panel = heatmap_panel(test_set["image"][i], test_set["mask"][i], maps[i], threshold)
+    panel = heatmap_panel(test_set["image"][i], test_set["mask"][i], maps[i], threshold, map_max)
     scale = max(1, MIN_PANEL_HEIGHT // panel.shape[0])
     panels[str(test_set["name"][i]).replace("/", "_")] = np.repeat(
       np.repeat(panel, scale, axis=0), scale, axis=1

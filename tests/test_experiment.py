@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pouta_jax import artifact, evaluate, experiment, export, report
+from pouta_jax import artifact, evaluate, experiment, export, predict, report
 from pouta_jax.data import DataError, category_folder
 from pouta_jax.data.folder import load_test_set
 from pouta_jax.errors import ConfigError
@@ -145,6 +145,8 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   art = artifact.load(export.export(workdir, tmp_path / "artifact"))
   assert "plus 0.5 x the reconstruction error" in art.manifest["outputs"]["anomaly_map"]
   np.testing.assert_allclose(art.predict(images)[0], expected, atol=1e-5)
+  # Scoring new images: maps stored over [0, 1.5] (test_predict.py), from either source.
+  assert predict.from_artifact(art.path).map_max == predict.from_workdir(workdir).map_max == 1.5
 
 
 @pytest.mark.parametrize("key, value", [("reconstruction_error", True), ("error_weight", 0.5)])

@@ -73,6 +73,27 @@ def test_every_image_is_scored_at_its_own_size(tmp_path):
   assert json.loads((tmp_path / "out" / "predict.json").read_text()) == summary
 
 
+def test_maps_of_a_model_scored_with_its_reconstruction_error_are_not_clipped_at_one(tmp_path):
+  _images(tmp_path / "in")
+
+  def wide(images):  # maps in [0, 1.5], as with eval.error_weight=0.5
+    maps, scores = _brightness(images)
+    return 1.5 * maps, 1.5 * scores
+
+  predictor = predict.Predictor("test", "wide", SIZE, 0, wide, {}, map_max=1.5)
+  summary = predict.predict(predictor, str(tmp_path / "in" / "scan.tiff"), tmp_path / "out")
+  assert summary["maps"] == "png16: uint16, value / 65535 x 1.5"
+  stored = np.asarray(Image.open(tmp_path / "out" / "maps" / "scan.tiff.png")) / 65535 * 1.5
+  seen = (
+    Image.open(tmp_path / "in" / "scan.tiff").convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+  )
+  want = Image.fromarray(1.5 * np.asarray(seen, np.float32).mean(-1) / 255, "F").resize(
+    (50, 50), Image.BILINEAR
+  )
+  assert stored.max() > 1  # brightness 0.7 x 1.5
+  np.testing.assert_allclose(stored, np.asarray(want), atol=1.5 / 65535 + 1e-6)
+
+
 def test_a_fixed_batch_program_and_npy_maps(tmp_path):
   _images(tmp_path / "in")
   predictor = _predictor(batch_size=3)

@@ -56,6 +56,13 @@ def test_heatmap_panel_layout():
   assert panel.shape == (8, 4 * 8 + 3 * 2, 3) and panel.dtype == np.uint8
   predicted = panel[:, -8:, 0] > 0
   np.testing.assert_array_equal(predicted, mask)
+  # A map with the weighted reconstruction error spans [0, 1 + weight]: coloured over that span
+  # (not saturated at 1), thresholded as it is.
+  wide = report.heatmap_panel(image, mask, 1.5 * amap + 0.3, threshold=1.0, map_max=1.5)
+  np.testing.assert_array_equal(
+    wide[:, :-8], report.heatmap_panel(image, mask, amap + 0.2, 2 / 3)[:, :-8]
+  )
+  np.testing.assert_array_equal(wide[:, -8:, 0] > 0, mask)
 
 
 def test_write_heatmaps_spread_over_defect_types_and_upscale_small_maps(tmp_path):
