@@ -295,6 +295,20 @@ def test_corrupted_artifact_files_are_named(trained, tmp_path, how):
     artifact.load(old)
 
 
+@pytest.mark.parametrize("weight", ["0.5", -1, None])
+def test_a_crafted_error_weight_in_the_manifest_is_named(trained, tmp_path, weight):
+  """A manifest re-signed after its error weight was changed to a non-weight: refused when the
+  predictor would scale its maps by it."""
+  _, workdir, _, _ = trained
+  exported = export.export(workdir, tmp_path / "art")
+  manifest = json.loads((exported / artifact.MANIFEST).read_text())
+  manifest["config"]["eval"]["error_weight"] = weight
+  manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+  (exported / artifact.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(artifact.ArtifactError, match=r"config.eval.error_weight .* not a weight"):
+    predict.from_artifact(exported)
+
+
 def test_outputs_are_readable_as_any_file_the_user_creates(trained, tmp_path):
   _, workdir, _, _ = trained
   exported = export.export(workdir, tmp_path / "art")
