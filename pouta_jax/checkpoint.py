@@ -103,7 +103,7 @@ def _disk_full(directory: Path, step: int | str, what: str) -> errors.DiskFullEr
 
 # A failed write's partial folder is removed until none has reappeared for QUIET_S seconds (at
 # most GIVE_UP_S): tensorstore's writes still in flight when orbax gave up recreate its folders
-# as they land (a clean-clone CI run on a busy machine found one left behind).
+# as they land (a clean-clone CI run found one left behind once; not reproduced alone).
 QUIET_S, GIVE_UP_S = 1.0, 30.0
 
 
