@@ -109,17 +109,17 @@ QUIET_S, GIVE_UP_S = 1.0, 30.0
 
 def _remove_partials(directory: Path) -> list[str]:
   """Removes orbax's temporary folders (of a failed write) in `directory`; their names."""
-  removed: list[str] = []
+  removed: set[str] = set()
   start = quiet_since = time.monotonic()
   while time.monotonic() - quiet_since < QUIET_S and time.monotonic() - start < GIVE_UP_S:
-    partials = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+    partials = list(directory.glob("*.orbax-checkpoint-tmp*"))
     for partial in partials:
       shutil.rmtree(partial, ignore_errors=True)
-      removed += [partial.name] if partial.name not in removed else []
+    removed.update(p.name for p in partials)
     if partials:
       quiet_since = time.monotonic()
     time.sleep(0.05)
-  return removed
+  return sorted(removed)
 
 
 @contextlib.contextmanager

@@ -137,11 +137,17 @@ def test_command_line_train_and_eval_then_eval(dataset_root, tmp_path):
   weighted = experiment.run(config, workdir, mode="eval", allow_changes=["eval.error_weight"])
   own_map = trained.model.apply(trained.variables, images, train=False)["anomaly_map"]
   expected = np.asarray(own_map) + 0.5 * error
-  own_ap = metrics["draem"]["pill"]["pixel_ap"]
-  assert weighted["metrics"]["draem"]["pill"]["pixel_ap"] == pytest.approx(
-    average_precision_score(test_set["mask"].ravel(), expected.ravel()), abs=1e-4
+  predict_weighted = evaluate.model_predict_fn(
+    trained.model, trained.variables, 3, error_weight=0.5
   )
-  assert abs(weighted["metrics"]["draem"]["pill"]["pixel_ap"] - own_ap) > 1e-3
+  maps, _ = evaluate.predict(predict_weighted, test_set["image"], config.eval.batch_size)
+  np.testing.assert_allclose(maps, expected, atol=1e-5)  # as the error's maps above
+  # The metrics are those maps' (the run's programs and batches: the same floats).
+  weighted_ap = weighted["metrics"]["draem"]["pill"]["pixel_ap"]
+  assert weighted_ap == pytest.approx(
+    average_precision_score(test_set["mask"].ravel(), maps.ravel()), abs=1e-9
+  )
+  assert abs(weighted_ap - metrics["draem"]["pill"]["pixel_ap"]) > 1e-3
   art = artifact.load(export.export(workdir, tmp_path / "artifact"))
   assert "plus 0.5 x the reconstruction error" in art.manifest["outputs"]["anomaly_map"]
   np.testing.assert_allclose(art.predict(images)[0], expected, atol=1e-5)
