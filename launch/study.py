@@ -8,7 +8,10 @@ Every run is a program of its own, in `<workdir>/<question>/<dataset>/<model>/<p
 (the point includes the seed). A run whose metrics.json exists is done and skipped, so the study
 resumes where it stopped and grows with new questions; a finished run scored on an older
 validation set (before data.val_defects) is evaluated again from its checkpoint
-(`--mode=eval`), not retrained; `--report_only` writes the report from the runs done so far.
+(`--mode=eval`), not retrained; a run that differs from another only in how a model is scored
+(config.SCORING_KEYS: a question over eval.error_weight, say) evaluates a copy of that run's
+checkpoints instead of training the same model again (`plan`); `--report_only` writes the
+report from the runs done so far.
 Single-run programs, not stacked ones: on 2 CPU cores the unrolled step of 12 stacked tiny
 runs was still compiling after 3 minutes, while the single-run programs of one model and image
 size are one program (hyperparameters and seeds are its inputs), compiled once
@@ -178,21 +181,78 @@ def check_configs(found: list[sweep.Job]) -> None:
   study's: a run is its config, not its command line (a study file that spells out a value
   the default already had keeps its runs)."""
   for job in found:
-    path = files.path(job.workdir) / "config.json"
-    if not path.is_file():
+    workdir = files.path(job.workdir)
+    if not (workdir / "config.json").is_file():
       continue
-    stored = files.read_json(path, errors.ConfigError, "; remove the run")
-    stored = json.loads(config_lib.upgrade(stored).to_json_best_effort())
+    # A copy not yet evaluated holds its source's scoring keys (`plan`).
+    copied = (workdir / SCORED_FROM).is_file()
     changed = [
       f"config.{key}: stored {old!r}, now {new!r}"
-      for key, old, new in config_lib.differences(stored, job_config(job))
-      if key not in config_lib.OUTPUT_ONLY_KEYS
+      for key, old, new in config_lib.differences(stored_config(job.workdir), job_config(job))
+      if key not in config_lib.OUTPUT_ONLY_KEYS and not (copied and key in config_lib.SCORING_KEYS)
     ]
     if changed:
       raise errors.ConfigError(
         f"{job.workdir} was run with another config ({'; '.join(changed)}); remove it, or "
         f"give this study another --workdir"
       )
+
+
+def stored_config(workdir: str) -> dict:
+  """The config a run stored, as today's code reads it (as JSON)."""
+  stored = files.read_json(files.path(workdir) / "config.json", errors.ConfigError, "; remove it")
+  return json.loads(config_lib.upgrade(stored).to_json_best_effort())
+
+
+# In a run made from another's checkpoints (`plan`): {"source": that run's workdir}.
+SCORED_FROM = "scored_from.json"
+
+
+def plan(
+  pending: list[sweep.Job], trained: list[sweep.Job]
+) -> tuple[list, dict[sweep.Job, str | None]]:
+  """Which of the `pending` runs train, and which are another run's model scored their own way:
+  runs whose configs differ only in config.SCORING_KEYS train the same model
+  (config.training_identity), so one trains and the others evaluate copies of its checkpoints.
+  Returns (the runs to train, {run to score: the workdir of the run it copies}); that run is
+  one of the `trained` (finished) runs, or one of those to train, whose copies wait for it. A run
+  started as a copy goes on as one (None: its copy is made); one started training goes on
+  training."""
+  sources = {}
+  for job in trained:
+    sources.setdefault(config_lib.training_identity(stored_config(job.workdir)), job.workdir)
+  to_train, to_score = [], {}
+  for job in pending:
+    workdir = files.path(job.workdir)
+    if (workdir / SCORED_FROM).is_file():
+      to_score[job] = None
+      continue
+    identity = config_lib.training_identity(job_config(job))
+    if identity in sources and not workdir.exists():
+      to_score[job] = sources[identity]
+    else:
+      sources.setdefault(identity, job.workdir)
+      to_train.append(job)
+  return to_train, to_score
+
+
+def copy_trained(source: str, workdir: str) -> None:
+  """Makes `workdir` a run of `source`'s config and checkpoints, none of its results, marked with
+  SCORED_FROM: assembled aside and moved into place whole, so a stopped copy is no run."""
+  checkpoints = files.path(source) / "checkpoints"
+  with files.atomic_folder(workdir, SCORED_FROM) as staging:
+    for file in [files.path(source) / "config.json", *files.files_in(checkpoints)]:
+      target = staging / file.relative_to(files.path(source))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(file.read_bytes())
+    files.write_json(staging / SCORED_FROM, {"source": source})
+
+
+def scoring_command(job: sweep.Job) -> list[str]:
+  """The command that evaluates `job`'s copy of a trained run with `job`'s own scoring keys
+  (`plan` made sure that no other key differs)."""
+  allowed = ",".join(sorted(config_lib.SCORING_KEYS))
+  return [*job.command(), "--mode=eval", f"--allow_config_change={allowed}"]
 
 
 def axis_keys(question: dict) -> list[str]:
@@ -368,39 +428,84 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
   return "\n".join(lines) + "\n"
 
 
+def is_finished(workdir: str) -> bool:
+  return (files.path(workdir) / "metrics.json").is_file()
+
+
+def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) -> list[str]:
+  """Runs what the `--only` questions lack, in rounds (a copy of a run's checkpoints waits for
+  its training: `plan`), until nothing is left or a run fails; the failed commands."""
+  first, ran = True, set()
+  while True:
+    found = jobs(study, workdir, real_root, _ONLY.value)
+    check_configs(found)
+    pending = [j for j in found if not is_done(j)]
+    # Re-evaluated from their checkpoints (the same test metrics), not retrained.
+    rescore = [j for j in found if is_done(j) and is_scored_on_an_older_validation_set(j)]
+    trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
+    to_train, to_score = plan(pending, trained)
+    ready = [j for j, source in to_score.items() if source is None or is_finished(source)]
+    if first:
+      print(
+        f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set, "
+        f"{_PARALLEL.value} at a time",
+        flush=True,
+      )
+      if to_score:
+        print(
+          f"{len(to_score)} of the runs to do differ from another only in "
+          f"{', '.join(sorted(config_lib.SCORING_KEYS))}: they evaluate copies of its "
+          "checkpoints instead of training",
+          flush=True,
+        )
+    first = False
+    for job in ready:
+      if to_score[job] is not None:
+        copy_trained(to_score[job], job.workdir)
+    runs = [
+      *(([*j.command(), "--mode=eval"], f"{j.workdir}.eval.log") for j in rescore),
+      *((scoring_command(j), f"{j.workdir}.log") for j in ready),
+      *((j.command(), f"{j.workdir}.log") for j in to_train),
+    ]
+    if not runs:
+      return []
+    again = [j.workdir for j in [*rescore, *ready, *to_train] if j.workdir in ran]
+    if again:  # each round finishes what it runs; one that did not would run forever
+      return [f"{w}: its run ended without an error and without metrics.json" for w in again]
+    ran.update(j.workdir for j in [*rescore, *ready, *to_train])
+    for _, log in runs:
+      Path(log).parent.mkdir(parents=True, exist_ok=True)
+    failed = sweep.run_all([c for c, _ in runs], env, [{}] * _PARALLEL.value, [g for _, g in runs])
+    if failed:
+      return failed
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   study = load(_STUDY.value)
   workdir, real_root = _WORKDIR.value, _REAL_ROOT.value
-  found = jobs(study, workdir, real_root, _ONLY.value)
-  pending = [j for j in found if not is_done(j)]
-  # Re-evaluated from their checkpoints (the same test metrics), not retrained.
-  rescore = [j for j in found if is_done(j) and is_scored_on_an_older_validation_set(j)]
   env = {
     **sweep.thread_env(_THREADS.value),
     "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
     or os.path.abspath(os.path.join(workdir, "compilation_cache")),
   }
   if _DRY_RUN.value:
-    for job in pending:
+    found = jobs(study, workdir, real_root, _ONLY.value)
+    trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
+    to_train, to_score = plan([j for j in found if not is_done(j)], trained)
+    for job in to_train:
       print(shlex.join(job.command()))
-    for job in rescore:
-      print(shlex.join([*job.command(), "--mode=eval"]))
+    for job, source in to_score.items():
+      copy = f"a copy of {source}'s checkpoints" if source else "the copy made before"
+      print(f"{shlex.join(scoring_command(job))}  # on {copy}")
+    for job in found:
+      if is_done(job) and is_scored_on_an_older_validation_set(job):
+        print(shlex.join([*job.command(), "--mode=eval"]))
     return
   failed = []
   if not _REPORT_ONLY.value:
-    check_configs(found)
-    print(
-      f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set, "
-      f"{_PARALLEL.value} at a time",
-      flush=True,
-    )
-    commands = [[*j.command(), "--mode=eval"] for j in rescore] + [j.command() for j in pending]
-    logs = [f"{j.workdir}.eval.log" for j in rescore] + [f"{j.workdir}.log" for j in pending]
-    for log in logs:
-      Path(log).parent.mkdir(parents=True, exist_ok=True)
-    failed = sweep.run_all(commands, env, [{}] * _PARALLEL.value, logs)
+    failed = run_missing(study, workdir, real_root, env)
     if failed:
       print("failed runs (logs beside their workdirs):\n" + "\n".join(failed), file=sys.stderr)
   out = _OUT.value or os.path.join(workdir, "study.md")

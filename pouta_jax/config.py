@@ -313,6 +313,20 @@ OUTPUT_ONLY_KEYS = frozenset(
 )
 
 
+# Keys that change only how a trained model is scored: with train.select=last (best_val picks
+# its checkpoint by the scores), runs that differ only in these and the output-only keys train
+# the same model (`training_identity`), so one's checkpoints serve the others.
+SCORING_KEYS = frozenset({"eval.error_weight", "eval.score_filter_size"})
+
+
+def training_identity(config: dict) -> str:
+  """What a run's trained model depends on, as text: its config (JSON, as stored and upgraded)
+  without the output-only keys and, with train.select=last, the scoring keys."""
+  flat = flatten(config)
+  ignored = OUTPUT_ONLY_KEYS | (SCORING_KEYS if flat["train.select"] == "last" else frozenset())
+  return json.dumps({k: v for k, v in flat.items() if k not in ignored}, sort_keys=True)
+
+
 # Keys whose values may differ between the runs of one program, besides data.category and the
 # numeric loss.* weights (`is_stackable`).
 STACKABLE_KEYS = frozenset(

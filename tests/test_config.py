@@ -158,3 +158,21 @@ def test_a_damaged_stored_config_is_named(tmp_path):
   (tmp_path / "config.json").write_text('{"model": {"name": "resnet"}}')
   with pytest.raises(errors.ConfigError, match="'resnet' is not a model of this version"):
     config_lib.from_workdir(tmp_path)
+
+
+def test_runs_alike_but_for_scoring_keys_train_the_same_model():
+  def identity(**changes) -> str:
+    config = config_lib.load("pouta").to_dict()
+    for key, value in changes.items():
+      section, name = key.split("__")
+      config[section][name] = value
+    return config_lib.training_identity(config)
+
+  today = identity()
+  assert identity(eval__error_weight=0.5, eval__score_filter_size=5) == today
+  assert identity(eval__num_heatmaps=0, train__log_every=1) == today  # output-only
+  assert identity(optim__lr=3e-4) != today and identity(eval__val_every=10) != today
+  # best_val chooses its checkpoint by the scores: the scoring keys change the model.
+  best = identity(train__select="best_val")
+  assert identity(train__select="best_val", eval__error_weight=0.5) != best
+  assert identity(train__select="best_val", eval__num_heatmaps=0) == best

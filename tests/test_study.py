@@ -200,6 +200,70 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert "| [0, 0, 0, 0] | – (fewer than 2 pairs) |" in section
 
 
+def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
+  dataset_root, tmp_path
+):
+  questions = """[
+    dict(name="d", question="default", configs=("configs/pouta.py",)),
+    dict(name="w", question="error weight", configs=("configs/pouta.py",),
+         sweep=("eval.error_weight=0.5,1",), include=("d/*",)),
+  ]"""
+  path, runs = _study_file(tmp_path, questions), tmp_path / "runs"
+  args = [f"--study={path}", f"--workdir={runs}", f"--real_root={dataset_root}"]
+  args.append(f"--out={tmp_path / 'study.md'}")
+  # Alone, w trains one of its runs and scores the other from it.
+  half, one = (runs / "w/real/pouta" / f"eval.error_weight={w}/weave" for w in (0.5, 1))
+  dry = _study(*args, "--only=w", "--dry_run").stdout.splitlines()
+  assert len(dry) == 2 and "--mode=eval" not in dry[0] and f"--workdir={half}" in dry[0]
+  allowed = "--mode=eval --allow_config_change=eval.error_weight,eval.score_filter_size"
+  assert f"--workdir={one} " in dry[1] and allowed in dry[1]
+  assert dry[1].endswith(f"# on a copy of {half}'s checkpoints")
+  # The whole study: d trains, then both of w's runs evaluate copies of its checkpoints.
+  result = _study(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "3 runs to do and 0 to score" in result.stdout
+  assert "2 of the runs to do differ from another only in eval.error_weight" in result.stdout
+  trained = runs / "d/real/pouta/weave"
+  checkpoints = sorted(p.relative_to(trained) for p in (trained / "checkpoints").rglob("*"))
+  for run, weight in ((half, 0.5), (one, 1)):
+    assert json.loads((run / "scored_from.json").read_text()) == {"source": str(trained)}
+    copied = sorted(p.relative_to(run) for p in (run / "checkpoints").rglob("*"))
+    assert copied == checkpoints
+    assert all(
+      (run / p).read_bytes() == (trained / p).read_bytes() for p in copied if (run / p).is_file()
+    )
+    assert json.loads((run / "config.json").read_text())["eval"]["error_weight"] == weight
+    change = json.loads((run / "config_changes.jsonl").read_text())
+    assert (change["key"], change["stored"], change["new"]) == ("eval.error_weight", 0.0, weight)
+  # The oracle: the trained run evaluated by pouta_jax.main with the weight.
+  direct = tmp_path / "direct"
+  shutil.copytree(trained, direct)
+  command = [a for a in dry[0].split() if a.startswith("--config")]  # half's
+  evaluated = subprocess.run(
+    [sys.executable, "-m", "pouta_jax.main", f"--workdir={direct}", "--mode=eval", *command]
+    + ["--allow_config_change=eval.error_weight"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  scored = json.loads((half / "metrics.json").read_text())["pouta"]
+  expected = json.loads((direct / "metrics.json").read_text())["pouta"]
+  assert scored["weave"] == expected["weave"] and scored["validation"] == expected["validation"]
+  unweighted = json.loads((trained / "metrics.json").read_text())["pouta"]
+  assert scored["validation"] != unweighted["validation"]
+  # A copy stopped before its evaluation (its config still the trained run's) goes on as one.
+  kept = (one / "metrics.json").read_text()
+  (one / "metrics.json").unlink()
+  (one / "config.json").write_text((trained / "config.json").read_text())
+  resumed = _study(*args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "1 runs to do" in resumed.stdout
+  again, before = (json.loads(text)["pouta"] for text in ((one / "metrics.json").read_text(), kept))
+  assert again["weave"] == before["weave"] and again["validation"] == before["validation"]
+
+
 @pytest.mark.parametrize(
   "questions, message",
   [
