@@ -185,8 +185,10 @@ def get_study() -> dict:
         "reconstruction| (eval.error_weight; that error alone beats both maps on granite's "
         "test set, README)",
         configs=("configs/draem.py", "configs/pouta.py"),
-        sweep=("eval.error_weight=0.5,1",),
-        include=(TODAY,),
+        sweep=("eval.error_weight=0,0.5,1,2",),
+        # Measured against the maps alone (W=0), each model's default before this question;
+        # every run scores a copy of the defaults question's checkpoints (launch/study.py).
+        include=("error/*/*/eval.error_weight=0,*",),
         test=True,
         pinned=False,
       ),

@@ -8,10 +8,11 @@ Every run is a program of its own, in `<workdir>/<question>/<dataset>/<model>/<p
 (the point includes the seed). A run whose metrics.json exists is done and skipped, so the study
 resumes where it stopped and grows with new questions; a finished run scored on an older
 validation set (before data.val_defects) is evaluated again from its checkpoint
-(`--mode=eval`), not retrained; a run that differs from another only in how a model is scored
-(config.SCORING_KEYS: a question over eval.error_weight, say) evaluates a copy of that run's
-checkpoints instead of training the same model again (`plan`); `--report_only` writes the
-report from the runs done so far.
+(`--mode=eval`), not retrained, and so is one whose scoring keys (config.SCORING_KEYS) differ
+from today's (a default changed since); a run that differs from another only in how a model is
+scored (a question over eval.error_weight, say) evaluates a copy of that run's checkpoints
+instead of training the same model again (`plan`); `--report_only` writes the report from the
+runs done so far.
 Single-run programs, not stacked ones: on 2 CPU cores the unrolled step of 12 stacked tiny
 runs was still compiling after 3 minutes, while the single-run programs of one model and image
 size are one program (hyperparameters and seeds are its inputs), compiled once
@@ -179,23 +180,37 @@ def check_configs(found: list[sweep.Job]) -> None:
   file's preset, common flags or a dataset root changed since, or a default in a config file)
   is refused, naming it and the keys, before anything runs, rather than counted as this
   study's: a run is its config, not its command line (a study file that spells out a value
-  the default already had keeps its runs)."""
+  the default already had keeps its runs). Scoring keys alone may differ (with
+  train.select=last): that run's model is evaluated again with today's (`needs_scoring`)."""
   for job in found:
     workdir = files.path(job.workdir)
     if not (workdir / "config.json").is_file():
       continue
-    # A copy not yet evaluated holds its source's scoring keys (`plan`).
-    copied = (workdir / SCORED_FROM).is_file()
+    stored, today = stored_config(job.workdir), job_config(job)
+    # A copy not yet evaluated holds its source's scoring keys, too (`plan`).
+    scoring = config_lib.SCORING_KEYS if same_model_scored_anew(stored, today) else ()
     changed = [
       f"config.{key}: stored {old!r}, now {new!r}"
-      for key, old, new in config_lib.differences(stored_config(job.workdir), job_config(job))
-      if key not in config_lib.OUTPUT_ONLY_KEYS and not (copied and key in config_lib.SCORING_KEYS)
+      for key, old, new in config_lib.differences(stored, today)
+      if key not in config_lib.OUTPUT_ONLY_KEYS and key not in scoring
     ]
     if changed:
       raise errors.ConfigError(
         f"{job.workdir} was run with another config ({'; '.join(changed)}); remove it, or "
         f"give this study another --workdir"
       )
+
+
+def same_model_scored_anew(stored: dict, today: dict) -> bool:
+  """Whether a run stored with config `stored` trained the model `today`'s config trains."""
+  return config_lib.training_identity(stored) == config_lib.training_identity(today)
+
+
+def scoring_changed(job: sweep.Job) -> bool:
+  """A started run whose scoring keys differ from today's (a default changed since): the same
+  model, evaluated again with today's (`check_configs` refused any other difference)."""
+  differences = config_lib.differences(stored_config(job.workdir), job_config(job))
+  return any(key in config_lib.SCORING_KEYS for key, _, _ in differences)
 
 
 def stored_config(workdir: str) -> dict:
@@ -248,11 +263,26 @@ def copy_trained(source: str, workdir: str) -> None:
     files.write_json(staging / SCORED_FROM, {"source": source})
 
 
+# Lets a run's scoring keys change (`check_configs` refused any other change).
+ALLOW_SCORING = f"--allow_config_change={','.join(sorted(config_lib.SCORING_KEYS))}"
+
+
 def scoring_command(job: sweep.Job) -> list[str]:
-  """The command that evaluates `job`'s copy of a trained run with `job`'s own scoring keys
-  (`plan` made sure that no other key differs)."""
-  allowed = ",".join(sorted(config_lib.SCORING_KEYS))
-  return [*job.command(), "--mode=eval", f"--allow_config_change={allowed}"]
+  """The command that evaluates `job`'s trained model (its own, or a copy's) again, with
+  `job`'s scoring keys and on the current validation set."""
+  return [*job.command(), "--mode=eval", ALLOW_SCORING]
+
+
+def training_command(job: sweep.Job) -> list[str]:
+  """`job`'s command; a started run goes on with today's scoring keys."""
+  started = (files.path(job.workdir) / "config.json").is_file()
+  return [*job.command(), *([ALLOW_SCORING] if started else [])]
+
+
+def needs_scoring(job: sweep.Job) -> bool:
+  """A finished run to evaluate again from its checkpoints, not retrain: scored on the
+  validation set of before data.val_defects, or with scoring keys other than today's."""
+  return is_done(job) and (is_scored_on_an_older_validation_set(job) or scoring_changed(job))
 
 
 def axis_keys(question: dict) -> list[str]:
@@ -440,15 +470,14 @@ def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) 
     found = jobs(study, workdir, real_root, _ONLY.value)
     check_configs(found)
     pending = [j for j in found if not is_done(j)]
-    # Re-evaluated from their checkpoints (the same test metrics), not retrained.
-    rescore = [j for j in found if is_done(j) and is_scored_on_an_older_validation_set(j)]
+    rescore = [j for j in found if needs_scoring(j)]
     trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
     to_train, to_score = plan(pending, trained)
     ready = [j for j, source in to_score.items() if source is None or is_finished(source)]
     if first:
       print(
-        f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set, "
-        f"{_PARALLEL.value} at a time",
+        f"{len(pending)} runs to do and {len(rescore)} to score on the current validation set "
+        f"or with today's scoring keys, {_PARALLEL.value} at a time",
         flush=True,
       )
       if to_score:
@@ -463,9 +492,9 @@ def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) 
       if to_score[job] is not None:
         copy_trained(to_score[job], job.workdir)
     runs = [
-      *(([*j.command(), "--mode=eval"], f"{j.workdir}.eval.log") for j in rescore),
+      *((scoring_command(j), f"{j.workdir}.eval.log") for j in rescore),
       *((scoring_command(j), f"{j.workdir}.log") for j in ready),
-      *((j.command(), f"{j.workdir}.log") for j in to_train),
+      *((training_command(j), f"{j.workdir}.log") for j in to_train),
     ]
     if not runs:
       return []
@@ -495,13 +524,13 @@ def main(argv: list[str]) -> None:
     trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
     to_train, to_score = plan([j for j in found if not is_done(j)], trained)
     for job in to_train:
-      print(shlex.join(job.command()))
+      print(shlex.join(training_command(job)))
     for job, source in to_score.items():
       copy = f"a copy of {source}'s checkpoints" if source else "the copy made before"
       print(f"{shlex.join(scoring_command(job))}  # on {copy}")
     for job in found:
-      if is_done(job) and is_scored_on_an_older_validation_set(job):
-        print(shlex.join([*job.command(), "--mode=eval"]))
+      if needs_scoring(job):
+        print(shlex.join(scoring_command(job)))
     return
   failed = []
   if not _REPORT_ONLY.value:

@@ -262,6 +262,23 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
   assert "1 runs to do" in resumed.stdout
   again, before = (json.loads(text)["pouta"] for text in ((one / "metrics.json").read_text(), kept))
   assert again["weave"] == before["weave"] and again["validation"] == before["validation"]
+  # A default of a scoring key changed under a finished run (here pinned by the study): its
+  # model evaluated again with it, in place; the question that varies the key keeps its values.
+  pinned = "pinned={'configs/pouta.py': ('--config.eval.error_weight=1',)}, questions="
+  path.write_text(path.read_text().replace("questions=", pinned))
+  checkpoints = {p: p.read_bytes() for p in (trained / "checkpoints").rglob("*") if p.is_file()}
+  rescored = _study(*args)
+  assert rescored.returncode == 0, rescored.stderr[-3000:]
+  assert "0 runs to do and 1 to score on the current validation set or with today's" in (
+    rescored.stdout
+  )
+  now = json.loads((trained / "metrics.json").read_text())["pouta"]
+  assert now["weave"] == again["weave"] and now["validation"] == again["validation"]  # one's
+  assert json.loads((trained / "config.json").read_text())["eval"]["error_weight"] == 1
+  assert json.loads((half / "config.json").read_text())["eval"]["error_weight"] == 0.5
+  assert {p: p.read_bytes() for p in (trained / "checkpoints").rglob("*") if p.is_file()} == (
+    checkpoints
+  )
 
 
 @pytest.mark.parametrize(
