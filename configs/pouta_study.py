@@ -52,8 +52,10 @@ def get_study() -> dict:
       ),
       dict(
         name="defaults",
-        question="DRAEM and POUTA at today's defaults (POUTA's chosen by the compact question): "
-        "what the later questions are measured against",
+        question="DRAEM and POUTA at today's defaults (POUTA's chosen by the compact and error "
+        "questions: it scores its map plus the reconstruction error, DRAEM its map alone; the "
+        "error question compares both at each scoring): what the later questions are measured "
+        "against",
         configs=("configs/draem.py", "configs/pouta.py"),
         test=True,
         pinned=False,

@@ -51,6 +51,14 @@ _VAL_FRACTION = flags.DEFINE_float(
   lower_bound=0.0,
   upper_bound=0.9,
 )
+_ERROR_WEIGHT = flags.DEFINE_float(
+  "error_weight",
+  1.0,
+  "eval.error_weight of every model that reconstructs (DRAEM, POUTA), so that the table "
+  "compares models, not scorings: the map plus this times the reconstruction error. 1 is the "
+  "design study's choice for both (POUTA's default); 0: the maps alone (DRAEM's paper).",
+  lower_bound=0.0,
+)
 _JOBS = flags.DEFINE_integer(
   "jobs", 2, "Runs at once, each in a worker process of its own.", lower_bound=1
 )
@@ -79,6 +87,11 @@ def _notes(configs: dict) -> list[str]:
         f"{model}: random (untrained) {config.backbone.name} backbone, since no "
         f"pretrained weights were given (--backbone_weights)"
       )
+    if models.get(model).reconstructs and config.eval.error_weight:
+      notes.append(
+        f"{model}: its map plus {config.eval.error_weight:g} x its reconstruction error "
+        f"(--error_weight; 0: the map alone)"
+      )
     if config.data.num_real_anomalies:
       notes.append(
         f"{model}: trained on {config.data.num_real_anomalies} real defect images "
@@ -105,6 +118,8 @@ def _config(model: str, category: str) -> ml_collections.ConfigDict:
   config.data.val_fraction = _VAL_FRACTION.value
   if _NUM_STEPS.value:
     config.train.num_steps = _NUM_STEPS.value
+  if models.get(model).reconstructs:
+    config.eval.error_weight = _ERROR_WEIGHT.value
   if _EMBEDDED_SEED.value:
     config.data.root = f"{config.data.embedded_dir}_seed{_EMBEDDED_SEED.value}"
   if "backbone" in config:

@@ -47,10 +47,13 @@ def trained(dataset_root, tmp_path_factory):
 
 def test_artifact_predicts_as_the_model_for_any_batch(trained, tmp_path):
   config, workdir, variables, results = trained
+  assert config.eval.error_weight == 1.0  # POUTA's default: its map plus the error
   out = export.export(workdir, tmp_path / "art", image_sizes=(32, 64))
   art = artifact.load(out)
   model = models.get("pouta").build(config)
-  predict_fn = evaluate.model_predict_fn(model, variables, config.eval.score_filter_size)
+  predict_fn = evaluate.model_predict_fn(
+    model, variables, config.eval.score_filter_size, error_weight=config.eval.error_weight
+  )
   rng = np.random.default_rng(0)
   for batch, size in ((3, 32), (5, 32), (2, 64)):  # one program per size serves every batch
     images = rng.random((batch, size, size, 3), dtype=np.float32)
@@ -82,7 +85,9 @@ def test_onnx_artifact_matches_the_jax_program_and_carries_its_metadata(trained,
   art = artifact.load(out)
   assert art.manifest["runtime"] == "onnx" and "jax2onnx" in art.manifest["versions"]
   model = models.get("pouta").build(config)
-  predict_fn = evaluate.model_predict_fn(model, variables, config.eval.score_filter_size)
+  predict_fn = evaluate.model_predict_fn(
+    model, variables, config.eval.score_filter_size, error_weight=config.eval.error_weight
+  )
   images = np.random.default_rng(1).random((3, 32, 32, 3), dtype=np.float32)
   maps, scores = art.predict(images)  # ONNX Runtime, any batch size
   want_maps, want_scores = jax.device_get(predict_fn(images))

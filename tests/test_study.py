@@ -206,17 +206,17 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
   questions = """[
     dict(name="d", question="default", configs=("configs/pouta.py",)),
     dict(name="w", question="error weight", configs=("configs/pouta.py",),
-         sweep=("eval.error_weight=0.5,1",), include=("d/*",)),
+         sweep=("eval.error_weight=0.5,2",), include=("d/*",)),
   ]"""
   path, runs = _study_file(tmp_path, questions), tmp_path / "runs"
   args = [f"--study={path}", f"--workdir={runs}", f"--real_root={dataset_root}"]
   args.append(f"--out={tmp_path / 'study.md'}")
   # Alone, w trains one of its runs and scores the other from it.
-  half, one = (runs / "w/real/pouta" / f"eval.error_weight={w}/weave" for w in (0.5, 1))
+  half, two = (runs / "w/real/pouta" / f"eval.error_weight={w}/weave" for w in (0.5, 2))
   dry = _study(*args, "--only=w", "--dry_run").stdout.splitlines()
   assert len(dry) == 2 and "--mode=eval" not in dry[0] and f"--workdir={half}" in dry[0]
   allowed = "--mode=eval --allow_config_change=eval.error_weight,eval.score_filter_size"
-  assert f"--workdir={one} " in dry[1] and allowed in dry[1]
+  assert f"--workdir={two} " in dry[1] and allowed in dry[1]
   assert dry[1].endswith(f"# on a copy of {half}'s checkpoints")
   # The whole study: d trains, then both of w's runs evaluate copies of its checkpoints.
   result = _study(*args)
@@ -225,7 +225,9 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
   assert "2 of the runs to do differ from another only in eval.error_weight" in result.stdout
   trained = runs / "d/real/pouta/weave"
   checkpoints = sorted(p.relative_to(trained) for p in (trained / "checkpoints").rglob("*"))
-  for run, weight in ((half, 0.5), (one, 1)):
+  default = json.loads((trained / "config.json").read_text())["eval"]["error_weight"]
+  assert default == 1.0  # POUTA's
+  for run, weight in ((half, 0.5), (two, 2)):
     assert json.loads((run / "scored_from.json").read_text()) == {"source": str(trained)}
     copied = sorted(p.relative_to(run) for p in (run / "checkpoints").rglob("*"))
     assert copied == checkpoints
@@ -234,7 +236,7 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
     )
     assert json.loads((run / "config.json").read_text())["eval"]["error_weight"] == weight
     change = json.loads((run / "config_changes.jsonl").read_text())
-    assert (change["key"], change["stored"], change["new"]) == ("eval.error_weight", 0.0, weight)
+    assert (change["key"], change["stored"], change["new"]) == ("eval.error_weight", 1.0, weight)
   # The oracle: the trained run evaluated by pouta_jax.main with the weight.
   direct = tmp_path / "direct"
   shutil.copytree(trained, direct)
@@ -251,20 +253,20 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
   scored = json.loads((half / "metrics.json").read_text())["pouta"]
   expected = json.loads((direct / "metrics.json").read_text())["pouta"]
   assert scored["weave"] == expected["weave"] and scored["validation"] == expected["validation"]
-  unweighted = json.loads((trained / "metrics.json").read_text())["pouta"]
-  assert scored["validation"] != unweighted["validation"]
+  at_default = json.loads((trained / "metrics.json").read_text())["pouta"]
+  assert scored["validation"] != at_default["validation"]
   # A copy stopped before its evaluation (its config still the trained run's) goes on as one.
-  kept = (one / "metrics.json").read_text()
-  (one / "metrics.json").unlink()
-  (one / "config.json").write_text((trained / "config.json").read_text())
+  kept = (two / "metrics.json").read_text()
+  (two / "metrics.json").unlink()
+  (two / "config.json").write_text((trained / "config.json").read_text())
   resumed = _study(*args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "1 runs to do" in resumed.stdout
-  again, before = (json.loads(text)["pouta"] for text in ((one / "metrics.json").read_text(), kept))
+  again, before = (json.loads(text)["pouta"] for text in ((two / "metrics.json").read_text(), kept))
   assert again["weave"] == before["weave"] and again["validation"] == before["validation"]
   # A default of a scoring key changed under a finished run (here pinned by the study): its
   # model evaluated again with it, in place; the question that varies the key keeps its values.
-  pinned = "pinned={'configs/pouta.py': ('--config.eval.error_weight=1',)}, questions="
+  pinned = "pinned={'configs/pouta.py': ('--config.eval.error_weight=2',)}, questions="
   path.write_text(path.read_text().replace("questions=", pinned))
   checkpoints = {p: p.read_bytes() for p in (trained / "checkpoints").rglob("*") if p.is_file()}
   rescored = _study(*args)
@@ -273,8 +275,8 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
     rescored.stdout
   )
   now = json.loads((trained / "metrics.json").read_text())["pouta"]
-  assert now["weave"] == again["weave"] and now["validation"] == again["validation"]  # one's
-  assert json.loads((trained / "config.json").read_text())["eval"]["error_weight"] == 1
+  assert now["weave"] == again["weave"] and now["validation"] == again["validation"]  # two's
+  assert json.loads((trained / "config.json").read_text())["eval"]["error_weight"] == 2
   assert json.loads((half / "config.json").read_text())["eval"]["error_weight"] == 0.5
   assert {p: p.read_bytes() for p in (trained / "checkpoints").rglob("*") if p.is_file()} == (
     checkpoints
