@@ -4,7 +4,7 @@ next to its untrained copy; `make demo-all` adds PRN.
     python -m pouta_jax.demo [--workdir=outputs/demo] [--models=draem,pouta,prn]
         [--categories=weave,pill] [--preset=tiny] [--num_steps=300]
         [--backbone_weights=resnet18.npz] [--jobs=2] [--compilation_cache=DIR]
-        [--embedded_seed=1]
+        [--embedded_seed=1] [--error_weight=1]
 
 The runs (one per model and category) go to `--jobs` worker processes: one tiny run keeps 2
 CPU cores only partly busy (small operations, compilation, evaluation), and two at once
