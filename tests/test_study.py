@@ -2,6 +2,7 @@
 chosen setting is the one with the best validation mean."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pouta_jax import sweep
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(70)
@@ -237,7 +240,8 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
     assert json.loads((run / "config.json").read_text())["eval"]["error_weight"] == weight
     change = json.loads((run / "config_changes.jsonl").read_text())
     assert (change["key"], change["stored"], change["new"]) == ("eval.error_weight", 1.0, weight)
-  # The oracle: the trained run evaluated by pouta_jax.main with the weight.
+  # The oracle: the trained run evaluated by pouta_jax.main with the weight (with the study's
+  # threads, so that both sum in one order).
   direct = tmp_path / "direct"
   shutil.copytree(trained, direct)
   command = [a for a in dry[0].split() if a.startswith("--config")]  # half's
@@ -245,6 +249,7 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
     [sys.executable, "-m", "pouta_jax.main", f"--workdir={direct}", "--mode=eval", *command]
     + ["--allow_config_change=eval.error_weight"],
     cwd=REPO,
+    env={**os.environ, **sweep.thread_env(1)},
     capture_output=True,
     text=True,
     timeout=600,
