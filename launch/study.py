@@ -150,8 +150,12 @@ def jobs(study: dict, workdir: str, real_root: str, only: list[str]) -> list[swe
   return found
 
 
+def is_finished(workdir: str) -> bool:
+  return (files.path(workdir) / "metrics.json").is_file()
+
+
 def is_done(job: sweep.Job) -> bool:
-  return (files.path(job.workdir) / "metrics.json").is_file()
+  return is_finished(job.workdir)
 
 
 def is_scored_on_an_older_validation_set(job: sweep.Job) -> bool:
@@ -458,8 +462,13 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
   return "\n".join(lines) + "\n"
 
 
-def is_finished(workdir: str) -> bool:
-  return (files.path(workdir) / "metrics.json").is_file()
+def plan_now(
+  study: dict, workdir: str, real_root: str, found: list[sweep.Job]
+) -> tuple[list, dict[sweep.Job, str | None]]:
+  """`plan` of the `found` runs not done, against every finished run of the study (any
+  question's model may serve theirs)."""
+  trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
+  return plan([j for j in found if not is_done(j)], trained)
 
 
 def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) -> list[str]:
@@ -469,10 +478,9 @@ def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) 
   while True:
     found = jobs(study, workdir, real_root, _ONLY.value)
     check_configs(found)
+    to_train, to_score = plan_now(study, workdir, real_root, found)
     pending = [j for j in found if not is_done(j)]
     rescore = [j for j in found if needs_scoring(j)]
-    trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
-    to_train, to_score = plan(pending, trained)
     ready = [j for j, source in to_score.items() if source is None or is_finished(source)]
     if first:
       print(
@@ -498,10 +506,13 @@ def run_missing(study: dict, workdir: str, real_root: str, env: dict[str, str]) 
     ]
     if not runs:
       return []
-    again = [j.workdir for j in [*rescore, *ready, *to_train] if j.workdir in ran]
-    if again:  # each round finishes what it runs; one that did not would run forever
-      return [f"{w}: its run ended without an error and without metrics.json" for w in again]
-    ran.update(j.workdir for j in [*rescore, *ready, *to_train])
+    this_round = {j.workdir for j in [*rescore, *ready, *to_train]}
+    if this_round & ran:  # each round finishes what it runs; one that did not would run forever
+      return [
+        f"{w}: its run ended without an error and without metrics.json"
+        for w in sorted(this_round & ran)
+      ]
+    ran |= this_round
     for _, log in runs:
       Path(log).parent.mkdir(parents=True, exist_ok=True)
     failed = sweep.run_all([c for c, _ in runs], env, [{}] * _PARALLEL.value, [g for _, g in runs])
@@ -521,8 +532,7 @@ def main(argv: list[str]) -> None:
   }
   if _DRY_RUN.value:
     found = jobs(study, workdir, real_root, _ONLY.value)
-    trained = [j for j in jobs(study, workdir, real_root, []) if is_done(j)]
-    to_train, to_score = plan([j for j in found if not is_done(j)], trained)
+    to_train, to_score = plan_now(study, workdir, real_root, found)
     for job in to_train:
       print(shlex.join(training_command(job)))
     for job, source in to_score.items():
