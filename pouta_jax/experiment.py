@@ -293,7 +293,7 @@ def _write_run_outputs(
     main.maps,
     float("nan") if pixel is None else pixel,
     config.eval.num_heatmaps,
-    1.0 + config.eval.error_weight,
+    report.map_max(config.eval.error_weight),
   )
   report.write_heatmaps(folder / "heatmaps", panels)
   report.write_evaluation_to_tensorboard(folder, step, main.metrics, panels)

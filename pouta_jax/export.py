@@ -36,6 +36,7 @@ from pouta_jax import (
   evaluate,
   files,
   models,
+  report,
   runs,
   sharding,
   train,
@@ -108,8 +109,8 @@ def _map_description(error_weight: float) -> str:
   if not error_weight:
     return f"float32 (B, S, S) in [0, 1]: {probability}"
   return (
-    f"float32 (B, S, S) in [0, {1 + error_weight:g}]: {probability} plus {error_weight:g} x the "
-    "reconstruction error (mean |image - reconstruction| over the channels)"
+    f"float32 (B, S, S) in [0, {report.map_max(error_weight):g}]: {probability} plus "
+    f"{error_weight:g} x the reconstruction error (mean |image - reconstruction| over the channels)"
   )
 
 

@@ -147,7 +147,7 @@ def from_artifact(path: str | Path) -> Predictor:
     batch_size=0 if batch == "any" else int(batch),
     fn=art.predict,
     thresholds=thresholds,
-    map_max=1.0 + weight,
+    map_max=report.map_max(weight),
   )
 
 
@@ -175,7 +175,7 @@ def from_workdir(workdir: str | Path, run: str = "") -> Predictor:
       error_weight=config.eval.error_weight,
     ),
     thresholds=_run_thresholds(export.read_thresholds(trained.folder, trained.category)),
-    map_max=1.0 + config.eval.error_weight,
+    map_max=report.map_max(config.eval.error_weight),
   )
 
 

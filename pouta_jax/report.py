@@ -210,6 +210,12 @@ def colormap(values: np.ndarray) -> np.ndarray:
   return np.round(255 * rgb).astype(np.uint8)
 
 
+def map_max(error_weight: float) -> float:
+  """The top of an anomaly map's range: a probability plus `error_weight` (eval.error_weight)
+  times the reconstruction error of images in [0, 1]."""
+  return 1.0 + error_weight
+
+
 def overlaid(image: np.ndarray, anomaly_map: np.ndarray) -> np.ndarray:
   """The anomaly map's colours blended half and half over the uint8 RGB image."""
   return np.round(0.5 * np.asarray(image, np.float32) + 0.5 * colormap(anomaly_map)).astype(
