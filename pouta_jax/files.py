@@ -16,6 +16,7 @@ refuses a folder without one), and growing logs are rewritten whole (`ObjectLog`
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -142,9 +143,10 @@ def write_json(p: PathLike, obj) -> None:
 @contextlib.contextmanager
 def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[epath.Path]:
   """Yields a temporary folder that becomes `out` when the block succeeds and is removed when
-  it fails; `out` must not exist, unless `replace`: then the old `out` is removed once the new
-  one is complete. `index` names the file whose presence says the folder is complete: on an
-  object store the folder is staged locally and uploaded with `index` last."""
+  it fails; `out` must not exist (errors.ExistsError when another writer completed it first),
+  unless `replace`: then the old `out` is removed once the new one is complete. `index` names
+  the file whose presence says the folder is complete: on an object store the folder is staged
+  locally and uploaded with `index` last."""
   if is_remote(out):
     with _uploaded_folder(path(out), index, replace) as staging:
       yield staging
@@ -170,7 +172,12 @@ def atomic_folder(out: PathLike, index: str, replace: bool = False) -> Iterator[
       staging.rename(out)
       shutil.rmtree(old)
     else:
-      staging.rename(out)
+      try:
+        staging.rename(out)
+      except OSError as e:  # another writer's folder arrived first
+        if not isinstance(e, FileExistsError) and e.errno != errno.ENOTEMPTY:
+          raise
+        raise errors.ExistsError(f"{out} exists; nothing was written") from None
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(e, OSError) and errors.is_disk_full(e):

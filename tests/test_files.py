@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -48,6 +49,18 @@ def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
       (staging / "half").write_text("written")
       raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_of_two_writers_keeps_the_first_and_names_the_folder(tmp_path):
+  """Two processes assembling the same folder (two studies copying one run): the one that
+  finishes second is told the folder exists and leaves the first one's intact."""
+  with pytest.raises(errors.ExistsError, match=re.escape(f"{tmp_path / 'out'} exists;")):
+    with files.atomic_folder(tmp_path / "out", index="index.json") as staging:
+      (staging / "index.json").write_text("second")
+      (tmp_path / "out").mkdir()  # the first writer's rename lands meanwhile
+      (tmp_path / "out" / "index.json").write_text("first")
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]
+  assert (tmp_path / "out" / "index.json").read_text() == "first"
 
 
 def test_atomic_folder_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
