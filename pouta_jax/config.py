@@ -141,6 +141,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # error_weight: the anomaly map is the model's map plus this times that reconstruction error
   # (the error finds removed structure the discriminative part misses: README), in the
   # validation and test metrics, the thresholds and exported artifacts alike.
+  # level_maps: each of a coarse-to-fine model's level maps (POUTA: the softmax of each level's
+  # head, resized bilinearly to the image; finest level 0) evaluated too, as `<model>_level<i>`,
+  # without error_weight: which level holds the evidence and which refinement loses it.
   config.eval = dict(
     batch_size=16,
     score_filter_size=21,
@@ -149,6 +152,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     flops_by_part=True,
     reconstruction_error=False,
     error_weight=0.0,
+    level_maps=False,
   )
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
   # syntax: sweep ("optim.lr=1e-4,3e-4": one product axis each), zip (axes whose i-th values go
@@ -304,6 +308,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "eval.batch_size",  # memory only; float rounding aside, the same maps
     "eval.flops_by_part",
     "eval.reconstruction_error",  # one more model evaluated, the trained one unchanged
+    "eval.level_maps",  # so are these
     "mesh.axes",  # a resumed job may land on another slice shape
     "mesh.num_devices",
     "mesh.require_platform",  # a check at start, not a setting of the run

@@ -7,6 +7,7 @@ maximum of the map after a centred mean filter with zero padding (DRAEM: 21x21 a
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Callable, NamedTuple
 
@@ -31,8 +32,19 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
 # What a predict function maps: the model's anomaly map, or the error of its reconstruction
 # (mean |x - reconstruction| over the channels; eval.reconstruction_error): what the
 # reconstructive network finds without any discriminative part, a peer that shows what that
-# part adds.
+# part adds; or `level_source(i)`, a coarse-to-fine model's map at level i (eval.level_maps).
 MAP_SOURCES = ("anomaly_map", "reconstruction_error")
+
+
+def level_source(level: int) -> str:
+  return f"level{level}"
+
+
+def level_map(out: dict, level: int, size: tuple[int, int]) -> jax.Array:
+  """(B, *size): the anomaly probability of the model's map at `level` (finest 0), resized
+  bilinearly to the image's size."""
+  probability = jax.nn.softmax(out["level_logits"][level], axis=-1)[..., 1]
+  return jax.image.resize(probability, (probability.shape[0], *size), "bilinear")
 
 
 @functools.lru_cache(maxsize=16)  # one compilation per (model, filter size, source, weight)
@@ -40,16 +52,19 @@ def make_predict_fn(
   model: nn.Module, filter_size: int, source: str = "anomaly_map", error_weight: float = 0.0
 ) -> Callable:
   """`error_weight` (eval.error_weight): the anomaly map source plus that many times the
-  reconstruction error."""
-  if source not in MAP_SOURCES:
-    raise ValueError(f"source={source!r}: expected one of {MAP_SOURCES}")
+  reconstruction error (a level map takes none: it shows that level alone)."""
+  level = int(source.removeprefix("level")) if re.fullmatch(r"level\d+", source) else None
+  if source not in MAP_SOURCES and level is None:
+    raise ValueError(f"source={source!r}: expected one of {MAP_SOURCES} or level<i>")
 
   @jax.jit
   def predict(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = model.apply(variables, images, train=False)
-    if source == "reconstruction_error" or error_weight:
+    if source == "reconstruction_error" or (error_weight and level is None):
       error = jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
-    if source == "reconstruction_error":
+    if level is not None:
+      maps = level_map(out, level, images.shape[1:3])
+    elif source == "reconstruction_error":
       maps = error
     elif error_weight:
       maps = out["anomaly_map"] + error_weight * error

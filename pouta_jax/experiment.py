@@ -137,6 +137,11 @@ def run(
     raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
   models.get(config.model.name).validate(config)  # before any data is read
+  if config.eval.level_maps and not models.get(config.model.name).levels:
+    raise errors.ConfigError(
+      f"config.eval.level_maps=True: model {config.model.name!r} has no level maps (expected "
+      "False; POUTA has them)"
+    )
   if not models.get(config.model.name).reconstructs:
     for key, unset in (("reconstruction_error", False), ("error_weight", 0.0)):
       if config.eval[key] != unset:
@@ -154,11 +159,12 @@ def run(
       raise errors.ConfigError(
         f"--artifact evaluates an exported model: use --mode=eval, not {mode!r}"
       )
-    if config.eval.reconstruction_error:
-      raise errors.ConfigError(
-        "config.eval.reconstruction_error=True: an exported artifact gives anomaly maps only "
-        "(expected False with --artifact)"
-      )
+    for key in ("reconstruction_error", "level_maps"):
+      if config.eval[key]:
+        raise errors.ConfigError(
+          f"config.eval.{key}=True: an exported artifact gives anomaly maps only (expected "
+          "False with --artifact)"
+        )
     exported = artifact.load(artifact_path)
     if config.data.image_size not in exported.image_sizes:
       raise errors.ConfigError(
@@ -341,12 +347,19 @@ def _trained_predictors(
     name: _run_predictors(config, model, variables, len(folders))
     for name, variables in variants.items()
   }
-  if config.eval.reconstruction_error:  # the trained model's reconstruction error, beside it
-    main = variants[config.model.name]
-    errors_of = _run_predictors(config, model, main, len(folders), "reconstruction_error")
+  # Peers of the trained model's map, beside it: its reconstruction error, its level maps.
+  main, peers = variants[config.model.name], {}
+  if config.eval.reconstruction_error:
+    peers["recon_error"] = "reconstruction_error"
+  for level in range(models.get(config.model.name).levels if config.eval.level_maps else 0):
+    peers[evaluate.level_source(level)] = evaluate.level_source(level)
+  if peers:
     predictors = {
       config.model.name: predictors.pop(config.model.name),
-      f"{config.model.name}_recon_error": errors_of,
+      **{
+        f"{config.model.name}_{name}": _run_predictors(config, model, main, len(folders), source)
+        for name, source in peers.items()
+      },
       **predictors,
     }
   profiles = {

@@ -101,6 +101,9 @@ class ModelSpec:
   # Whether the model outputs `reconstruction`, its input restored: its error is then a peer
   # of the anomaly map (eval.reconstruction_error).
   reconstructs: bool = False
+  # How many level maps it outputs as `level_logits` (finest first), each (B, h, w, 2) logits at
+  # its own resolution: coarse-to-fine models' (eval.level_maps).
+  levels: int = 0
 
 
 REGISTRY = {
@@ -126,6 +129,7 @@ REGISTRY = {
     objective=lambda c: objectives.pouta_objective(c.loss.deep_supervision),
     validate=_check_pouta,
     reconstructs=True,
+    levels=len(LEVEL_MULTIPLIERS),
   ),
   "prn": ModelSpec(
     build=lambda c: prn.PRN(
