@@ -221,17 +221,21 @@ def _run_in(
       name: evaluate.evaluate(per_run[i], test_set, config.eval.batch_size)
       for name, per_run in predictors.items()
     }
-    main_name, main = next(iter(predictors)), next(iter(predictors.values()))[i]
-    validated = None
+    main_name = next(iter(predictors))
+    validated = {}  # every row's, so a peer's gain or loss shows where no test label is
     if val_sets:
-      validated = evaluate.evaluate(
-        main, val_sets[i], config.eval.batch_size, balanced_threshold=True
-      )
-      on_validation.setdefault(main_name, {})[key] = validated.metrics
-      logging.info("%s %s validation: %s", main_name, key, validated.metrics)
+      for name, per_run in predictors.items():
+        validated[name] = evaluate.evaluate(
+          per_run[i], val_sets[i], config.eval.batch_size, balanced_threshold=True
+        )
+        on_validation.setdefault(name, {})[key] = validated[name].metrics
+        logging.info("%s %s validation: %s", name, key, validated[name].metrics)
       tested = evaluations[main_name]
       evaluations[main_name] = tested._replace(
-        metrics={**tested.metrics, **evaluate.at_thresholds(tested, validated.thresholds)}
+        metrics={
+          **tested.metrics,
+          **evaluate.at_thresholds(tested, validated[main_name].thresholds),
+        }
       )
     for name, evaluation in evaluations.items():
       results.setdefault(name, {})[key] = evaluation.metrics
@@ -275,13 +279,15 @@ def _write_run_outputs(
   profiles: dict,
   config: ml_collections.ConfigDict,
   step: int,
-  validated: evaluate.Evaluation | None = None,
+  validated: dict[str, evaluate.Evaluation],
 ) -> None:
   """A run's evaluation outputs: metrics, results table, the main model's thresholds (from its
-  `validated` evaluation on the validation set, and the test set's as oracle values), scores
+  evaluation on the validation set in `validated`, each row's there, and the test set's as
+  oracle values), scores
   per test image, heatmaps and curves; its test metrics and heatmaps in TensorBoard at `step`,
   the end of its training."""
-  main = evaluations[next(iter(evaluations))]
+  main_name = next(iter(evaluations))
+  main, main_validated = evaluations[main_name], validated.get(main_name)
   rows = [["category", "path", "defect", "label", "image_score"]]
   rows += [
     [run.category, path, defect, int(label), f"{score:.9g}"]  # float32 exactly
@@ -290,10 +296,10 @@ def _write_run_outputs(
     )
   ]
   thresholds = {"oracle": main.thresholds}
-  if validated is not None:
-    thresholds["validation"] = validated.thresholds
+  if main_validated is not None:
+    thresholds["validation"] = main_validated.thresholds
   # The heatmaps' binary map: at the deployment threshold where there is one.
-  pixel = (validated or main).thresholds["pixel"]
+  pixel = (main_validated or main).thresholds["pixel"]
   panels = report.heatmap_panels(
     test_set,
     main.maps,
@@ -306,13 +312,12 @@ def _write_run_outputs(
   report.write_curves(folder / "curves", main.curves, main.scores, test_set["label"])
   files.write_json(folder / "thresholds.json", {run.category: thresholds})
   files.write_atomic(folder / "test_scores.csv", report.csv_text(rows))
-  main_name = next(iter(evaluations))
   write_results(
     folder,
     {name: {run.category: e.metrics} for name, e in evaluations.items()},
     profiles,
     by_defect={name: {run.category: e.by_defect} for name, e in evaluations.items()},
-    on_validation={} if validated is None else {main_name: {run.category: validated}},
+    on_validation={name: {run.category: e} for name, e in validated.items()},
   )
 
 

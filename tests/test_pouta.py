@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from pouta_jax import config as config_lib, experiment, export, models
-from pouta_jax.data import DataError, category_folder
+from pouta_jax.data import DataError, category_folder, validation
 from pouta_jax.data.folder import load_test_set
 from pouta_jax.errors import ConfigError
 from pouta_jax.models.pouta import POUTA
@@ -357,33 +358,42 @@ def test_bad_pouta_config_fails_before_any_work(tiny_config, tmp_path, key, valu
 
 def test_level_maps_are_scored_beside_the_final_map(tiny_config, tmp_path):
   """eval.level_maps: one row per level (finest first), each scored from that level's map alone
-  (its head's softmax resized to the image, no reconstruction error), as computed here from
-  the trained model's outputs; the model's own row is the map it had without them."""
+  (its head's softmax resized to the image, no reconstruction error) on the test and the
+  validation sets, as computed here from the trained model's outputs; the model's own row is
+  the map it had without them."""
   config = make_tiny_config("pouta", tiny_config.data.root)
   config.eval.level_maps = True
-  metrics = experiment.run(config, tmp_path / "run")["metrics"]
+  config.data.val_fraction = 0.25
+  results = experiment.run(config, tmp_path / "run")
   levels = [f"pouta_level{i}" for i in range(4)]
-  assert [name for name in metrics if name.startswith("pouta")] == ["pouta", *levels]
+  assert [name for name in results["metrics"] if name.startswith("pouta")] == ["pouta", *levels]
   trained = export.trained_model(tmp_path / "run")
-  test_set = load_test_set(category_folder(config), config.data.image_size)
-  images = test_set["image"].astype(np.float32) / 255
-  out = trained.model.apply(trained.variables, images, train=False)
-  for level, name in enumerate(levels):
-    probability = np.asarray(jax.nn.softmax(out["level_logits"][level], -1)[..., 1])
-    if level == 0:  # the finest level is at the image's size: nothing resized
-      maps = probability
-    else:
-      maps = np.asarray(jax.image.resize(probability, images.shape[:3], "bilinear"))
-    assert metrics[name]["weave"]["pixel_ap"] == pytest.approx(
-      average_precision_score(test_set["mask"].ravel() > 0, maps.ravel()), abs=1e-5
-    )
-  error = np.abs(images - np.asarray(out["reconstruction"])).mean(-1)
-  final = np.asarray(out["anomaly_map"]) + config.eval.error_weight * error
-  assert metrics["pouta"]["weave"]["pixel_ap"] == pytest.approx(
-    average_precision_score(test_set["mask"].ravel() > 0, final.ravel()), abs=1e-5
-  )
+  folder = category_folder(config)
+  sets = {
+    "metrics": load_test_set(folder, config.data.image_size),
+    "validation": validation.validation_sets(config, [folder])[0],
+  }
+  written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  for split, data in sets.items():
+    images = data["image"].astype(np.float32) / 255
+    out = trained.model.apply(trained.variables, images, train=False)
+    masks = data["mask"].ravel() > 0
+    for level, name in enumerate(levels):
+      probability = np.asarray(jax.nn.softmax(out["level_logits"][level], -1)[..., 1])
+      if level == 0:  # the finest level is at the image's size: nothing resized
+        maps = probability
+      else:
+        maps = np.asarray(jax.image.resize(probability, images.shape[:3], "bilinear"))
+      expected = average_precision_score(masks, maps.ravel())
+      assert results[split][name]["weave"]["pixel_ap"] == pytest.approx(expected, abs=1e-5)
+    error = np.abs(images - np.asarray(out["reconstruction"])).mean(-1)
+    final = np.asarray(out["anomaly_map"]) + config.eval.error_weight * error
+    expected = average_precision_score(masks, final.ravel())
+    assert results[split]["pouta"]["weave"]["pixel_ap"] == pytest.approx(expected, abs=1e-5)
+  for name in levels:  # written as the model's own row: validation per kind of anomaly too
+    assert set(written[name]["validation_by_defect"]["weave"]) == set(validation.DEFECTS)
   assert "| pouta_level3 | weave |" in (tmp_path / "run" / "results.md").read_text()
-  # Refused for a model without levels and for an artifact (maps only), before any work.
+  # Refused for a model without levels, before any work.
   draem = make_tiny_config("draem", tiny_config.data.root)
   draem.eval.level_maps = True
   with pytest.raises(ConfigError, match="eval.level_maps=True: model 'draem' has no level maps"):
