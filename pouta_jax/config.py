@@ -308,7 +308,7 @@ OUTPUT_ONLY_KEYS = frozenset(
     "eval.batch_size",  # memory only; float rounding aside, the same maps
     "eval.flops_by_part",
     "eval.reconstruction_error",  # one more model evaluated, the trained one unchanged
-    "eval.level_maps",  # so are these
+    "eval.level_maps",  # more maps of the trained model evaluated, the model unchanged
     "mesh.axes",  # a resumed job may land on another slice shape
     "mesh.num_devices",
     "mesh.require_platform",  # a check at start, not a setting of the run

@@ -281,11 +281,10 @@ def _write_run_outputs(
   step: int,
   validated: dict[str, evaluate.Evaluation],
 ) -> None:
-  """A run's evaluation outputs: metrics, results table, the main model's thresholds (from its
-  evaluation on the validation set in `validated`, each row's there, and the test set's as
-  oracle values), scores
-  per test image, heatmaps and curves; its test metrics and heatmaps in TensorBoard at `step`,
-  the end of its training."""
+  """A run's evaluation outputs: metrics (each row's on the validation set too, from
+  `validated`), results table, the main model's thresholds (from its validation evaluation, and
+  the test set's as oracle values), scores per test image, heatmaps and curves; its test metrics
+  and heatmaps in TensorBoard at `step`, the end of its training."""
   main_name = next(iter(evaluations))
   main, main_validated = evaluations[main_name], validated.get(main_name)
   rows = [["category", "path", "defect", "label", "image_score"]]
