@@ -36,6 +36,11 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
 MAP_SOURCES = ("anomaly_map", "reconstruction_error")
 
 
+def reconstruction_error(images: jax.Array, out: dict) -> jax.Array:
+  """(B, H, W): mean |image - reconstruction| over the channels."""
+  return jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
+
+
 def level_source(level: int) -> str:
   return f"level{level}"
 
@@ -60,14 +65,12 @@ def make_predict_fn(
   @jax.jit
   def predict(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = model.apply(variables, images, train=False)
-    if source == "reconstruction_error" or (error_weight and level is None):
-      error = jnp.mean(jnp.abs(images - out["reconstruction"]), axis=-1)
     if level is not None:
       maps = level_map(out, level, images.shape[1:3])
     elif source == "reconstruction_error":
-      maps = error
+      maps = reconstruction_error(images, out)
     elif error_weight:
-      maps = out["anomaly_map"] + error_weight * error
+      maps = out["anomaly_map"] + error_weight * reconstruction_error(images, out)
     else:
       maps = out["anomaly_map"]
     return maps, mean_filter_max(maps, filter_size)

@@ -136,19 +136,19 @@ def run(
   if mode not in MODES:
     raise errors.ConfigError(f"--mode={mode!r}: expected one of {MODES}")
   config_lib.validate(config)
-  models.get(config.model.name).validate(config)  # before any data is read
-  if config.eval.level_maps and not models.get(config.model.name).levels:
-    raise errors.ConfigError(
-      f"config.eval.level_maps=True: model {config.model.name!r} has no level maps (expected "
-      "False; POUTA has them)"
-    )
-  if not models.get(config.model.name).reconstructs:
-    for key, unset in (("reconstruction_error", False), ("error_weight", 0.0)):
-      if config.eval[key] != unset:
-        raise errors.ConfigError(
-          f"config.eval.{key}={config.eval[key]}: model {config.model.name!r} has no "
-          f"reconstruction to score (expected {unset})"
-        )
+  spec = models.get(config.model.name)
+  spec.validate(config)  # before any data is read
+  # Evaluation keys that need something of the model: (key, its unset value, has it, what).
+  for key, unset, able, what in (
+    ("reconstruction_error", False, spec.reconstructs, "reconstruction to score"),
+    ("error_weight", 0.0, spec.reconstructs, "reconstruction to score"),
+    ("level_maps", False, spec.levels, "level maps"),
+  ):
+    if config.eval[key] != unset and not able:
+      raise errors.ConfigError(
+        f"config.eval.{key}={config.eval[key]}: model {config.model.name!r} has no {what} "
+        f"(expected {unset})"
+      )
   # The mesh must fit the platform, the devices, the batch and the categories.
   mesh = sharding.make_mesh(config)
   logging.info("Devices: %s", sharding.describe(mesh))
