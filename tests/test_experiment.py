@@ -165,6 +165,17 @@ def test_reconstruction_error_needs_a_model_that_reconstructs(dataset_root, tmp_
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key", ["reconstruction_error", "level_maps"])
+def test_an_artifact_gives_no_peer_maps(dataset_root, tmp_path, key):
+  """An exported artifact gives anomaly maps only: a peer of them asked for is refused before
+  the artifact is read or anything written."""
+  config = make_tiny_config("pouta", dataset_root)
+  config.eval[key] = True
+  with pytest.raises(ConfigError, match=f"eval.{key}=True: an exported artifact gives anomaly"):
+    experiment.run(config, tmp_path / "run", mode="eval", artifact_path=tmp_path / "art")
+  assert not (tmp_path / "run").exists()
+
+
 def test_command_line_rejects_unknown_config_key(dataset_root, tmp_path):
   result = _cli(*_tiny_flags(dataset_root, tmp_path / "run"), "--config.train.nope=1")
   assert result.returncode != 0
