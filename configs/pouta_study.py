@@ -195,6 +195,17 @@ def get_study() -> dict:
         pinned=False,
       ),
       dict(
+        name="fusion",
+        question="POUTA's map as the mean of its final map and its four level maps "
+        "(eval.fuse_levels, as HED fuses side outputs), plus the reconstruction error as "
+        "today: the level maps hold evidence the finer levels lose on granite (README)",
+        configs=("configs/pouta.py",),
+        sweep=("eval.fuse_levels=True",),
+        include=(TODAY,),
+        test=True,
+        pinned=False,
+      ),
+      dict(
         name="steps",
         question="(g) twice the steps (600)",
         configs=("configs/draem.py", "configs/pouta.py"),

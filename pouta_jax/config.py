@@ -141,6 +141,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # error_weight: the anomaly map is the model's map plus this times that reconstruction error
   # (the error finds removed structure the discriminative part misses: README), in the
   # validation and test metrics, the thresholds and exported artifacts alike.
+  # fuse_levels: a coarse-to-fine model's (POUTA's) map is the mean of its final map and every
+  # level's map (resized bilinearly), as HED fuses its side outputs, before error_weight adds
+  # the reconstruction error; everywhere the map is used, as error_weight.
   # level_maps: each of a coarse-to-fine model's level maps (POUTA: the softmax of each level's
   # head, resized bilinearly to the image; finest level 0) evaluated too, as `<model>_level<i>`,
   # without error_weight: which level holds the evidence and which refinement loses it.
@@ -152,6 +155,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     flops_by_part=True,
     reconstruction_error=False,
     error_weight=0.0,
+    fuse_levels=False,
     level_maps=False,
   )
   # Runs stacked in this program besides data.categories (see runs.py), in the launchers'
@@ -321,7 +325,7 @@ OUTPUT_ONLY_KEYS = frozenset(
 # Keys that change only how a trained model is scored: with train.select=last (best_val picks
 # its checkpoint by the scores), runs that differ only in these and the output-only keys train
 # the same model (`training_identity`), so one's checkpoints serve the others.
-SCORING_KEYS = frozenset({"eval.error_weight", "eval.score_filter_size"})
+SCORING_KEYS = frozenset({"eval.error_weight", "eval.fuse_levels", "eval.score_filter_size"})
 
 
 def training_identity(config: dict) -> str:

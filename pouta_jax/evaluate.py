@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from pouta_jax import errors, metrics
@@ -29,11 +30,18 @@ def mean_filter_max(maps: jax.Array, size: int) -> jax.Array:
   return jnp.max(summed / (size * size), axis=(1, 2))
 
 
-# What a predict function maps: the model's anomaly map, or the error of its reconstruction
-# (mean |x - reconstruction| over the channels; eval.reconstruction_error): what the
-# reconstructive network finds without any discriminative part, a peer that shows what that
-# part adds; or `level_source(i)`, a coarse-to-fine model's map at level i (eval.level_maps).
-MAP_SOURCES = ("anomaly_map", "reconstruction_error")
+# What a predict function maps: the model's anomaly map; the mean of a coarse-to-fine model's
+# final map and every level's map (eval.fuse_levels: HED's fusion of side outputs, so evidence
+# a finer level loses still counts); or the error of its reconstruction (mean |x -
+# reconstruction| over the channels; eval.reconstruction_error): what the reconstructive
+# network finds without any discriminative part, a peer that shows what that part adds; or
+# `level_source(i)`, a coarse-to-fine model's map at level i (eval.level_maps).
+MAP_SOURCES = ("anomaly_map", "fused_levels", "reconstruction_error")
+
+
+def map_source(config: ml_collections.ConfigDict) -> str:
+  """The source of a run's anomaly map (its scoring: eval.fuse_levels)."""
+  return "fused_levels" if config.eval.fuse_levels else "anomaly_map"
 
 
 def reconstruction_error(images: jax.Array, out: dict) -> jax.Array:
@@ -52,12 +60,18 @@ def level_map(out: dict, level: int, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(probability, (probability.shape[0], *size), "bilinear")
 
 
+def fused_levels(out: dict, size: tuple[int, int]) -> jax.Array:
+  """(B, *size): the mean of the final anomaly map and every level's map (`level_map`)."""
+  levels = [level_map(out, level, size) for level in range(len(out["level_logits"]))]
+  return (out["anomaly_map"] + sum(levels)) / (1 + len(levels))
+
+
 @functools.lru_cache(maxsize=16)  # one compilation per (model, filter size, source, weight)
 def make_predict_fn(
   model: nn.Module, filter_size: int, source: str = "anomaly_map", error_weight: float = 0.0
 ) -> Callable:
-  """`error_weight` (eval.error_weight): the anomaly map source plus that many times the
-  reconstruction error (a level map takes none: it shows that level alone)."""
+  """`error_weight` (eval.error_weight): the anomaly map (or fused levels) plus that many
+  times the reconstruction error (a level map takes none: it shows that level alone)."""
   level = int(source.removeprefix("level")) if re.fullmatch(r"level\d+", source) else None
   if source not in MAP_SOURCES and level is None:
     raise ValueError(f"source={source!r}: expected one of {MAP_SOURCES} or level<i>")
@@ -69,10 +83,10 @@ def make_predict_fn(
       maps = level_map(out, level, images.shape[1:3])
     elif source == "reconstruction_error":
       maps = reconstruction_error(images, out)
-    elif error_weight:
-      maps = out["anomaly_map"] + error_weight * reconstruction_error(images, out)
     else:
-      maps = out["anomaly_map"]
+      maps = fused_levels(out, images.shape[1:3]) if source == "fused_levels" else out[source]
+      if error_weight:
+        maps = maps + error_weight * reconstruction_error(images, out)
     return maps, mean_filter_max(maps, filter_size)
 
   return predict

@@ -142,6 +142,7 @@ def run(
   for key, unset, able, what in (
     ("reconstruction_error", False, spec.reconstructs, "reconstruction to score"),
     ("error_weight", 0.0, spec.reconstructs, "reconstruction to score"),
+    ("fuse_levels", False, spec.levels, "level maps"),
     ("level_maps", False, spec.levels, "level maps"),
   ):
     if config.eval[key] != unset and not able:
@@ -383,16 +384,16 @@ def _run_predictors(
   model,
   variables: dict,
   count: int,
-  source: str = "anomaly_map",
+  source: str = "",
 ) -> list[evaluate.PredictFn]:
   """The predict function of each of the program's `count` runs, from (stacked) `variables`;
-  `source`: evaluate.MAP_SOURCES."""
+  `source`: evaluate.MAP_SOURCES (default: the run's, evaluate.map_source)."""
   return [
     evaluate.model_predict_fn(
       model,
       train.run_variables(variables, i),
       config.eval.score_filter_size,
-      source,
+      source or evaluate.map_source(config),
       config.eval.error_weight,
     )
     for i in range(count)

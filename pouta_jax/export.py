@@ -104,8 +104,10 @@ def _read_json(path: Path) -> dict | None:
   return files.read_json(path, hint="; evaluate the run again") if path.is_file() else None
 
 
-def _map_description(error_weight: float) -> str:
-  probability = "per-pixel anomaly probability"
+def _map_description(error_weight: float, fuse_levels: bool) -> str:
+  probability = "per-pixel anomaly probability" + (
+    " (the mean of the final map's and every level's)" if fuse_levels else ""
+  )
   if not error_weight:
     return f"float32 (B, S, S) in [0, 1]: {probability}"
   return (
@@ -157,7 +159,7 @@ def export(
   category, model, variables = trained.category, trained.model, trained.variables
 
   predict_fn = evaluate.make_predict_fn(
-    model, config.eval.score_filter_size, error_weight=config.eval.error_weight
+    model, config.eval.score_filter_size, evaluate.map_source(config), config.eval.error_weight
   )
   programs = {}
   if runtime == "jax":
@@ -186,7 +188,7 @@ def export(
       "scale": "uint8 / 255",
     },
     "outputs": {
-      "anomaly_map": _map_description(config.eval.error_weight),
+      "anomaly_map": _map_description(config.eval.error_weight, config.eval.fuse_levels),
       "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
       f"{config.eval.score_filter_size} mean-filtered map (zero "
       "padding)",

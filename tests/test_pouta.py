@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pouta_jax import config as config_lib, evaluate, experiment, export, models
+from pouta_jax import artifact, config as config_lib, evaluate, experiment, export, models, predict
 from pouta_jax.data import DataError, category_folder, validation
 from pouta_jax.data.folder import load_test_set
 from pouta_jax.errors import ConfigError
@@ -374,36 +374,64 @@ def test_level_maps_are_scored_beside_the_final_map(tiny_config, tmp_path):
     "validation": validation.validation_sets(config, [folder])[0],
   }
   written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-  rows = {"pouta": ("anomaly_map", config.eval.error_weight)}
+  weight = config.eval.error_weight
+  rows = {"pouta": ("anomaly_map", weight), "fused": ("fused_levels", weight)}
   rows.update({name: (f"level{i}", 0.0) for i, name in enumerate(levels)})
+  fused_maps = {}
   for split, data in sets.items():
     images = data["image"].astype(np.float32) / 255
     out = trained.model.apply(trained.variables, images, train=False)
     error = np.abs(images - np.asarray(out["reconstruction"])).mean(-1)
-    oracle = {"pouta": np.asarray(out["anomaly_map"]) + config.eval.error_weight * error}
+    oracle = {"pouta": np.asarray(out["anomaly_map"]) + weight * error}
     for level, name in enumerate(levels):
       probability = np.asarray(jax.nn.softmax(out["level_logits"][level], -1)[..., 1])
       # The finest level is at the image's size: nothing resized.
       resized = jax.image.resize(probability, images.shape[:3], "bilinear")
       oracle[name] = probability if level == 0 else np.asarray(resized)
-    for name, (source, weight) in rows.items():
+    # eval.fuse_levels: the mean of the final map and the four level maps, plus the error.
+    oracle["fused"] = (np.asarray(out["anomaly_map"]) + sum(oracle[n] for n in levels)) / 5
+    oracle["fused"] += weight * error
+    for name, (source, weight_of_row) in rows.items():
       fn = evaluate.model_predict_fn(
-        trained.model, trained.variables, config.eval.score_filter_size, source, weight
+        trained.model, trained.variables, config.eval.score_filter_size, source, weight_of_row
       )
       maps, _ = evaluate.predict(fn, data["image"], config.eval.batch_size)
       # atol: ~100 float32 ulps at values up to 2, the rounding of the network's layers in
       # another program (eager, unpadded); another level's map differs by far more.
       np.testing.assert_allclose(maps, oracle[name], atol=1e-5)
+      if name == "fused":  # scored below, by the run evaluated again with eval.fuse_levels
+        fused_maps[split] = maps
+        assert np.abs(maps - oracle["pouta"]).max() > 1e-3  # not the final map's (100 atol)
+        continue
       # The metrics are those maps' (the run's programs and batches: the same floats).
       expected = average_precision_score(data["mask"].ravel() > 0, maps.ravel())
       assert results[split][name]["weave"]["pixel_ap"] == pytest.approx(expected, abs=1e-9)
   for name in levels:  # written as the model's own row: validation per kind of anomaly too
     assert set(written[name]["validation_by_defect"]["weave"]) == set(validation.DEFECTS)
   assert "| pouta_level3 | weave |" in (tmp_path / "run" / "results.md").read_text()
-  # Refused for a model without levels, before any work.
+
+  # The run evaluated again with its levels fused (a scoring key: named in allow_changes): its
+  # own row's metrics are the fused maps', on both sets; its export and the predict command
+  # map them too.
+  config.eval.fuse_levels, config.eval.level_maps = True, False
+  fused = experiment.run(config, tmp_path / "run", mode="eval", allow_changes=["eval.fuse_levels"])
+  for split, data in sets.items():
+    expected = average_precision_score(data["mask"].ravel() > 0, fused_maps[split].ravel())
+    assert fused[split]["pouta"]["weave"]["pixel_ap"] == pytest.approx(expected, abs=1e-9)
+  art = artifact.load(export.export(tmp_path / "run", tmp_path / "artifact"))
+  assert "the mean of the final map's and every level's" in art.manifest["outputs"]["anomaly_map"]
+  test_images = sets["metrics"]["image"].astype(np.float32) / 255
+  np.testing.assert_allclose(art.predict(test_images)[0], fused_maps["metrics"], atol=1e-5)
+  from_workdir = predict.from_workdir(tmp_path / "run").fn(test_images)[0]
+  np.testing.assert_allclose(from_workdir, fused_maps["metrics"], atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["level_maps", "fuse_levels"])
+def test_level_keys_need_a_model_with_levels(tiny_config, tmp_path, key):
+  """Refused for a model without levels, before any work."""
   draem = make_tiny_config("draem", tiny_config.data.root)
-  draem.eval.level_maps = True
-  with pytest.raises(ConfigError, match="eval.level_maps=True: model 'draem' has no level maps"):
+  draem.eval[key] = True
+  with pytest.raises(ConfigError, match=f"eval.{key}=True: model 'draem' has no level maps"):
     experiment.run(draem, tmp_path / "draem")
   assert not (tmp_path / "draem").exists()
 

@@ -218,7 +218,9 @@ def test_a_run_that_differs_only_in_scoring_evaluates_a_copy_of_a_trained_run(
   half, two = (runs / "w/real/pouta" / f"eval.error_weight={w}/weave" for w in (0.5, 2))
   dry = _study(*args, "--only=w", "--dry_run").stdout.splitlines()
   assert len(dry) == 2 and "--mode=eval" not in dry[0] and f"--workdir={half}" in dry[0]
-  allowed = "--mode=eval --allow_config_change=eval.error_weight,eval.score_filter_size"
+  allowed = (
+    "--mode=eval --allow_config_change=eval.error_weight,eval.fuse_levels,eval.score_filter_size"
+  )
   assert f"--workdir={two} " in dry[1] and allowed in dry[1]
   assert dry[1].endswith(f"# on a copy of {half}'s checkpoints")
   # The whole study: d trains, then both of w's runs evaluate copies of its checkpoints.
