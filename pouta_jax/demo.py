@@ -120,8 +120,7 @@ def _config(model: str, category: str) -> ml_collections.ConfigDict:
     config.train.num_steps = _NUM_STEPS.value
   if models.get(model).reconstructs:
     config.eval.error_weight = _ERROR_WEIGHT.value
-  if _EMBEDDED_SEED.value:
-    config.data.root = f"{config.data.embedded_dir}_seed{_EMBEDDED_SEED.value}"
+  config.data.embedded_seed = _EMBEDDED_SEED.value
   if "backbone" in config:
     config.backbone.weights = _BACKBONE_WEIGHTS.value
     config.backbone.pretrained = bool(_BACKBONE_WEIGHTS.value)
@@ -161,8 +160,6 @@ def main(argv: list[str]) -> None:
   # starting together would both compile the same programs).
   runs = [(m, c, _config(m, c)) for c in _CATEGORIES.value for m in _MODELS.value]
   for model, category, config in runs:  # every run checked and built before any run starts
-    if seed:
-      embedded.build(config.data.root, embedded.BuildSpec(seed=seed), (category,))
     resolved = models.resolve(config, [len(category_folder(config).train)])
     changed = experiment.config_changes(workdir / model / category, resolved)
     if changed:

@@ -61,11 +61,12 @@ def test_demo_runs_in_workers_and_gathers_every_run(tmp_path):
   assert set(thresholds) == {"oracle", "validation"}
   # The runs trained on the validation draw, not on the dataset the README reports.
   config = json.loads((workdir / "draem" / "weave" / "config.json").read_text())
-  assert config["data"]["root"] == "outputs/data/embedded_seed1"
+  assert config["data"]["embedded_seed"] == 1 and config["data"]["root"] == ""
   # DRAEM scored as POUTA is by default (its own default: the map alone), and the caption says so.
   assert config["eval"]["error_weight"] == 1.0
   assert "draem: its map plus 1 x its reconstruction error (--error_weight" in caption
-  assert (tmp_path / "outputs/data/embedded_seed1/pill/BUILD.json").is_file()
+  built = tmp_path / "outputs/data/embedded_seed1/pill/BUILD.json"
+  assert json.loads(built.read_text())["seed"] == 1
   assert not (tmp_path / "outputs/data/embedded").exists()
   # The runs' programs went to the demo's compilation cache (the train step among them).
   assert any("step" in p.name for p in (tmp_path / "cache").iterdir())

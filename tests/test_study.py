@@ -89,6 +89,20 @@ def test_dry_run_lists_one_program_per_run_and_leaves_out_a_missing_real_dataset
   assert _study(*common).stdout == ""  # no --real_root: its runs are left out
 
 
+def test_the_confirmation_study_trains_on_another_draw_and_scores_copies(tmp_path):
+  """configs/pouta_confirm.py: the design study's preset and seeds on the embedded dataset's
+  draw 2; its scoring questions evaluate copies of its own trained runs."""
+  lines = _study(
+    "--study=configs/pouta_confirm.py", f"--workdir={tmp_path / 'runs'}", "--dry_run"
+  ).stdout.splitlines()
+  training = [x for x in lines if "--mode=eval" not in x]
+  copies = [x for x in lines if "--mode=eval" in x and "# on a copy of" in x]
+  assert len(training) == 2 * 4 * 3 and len(copies) == 2 * 4 * 3 == len(lines) - len(training)
+  assert all("--config.data.embedded_seed=2" in x for x in lines)
+  assert all("/defaults/embedded/" in x.split("# on a copy of ")[1] for x in copies)
+  assert all(",tiny " in x and "--config.data.val_fraction=0.2" in x for x in lines)
+
+
 def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root, tmp_path):
   questions = """[dict(name="levels", question="level weights", configs=("configs/pouta.py",),
     sweep=("loss.level_weights=(1,1,1,1),(0,0,0,0)",), test=True)]"""

@@ -42,7 +42,13 @@ def category_folder(
         f"of {sorted(embedded.CATEGORIES)}); set config.data.root to use another "
         f"dataset"
       )
-    folder = scan(embedded.build(config.data.embedded_dir, categories=(category,)), category)
+    seed = config.data.embedded_seed
+    built = embedded.build(
+      config.data.embedded_dir + (f"_seed{seed}" if seed else ""),
+      embedded.BuildSpec(seed=seed),
+      categories=(category,),
+    )
+    folder = scan(built, category)
   else:
     folder = scan(root, category, require_masks=config.data.require_masks)
   if config.data.val_fraction:

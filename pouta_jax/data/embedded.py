@@ -13,6 +13,7 @@ into a temporary folder and renames it into place, so an interrupted build leave
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import shutil
 import tempfile
@@ -250,6 +251,8 @@ def render_defect(
 
 # Bump when the generator's output changes, so existing builds are redone.
 GENERATOR_VERSION = 1
+# Held by the process building a dataset folder (`build`).
+BUILD_LOCK = ".build.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,24 +295,30 @@ def _write_category(folder: Path, category: str, spec: BuildSpec) -> None:
 def build(
   root: str | Path, spec: BuildSpec = BuildSpec(), categories: tuple[str, ...] | None = None
 ) -> Path:
-  """Writes the embedded dataset under `root` (skipping categories already built with `spec`)."""
+  """Writes the embedded dataset under `root` (skipping categories already built with `spec`).
+
+  Runs started together on a dataset not built yet (a study's first round) build it once: the
+  lock makes the others wait, then find it built, rather than replace a folder in use."""
   root = Path(root)
   root.mkdir(parents=True, exist_ok=True)
   stamp = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
-  for category in categories or tuple(CATEGORIES):
-    if category not in CATEGORIES:
-      raise errors.ConfigError(
-        f"unknown embedded category {category!r}; expected one of {sorted(CATEGORIES)}"
-      )
-    target = root / category
-    marker = target / "BUILD.json"
-    if marker.is_file() and marker.read_text() == stamp:
-      continue
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".{category}-") as tmp:
-      _write_category(Path(tmp), category, spec)
-      (Path(tmp) / "BUILD.json").write_text(stamp)
-      if target.exists():
-        shutil.rmtree(target)
-      Path(tmp).rename(target)
-      Path(tmp).mkdir()  # TemporaryDirectory cleans up the (now empty) path it made
+  unknown = [c for c in categories or () if c not in CATEGORIES]
+  if unknown:
+    raise errors.ConfigError(
+      f"unknown embedded categories {unknown}; expected some of {sorted(CATEGORIES)}"
+    )
+  with open(root / BUILD_LOCK, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+    for category in categories or tuple(CATEGORIES):
+      target = root / category
+      marker = target / "BUILD.json"
+      if marker.is_file() and marker.read_text() == stamp:
+        continue
+      with tempfile.TemporaryDirectory(dir=root, prefix=f".{category}-") as tmp:
+        _write_category(Path(tmp), category, spec)
+        (Path(tmp) / "BUILD.json").write_text(stamp)
+        if target.exists():
+          shutil.rmtree(target)
+        Path(tmp).rename(target)
+        Path(tmp).mkdir()  # TemporaryDirectory cleans up the (now empty) path it made
   return root
