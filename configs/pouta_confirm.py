@@ -26,6 +26,7 @@ STUDY = Path(__file__).with_name("pouta_study.py")
 
 def get_study() -> dict:
   study = config_lib.load_study(STUDY)
+  questions = {q["name"]: q for q in study["questions"]}
   return dict(
     preset=study["preset"],
     seeds=study["seeds"],
@@ -39,14 +40,7 @@ def get_study() -> dict:
       )
     ),
     questions=[
-      dict(
-        name="defaults",
-        question="DRAEM and POUTA at today's defaults (DRAEM scores its map alone, POUTA its "
-        "map plus the reconstruction error)",
-        configs=("configs/draem.py", "configs/pouta.py"),
-        test=True,
-        pinned=False,
-      ),
+      questions["defaults"],
       dict(
         name="one_scoring",
         question="DRAEM scored as POUTA: its map plus the reconstruction error "
@@ -57,15 +51,6 @@ def get_study() -> dict:
         test=True,
         pinned=False,
       ),
-      dict(
-        name="fusion",
-        question="POUTA's map as the mean of its final map and its four level maps "
-        "(eval.fuse_levels)",
-        configs=("configs/pouta.py",),
-        sweep=("eval.fuse_levels=True",),
-        include=("defaults/*",),
-        test=True,
-        pinned=False,
-      ),
+      questions["fusion"],
     ],
   )
