@@ -548,7 +548,7 @@ def main(argv: list[str]) -> None:
     if failed:
       print("failed runs (logs beside their workdirs):\n" + "\n".join(failed), file=sys.stderr)
   out = _OUT.value or os.path.join(workdir, "study.md")
-  if not real_root:
+  if not real_root and "real" in study["datasets"]:
     print("--real_root not given: the real dataset's runs are left out", file=sys.stderr)
   command = shlex.join(
     ["python", "launch/study.py", f"--study={_STUDY.value}", f"--workdir={workdir}"]
