@@ -211,6 +211,17 @@ def get_study() -> dict:
         configs=("configs/draem.py", "configs/pouta.py"),
         sweep=("train.num_steps=600",),
         include=(TODAY,),
+        test=True,
+        pinned=False,
+      ),
+      dict(
+        name="steps_one_scoring",
+        question="DRAEM at 600 steps scored as POUTA (its map plus the reconstruction error): "
+        "the targets at one scoring after twice the steps",
+        configs=("configs/draem.py",),
+        zip=("train.num_steps=600", "eval.error_weight=1"),
+        include=("steps/*",),
+        test=True,
         pinned=False,
       ),
     ],
