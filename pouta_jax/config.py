@@ -277,6 +277,7 @@ VALUES_BEFORE_KEYS = {
   "loss.level_weights": (1.0, 1.0, 1.0, 1.0),
   "loss.level_decay": 0.0,
   "eval.error_weight": 0.0,
+  "eval.fuse_levels": False,
 }
 
 

@@ -167,6 +167,14 @@ def run(
           "False with --artifact)"
         )
     exported = artifact.load(artifact_path)
+    # Its programs score as its run did; a scoring key given beside it would be ignored.
+    baked = exported.manifest.get("config") or {}
+    for key, theirs, ours in config_lib.differences(baked, config.to_dict()):
+      if key in config_lib.SCORING_KEYS:
+        raise errors.ConfigError(
+          f"config.{key}={ours}: the artifact {artifact_path} scores with {theirs} (compiled "
+          f"into its programs; expected {theirs} with --artifact, or export the run again)"
+        )
     if config.data.image_size not in exported.image_sizes:
       raise errors.ConfigError(
         f"config.data.image_size={config.data.image_size}: the artifact "

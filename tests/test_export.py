@@ -230,9 +230,23 @@ def test_evaluation_runs_from_an_artifact(trained, tmp_path):
   assert list((tmp_path / "eval" / "heatmaps").glob("*.png"))
   with pytest.raises(ValueError, match="use --mode=eval"):
     experiment.run(config, tmp_path / "eval", "train_and_eval", artifact_path=out)
-  config.data.image_size = 64
+  # Its programs score as the run did: another scoring beside it is refused, not ignored.
+  for key, value, baked in (
+    ("error_weight", 0.0, 1.0),
+    ("fuse_levels", True, False),
+    ("score_filter_size", 5, 3),
+  ):
+    other = config.copy_and_resolve_references()
+    other.eval[key] = value
+    with pytest.raises(
+      errors.ConfigError, match=rf"config.eval.{key}={value}: .* scores with {baked}"
+    ):
+      experiment.run(other, tmp_path / "refused", "eval", artifact_path=out)
+  assert not (tmp_path / "refused").exists()
+  other = config.copy_and_resolve_references()
+  other.data.image_size = 64
   with pytest.raises(ValueError, match=r"programs for \(32,\) only"):
-    experiment.run(config, tmp_path / "eval", "eval", artifact_path=out)
+    experiment.run(other, tmp_path / "eval", "eval", artifact_path=out)
 
 
 def test_bad_exports_fail_before_writing(trained, tmp_path):
