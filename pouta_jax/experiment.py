@@ -168,6 +168,12 @@ def run(
         )
     exported = artifact.load(artifact_path)
     # Its programs score as its run did; a scoring key given beside it would be ignored.
+    if exported.manifest["model"] != config.model.name:
+      raise errors.ConfigError(
+        f"config.model.name={config.model.name!r}: the artifact {artifact_path} is a "
+        f"{exported.manifest['model']!r} model (expected its config, configs/"
+        f"{exported.manifest['model']}.py)"
+      )
     baked = exported.manifest.get("config") or {}
     for key, theirs, ours in config_lib.differences(baked, config.to_dict()):
       if key in config_lib.SCORING_KEYS:

@@ -242,6 +242,10 @@ def test_evaluation_runs_from_an_artifact(trained, tmp_path):
       errors.ConfigError, match=rf"config.eval.{key}={value}: .* scores with {baked}"
     ):
       experiment.run(other, tmp_path / "refused", "eval", artifact_path=out)
+  with pytest.raises(errors.ConfigError, match="config.model.name='draem': .* is a 'pouta' model"):
+    experiment.run(
+      make_tiny_config("draem", config.data.root), tmp_path / "refused", "eval", artifact_path=out
+    )
   assert not (tmp_path / "refused").exists()
   other = config.copy_and_resolve_references()
   other.data.image_size = 64
