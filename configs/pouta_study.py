@@ -171,6 +171,16 @@ def get_study() -> dict:
         pinned=False,
       ),
       dict(
+        name="few_shot_one_scoring",
+        question="DRAEM's few-shot runs scored as POUTA (its map plus the reconstruction "
+        "error): the few-shot targets at one scoring",
+        configs=("configs/draem.py",),
+        sweep=("data.few_shot=8,16", "eval.error_weight=1"),
+        include=("few_shot/*",),  # copies of its runs' checkpoints
+        test=True,
+        pinned=False,
+      ),
+      dict(
         name="equal_time",
         question="POUTA given DRAEM's training time: 420 steps against DRAEM's 300 (tiny POUTA "
         "as chosen trained at 2.57 steps/s, DRAEM at 1.83: medians of the compact and models "

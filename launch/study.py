@@ -388,6 +388,10 @@ def cost_table(means: dict[tuple, float], keys: list[str], ranked_csv: str) -> s
   return "\n".join(lines)
 
 
+# The targets (issue #18): POUTA at least DRAEM on each dataset's test set in these metrics.
+TARGET_METRICS = ("pixel_ap", "aupro")
+
+
 def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -> str:
   """The study's markdown: per question, a table per reported metric (validation split) and the
   setting chosen by the `select` metric; `all_jobs`: every run of the study, to say how many of
@@ -459,6 +463,11 @@ def report(study: dict, workdir: str, all_jobs: list[sweep.Job], command: str) -
       lines += ["", "Reported on the test sets (chosen by nothing):"]
       for metric in study["report"]:
         lines += ["", sweep.aggregate(roots, keys, metric, "test")[0].rstrip()]
+      if keys and keys[0] == "model.name":
+        datasets = {name: spec["categories"] for name, spec in study["datasets"].items()}
+        table = sweep.gaps_table(roots, keys, TARGET_METRICS, datasets, "pouta", "draem")
+        if table:
+          lines += ["", "The targets: POUTA at least DRAEM in these, on each dataset.", "", table]
   return "\n".join(lines) + "\n"
 
 

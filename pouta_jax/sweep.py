@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import ml_collections
 import numpy as np
@@ -309,28 +309,117 @@ def _get(config: dict, key: str):
 def paired_differences(roots: list, default_roots: list, keys: list[str], metric: str) -> dict:
   """{setting: (mean, standard error, pairs)}: the validation `metric` (in points) of each
   setting of `keys` among the runs under `roots`, less that of its model's default (the runs
-  under `default_roots`; the default's own setting maps to None), paired over (category, seed):
+  under `default_roots`, of that default setting whose values of the keys its model's defaults
+  vary are the setting's; the default's own setting maps to None), paired over (category, seed):
   two such runs share their data stream and initialisation, so the pairs' spread is the
   setting's effect's noise, not the seeds'. A setting with fewer than 2 pairs is left out."""
 
-  def values(folders: list) -> dict[tuple, tuple[str, dict]]:
-    found: dict[tuple, tuple[str, dict]] = {}
-    for config, results, _ in finished_runs(folders):
-      setting = setting_of(config, keys)
-      per_pair = found.setdefault(setting, (config["model"]["name"], {}))[1]
-      for category, metrics in results.get("validation", {}).items():
-        per_pair[(category, config["train"]["seed"])] = 100 * metrics[metric]
-    return found
-
-  default_runs = values(default_roots)
-  defaults = {model: pairs for model, pairs in default_runs.values()}
+  default_runs = paired_values(default_roots, keys, metric, "validation")
+  defaults: dict[str, list[tuple[tuple, dict]]] = {}
+  for setting, (model, pairs) in default_runs.items():
+    defaults.setdefault(model, []).append((setting, pairs))
   differences: dict[tuple, tuple | None] = dict.fromkeys(default_runs)
-  for setting, (model, pairs) in values(roots).items():
-    default = defaults.get(model, {})
-    d = [value - default[pair] for pair, value in pairs.items() if pair in default]
-    if len(d) > 1:
-      differences[setting] = (float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d))), len(d))
+  for setting, (model, pairs) in paired_values(roots, keys, metric, "validation").items():
+    # A model with several default settings (a question re-scoring another's runs, each of its
+    # few-shot sizes, say): the one with this setting's values of the keys they vary.
+    candidates = defaults.get(model, [])
+    varied = [i for i in range(len(keys)) if len({s[i] for s, _ in candidates}) > 1]
+    matched = [p for s, p in candidates if all(s[i] == setting[i] for i in varied)]
+    default = matched[0] if len(matched) == 1 else {}
+    summary = mean_and_error([value - default[p] for p, value in pairs.items() if p in default])
+    if summary is not None:
+      differences[setting] = summary
   return differences
+
+
+def paired_values(
+  roots: list, keys: list[str], metric: str, split: str
+) -> dict[tuple, tuple[str, dict[tuple[str, int], float]]]:
+  """{setting of `keys`: (its model, {(category, seed): `metric` in points on `split`})} of the
+  runs under `roots` (a pixel metric of an image-level dataset, None, is left out)."""
+  found: dict[tuple, tuple[str, dict]] = {}
+  for config, results, _ in finished_runs(roots):
+    per_pair = found.setdefault(setting_of(config, keys), (config["model"]["name"], {}))[1]
+    scored = results.get("validation", {}) if split == "validation" else results
+    for category in config["data"].get("categories") or [config["data"]["category"]]:
+      value = (scored.get(category) or {}).get(metric)
+      if value is not None:
+        per_pair[(category, config["train"]["seed"])] = 100 * value
+  return found
+
+
+def mean_and_error(differences: list[float]) -> tuple[float, float, int] | None:
+  """(mean, its standard error, count) of paired differences; None for fewer than 2."""
+  if len(differences) < 2:
+    return None
+  d = np.asarray(differences)
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), len(d)
+
+
+def model_gaps(
+  roots: list, keys: list[str], metric: str, split: str, model: str, peer: str
+) -> list[tuple[tuple, tuple, dict[tuple[str, int], float]]]:
+  """(a setting of `model`, one of `peer`'s, {(category, seed): model's `metric` less peer's,
+  in points on `split`}) for each pair of settings that agree on every key both models vary
+  (keys[0] is model.name). A key only one model varies, or neither (say POUTA's steps against
+  DRAEM's in an equal-time question, or DRAEM's scorings against POUTA's one), pairs each of its
+  values with every value of the other's: each such comparison is a row."""
+  values = paired_values(roots, keys, metric, split)
+  ours = {s: pairs for s, (m, pairs) in values.items() if m == model}
+  theirs = {s: pairs for s, (m, pairs) in values.items() if m == peer}
+  both_vary = [
+    i
+    for i in range(1, len(keys))
+    if min(len({s[i] for s in settings}) for settings in (ours, theirs)) > 1
+  ]
+  gaps = []
+  for setting, pairs in ours.items():
+    for other, other_pairs in theirs.items():
+      if all(setting[i] == other[i] for i in both_vary):
+        shared = {p: v - other_pairs[p] for p, v in pairs.items() if p in other_pairs}
+        gaps.append((setting, other, shared))
+  return gaps
+
+
+def gaps_table(
+  roots: list, keys: list[str], metrics: Sequence[str], groups: dict, model: str, peer: str
+) -> str:
+  """Markdown: `model` less `peer` on the test sets, in points, paired over (category, seed) within
+  each group of categories (`groups`: name -> categories; a study's datasets), one row per pair
+  of settings `model_gaps` compares and group. Each side's eval.error_weight is shown (comparing
+  scorings is not comparing models). Empty when the runs are not of both models."""
+  keys = [*keys, *(["eval.error_weight"] if "eval.error_weight" not in keys else [])]
+  gaps = {
+    metric: {
+      (ours, theirs): d for ours, theirs, d in model_gaps(roots, keys, metric, "test", model, peer)
+    }
+    for metric in metrics
+  }
+  if not gaps[metrics[0]]:
+    return ""
+
+  def named(setting: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(keys[1:], setting[1:]))
+
+  header = [f"{model}'s setting", f"{peer}'s setting", "dataset"]
+  header += [f"{metric}: {model} − {peer}" for metric in metrics]
+  lines = [
+    f"{model} less {peer} on the test sets (points; mean ± s.e. over category × seed pairs, the "
+    "two runs of a pair trained on the same data with the same seed):",
+    "",
+    "| " + " | ".join(header) + " |",
+    "|---" * len(header) + "|",
+  ]
+  for ours, theirs in gaps[metrics[0]]:
+    for name, categories in groups.items():
+      cells = []
+      for metric in metrics:
+        found = gaps[metric][(ours, theirs)]
+        summary = mean_and_error([d for (c, _), d in found.items() if c in categories])
+        cells.append("–" if summary is None else "{:+.1f} ± {:.1f} (n={})".format(*summary))
+      if any(c != "–" for c in cells):
+        lines.append("| " + " | ".join([named(ours), named(theirs), name, *cells]) + " |")
+  return "\n".join(lines)
 
 
 def ranked_settings(ranked_csv: str, keys: list[str]) -> list[tuple[str, ...]]:

@@ -287,6 +287,93 @@ def test_settings_are_measured_against_the_default_in_pairs(tmp_path):
   )
 
 
+def _fake_model_run(root, model, steps, weight, seed, category, pixel_ap, aupro):
+  folder = root / f"{model},{steps},{weight},{seed}" / category
+  folder.mkdir(parents=True)
+  config = {
+    "model": {"name": model},
+    "data": {"category": category},
+    "train": {"seed": seed, "num_steps": steps},
+    "eval": {"error_weight": weight},
+  }
+  (folder / "config.json").write_text(json.dumps(config))
+  results = {category: {"pixel_ap": pixel_ap, "aupro": aupro}}
+  (folder / "metrics.json").write_text(json.dumps({model: results}))
+
+
+def test_models_are_compared_in_pairs_on_the_keys_both_vary(tmp_path):
+  """POUTA less DRAEM per (category, seed), against numpy: a key one model alone varies (POUTA's
+  steps in an equal-time question, DRAEM's scorings) pairs every value with each of the other's;
+  once both vary it, only equal values pair. The table groups the pairs by dataset."""
+  pairs = [("weave", 0), ("weave", 1), ("lens", 0), ("lens", 1)]
+  rng = np.random.default_rng(0)
+  value = {}
+  for setting in (
+    ("pouta", 300, 1.0),
+    ("pouta", 420, 1.0),
+    ("draem", 300, 0.0),
+    ("draem", 300, 1.0),
+  ):
+    for category, seed in pairs:
+      value[setting, category, seed] = rng.uniform(0.2, 0.9, 2)
+      _fake_model_run(tmp_path, *setting, seed, category, *value[setting, category, seed])
+  keys = ["model.name", "train.num_steps", "eval.error_weight"]
+  roots = [tmp_path]
+
+  def compared(metric: str) -> dict:
+    gaps = sweep.model_gaps(roots, keys, metric, "test", "pouta", "draem")
+    return {(ours[1:], theirs[1:]): d for ours, theirs, d in gaps}
+
+  found = compared("aupro")
+  assert set(found) == {((s, "1.0"), ("300", w)) for s in ("300", "420") for w in ("0.0", "1.0")}
+  for (ours, theirs), d in found.items():
+    mine, peer = ("pouta", int(ours[0]), 1.0), ("draem", 300, float(theirs[1]))
+    assert d == pytest.approx(
+      {(c, s): 100 * (value[mine, c, s][1] - value[peer, c, s][1]) for c, s in pairs}
+    )
+  for category, seed in pairs:  # now DRAEM varies the steps too
+    _fake_model_run(tmp_path, "draem", 420, 1.0, seed, category, 0.5, 0.5)
+  assert set(compared("pixel_ap")) == {
+    (("300", "1.0"), ("300", "0.0")),
+    (("300", "1.0"), ("300", "1.0")),
+    (("420", "1.0"), ("420", "1.0")),
+  }
+  table = sweep.gaps_table(
+    roots,
+    keys,
+    ("pixel_ap", "aupro"),
+    {"embedded": ("weave",), "real": ("lens",)},
+    "pouta",
+    "draem",
+  )
+  d = [100 * (value[("pouta", 420, 1.0), "weave", s][0] - 0.5) for s in (0, 1)]
+  row = (
+    "| train.num_steps=420, eval.error_weight=1.0 | train.num_steps=420, eval.error_weight=1.0 "
+    f"| embedded | {np.mean(d):+.1f} ± {np.std(d, ddof=1) / np.sqrt(2):.1f} (n=2) |"
+  )
+  assert row in table
+  assert table.count("| real |") == 3 and table.count("| embedded |") == 3
+  assert sweep.gaps_table(roots, keys, ("pixel_ap",), {"all": ("weave",)}, "pouta", "prn") == ""
+
+
+def test_each_setting_is_measured_against_its_own_default_among_several(tmp_path):
+  """Defaults of several settings (a question scoring another's runs anew: each few-shot size
+  its own default): a setting pairs with the default of its values of the keys they vary."""
+  for i, (category, seed) in enumerate([("weave", 0), ("weave", 1), ("pill", 0)]):
+    for compare, base in (("both", 0.3), ("encoder", 0.6)):
+      _fake_run(tmp_path / "default", f"{compare}{seed}", compare, seed, category, 0.0, val=base)
+      _fake_run(
+        tmp_path / "anew", f"{compare}{seed}", compare, seed, category, 0.0, val=base + i / 100
+      )
+  keys = ["model.name", "model.compare"]
+  found = sweep.paired_differences([tmp_path / "anew"], [tmp_path / "default"], keys, "pixel_ap")
+  for compare in ("both", "encoder"):  # not 30 points apart: paired with its own default
+    mean, error, n = found[('"pouta"', f'"{compare}"')]
+    assert (mean, n) == (pytest.approx(1.0), 3) and error == pytest.approx(
+      np.std([0, 1, 2], ddof=1) / np.sqrt(3)
+    )
+
+
 def test_a_requirement_limits_the_choice_and_displaces_a_default_that_misses_it(tmp_path):
   """With `allowed` (the settings meeting a cost target, say), the choice is among those only;
   a default outside them gives way to the best inside unless that is worse by more than 2
