@@ -192,6 +192,16 @@ def get_study() -> dict:
         pinned=False,
       ),
       dict(
+        name="equal_time_one_scoring",
+        question="equal time at one scoring: DRAEM's 300 steps scored as POUTA (its map plus "
+        "the reconstruction error) against POUTA's 420",
+        configs=("configs/draem.py",),
+        zip=("train.num_steps=300", "eval.error_weight=1"),  # copies of the defaults runs
+        include=(("equal_time/*", "defaults/*/draem"),),
+        test=True,
+        pinned=False,
+      ),
+      dict(
         name="error",
         question="the reconstruction error in the score: the map plus W times mean |x - "
         "reconstruction| (eval.error_weight; that error alone beats both maps on granite's "
