@@ -26,7 +26,8 @@ category, and names the setting with the best mean of the study's `select` metri
 the question's runs are done; a question's `cost_at_most` (discriminative FLOPs over DRAEM's)
 limits the choice to the settings within it, and replaces a default over it by the best within
 it unless that one is worse by more than 2 standard errors (`sweep.choice`); questions marked
-`test` also show the test sets' tables.
+`test` also show the test sets' tables and, where both models ran, POUTA less DRAEM on each
+dataset's test set in pixel AP and AUPRO (the targets; `sweep.gaps_table`).
 """
 
 from __future__ import annotations

@@ -127,6 +127,7 @@ def test_study_runs_resumes_and_reports_the_best_validation_setting(dataset_root
   assert f"Chosen by validation pixel_ap: **loss.level_weights={json.dumps(list(best))}**" in text
   assert f"{100 * found[best]:.1f} ± 0.0" in text and np.isfinite(list(found.values())).all()
   assert "Reported on the test sets (chosen by nothing)" in text
+  assert "The targets" not in text  # one model: nothing to pair with (tests/test_sweep.py)
   kinds = "| loss.level_weights | synthetic | removed | misplaced | spot |"
   assert "pixel_ap per kind of validation anomaly" in text and kinds in text
   assert "**image_auroc** on the test set" in text
