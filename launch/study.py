@@ -47,6 +47,7 @@ from etils.epath import Path
 from ml_collections import config_flags
 
 from pouta_jax import config as config_lib, errors, files, sweep
+from pouta_jax.report import markdown_table
 
 _STUDY = flags.DEFINE_string("study", "configs/pouta_study.py", "The study file (get_study()).")
 _WORKDIR = flags.DEFINE_string("workdir", "outputs/study", "Parent of the study's runs.")
@@ -332,18 +333,12 @@ def kinds_table(roots: list, keys: list[str], metric: str, ranked_csv: str) -> s
       tuple(r[: len(keys)]): r[-1] for r in list(csv.reader(io.StringIO(kind_csv)))[1:]
     }
   header = (keys or ["setting"]) + list(columns)
-  lines = [
+  rows = [[*setting, *(columns[k].get(setting, "–") for k in columns)] for setting in order]
+  title = (
     f"{metric} per kind of validation anomaly (%, the mean over seeds and the categories every "
-    "row has):",
-    "",
-    "| " + " | ".join(header) + " |",
-    "|---" * len(header) + "|",
-  ]
-  lines += [
-    "| " + " | ".join([*setting, *(columns[k].get(setting, "–") for k in columns)]) + " |"
-    for setting in order
-  ]
-  return "\n".join(lines)
+    "row has):"
+  )
+  return "\n".join([title, "", *markdown_table(header, rows)])
 
 
 def cost_ratios(roots: list, keys: list[str], draem_roots: list) -> dict[tuple, float]:
@@ -375,18 +370,12 @@ def cost_table(means: dict[tuple, float], keys: list[str], ranked_csv: str) -> s
     )
   order = sweep.ranked_settings(ranked_csv, keys)
   header = (keys or ["setting"]) + ["discriminative FLOPs / DRAEM's"]
-  lines = [
+  rows = [[*setting, f"{means[setting]:.2f}" if setting in means else "–"] for setting in order]
+  title = (
     "Cost: the discriminative part's FLOPs per image over DRAEM's discriminative subnetwork's "
-    "(the target is at most 0.25):",
-    "",
-    "| " + " | ".join(header) + " |",
-    "|---" * len(header) + "|",
-  ]
-  lines += [
-    "| " + " | ".join([*setting, f"{means[setting]:.2f}" if setting in means else "–"]) + " |"
-    for setting in order
-  ]
-  return "\n".join(lines)
+    "(the target is at most 0.25):"
+  )
+  return "\n".join([title, "", *markdown_table(header, rows)])
 
 
 # The targets (issue #18): POUTA at least DRAEM on each dataset's test set in these metrics.

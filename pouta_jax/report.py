@@ -288,6 +288,12 @@ def write_evaluation_to_tensorboard(
     writer.close()
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table's lines: the header, its rule and the rows."""
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def csv_text(rows: list[list]) -> str:
   out = io.StringIO()
   csv.writer(out, lineterminator="\n").writerows(rows)

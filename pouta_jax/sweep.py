@@ -403,13 +403,7 @@ def gaps_table(
 
   header = [f"{model}'s setting", f"{peer}'s setting", "dataset"]
   header += [f"{metric}: {model} − {peer}" for metric in metrics]
-  lines = [
-    f"{model} less {peer} on the test sets (points; mean ± s.e. over category × seed pairs, the "
-    "two runs of a pair trained on the same data with the same seed):",
-    "",
-    "| " + " | ".join(header) + " |",
-    "|---" * len(header) + "|",
-  ]
+  rows = []
   for ours, theirs in gaps[metrics[0]]:
     for name, categories in groups.items():
       cells = []
@@ -418,8 +412,12 @@ def gaps_table(
         summary = mean_and_error([d for (c, _), d in found.items() if c in categories])
         cells.append("–" if summary is None else "{:+.1f} ± {:.1f} (n={})".format(*summary))
       if any(c != "–" for c in cells):
-        lines.append("| " + " | ".join([named(ours), named(theirs), name, *cells]) + " |")
-  return "\n".join(lines)
+        rows.append([named(ours), named(theirs), name, *cells])
+  title = (
+    f"{model} less {peer} on the test sets (points; mean ± s.e. over category × seed pairs, the "
+    "two runs of a pair trained on the same data with the same seed):"
+  )
+  return "\n".join([title, "", *report.markdown_table(header, rows)])
 
 
 def ranked_settings(ranked_csv: str, keys: list[str]) -> list[tuple[str, ...]]:
@@ -485,19 +483,18 @@ def choice(
 
 def differences_table(keys: list[str], ranked_csv: str, differences: dict, metric: str) -> str:
   """Markdown: `paired_differences` per row of `ranked_csv` (aggregate's CSV), in its order."""
-  rows = ranked_settings(ranked_csv, keys)
   header = keys + [f"{metric} less the default's (points, mean ± s.e. over category x seed)"]
-  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-  for row in rows:
-    if row not in differences:
+  rows = []
+  for setting in ranked_settings(ranked_csv, keys):
+    if setting not in differences:
       cell = "– (fewer than 2 pairs)"
-    elif differences[row] is None:
+    elif differences[setting] is None:
       cell = "(the default)"
     else:
-      mean, error, pairs = differences[row]
+      mean, error, pairs = differences[setting]
       cell = f"{mean:+.1f} ± {error:.1f} (n={pairs})"
-    lines.append("| " + " | ".join([*row, cell]) + " |")
-  return "\n".join(lines)
+    rows.append([*setting, cell])
+  return "\n".join(report.markdown_table(header, rows))
 
 
 # And "validation/<kind>": the validation set's anomalies of one kind (data.val_defects) with its
@@ -579,18 +576,8 @@ def aggregate(
     ranked.append((-mean, len(ranked), row))
   rows = [row for _, _, row in sorted(ranked)]
   where = f"validation set's {kind} anomalies" if kind else f"{split} set"
-  markdown = (
-    "\n".join(
-      [
-        f"**{metric}** on the {where} (%, mean ± std over seeds; the best mean first)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---" * len(header) + "|",
-      ]
-      + ["| " + " | ".join(r) + " |" for r in rows]
-    )
-    + "\n"
-  )
+  title = f"**{metric}** on the {where} (%, mean ± std over seeds; the best mean first)"
+  markdown = "\n".join([title, "", *report.markdown_table(header, rows)]) + "\n"
   out = io.StringIO()
   csv.writer(out).writerows([header] + rows)
   return markdown, out.getvalue()
