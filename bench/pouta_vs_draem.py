@@ -6,18 +6,25 @@
 Prints parameters and XLA FLOPs per image (reconstructive / discriminative / total; FLOPs
 split as `evaluate.profile` does) and the median inference latency at batch 1 (the two models
 timed interleaved, A/B/A/B, after warm-up), then the ratios POUTA / DRAEM as `name=value` lines.
+With --train_repeats > 0, also the median seconds per train step at --batch_size (each model in
+its own process, in turns; bench/train_step.py's step): `train_step_ratio`, POUTA's over DRAEM's,
+is what equal training time means (DRAEM's N steps take as long as N / ratio of POUTA's; the
+study's `equal_time` question). The tiny preset's: --base_width=16 --image_size=64.
 Targets: discriminative params and discriminative FLOPs <= 0.25, total params <= 0.75 (a total
 FLOP count or latency below 0.75 cannot be had while the reconstructive network is shared).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import train_step
 from absl import flags
 from etils.epath import Path
 from ml_collections import config_flags
@@ -28,6 +35,8 @@ from pouta_jax.models.pouta import unit_width
 _WIDTH = flags.DEFINE_integer("base_width", 128, "Reconstructive base width of both models.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Square input size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed inferences per model.")
+_TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 0, "Timed train steps per model (0: none).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Train step batch size.")
 # POUTA's settings as the training command takes them (--pouta.model.<key>=...); the base width
 # is --base_width's, for both models.
 _POUTA = config_flags.DEFINE_config_file(
@@ -88,6 +97,22 @@ def main(argv: list[str]) -> None:
   )
   print(f"flops_ratio={pouta['flops_per_image'] / draem['flops_per_image']:.4f}")
   print(f"latency_ratio={latency['pouta'] / latency['draem']:.4f}")
+  if _TRAIN_REPEATS.value:
+    setting = train_step.Setting("pouta_vs_draem", _WIDTH.value, _SIZE.value, _BATCH.value, False)
+    stored = json.loads(_POUTA.value.to_json_best_effort())
+    steps = harness.interleaved(
+      {
+        "draem": (train_step.jax_step, (setting, "auto")),
+        "pouta": (train_step.jax_step, (setting, "auto", stored)),
+      },
+      _TRAIN_REPEATS.value,
+    )
+    for name, (seconds, facts) in steps.items():
+      print(
+        f"{name}: {1000 * seconds:.0f} ms per train step at batch {_BATCH.value} "
+        f"(compiled in {facts['start_s']:.1f} s)"
+      )
+    print(f"train_step_ratio={steps['pouta'][0] / steps['draem'][0]:.4f}")
 
 
 if __name__ == "__main__":

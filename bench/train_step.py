@@ -54,16 +54,20 @@ def _batch(setting: Setting, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
-def jax_step(setting: Setting, conv_weight_grad: str) -> tuple[Callable[[], None], dict]:
-  """One step of our DRAEM; facts: compile seconds, XLA's FLOPs per step."""
-  config = config_lib.load("draem")
+def jax_step(
+  setting: Setting, conv_weight_grad: str, stored: dict | None = None
+) -> tuple[Callable[[], None], dict]:
+  """One step of our DRAEM, or of the model of a `stored` config (as config.json holds one:
+  POUTA's, say); facts: compile seconds, XLA's FLOPs per step."""
+  config = config_lib.upgrade(stored) if stored else config_lib.load("draem")
   config.model.base_width = setting.base_width
   config.model.conv_weight_grad = conv_weight_grad
   config.data.image_size = setting.image_size
   config.data.batch_size = setting.batch_size
   model, optimizer, state, hparams, _ = train.setup(config, [1])  # a stack of one run
   mesh = sharding.make_mesh(config)
-  step = train.make_train_step(model, models.get("draem").objective(config), optimizer, mesh)
+  objective = models.get(config.model.name).objective(config)
+  step = train.make_train_step(model, objective, optimizer, mesh)
   batch = {k: v[None] for k, v in _batch(setting).items()}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   compiled, compile_s = harness.timed(lambda: step.lower(state, batch, hparams).compile())

@@ -104,3 +104,24 @@ def test_pod_sim_replaces_its_own_section_of_the_results_file(tmp_path):
   results.write_text(f"# B\n\n{pod_sim.SECTION}\n\nold\n\n## Later\n\nkept\n")
   pod_sim._write_section(results, f"{pod_sim.SECTION}\n\nnew\n")
   assert results.read_text() == f"# B\n\n{pod_sim.SECTION}\n\nnew\n\n## Later\n\nkept\n"
+
+
+def test_train_step_bench_times_the_model_of_a_stored_config():
+  """bench/train_step.py's step serves pouta_vs_draem.py's train_step_ratio: POUTA's config
+  gives POUTA's step (fewer FLOPs than DRAEM's at the same widths), and each run steps."""
+  import json
+
+  import train_step
+
+  from pouta_jax import config as config_lib
+
+  setting = train_step.Setting("test", base_width=8, image_size=32, batch_size=2, malloc_env=False)
+  pouta = json.loads(config_lib.load("pouta").to_json_best_effort())
+  steps = {
+    "draem": train_step.jax_step(setting, "auto"),
+    "pouta": train_step.jax_step(setting, "auto", pouta),
+  }
+  for run, facts in steps.values():
+    run()
+    assert facts["start_s"] > 0
+  assert 0 < steps["pouta"][1]["flops"] < steps["draem"][1]["flops"]
