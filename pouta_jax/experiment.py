@@ -167,14 +167,15 @@ def run(
           "False with --artifact)"
         )
     exported = artifact.load(artifact_path)
-    # Its programs score as its run did; a scoring key given beside it would be ignored.
-    if exported.manifest["model"] != config.model.name:
+    model = exported.manifest.get("model")
+    if model != config.model.name:
       raise errors.ConfigError(
         f"config.model.name={config.model.name!r}: the artifact {artifact_path} is a "
-        f"{exported.manifest['model']!r} model (expected its config, configs/"
-        f"{exported.manifest['model']}.py)"
+        f"{model!r} model (expected its config, configs/{model}.py)"
       )
-    baked = exported.manifest.get("config") or {}
+    # Its programs score as its run did; a scoring key given beside it would be ignored.
+    baked = exported.manifest.get("config")
+    baked = baked if isinstance(baked, dict) else {}
     for key, theirs, ours in config_lib.differences(baked, config.to_dict()):
       if key in config_lib.SCORING_KEYS:
         raise errors.ConfigError(
