@@ -292,6 +292,11 @@ def finished_runs(root: str | Path | list) -> list[tuple[dict, dict, Path]]:
   return found
 
 
+def run_categories(config: dict) -> list[str]:
+  """The categories a finished run scored: its program's, or its one."""
+  return config["data"].get("categories") or [config["data"]["category"]]
+
+
 def setting_of(config: dict, keys: list[str]) -> tuple[str, ...]:
   """A run's values of the swept `keys`, as the tables show them."""
   return tuple(json.dumps(_get(config, k)) for k in keys)
@@ -341,7 +346,7 @@ def paired_values(
   for config, results, _ in finished_runs(roots):
     per_pair = found.setdefault(setting_of(config, keys), (config["model"]["name"], {}))[1]
     scored = results.get("validation", {}) if split == "validation" else results
-    for category in config["data"].get("categories") or [config["data"]["category"]]:
+    for category in run_categories(config):
       value = (scored.get(category) or {}).get(metric)
       if value is not None:
         per_pair[(category, config["train"]["seed"])] = 100 * value
@@ -517,7 +522,7 @@ def aggregate(
     raise SweepError(f"--split={split!r}: expected one of {SPLITS} or validation/<kind>")
   runs = []
   for config, results, metrics_path in finished_runs(root):
-    categories = config["data"].get("categories") or [config["data"]["category"]]
+    categories = run_categories(config)
     if base == "validation":
       if kind:
         per_kind = results.get("validation_by_defect", {})
