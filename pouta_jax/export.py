@@ -157,9 +157,10 @@ def export(
     )
   trained = trained_model(workdir, run, config)
   category, model, variables = trained.category, trained.model, trained.variables
-
+  # Scored as the run's config (the manifest's) says, as predict.from_workdir scores it.
+  scoring = trained.config.eval
   predict_fn = evaluate.make_predict_fn(
-    model, config.eval.score_filter_size, evaluate.map_source(config), config.eval.error_weight
+    model, scoring.score_filter_size, evaluate.map_source(trained.config), scoring.error_weight
   )
   programs = {}
   if runtime == "jax":
@@ -188,9 +189,9 @@ def export(
       "scale": "uint8 / 255",
     },
     "outputs": {
-      "anomaly_map": _map_description(config.eval.error_weight, config.eval.fuse_levels),
-      "image_score": f"float32 (B,): max of the {config.eval.score_filter_size}x"
-      f"{config.eval.score_filter_size} mean-filtered map (zero "
+      "anomaly_map": _map_description(scoring.error_weight, scoring.fuse_levels),
+      "image_score": f"float32 (B,): max of the {scoring.score_filter_size}x"
+      f"{scoring.score_filter_size} mean-filtered map (zero "
       "padding)",
     },
     "thresholds": thresholds.get("oracle") or {"image": None, "pixel": None},
