@@ -15,6 +15,7 @@ checkpoint and exit 143; the task then requeues itself and resumes from its work
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -47,6 +48,10 @@ _SCRIPT_DIR = flags.DEFINE_string(
   "Shared folder for the array's job list, script and logs (default: <workdir>/slurm; needed "
   "when the workdir is in a bucket).",
 )
+
+
+# What an #SBATCH line may name unquoted.
+SBATCH_SAFE = re.compile(r"[A-Za-z0-9_./%+=:,@-]+")
 
 
 def sbatch_script(num_jobs: int, jobs_file: Path, log_dir: Path) -> str:
@@ -101,6 +106,13 @@ def main(argv: list[str]) -> None:
       f"bucket; give --script_dir=<a folder the nodes share>"
     )
   folder = Path(_SCRIPT_DIR.value or Path(flags.FLAGS.workdir) / "slurm").absolute()
+  if not SBATCH_SAFE.fullmatch(str(folder)):
+    raise errors.ConfigError(
+      f"{folder}: the array's logs are named in an #SBATCH line, which SLURM does not quote; "
+      f"give --script_dir=<a folder whose path has no spaces or shell characters>"
+    )
+  if any("\n" in line for line in lines):
+    raise errors.ConfigError("a job's flags hold a line break; jobs.txt holds one job per line")
   jobs_file, script_file = folder / "jobs.txt", folder / "array.sbatch"
   script = sbatch_script(len(jobs), jobs_file, folder)
   submit = ["sbatch", "--parsable", str(script_file)]

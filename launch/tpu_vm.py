@@ -57,11 +57,19 @@ def log_dir() -> str:
   return folder
 
 
+def shell_path(path: str) -> str:
+  """`path` quoted for the workers' shell, a leading `~` left to expand to their $HOME: no
+  value of a flag ever runs as shell code there."""
+  if path == "~" or path.startswith("~/"):
+    return '"$HOME"' + (shlex.quote(path[1:]) if path[1:] else "")
+  return shlex.quote(path)
+
+
 def driver_script(commands: list[list[str]]) -> str:
   """The script every worker runs: the jobs in order, each restarted while it is preempted."""
   stamp = "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   lines = ["#!/bin/bash", "# pouta_jax on a TPU VM slice: written by launch/tpu_vm.py", "set -u"]
-  lines += [f"cd {_REPO_DIR.value}", "failed=0"]  # unquoted: ~ expands on the worker
+  lines += [f"cd {shell_path(_REPO_DIR.value)}", "failed=0"]
   for i, command in enumerate(commands, 1):
     name = f"job {i}/{len(commands)}"
     lines += [
@@ -91,18 +99,21 @@ def ssh_command(remote: str, worker: str = "all") -> list[str]:
 
 def start_command(script: str) -> list[str]:
   """Writes the driver on every worker and starts it detached (setsid, nohup, no stdin)."""
-  folder = log_dir()
+  folder = shell_path(log_dir())
   encoded = base64.b64encode(script.encode()).decode()
   driver, log = f"{folder}/driver-$(hostname).sh", f"{folder}/worker-$(hostname).log"
   return ssh_command(
-    f"cd {_REPO_DIR.value} && mkdir -p {folder} && echo {encoded} | base64 -d > {driver} && "
-    f"(setsid nohup bash {driver} >> {log} 2>&1 < /dev/null &) && "
-    f'echo "started on $(hostname); log: {log}"'
+    f"cd {shell_path(_REPO_DIR.value)} && mkdir -p {folder} && echo {encoded} | base64 -d > "
+    f"{driver} && (setsid nohup bash {driver} >> {log} 2>&1 < /dev/null &) && "
+    f'echo "started on $(hostname); log: "{log}'
   )
 
 
 def follow_command() -> list[str]:
-  return ssh_command(f"cd {_REPO_DIR.value} && tail -n +1 -F {log_dir()}/worker-*.log", "0")
+  folder = shell_path(log_dir())
+  return ssh_command(
+    f"cd {shell_path(_REPO_DIR.value)} && tail -n +1 -F {folder}/worker-*.log", "0"
+  )
 
 
 def main(argv: list[str]) -> None:

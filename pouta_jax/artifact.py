@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
+import math
+import os
+import stat
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -147,14 +150,63 @@ def sha256(path: str | Path) -> str:
   return digest.hexdigest()
 
 
-def _read_manifest(path: Path) -> dict:
-  manifest_path = path / MANIFEST
-  if not manifest_path.is_file():
-    raise ArtifactError(f"{path}: not an exported artifact (no {MANIFEST})")
+# A manifest is a few kilobytes (config, metrics, thresholds); reading more is refused.
+MAX_MANIFEST_BYTES = 16 << 20
+# Batch sizes and image sizes a manifest may declare: an artifact's programs are padded to its
+# batch, so a larger one would allocate without bound.
+MAX_BATCH = 4096
+MAX_IMAGE_SIZE = 8192
+
+
+def _is_local(path: Path) -> bool:
+  return "://" not in str(path)
+
+
+def _artifact_file(path: Path, name: object) -> Path:
+  """`path / name` for a file name the manifest gives, only where it is a plain regular file
+  directly inside the artifact folder: a name with a separator, `..`, a link leading outside,
+  a FIFO or a device (a read that blocks or never ends) is refused before anything opens it."""
+  if (
+    not isinstance(name, str)
+    or name in ("", ".", "..")
+    or "/" in name
+    or "\\" in name
+    or "\0" in name
+  ):
+    raise ArtifactError(f"{path / MANIFEST}: {name!r} is not the name of a file in the artifact")
+  file = path / name
+  if not _is_local(path):
+    if not file.is_file():
+      raise ArtifactError(f"{file}: missing; the artifact is incomplete")
+    return file
+  folder = os.path.realpath(path)
+  if os.path.dirname(os.path.realpath(file)) != folder:
+    raise ArtifactError(f"{path / MANIFEST}: {name!r} leads outside the artifact folder")
   try:
-    manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ArtifactError(f"{manifest_path}: not valid JSON ({e}); the file is corrupted") from None
+    mode = os.stat(file).st_mode
+  except FileNotFoundError:
+    raise ArtifactError(f"{file}: missing; the artifact is incomplete") from None
+  except OSError as e:
+    raise ArtifactError(f"{file}: cannot be read ({e.strerror})") from None
+  if not stat.S_ISREG(mode):
+    raise ArtifactError(f"{file}: not a regular file; the artifact is damaged")
+  return file
+
+
+def _read_manifest(path: Path) -> dict:
+  if not path.is_dir() or not (path / MANIFEST).exists():
+    raise ArtifactError(f"{path}: not an exported artifact (no {MANIFEST})")
+  manifest_path = _artifact_file(path, MANIFEST)
+  with manifest_path.open("rb") as f:
+    content = f.read(MAX_MANIFEST_BYTES + 1)
+  if len(content) > MAX_MANIFEST_BYTES:
+    raise ArtifactError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+  try:
+    manifest = json.loads(content.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise ArtifactError(
+      f"{manifest_path}: not valid JSON ({type(e).__name__}: {e}); the file is corrupted"
+    ) from None
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
     raise ArtifactError(f"{manifest_path}: format {found!r}, this reader reads {FORMAT!r}")
@@ -167,49 +219,180 @@ def manifest_digest(manifest: dict) -> str:
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def runtime_of(manifest: dict) -> str:
+  return manifest.get("runtime", "jax")  # artifacts before ONNX export were all jax
+
+
+def expected_files(manifest: dict) -> list[str]:
+  """The files an artifact of this manifest holds besides it: its programs (and weights)."""
+  runtime = runtime_of(manifest)
+  programs = [program_name(size, runtime) for size in manifest["image_sizes"]]
+  return ([WEIGHTS] if runtime == "jax" else []) + programs
+
+
 def _verify(path: Path, manifest: dict) -> None:
-  """Checks the manifest and every file against their sha256 (artifacts written before the
-  manifest held them are read unchecked)."""
-  if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+  """Checks the manifest against its own digest and every file against its sha256: exactly the
+  files its programs need, each named once. A manifest without its digests is refused (it
+  could be edited, or name another model's weights, unnoticed)."""
+  where = path / MANIFEST
+  digests = manifest.get("sha256")
+  if not isinstance(manifest.get("manifest_sha256"), str) or not isinstance(digests, dict):
     raise ArtifactError(
-      f"{path / MANIFEST}: its content does not match its manifest_sha256; the file is "
+      f"{where}: no manifest_sha256 and sha256 digests; an artifact without them cannot be "
+      f"checked and is refused (export it again with python -m pouta_jax.export)"
+    )
+  if manifest["manifest_sha256"] != manifest_digest(manifest):
+    raise ArtifactError(
+      f"{where}: its content does not match its manifest_sha256; the file is "
       f"corrupted or was changed after export"
     )
-  for name, expected in manifest.get("sha256", {}).items():
-    file = path / name
-    if not file.is_file():
-      raise ArtifactError(f"{file}: missing; the artifact is incomplete")
-    if sha256(file) != expected:
+  expected = expected_files(manifest)
+  if sorted(digests) != sorted(expected):
+    raise ArtifactError(
+      f"{where}: sha256 lists {sorted(digests)}; an artifact of this manifest holds exactly "
+      f"{sorted(expected)}"
+    )
+  for name in expected:
+    file = _artifact_file(path, name)
+    if sha256(file) != digests[name]:
       raise ArtifactError(
         f"{file}: its sha256 differs from the one in {MANIFEST}; the file is corrupted or "
         f"was changed after export"
       )
 
 
+def _is_count(value: object, low: int, high: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_threshold(value: object) -> bool:
+  return value is None or (
+    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  )
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+  """Every field the reader uses, by type and range, before anything else is read: a NaN
+  threshold would call every image normal, a batch of -1 score nothing."""
+  where = path / MANIFEST
+
+  def require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+      raise ArtifactError(f"{where}: {key}={manifest.get(key)!r}; expected {expected}")
+
+  require(isinstance(manifest.get("model"), str) and manifest["model"], "model", "a model name")
+  require(runtime_of(manifest) in RUNTIMES, "runtime", f"one of {RUNTIMES}")
+  sizes = manifest.get("image_sizes")
+  require(
+    isinstance(sizes, list)
+    and bool(sizes)
+    and all(_is_count(s, 1, MAX_IMAGE_SIZE) for s in sizes)
+    and len(set(sizes)) == len(sizes),
+    "image_sizes",
+    f"a non-empty list of distinct image sizes in [1, {MAX_IMAGE_SIZE}]",
+  )
+  batch = manifest.get("batch_size")
+  require(
+    batch == "any" or _is_count(batch, 1, MAX_BATCH),
+    "batch_size",
+    f'"any" or a batch size in [1, {MAX_BATCH}]',
+  )
+  for key in ("thresholds", "validation_thresholds"):
+    value = manifest.get(key)
+    require(
+      (value is None and key != "thresholds")
+      or (isinstance(value, dict) and all(_is_threshold(value.get(k)) for k in ("image", "pixel"))),
+      key,
+      '{"image": ..., "pixel": ...}, each a finite number or null',
+    )
+  calibration = manifest.get("calibration")
+  require(
+    calibration is None
+    or (
+      isinstance(calibration, dict)
+      and calibration.get("image_threshold") is not None
+      and _is_threshold(calibration.get("image_threshold"))
+    ),
+    "calibration",
+    "null or a calibration with a finite image_threshold",
+  )
+  config = manifest.get("config")
+  require(config is None or isinstance(config, dict), "config", "the run's config (an object)")
+
+
 def load(path: str | Path) -> Artifact:
   """Loads an artifact folder written by `python -m pouta_jax.export`; ArtifactError, naming
-  the file, if any part is missing, corrupted or of another format."""
+  the file, if any part is missing, corrupted, of another format, or holds a value the reader
+  cannot use. Only the files the manifest's digests list are opened, each a regular file
+  inside `path`; the weights are checked against the programs' inputs before they are read."""
   path = Path(path)
   manifest = _read_manifest(path)
+  _check_fields(path, manifest)
   _verify(path, manifest)
-  runtime = manifest.get("runtime", "jax")
-  if runtime not in RUNTIMES:
-    raise ArtifactError(f"{path / MANIFEST}: runtime {runtime!r}, this reader runs {RUNTIMES}")
+  runtime = runtime_of(manifest)
   load_program = _jax_program if runtime == "jax" else _onnx_program
-  programs = {
-    int(size): load_program(path / program_name(size, runtime)) for size in manifest["image_sizes"]
+  loaded = {
+    size: load_program(path / program_name(size, runtime), size) for size in manifest["image_sizes"]
   }
+  programs = {size: program for size, (program, _) in loaded.items()}
   if runtime == "onnx":
     return Artifact(path, manifest, {}, programs)  # the weights are inside the ONNX models
-  try:
-    with np.load(io.BytesIO((path / WEIGHTS).read_bytes()), allow_pickle=False) as weights:
-      variables = unflatten(dict(weights))
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ArtifactError(f"{path / WEIGHTS}: not a readable .npz ({e})") from None
+  shapes = {size: spec for size, (_, spec) in loaded.items()}
+  first = next(iter(shapes.values()))
+  if any(spec != first for spec in shapes.values()):
+    raise ArtifactError(f"{path}: its programs take variables of different shapes")
+  variables = unflatten(read_weights(path / WEIGHTS, first))
   return Artifact(path, manifest, variables, programs)
 
 
-def _jax_program(program: Path) -> Callable:
+def read_weights(file: Path, expected: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+  """The arrays of an .npz holding exactly the `expected` keys (key -> (shape, dtype)): every
+  member's header is checked before its data is read, so memory stays bounded by `expected`
+  (a member that declares another shape, or decompresses past its size, is refused)."""
+  try:
+    with file.open("rb") as f, zipfile.ZipFile(f) as archive:
+      members = {info.filename: info for info in archive.infolist()}
+      found = {name[: -len(".npy")] for name in members if name.endswith(".npy")}
+      problems = [f"missing {k}" for k in sorted(set(expected) - found)]
+      problems += [f"extra {k}" for k in sorted(set(members) - {k + ".npy" for k in expected})]
+      if problems:
+        raise ArtifactError(
+          f"{file}: not the variables its programs take ({len(problems)} problems: "
+          f"{'; '.join(problems[:10])})"
+        )
+      arrays = {}
+      for key, (shape, dtype) in expected.items():
+        with archive.open(members[key + ".npy"]) as member:
+          version = np.lib.format.read_magic(member)
+          if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{key}: .npy format version {version}")
+          read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+          )
+          found_shape, fortran, found_dtype = read_header(member)
+          if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+            raise ArtifactError(
+              f"{file}: {key} is {found_dtype} {tuple(found_shape)}; its programs take "
+              f"{np.dtype(dtype)} {tuple(shape)}"
+            )
+          data = member.read(found_dtype.itemsize * math.prod(shape))
+          if len(data) != found_dtype.itemsize * math.prod(shape):
+            raise ValueError(f"{key}: its data ends early")
+          arrays[key] = np.frombuffer(data, found_dtype).reshape(shape).copy()
+      return arrays
+  except ArtifactError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise ArtifactError(f"{file}: not a readable .npz ({type(e).__name__}: {e})") from None
+
+
+# A loaded program, and the variables it takes (key -> (shape, dtype); {} when it holds them).
+Program = tuple[Callable, dict[str, tuple[tuple[int, ...], str]]]
+
+
+def _jax_program(program: Path, size: int) -> Program:
   try:
     import jax  # only for this runtime
   except ImportError as e:
@@ -223,10 +406,23 @@ def _jax_program(program: Path) -> Callable:
     raise ArtifactError(
       f"{program}: not a serialized jax.export program ({type(e).__name__}: {e})"
     ) from None
-  return jax.jit(exported.call)
+  try:
+    (variables, images), _ = jax.tree_util.tree_unflatten(exported.in_tree, exported.in_avals)
+    if tuple(images.shape[1:]) != (size, size, 3):
+      raise ValueError(f"it takes images {images.shape}")
+    spec = {}
+    for keys, aval in jax.tree_util.tree_flatten_with_path(variables)[0]:
+      shape = tuple(int(d) for d in aval.shape)
+      spec["/".join(str(k.key) for k in keys)] = (shape, aval.dtype.name)
+  except Exception as e:  # a program of another signature
+    raise ArtifactError(
+      f"{program}: not a program of (variables, images ({size}, {size}, 3)) "
+      f"({type(e).__name__}: {e})"
+    ) from None
+  return jax.jit(exported.call), spec
 
 
-def _onnx_program(program: Path) -> Callable:
+def _onnx_program(program: Path, size: int) -> Program:
   """An ONNX model as (variables, images) -> (maps, scores), run by ONNX Runtime on the CPU."""
   try:
     import onnxruntime
@@ -249,4 +445,5 @@ def _onnx_program(program: Path) -> Callable:
     maps, scores = session.run(None, {name: np.asarray(images, np.float32)})
     return maps, scores
 
-  return run
+  del size  # the model's input shape is checked by ONNX Runtime at each call
+  return run, {}

@@ -8,8 +8,9 @@ floor(fpr * N) + 1 from the top, so that at most that fraction of these N images
 observed rate) scores at or above it; with N images no rate below 1/N can be resolved, and the
 command says so. The result goes into the artifact's manifest (`calibration`, its digest
 updated, the file replaced atomically), where `predict --threshold=calibrated` and predict's
-default find it. Calibrating again replaces it. Every file must be readable: a threshold set on
-a silently smaller set would claim a rate it was not measured on.
+default find it. Calibrating again replaces it. Every file `--good` names must be a readable
+image (a text file, a FIFO or a folder that cannot be listed is an error, naming it): a
+threshold set on a silently smaller set would claim a rate it was not measured on.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def calibrate(path: str | Path, good: str, fpr: float, batch_size: int = 16) -> 
   and returns the stored `calibration` entry."""
   path = Path(path)
   threshold_at_fpr(np.zeros(1), fpr)  # the rate checked before any image is read
+  if not 0 < batch_size <= artifact_lib.MAX_BATCH:
+    raise errors.ConfigError(
+      f"--batch_size={batch_size}: expected a batch size in [1, {artifact_lib.MAX_BATCH}]"
+    )
   predictor = predict.from_artifact(path)
   paths, scores = good_scores(predictor, good, batch_size)
   threshold, observed = threshold_at_fpr(scores, fpr)
@@ -67,7 +72,15 @@ def calibrate(path: str | Path, good: str, fpr: float, batch_size: int = 16) -> 
   manifest = json.loads((path / artifact_lib.MANIFEST).read_text())
   manifest["calibration"] = calibration
   manifest["manifest_sha256"] = artifact_lib.manifest_digest(manifest)
-  files.write_json(path / artifact_lib.MANIFEST, manifest)
+  try:
+    files.write_json(path / artifact_lib.MANIFEST, manifest)
+  except OSError as e:
+    if isinstance(e, errors.Error):  # a full disk, said as such
+      raise
+    raise errors.WorkdirError(
+      f"{path}: cannot write its {artifact_lib.MANIFEST} ({e.strerror}); the artifact is "
+      f"unchanged. Calibrate a copy you may write (cp -r)"
+    ) from None
   return calibration
 
 

@@ -92,6 +92,12 @@ def _good_steps(directory: Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+  """Whether `workdir` holds a complete checkpoint: what binds a workdir to its config."""
+  directory = files.path(workdir) / "checkpoints"
+  return directory.is_dir() and bool(_good_steps(directory))
+
+
 def _disk_full(directory: Path, step: int | str, what: str) -> errors.DiskFullError:
   good = _good_steps(directory)
   newest = f"step {good[-1]}" if good else "none (no step was saved)"

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import ml_collections
 from absl import flags
 
-from pouta_jax import errors, files, metrics
+from pouta_jax import errors, files, metrics, models
 from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
 
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
@@ -199,8 +199,16 @@ def apply_args(config: ml_collections.ConfigDict, arg: str | None) -> ml_collect
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def load(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`configs/<model>.py`'s get_config(arg), as `--config=configs/<model>.py:arg` would give."""
+def load(model: object, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`configs/<model>.py`'s get_config(arg), as `--config=configs/<model>.py:arg` would give.
+
+  `model` often comes from a stored config (a workdir's config.json, an artifact's manifest):
+  data, not a path. Only a name of the model registry is looked up, before anything is
+  imported, so no file a workdir names is ever executed."""
+  if not isinstance(model, str) or model not in models.REGISTRY:
+    raise errors.ConfigError(
+      f"config.model.name={model!r}: expected one of {sorted(models.REGISTRY)}"
+    )
   return load_file(CONFIG_DIR / f"{model}.py", arg)
 
 
@@ -254,11 +262,21 @@ def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   try:
     stored = json.loads(path.read_text())
     name = stored["model"]["name"]
-  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
     raise errors.ConfigError(f"{path}: not a stored config ({type(e).__name__}: {e})") from None
-  if not (CONFIG_DIR / f"{name}.py").is_file():
-    raise errors.ConfigError(f"{path}: config.model.name={name!r} is not a model of this version")
-  return upgrade(stored)
+  if not isinstance(name, str) or name not in models.REGISTRY:
+    raise errors.ConfigError(
+      f"{path}: config.model.name={name!r} is not a model of this version (expected one of "
+      f"{sorted(models.REGISTRY)})"
+    )
+  try:
+    config = upgrade(stored)
+    validate(config)
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"{path}: {e}") from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a stored tree of other types
+    raise errors.ConfigError(f"{path}: not a stored config ({type(e).__name__}: {e})") from None
+  return config
 
 
 # Keys added after runs were stored, each with the value a config stored before it existed ran
@@ -388,14 +406,45 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
   return flat
 
 
+# Keys that hold a path: compared as the same place however it is written (`same_path`).
+PATH_KEYS = frozenset(
+  {
+    "data.root",
+    "data.tfds_data_dir",
+    "data.embedded_dir",
+    "data.anomaly_source",
+    "backbone.weights",
+  }
+)
+
+
+def same_path(a: object, b: object) -> bool:
+  """Whether two path values name one place: `x/`, `./x` and `x` alike (an URL keeps its `//`)."""
+  if not (isinstance(a, str) and isinstance(b, str)):
+    return a == b
+
+  def normal(p: str) -> str:
+    if files.is_remote(p):
+      return p.rstrip("/")
+    if not p or ":" in p.split("/")[0]:  # unset, or a name such as tfds:dtd_textures
+      return p
+    return os.path.normpath(p)
+
+  return normal(a) == normal(b)
+
+
 def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
   """(dotted key, stored value, current value) for each key whose values differ between two
   configs as JSON. Keys only one side has are skipped: an older version's config lacks keys
   added since (but one of `VALUES_BEFORE_KEYS` compares as its value before), and another
-  model's sections differ (model.name tells those apart)."""
+  model's sections differ (model.name tells those apart). Paths compare normalised."""
   new = flatten(current)
   old = _as_stored(stored, new)
-  return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+  return [
+    (k, old[k], new[k])
+    for k in sorted(old.keys() & new.keys())
+    if not (same_path(old[k], new[k]) if k in PATH_KEYS else old[k] == new[k])
+  ]
 
 
 def has_key(config: dict, key: str) -> bool:
@@ -586,11 +635,3 @@ def parse_flags(
           ) from None
         node, seen = node[part], f"{seen}.{part}"
     raise
-
-
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-  """`parse_flags` for `app.run(main, flags_parser=...)`: a clear one-line error, no traceback."""
-  try:
-    return parse_flags(argv)
-  except UnknownConfigKeyError as e:
-    sys.exit(f"FATAL: {e}")

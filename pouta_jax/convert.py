@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from etils.epath import Path
 
-from pouta_jax import checkpoint, config as config_lib, errors, experiment, train
+from pouta_jax import checkpoint, config as config_lib, errors, experiment, files, train
 from pouta_jax.models import backbone as backbone_lib
 
 RECON, SEG = "reconstructive", "discriminative"
@@ -228,22 +228,43 @@ def _load_torch(path: str | Path) -> dict[str, np.ndarray]:
   path = Path(path)
   if not path.is_file():
     raise errors.NotFoundError(f"{path}: no such weights file")
+  if why := files.not_a_file(path):
+    raise errors.DataError(f"{path}: {why}; expected a PyTorch weights file")
   try:
     loaded = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not any(word in str(e) for word in ("Unsupported global", "Weights only load failed")):
+      raise ConversionError(f"{path}: not a readable PyTorch file ({reason})") from None
     raise ConversionError(
       f"{path}: refused to load: it pickles more than tensors and plain containers ({reason}). "
       f"Unpickling it could run code. If you trust the file, save its state dict alone with "
       f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'state_dict.pt') and "
       f"convert that"
     ) from None
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise ConversionError(f"{path}: not a readable PyTorch file ({e})") from None
+  except Exception as e:  # torch raises many types for a damaged or legacy (tar) file
+    raise ConversionError(
+      f"{path}: not a readable PyTorch file ({type(e).__name__}: {e}); a legacy tar-format "
+      f"checkpoint must be saved again with a current torch.save"
+    ) from None
   state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
   if not isinstance(state_dict, dict):
     raise ConversionError(f"{path}: not a state dict or a checkpoint holding one")
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "detach")}
+  keys = [k for k in state_dict if not isinstance(k, str)]
+  if keys:
+    raise ConversionError(f"{path}: keys {keys[:5]} are not names; not a state dict")
+  return {k: _array(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def _array(tensor) -> np.ndarray:
+  """A tensor as numpy; bfloat16 and float16 (which numpy cannot hold or PyTorch keeps in
+  half) as float32, which holds them exactly."""
+  import torch
+
+  tensor = tensor.detach().cpu()
+  if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
+    tensor = tensor.float()
+  return tensor.numpy()
 
 
 def convert(

@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 import threading
 from typing import Callable
 
-from absl import app
+from absl import app, flags
 
 # The artifact reader imports nothing of the project (it is copied into downstream code), so
 # its error type lives there; entry points report it like the others.
@@ -101,6 +102,10 @@ def is_disk_full(error: BaseException) -> bool:
   return False
 
 
+# What a command stopped by Ctrl-C returns (the shell's convention for SIGINT).
+INTERRUPTED_EXIT_CODE = 128 + 2
+
+
 def _exit_on_thread_error(args: threading.ExceptHookArgs) -> None:
   """A background thread (checkpoint writer, data reader) that dies would leave the main loop
   waiting on it forever: report it and end the whole process with exit 1."""
@@ -122,14 +127,40 @@ def main_wrapper(main: Callable[[list[str]], None]) -> Callable[[list[str]], Non
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     threading.excepthook = _exit_on_thread_error
+    interrupted = threading.Event()
+
+    def interrupt(signum: int, frame: object) -> None:
+      interrupted.set()  # seen even where the exception is swallowed (an XLA callback)
+      signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGINT, interrupt)
     try:
       main(argv)
     except (Error, ArtifactError) as e:
       sys.exit(f"FATAL: {e}")
+    except KeyboardInterrupt:
+      interrupted.set()
+    if interrupted.is_set():
+      print("FATAL: interrupted (Ctrl-C); nothing unfinished was kept", file=sys.stderr)
+      sys.exit(INTERRUPTED_EXIT_CODE)
 
   return wrapped
 
 
-def run(main: Callable[[list[str]], None], **kwargs) -> None:
-  """`absl.app.run` for every command line of the project (see `main_wrapper`)."""
-  app.run(main_wrapper(main), **kwargs)
+def run(
+  main: Callable[[list[str]], None],
+  flags_parser: Callable[[list[str]], list[str]] | None = None,
+  **kwargs,
+) -> None:
+  """`absl.app.run` for every command line of the project (see `main_wrapper`); a flag that
+  does not parse (`--config.optim.lr=abc`, an unknown key) is one FATAL line too."""
+  parse = flags_parser or flags.FLAGS
+
+  def parse_or_exit(argv: list[str]) -> list[str]:
+    try:
+      return parse(argv)
+    except (flags.Error, Error) as e:
+      sys.exit(f"FATAL: {e}")
+
+  app.run(main_wrapper(main), flags_parser=parse_or_exit, **kwargs)

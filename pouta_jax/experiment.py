@@ -86,9 +86,11 @@ def store_config(
 
 def config_changes(workdir: Path, config: ml_collections.ConfigDict) -> list[tuple]:
   """(key, stored, new) where `config` differs from the run `workdir` holds, outside
-  `config.OUTPUT_ONLY_KEYS`; [] for a workdir without a run."""
+  `config.OUTPUT_ONLY_KEYS`; [] for a workdir without a run. A workdir holds a run once its
+  first checkpoint exists: a start that failed before it (a diverged first steps, a bad
+  flag) binds nothing, and its corrected rerun replaces the config."""
   path = workdir / "config.json"
-  if not path.exists():
+  if not path.exists() or not checkpoint.has_checkpoint(workdir):
     return []
   stored = files.read_json(path, errors.ConfigError, "; the workdir is damaged")
   current = json.loads(config.to_json_best_effort())
@@ -187,6 +189,8 @@ def run(
         f"config.data.image_size={config.data.image_size}: the artifact "
         f"{artifact_path} has programs for {exported.image_sizes} only"
       )
+  if mode == "eval" and exported is None and not checkpoint.has_checkpoint(workdir):
+    raise errors.NotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate; train first")
   program = runs.runs_of(config)  # checks the stacked sweep's keys and values
   folders = [category_folder(run.config) for run in program]
   test_sets = [load_test_set(f, config.data.image_size) for f in folders]

@@ -22,11 +22,12 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 from etils import epath
@@ -69,9 +70,61 @@ def is_dir(p: PathLike, what: str, kind: type[errors.Error] = errors.DataError) 
     raise storage_error(p, e, f"read the {what}", kind) from e
 
 
-def files_in(folder: PathLike) -> list[epath.Path]:
-  """Every file under `folder`, sorted (epath has no recursive glob on object stores)."""
-  return sorted(root / name for root, _, names in path(folder).walk() for name in names)
+def not_a_file(p: PathLike) -> str:
+  """ "" for a regular file (links followed): what may be opened and read to its end. Else what
+  `p` is, for a message: a FIFO or a device would block or never end a read. Objects on a store
+  are files."""
+  if is_remote(p):
+    return ""
+  try:
+    mode = os.stat(p).st_mode
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  if stat.S_ISREG(mode):
+    return ""
+  kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+  return next((kind for test, kind in kinds.items() if test(mode)), "a device or special file")
+
+
+def listdir(folder: PathLike) -> list[epath.Path]:
+  """The entries of `folder`, sorted, every one (epath's own listing drops names ending in `~`)."""
+  if is_remote(folder):
+    return sorted(path(folder).iterdir())
+  return sorted(epath.Path(folder) / name for name in os.listdir(folder))
+
+
+# What `files_in` is told of each path under a folder that it does not list: (path, why).
+Skipped = Callable[[epath.Path, str], None]
+
+
+def files_in(folder: PathLike, skipped: Skipped | None = None) -> list[epath.Path]:
+  """Every regular file under `folder`, sorted (epath has no recursive glob on object stores).
+  What is not one, or cannot be listed (a folder without read permission, a link to a folder:
+  not followed, a FIFO, a socket, a device), goes to `skipped`; without it, it raises a
+  DataError naming the path: nothing is left out without a word."""
+
+  def refuse(p: epath.Path, why: str) -> None:
+    raise errors.DataError(f"{p}: {why}; expected only readable regular files under {folder}")
+
+  skipped = skipped or refuse
+  if is_remote(folder):
+    return sorted(root / name for root, _, names in path(folder).walk() for name in names)
+  found = []
+
+  def unlistable(e: OSError) -> None:
+    skipped(epath.Path(e.filename), f"a folder that cannot be listed ({e.strerror})")
+
+  for root, folders, names in os.walk(os.fspath(folder), onerror=unlistable):
+    for name in sorted(folders):
+      if os.path.islink(os.path.join(root, name)):
+        skipped(epath.Path(root) / name, "a link to a folder (not followed)")
+    for name in names:
+      why = not_a_file(os.path.join(root, name))
+      if why:
+        skipped(epath.Path(root) / name, why)
+      else:
+        found.append(epath.Path(root) / name)
+  return sorted(found)
 
 
 def absolute(p: PathLike) -> epath.Path:
@@ -97,7 +150,7 @@ def umask() -> int:
 
 def _disk_full(p: PathLike, error: OSError) -> errors.DiskFullError:
   return errors.DiskFullError(
-    f"{p}: disk full while writing ({error.strerror}); nothing was "
+    f"{p}: disk full while writing ({error.strerror or error}); nothing was "
     f"written there, the previous version (if any) is unchanged"
   )
 

@@ -83,10 +83,10 @@ def main(argv: list[str]) -> None:
     )
   except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(preemption.EXIT_CODE)
+    sys.exit(e.exit_code)
   if results and sharding.is_primary():
     print(f"Outputs in {_WORKDIR.value}: metrics.json and results.md, heatmaps/ (per run)")
 
 
 if __name__ == "__main__":
-  errors.run(main, flags_parser=config_lib.parse_flags_or_exit)
+  errors.run(main, flags_parser=config_lib.parse_flags)

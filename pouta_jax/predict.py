@@ -14,11 +14,15 @@ bilinear resize to the training size). 16-bit and float images are refused as in
                           per-pixel anomaly probability, times 1 + eval.error_weight for a
                           model scored with its reconstruction error (or maps/<name>.npy, float32)
     overlays/<name>.png   the map over the image, with the score and the decision written in
-    errors.csv            files that could not be read, and why (all others are scored)
+    errors.csv            every file not scored, and why: unreadable images, and what the
+                          input names that is no image (each also said in a warning line)
     predict.json          the model, the threshold and where it came from, the counts
 
-`<name>` is the file's path below the input folder, "/" written as "__". The folder is written
-whole or not at all; an existing `--out` is replaced only with `--overwrite`.
+`<name>` is the file's path below the input folder, its folders kept (`sub/x.png` gives
+`maps/sub/x.png.png`), so names never collide. The folder is written whole or not at all. An
+existing `--out` is replaced only with `--overwrite`, and only if it is an earlier output of
+predict (it holds predict.json); an `--out` that is, holds or lies inside an input is refused.
+Scoring nothing (every file unreadable) is an error and writes nothing.
 
 `--threshold` picks the image threshold: `calibrated` (set on known-good images by
 `python -m pouta_jax.calibrate`, artifacts only), `validation` (the run's F1-max on its
@@ -38,7 +42,7 @@ import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from etils.epath import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -53,6 +57,8 @@ VALIDATION_RULE = (
   "test label used)"
 )
 THRESHOLD_SOURCES = ("calibrated", "validation", "oracle")
+# The file that marks a folder as predict's output (the last one written).
+PREDICT_JSON = "predict.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +123,8 @@ def from_artifact(path: str | Path) -> Predictor:
   art = artifact_lib.load(path)
   batch = art.manifest["batch_size"]
   thresholds = {}
-  if art.calibration is not None:
+  if art.calibration is not None:  # its image_threshold checked by the reader
     c = art.calibration
-    if not isinstance(c, dict) or not isinstance(c.get("image_threshold"), (int, float)):
-      raise artifact_lib.ArtifactError(
-        f"{path}/{artifact_lib.MANIFEST}: calibration {c!r} has no numeric image_threshold"
-      )
     rate = c.get("observed_fpr")
     rate = f"{rate:.4g}" if isinstance(rate, (int, float)) else "?"
     thresholds["calibrated"] = (
@@ -191,25 +193,45 @@ def _run_thresholds(found: dict[str, dict]) -> dict[str, tuple[float, str]]:
   }
 
 
-def input_files(spec: str) -> tuple[list[Path], Path]:
-  """The image files `--input` names, and the folder their output names are relative to."""
+def _refuse(path: Path, why: str) -> None:
+  raise errors.DataError(f"{path}: {why}; every file named must be a readable image")
+
+
+def input_files(spec: str, skipped: files.Skipped | None = None) -> tuple[list[Path], Path]:
+  """The image files `--input` names, and the folder their output names are relative to.
+  Anything it names that is not a regular image file (a FIFO, a folder that cannot be listed,
+  a text file) goes to `skipped`, or, without it, raises a DataError naming it."""
+  skipped = skipped or _refuse
   path = files.path(spec)
-  if path.is_file():
-    return [path], path.parent
-  if path.is_dir():
-    found, root = files.files_in(path), path
+  if files.is_dir(path, "input"):
+    found, root = files.files_in(path, skipped), path
+  elif _exists(path):  # a file, a FIFO, a device, a broken link
+    if why := files.not_a_file(path):
+      raise errors.DataError(f"--input={spec}: {why}; expected an image file, a folder or a glob")
+    found, root = [path], path.parent
   elif files.is_remote(spec) and any(c in spec for c in "*?["):
     parts = spec.split("/")
     fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
     root = files.path("/".join(parts[:fixed]))
     found = [p for p in root.glob("/".join(parts[fixed:])) if p.is_file()]
   elif any(c in spec for c in "*?["):
-    found = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
-    root = Path(os.path.commonpath([p.parent.absolute() for p in found])) if found else path
-    found = [p.absolute() for p in found]
+    found = []
+    for name in glob.glob(spec, recursive=True):
+      if os.path.isdir(name):
+        continue  # a folder the pattern matches holds no file it names
+      if why := files.not_a_file(name):
+        skipped(Path(name), why)
+      else:
+        found.append(Path(name).absolute())
+    root = Path(os.path.commonpath([p.parent for p in found])) if found else path
   else:
     raise errors.NotFoundError(f"--input={spec}: no such file or folder, and not a glob pattern")
-  images = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+  images = []
+  for p in sorted(found):
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+      images.append(p)
+    else:
+      skipped(p, f"not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
   if not images:
     raise errors.NotFoundError(f"--input={spec}: no image files ({', '.join(IMAGE_SUFFIXES)})")
   return images, root
@@ -225,7 +247,8 @@ def scored(
   """(path, RGB image, anomaly map at its size, image score) of each of `paths`, scored in
   batches under a progress bar. A file that cannot be read as in training (16-bit and float
   images included) goes to `unreadable`, or, without it, raises its DataError."""
-  batch = predictor.batch_size or batch_size
+  # A batch of any size pads to no more images than there are.
+  batch = predictor.batch_size or max(1, min(batch_size, len(paths)))
   with tqdm(total=len(paths), desc=desc, unit="image", dynamic_ncols=True) as bar:
     for start in range(0, len(paths), batch):
       readable = []
@@ -244,7 +267,49 @@ def scored(
 
 
 def output_name(path: Path, root: Path) -> str:
-  return str(path.relative_to(root)).replace(os.sep, "__")
+  """The outputs' name of an input file: its path below the input folder, folders kept, so
+  names never collide and lead back to the file."""
+  return path.relative_to(root).as_posix()
+
+
+def _exists(path: Path) -> bool:
+  """Whether anything is at `path`, a broken link included."""
+  return path.exists() if files.is_remote(path) else os.path.lexists(path)
+
+
+def _real(path: Path) -> str:
+  return os.fspath(path).rstrip("/") if files.is_remote(path) else os.path.realpath(path)
+
+
+def _within(inner: str, outer: str) -> bool:
+  """Whether path `inner` is `outer` or lies inside it (both `_real`)."""
+  return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_out(out: Path, overwrite: bool, images: Sequence[Path], input_folder: Path | None):
+  """Refuses an `--out` that would destroy what it must not: an input (the folder scanned, an
+  image, or a folder holding one), a file, or a folder predict did not write; `--overwrite`
+  replaces only an earlier output of predict (its predict.json)."""
+  real = _real(out)
+  inputs = [_real(p) for p in images]
+  clash = next((p for p in inputs if _within(p, real)), None)
+  if clash is None and input_folder is not None and _within(real, _real(input_folder)):
+    clash = os.fspath(input_folder)
+  if clash is not None:
+    raise errors.ConfigError(
+      f"--out={out}: it is, holds or lies inside an input ({clash}); write the outputs elsewhere"
+    )
+  if not _exists(out):
+    return
+  if not out.is_dir():
+    raise errors.ExistsError(f"--out={out} is a file, not an output folder; choose another path")
+  if not overwrite:
+    raise errors.ExistsError(f"--out={out} exists; choose another path or add --overwrite")
+  if not (out / PREDICT_JSON).is_file():
+    raise errors.ExistsError(
+      f"--out={out} holds no {PREDICT_JSON}: not an output of predict, and --overwrite replaces "
+      f"only those; choose another path"
+    )
 
 
 def _overlay(image: Image.Image, anomaly_map: np.ndarray, score: float, decision: str) -> bytes:
@@ -280,20 +345,28 @@ def predict(
   out = files.path(out)
   if map_format not in MAP_FORMATS:
     raise errors.ConfigError(f"--map_format={map_format!r}: expected one of {MAP_FORMATS}")
-  if batch_size <= 0:
-    raise errors.ConfigError(f"--batch_size={batch_size}: expected a positive batch size")
-  if out.exists() and not overwrite:
-    raise errors.ExistsError(f"--out={out} exists; choose another path or add --overwrite")
+  if not 0 < batch_size <= artifact_lib.MAX_BATCH:
+    raise errors.ConfigError(
+      f"--batch_size={batch_size}: expected a batch size in [1, {artifact_lib.MAX_BATCH}]"
+    )
   threshold, rule = predictor.threshold(threshold)
-  paths, root = input_files(input_spec)
   rows, failures = [["path", "image_score", "decision"]], [["path", "error"]]
+
+  def not_used(path: Path, why: str) -> None:  # said and listed; the others are scored
+    logging.warning("Not scored: %s: %s", path, why)
+    failures.append([str(path), why])
+
+  paths, root = input_files(input_spec, not_used)
+  check_out(
+    out, overwrite, paths, files.path(input_spec) if files.path(input_spec).is_dir() else None
+  )
   suffix = ".npy" if map_format == "npy" else ".png"
-  with files.atomic_folder(out, index="predict.json", replace=overwrite) as staging:
+  with files.atomic_folder(out, index=PREDICT_JSON, replace=overwrite) as staging:
     (staging / "maps").mkdir()
     (staging / "overlays").mkdir()
 
     def unreadable(path: Path, e: errors.DataError) -> None:  # listed; the batch goes on
-      failures.append([str(path), str(e)])
+      not_used(path, str(e))
 
     for path, image, anomaly_map, score in scored(predictor, paths, batch_size, unreadable):
       decision = "" if threshold is None else ("anomalous" if score >= threshold else "normal")
@@ -313,15 +386,20 @@ def predict(
       "input": input_spec,
       "images": len(paths),
       "scored": len(rows) - 1,
-      "unreadable": len(failures) - 1,
+      "unreadable": len(failures) - 1,  # every file not scored: errors.csv
       "threshold": threshold,
       "threshold_rule": rule,
       "maps": f"{map_format}: "
       + ("float32" if map_format == "npy" else f"uint16, value / 65535 x {predictor.map_max:g}"),
     }
+    if not summary["scored"]:
+      raise errors.DataError(
+        f"--input={input_spec}: none of its {len(paths)} images could be scored, e.g. "
+        f"{failures[-1][0]}: {failures[-1][1]}"
+      )
     files.write_atomic(staging / "scores.csv", report.csv_text(rows))
     files.write_atomic(staging / "errors.csv", report.csv_text(failures))
-    files.write_json(staging / "predict.json", summary)
+    files.write_json(staging / PREDICT_JSON, summary)
   return summary
 
 

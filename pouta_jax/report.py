@@ -7,10 +7,13 @@ crash never leaves a half-written results file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+from typing import Iterator
 
 import numpy as np
 import tensorboardX.record_writer
@@ -43,6 +46,58 @@ class _ObjectEventsFactory:
 
 for _scheme in files.URL_SCHEMES:
   tensorboardX.record_writer.register_writer_factory(_scheme, _ObjectEventsFactory())
+
+
+class _Events:
+  """An event file's bytes, kept until the writer is closed (tensorboardX closes its files)."""
+
+  def __init__(self):
+    self.content = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self.content += data
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class _MemoryEventsFactory:
+  """TensorBoard event files written to memory (`MEMORY_SCHEME://<real path>`) by tensorboardX's
+  writer thread, which cannot report a full disk (it would die with a traceback and leave a
+  truncated file): `write_events` puts each on disk whole, from the calling thread."""
+
+  def __init__(self):
+    self.files: dict[str, _Events] = {}
+
+  def open(self, path: str) -> _Events:
+    return self.files.setdefault(path, _Events())
+
+  def directory_check(self, path: str) -> None:
+    pass
+
+
+MEMORY_SCHEME = "pouta-jax-memory"
+_MEMORY_EVENTS = _MemoryEventsFactory()
+tensorboardX.record_writer.register_writer_factory(MEMORY_SCHEME, _MEMORY_EVENTS)
+
+
+@contextlib.contextmanager
+def events_written_whole(logdir: str | Path) -> Iterator[SummaryWriter]:
+  """A SummaryWriter whose event files reach `logdir` whole when the block ends, or not at all
+  (a DiskFullError from `files.write_atomic`, naming the file)."""
+  prefix = f"{MEMORY_SCHEME}://"
+  writer = SummaryWriter(prefix + os.fspath(logdir))
+  try:
+    yield writer
+  finally:
+    writer.close()
+    written = [p for p in _MEMORY_EVENTS.files if p.startswith(prefix + os.fspath(logdir))]
+    contents = {p[len(prefix) :]: _MEMORY_EVENTS.files.pop(p).content for p in written}
+  for path, content in contents.items():
+    files.write_atomic(path, bytes(content))
 
 
 def _records_until(path: Path, step: int) -> str:
@@ -277,15 +332,12 @@ def write_evaluation_to_tensorboard(
 ) -> None:
   """The test metrics (`eval/<metric>`) and the first TENSORBOARD_PANELS heatmap panels
   (`eval/heatmaps/<name>`) at `step`, beside the training scalars in `workdir/tensorboard`."""
-  writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
-  try:
+  with events_written_whole(Path(workdir) / "tensorboard") as writer:
     for name, value in metrics.items():
       if value is not None:  # pixel metrics of an image-level dataset
         writer.add_scalar(f"eval/{name}", value, step)
     for name, panel in list(panels.items())[:TENSORBOARD_PANELS]:
       writer.add_image(f"eval/heatmaps/{name}", panel, step, dataformats="HWC")
-  finally:
-    writer.close()
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

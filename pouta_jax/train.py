@@ -376,8 +376,13 @@ def _checked_metrics(
   if bad:
     raise errors.DivergedError(
       f"non-finite training metrics {bad} at step {step} "
-      f"({ {k: values[k].tolist() for k in bad} }); training stopped. The newest good "
-      f"checkpoint is step {newest_checkpoint} in {workdir}/checkpoints"
+      f"({ {k: values[k].tolist() for k in bad} }); training stopped. "
+      + (
+        f"The newest good checkpoint is step {newest_checkpoint} in {workdir}/checkpoints"
+        if newest_checkpoint is not None
+        else f"No checkpoint was saved in {workdir}/checkpoints (the workdir is not bound to "
+        "this config: a corrected rerun starts afresh)"
+      )
     )
   return values
 
@@ -534,8 +539,9 @@ def train(
           if mngr.latest_step() != step:
             checkpoint.save(mngr, step, state, batches)
           raise preemption.Preempted(
-            f"preempted: saved step {step} of {num_steps} in {workdir}/checkpoints;"
-            f" run the same command again to resume"
+            f"{notice.what}: saved step {step} of {num_steps} in {workdir}/checkpoints;"
+            f" run the same command again to resume",
+            notice.exit_code,
           )
         batch = sharding.global_batch(batch_sharding, next(batches), leading)
         state, step_metrics = train_step(state, batch, hparams)

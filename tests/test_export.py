@@ -2,11 +2,14 @@
 evaluable like a checkpoint, and never written from bad input."""
 
 import csv
+import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -305,17 +308,187 @@ def test_corrupted_artifact_files_are_named(trained, tmp_path, how):
     problem = "not valid JSON|format|manifest_sha256" if name == artifact.MANIFEST else "sha256"
     with pytest.raises(artifact.ArtifactError, match=rf"{damaged / name}: .*({problem})"):
       artifact.load(damaged)
-  # An artifact written before the manifest held sha256s: damaged files are still named.
-  old = tmp_path / "old"
-  old.mkdir()
-  for name in names:
-    (old / name).write_bytes((exported / name).read_bytes())
-  del manifest["sha256"], manifest["manifest_sha256"]
-  (old / artifact.MANIFEST).write_text(json.dumps(manifest))
-  assert artifact.load(old).image_sizes == (32,)
-  _corrupt(old, artifact.WEIGHTS, how)
-  with pytest.raises(artifact.ArtifactError, match=rf"{old / artifact.WEIGHTS}: not a readable"):
-    artifact.load(old)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+  """The trained run's artifact, exported once: tests change copies of it."""
+  return export.export(trained[1], tmp_path_factory.mktemp("exported") / "art")
+
+
+def _copy(art: Path, to: Path) -> Path:
+  to.mkdir()
+  for path in art.iterdir():
+    (to / path.name).write_bytes(path.read_bytes())
+  return to
+
+
+def _resign(art: Path, change, *, files_too: bool = False) -> None:
+  """Changes the manifest with `change(manifest)` and signs it again, as a forger would (with
+  `files_too`, the files' digests as well)."""
+  manifest = json.loads((art / artifact.MANIFEST).read_text())
+  change(manifest)
+  if files_too:
+    manifest["sha256"] = {
+      p.name: artifact.sha256(p) for p in sorted(art.iterdir()) if p.name != artifact.MANIFEST
+    }
+  manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+  (art / artifact.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("removed", [("manifest_sha256",), ("manifest_sha256", "sha256")])
+def test_an_artifact_without_its_digests_is_refused(exported, tmp_path, removed):
+  """Without its digest a manifest can be edited; without both, another model's weights load."""
+  art = _copy(exported, tmp_path / "art")
+  manifest = json.loads((art / artifact.MANIFEST).read_text())
+  for key in removed:
+    del manifest[key]
+  manifest["thresholds"]["image"] = 1e9  # the edit the digest would have caught
+  (art / artifact.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(artifact.ArtifactError, match=r"no manifest_sha256 and sha256 digests"):
+    artifact.load(art)
+
+
+def _set(key: str, value):
+  def change(manifest: dict) -> None:
+    node = manifest
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    if value is DELETE:
+      del node[leaf]
+    else:
+      node[leaf] = value
+
+  return change
+
+
+DELETE = object()
+BAD_FIELDS = {
+  "nan_threshold": ("thresholds.image", float("nan"), "thresholds="),
+  "inf_threshold": ("thresholds.pixel", float("inf"), "thresholds="),
+  "text_threshold": ("validation_thresholds", {"image": "x", "pixel": 0.1}, "validation_thres"),
+  "nan_calibration": ("calibration", {"image_threshold": float("nan")}, "calibration="),
+  "negative_batch": ("batch_size", -1, "batch_size=-1"),
+  "zero_batch": ("batch_size", 0, "batch_size=0"),
+  "text_batch": ("batch_size", "abc", "batch_size='abc'"),
+  "huge_batch": ("batch_size", 100_000_000, "batch_size=100000000"),
+  "text_size": ("image_sizes", ["x"], "image_sizes=['x']"),
+  "no_size": ("image_sizes", [], "image_sizes=[]"),
+  "no_model": ("model", DELETE, "model=None"),
+  "runtime": ("runtime", "pickle", "runtime='pickle'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_every_manifest_field_is_validated_before_use(exported, tmp_path, case):
+  """Signed again after the change: the digest cannot tell, the field check does."""
+  key, value, named = BAD_FIELDS[case]
+  art = _copy(exported, tmp_path / "art")
+  _resign(art, _set(key, value))
+  with pytest.raises(artifact.ArtifactError, match=re.escape(named)):
+    artifact.load(art)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/hostname", "sub/weights.npz"])
+def test_manifest_file_names_never_leave_the_artifact(exported, tmp_path, name):
+  art = _copy(exported, tmp_path / "art")
+  _resign(art, lambda m: m["sha256"].__setitem__(name, "0" * 64))
+  with pytest.raises(artifact.ArtifactError, match=r"exactly \[") as raised:
+    artifact.load(art)
+  assert "etc" not in str(raised.value).split("exactly")[1]  # nothing outside is named
+
+
+@pytest.mark.parametrize("kind", ["outside_link", "fifo", "device"])
+def test_only_regular_files_inside_the_artifact_are_opened(exported, tmp_path, kind):
+  """A link out of the artifact, a FIFO or /dev/zero as weights.npz: refused before any read
+  (a FIFO or /dev/zero read until killed)."""
+  art = _copy(exported, tmp_path / "art")
+  weights = art / artifact.WEIGHTS
+  weights.unlink()
+  if kind == "outside_link":
+    (tmp_path / "elsewhere.npz").write_bytes((exported / artifact.WEIGHTS).read_bytes())
+    weights.symlink_to(tmp_path / "elsewhere.npz")
+    expected = "leads outside the artifact folder"
+  elif kind == "fifo":
+    os.mkfifo(weights)
+    expected = "not a regular file"
+  else:
+    weights.symlink_to("/dev/zero")
+    expected = "leads outside the artifact folder"
+  with pytest.raises(artifact.ArtifactError, match=expected):
+    artifact.load(art)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  return buffer.getvalue()
+
+
+def _bomb(arrays: dict[str, np.ndarray], key: str) -> bytes:
+  """`arrays` as an .npz whose member `key` declares 2^30 float32 (4 GiB) in a few kilobytes of
+  deflated zeros."""
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    for name, array in arrays.items():
+      with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        if name != key:
+          np.lib.format.write_array(member, array)
+          continue
+        header = {"descr": "<f4", "fortran_order": False, "shape": (1 << 30,)}
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(bytes(1 << 20))  # what a reader trusting the header allocates 4 GiB for
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("how", ["bomb", "missing_key", "other_shape", "other_dtype"])
+def test_weights_are_checked_against_the_programs_before_they_are_read(exported, tmp_path, how):
+  art = _copy(exported, tmp_path / "art")
+  with np.load(art / artifact.WEIGHTS) as stored:
+    arrays = dict(stored)
+  key = sorted(arrays)[0]
+  if how == "bomb":
+    content = _bomb(arrays, key)
+    expected = rf"{re.escape(key)} is float32 \(1073741824,\)"
+  else:
+    if how == "missing_key":
+      del arrays[key]
+      expected = rf"missing {re.escape(key)}"
+    elif how == "other_shape":
+      arrays[key] = np.zeros(arrays[key].shape + (2,), arrays[key].dtype)
+      expected = rf"{re.escape(key)} is float32 \("
+    else:
+      arrays[key] = arrays[key].astype(np.float64)
+      expected = rf"{re.escape(key)} is float64"
+    content = _npz(arrays)
+  (art / artifact.WEIGHTS).write_bytes(content)
+  _resign(art, lambda m: None, files_too=True)
+  with pytest.raises(artifact.ArtifactError, match=expected):
+    artifact.load(art)
+
+
+def test_a_deeply_nested_manifest_is_named_not_a_recursion_error(exported, tmp_path):
+  art = _copy(exported, tmp_path / "art")
+  (art / artifact.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(artifact.ArtifactError, match=r"artifact.json: not valid JSON"):
+    artifact.load(art)
+
+
+def test_calibrating_a_read_only_artifact_names_it_and_changes_nothing(
+  exported, dataset_root, tmp_path, monkeypatch
+):
+  art = _copy(exported, tmp_path / "art")
+  before = (art / artifact.MANIFEST).read_bytes()
+
+  def read_only(path, data):  # root writes anywhere: refuse as a read-only folder would
+    raise PermissionError(13, "Read-only file system", str(path))
+
+  monkeypatch.setattr(files, "write_atomic", read_only)
+  good = dataset_root / "weave" / "test" / "good"
+  with pytest.raises(errors.WorkdirError, match=rf"{art}: cannot write its artifact.json"):
+    calibrate.calibrate(art, str(good), 0.25)
+  assert (art / artifact.MANIFEST).read_bytes() == before
 
 
 @pytest.mark.parametrize("weight", ["0.5", -1, None])
@@ -436,7 +609,7 @@ def test_calibrated_threshold_keeps_its_rate_on_good_images_and_predict_uses_it(
   manifest["calibration"] = {"image_threshold": "high"}
   manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
   (path / artifact.MANIFEST).write_text(json.dumps(manifest))
-  with pytest.raises(artifact.ArtifactError, match="calibration .* has no numeric image_threshold"):
+  with pytest.raises(artifact.ArtifactError, match="calibration=.* a finite image_threshold"):
     predict.from_artifact(path)
 
 

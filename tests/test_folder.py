@@ -1,4 +1,7 @@
+import os
+import re
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -111,12 +114,68 @@ def test_truncated_image_is_named(copy):
     load_image(path, 32)
 
 
-def test_non_image_file_is_skipped_with_warning(copy, monkeypatch):
-  (copy / "weave" / "train" / "good" / "notes.txt").write_text("hello")
+def test_a_file_the_dataset_would_not_use_is_refused_by_name(copy):
+  notes = copy / "weave" / "train" / "good" / "notes.txt"
+  notes.write_text("hello")
+  with pytest.raises(DataError, match=re.escape(f"{notes}: not an image file")):
+    scan(copy, "weave")
+  notes.unlink()
+  stray = copy / "weave" / "test" / "README"
+  stray.write_text("hello")
+  with pytest.raises(DataError, match=re.escape(f"{stray}: expected only folders")):
+    scan(copy, "weave")
+
+
+def test_a_hidden_file_is_skipped_with_a_warning(copy, monkeypatch):
+  (copy / "weave" / "train" / "good" / ".DS_Store").write_text("hello")
   warnings = []
   monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
   assert len(scan(copy, "weave").train) == 8
-  assert any("notes.txt" in w for w in warnings)
+  assert any(".DS_Store" in w for w in warnings)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "folder"])
+def test_a_file_that_is_not_a_regular_file_is_refused_before_it_is_opened(copy, kind):
+  """A FIFO blocked the scan's open forever; a socket and a folder named like an image too."""
+  path = copy / "weave" / "train" / "good" / "x.png"
+  if kind == "fifo":
+    os.mkfifo(path)
+  elif kind == "socket":
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+  else:
+    path.mkdir()
+  expected = {"fifo": "a FIFO", "socket": "a socket", "folder": "a folder"}[kind]
+  with pytest.raises(DataError, match=re.escape(f"{path}: {expected}")):
+    scan(copy, "weave")
+
+
+def unlistable(monkeypatch, folder) -> None:
+  """`folder` cannot be listed, as without read permission (root reads every folder, so the
+  listing calls refuse it instead)."""
+  for name in ("listdir", "scandir"):
+    real = getattr(os, name)
+
+    def refuse(path=".", real=real):
+      if os.path.realpath(path) == os.path.realpath(folder):
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+      return real(path)
+
+    monkeypatch.setattr(os, name, refuse)
+
+
+def test_a_folder_that_cannot_be_listed_is_refused(copy, monkeypatch):
+  folder = copy / "weave" / "train" / "good"
+  unlistable(monkeypatch, folder)
+  with pytest.raises(DataError, match=re.escape(f"{folder}: cannot be listed")):
+    scan(copy, "weave")
+
+
+def test_a_file_named_as_a_backup_is_not_dropped(copy):
+  backup = copy / "weave" / "train" / "good" / "000.png~"
+  backup.write_text("hello")
+  with pytest.raises(DataError, match=re.escape(f"{backup}: not an image file")):
+    scan(copy, "weave")
 
 
 def test_mask_without_its_image(copy):

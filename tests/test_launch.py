@@ -168,7 +168,7 @@ def test_tpu_vm_dry_run_starts_one_detached_driver_on_every_worker():
   assert len(commands) == 1
   assert commands[0][:-1] == SSH + ["--worker=all"]
   remote = commands[0][-1].removeprefix("--command=")
-  assert remote.startswith("cd ~/pouta_jax && mkdir -p /mnt/runs/logs && ")
+  assert remote.startswith('cd "$HOME"/pouta_jax && mkdir -p /mnt/runs/logs && ')
   assert "(setsid nohup bash /mnt/runs/logs/driver-$(hostname).sh >> " in remote
   encoded = next(w for w in shlex.split(remote) if len(w) > 100)  # the script, in base64
   assert base64.b64decode(encoded).decode() == script
@@ -181,7 +181,10 @@ def test_tpu_vm_dry_run_starts_one_detached_driver_on_every_worker():
 
 
 def test_tpu_vm_follow_and_attach_tail_the_worker_logs():
-  tail = SSH + ["--worker=0", "--command=cd ~/pouta_jax && tail -n +1 -F /r/logs/worker-*.log"]
+  tail = SSH + [
+    "--worker=0",
+    '--command=cd "$HOME"/pouta_jax && tail -n +1 -F /r/logs/worker-*.log',
+  ]
   _, commands = _tpu_vm("--categories=weave", "--workdir=/r", "--follow")
   assert len(commands) == 2 and commands[1] == tail
   lines = _dry_run(
@@ -189,6 +192,33 @@ def test_tpu_vm_follow_and_attach_tail_the_worker_logs():
     "--attach",
   )  # fmt: skip
   assert [shlex.split(line) for line in lines] == [tail]
+
+
+HOSTILE = "/runs dir;touch INJECTED_1;$(touch INJECTED_2)`touch INJECTED_3`'\"x"
+
+
+def test_tpu_vm_runs_no_value_as_shell_code(tmp_path):
+  """The start command, run by bash as a worker would run it: each value stays one word."""
+  home = tmp_path / "home"
+  (home / "repo").mkdir(parents=True)
+  workdir = str(tmp_path) + HOSTILE
+  _, commands = _tpu_vm(
+    "--categories=weave", f"--workdir={workdir}", "--repo_dir=~/repo", "--python=true"
+  )
+  remote = commands[0][-1].removeprefix("--command=")
+  done = subprocess.run(
+    ["bash", "-c", remote], cwd=tmp_path, env={"HOME": str(home), "PATH": os.environ["PATH"]},
+    capture_output=True, text=True, timeout=30,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  logs = Path(workdir) / "logs"
+  for _ in range(100):  # the driver runs detached; its one job is `true`
+    if any("all 1 jobs ended; 0 failed" in p.read_text() for p in logs.glob("worker-*.log")):
+      break
+    time.sleep(0.1)
+  else:
+    raise AssertionError(f"the driver did not run: {list(logs.iterdir())}")
+  assert not list(tmp_path.rglob("INJECTED*")), "a value ran as shell code"
 
 
 def test_tpu_vm_refuses_worker_logs_in_a_bucket():

@@ -3,9 +3,11 @@ files listed and skipped; outputs written whole and never over an existing folde
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
+from absl import logging
 from PIL import Image
 
 from pouta_jax import errors, predict
@@ -64,11 +66,11 @@ def test_every_image_is_scored_at_its_own_size(tmp_path):
     want_map = seen.astype(np.float32).mean(axis=-1) / 255
     assert float(rows[name]["image_score"]) == pytest.approx(want_map.max(), abs=1e-6)
     assert rows[name]["decision"] == ("anomalous" if want_map.max() >= 0.5 else "normal")
-    stored = np.asarray(Image.open(tmp_path / "out" / "maps" / f"{name.replace('/', '__')}.png"))
+    stored = np.asarray(Image.open(tmp_path / "out" / "maps" / f"{name}.png"))
     assert stored.dtype == np.uint16 and stored.shape == (size[1], size[0])
     full = Image.fromarray(want_map, "F").resize(size, Image.BILINEAR)
     np.testing.assert_allclose(stored / 65535, np.asarray(full), atol=1 / 65535 + 1e-6)
-    overlay = Image.open(tmp_path / "out" / "overlays" / f"{name.replace('/', '__')}.png")
+    overlay = Image.open(tmp_path / "out" / "overlays" / f"{name}.png")
     assert overlay.size == size and overlay.mode == "RGB"
   assert json.loads((tmp_path / "out" / "predict.json").read_text()) == summary
 
@@ -105,17 +107,86 @@ def test_a_fixed_batch_program_and_npy_maps(tmp_path):
   assert np.load(out / "maps" / "dark.png.npy").shape == (30, 40)
 
 
-def test_unreadable_files_are_listed_and_the_rest_scored(tmp_path):
+def test_unreadable_files_are_listed_and_the_rest_scored(tmp_path, monkeypatch):
   _images(tmp_path / "in")
   (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
   (tmp_path / "in" / "notes.txt").write_text("not an image file, not looked at")
   wide = np.full((8, 8), 40000, np.uint16)  # 16 bits: its range is unknown, as in training
   Image.fromarray(wide).save(tmp_path / "in" / "wide.png")
+  os.mkfifo(tmp_path / "in" / "pipe.png")  # never opened: a read would block forever
+  warnings = []
+  monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
   summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
-  assert (summary["scored"], summary["unreadable"]) == (5, 2)
-  broken, wide = _rows(tmp_path / "out" / "errors.csv")
-  assert broken["path"].endswith("broken.png") and "not a readable image" in broken["error"]
-  assert wide["path"].endswith("wide.png") and "16-bit or float" in wide["error"]
+  assert (summary["scored"], summary["unreadable"]) == (5, 4)
+  rows = {r["path"].rsplit("/", 1)[1]: r["error"] for r in _rows(tmp_path / "out" / "errors.csv")}
+  assert sorted(rows) == ["broken.png", "notes.txt", "pipe.png", "wide.png"]
+  assert "not a readable image" in rows["broken.png"] and "16-bit or float" in rows["wide.png"]
+  assert rows["notes.txt"].startswith("not an image file") and rows["pipe.png"] == "a FIFO"
+  for name in rows:  # each said as it happened, too
+    assert sum(f"/{name}: " in w for w in warnings) == 1, warnings
+
+
+def test_nothing_is_written_when_nothing_could_be_scored(tmp_path):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  with pytest.raises(errors.DataError, match=r"none of its 1 images could be scored, e\.g\. .*br"):
+    predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
+  assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_names_mirror_the_input_tree_and_never_collide(tmp_path):
+  _images(tmp_path / "in")
+  (tmp_path / "in" / "sub__alpha.png").write_bytes((tmp_path / "in" / "dark.png").read_bytes())
+  summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
+  maps = sorted(
+    str(p.relative_to(tmp_path / "out" / "maps")) for p in (tmp_path / "out" / "maps").rglob("*.*")
+  )
+  assert summary["scored"] == 6 and len(maps) == 6
+  assert "sub/alpha.png.png" in maps and "sub__alpha.png.png" in maps
+
+
+def test_a_batch_is_never_larger_than_the_images(tmp_path):
+  _images(tmp_path / "in")
+  seen = []
+
+  def model(images):
+    seen.append(len(images))
+    return _brightness(images)
+
+  predictor = predict.Predictor("test", "m", SIZE, 0, model, {})
+  predict.predict(predictor, str(tmp_path / "in"), tmp_path / "out", batch_size=4096)
+  assert seen == [5]
+  with pytest.raises(errors.ConfigError, match=r"--batch_size=100000000: expected a batch size"):
+    predict.predict(predictor, str(tmp_path / "in"), tmp_path / "o2", batch_size=100_000_000)
+
+
+@pytest.mark.parametrize("where", ["the input", "inside the input", "holding an input"])
+def test_an_out_that_is_holds_or_lies_in_an_input_is_refused(tmp_path, where):
+  _images(tmp_path / "in")
+  out = {
+    "the input": tmp_path / "in",
+    "inside the input": tmp_path / "in" / "scored",
+    "holding an input": tmp_path,
+  }[where]
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  with pytest.raises(errors.ConfigError, match=r"is, holds or lies inside an input"):
+    predict.predict(_predictor(), str(tmp_path / "in"), out, overwrite=True)
+  with pytest.raises(errors.ConfigError, match=r"is, holds or lies inside an input"):
+    predict.predict(_predictor(), str(tmp_path / "in" / "dark.png"), tmp_path, overwrite=True)
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_only_an_output_of_predict(tmp_path):
+  _images(tmp_path / "in")
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+  with pytest.raises(errors.ExistsError, match=r"--out=.*mine holds no predict\.json"):
+    predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "mine", overwrite=True)
+  (tmp_path / "file").write_text("a file")
+  with pytest.raises(errors.ExistsError, match=r"--out=.*file is a file"):
+    predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "file", overwrite=True)
+  assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+  assert (tmp_path / "file").read_text() == "a file"
 
 
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):

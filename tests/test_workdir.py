@@ -25,6 +25,13 @@ def _store(workdir: Path, config, allow_changes=()) -> None:
     pass
 
 
+def _bind(workdir: Path, config) -> None:
+  """Stores `config` and marks its first checkpoint (what binds a workdir to a config): a step
+  folder as orbax renames it into place."""
+  _store(workdir, config)
+  (workdir / "checkpoints" / "3").mkdir(parents=True)
+
+
 def test_output_only_keys_are_config_keys():
   for model in ("draem", "pouta", "prn"):
     stored = json.loads(config_lib.load(model).to_json_best_effort())
@@ -38,7 +45,7 @@ def test_output_only_keys_are_config_keys():
 def test_a_changed_key_is_refused_unless_allowed_and_then_recorded(
   tiny_config, tmp_path, key, value
 ):
-  _store(tmp_path, tiny_config)
+  _bind(tmp_path, tiny_config)
   stored = (tmp_path / "config.json").read_text()
   section, name = key.split(".")
   old = tiny_config[section][name]
@@ -58,8 +65,33 @@ def test_a_changed_key_is_refused_unless_allowed_and_then_recorded(
   assert [(r["key"], r["stored"], r["new"]) for r in records] == [(key, old, value)]
 
 
+def test_a_workdir_is_bound_by_its_first_checkpoint_not_by_a_failed_start(tiny_config, tmp_path):
+  _store(tmp_path, tiny_config)  # a start that failed before its first checkpoint
+  (tmp_path / "checkpoints").mkdir()  # orbax's empty folder, as a diverged run leaves it
+  changed = tiny_config.copy_and_resolve_references()
+  changed.optim.lr = 0.123
+  _store(tmp_path, changed)  # the corrected rerun
+  assert config_lib.from_workdir(tmp_path).optim.lr == 0.123
+  assert not (tmp_path / experiment.CHANGES_FILE).exists()
+  (tmp_path / "checkpoints" / "3").mkdir()
+  with pytest.raises(errors.ConfigError, match=r"config\.optim\.lr: stored 0.123"):
+    _store(tmp_path, tiny_config)
+
+
+@pytest.mark.parametrize("written", ["{root}/", "{root}//", "{root}/./", "{root}/../{name}"])
+def test_a_path_compares_as_the_place_it_names(tiny_config, tmp_path, written):
+  _bind(tmp_path / "run", tiny_config)
+  root = tiny_config.data.root
+  changed = tiny_config.copy_and_resolve_references()
+  changed.data.root = written.format(root=root, name=os.path.basename(root))
+  _store(tmp_path / "run", changed)  # the same dataset: no refusal
+  changed.data.root = root + "_else"
+  with pytest.raises(errors.ConfigError, match=r"config\.data\.root"):
+    _store(tmp_path / "run", changed)
+
+
 def test_output_only_changes_need_no_flag(tiny_config, tmp_path):
-  _store(tmp_path, tiny_config)
+  _bind(tmp_path, tiny_config)
   changed = tiny_config.copy_and_resolve_references()
   changed.train.log_every, changed.eval.num_heatmaps = 1, 0
   _store(tmp_path, changed)
@@ -100,9 +132,16 @@ def test_a_run_in_progress_is_not_disturbed_by_a_second(dataset_root, tmp_path):
 
 def test_the_refusal_names_the_flag_and_writes_nothing(dataset_root, tmp_path):
   config = make_tiny_config("draem", dataset_root)
-  _store(tmp_path, config)
+  _bind(tmp_path, config)
   changed = config.copy_and_resolve_references()
   changed.optim.lr = 0.25
   with pytest.raises(errors.ConfigError, match="--allow_config_change=optim.lr"):
     experiment.run(changed, tmp_path, mode="eval")
-  assert os.listdir(tmp_path) == ["config.json"]
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
+
+
+def test_evaluating_a_workdir_without_a_checkpoint_writes_nothing(dataset_root, tmp_path):
+  config = make_tiny_config("draem", dataset_root)
+  with pytest.raises(errors.NotFoundError, match="no checkpoint in .* to evaluate"):
+    experiment.run(config, tmp_path / "run", mode="eval")
+  assert not (tmp_path / "run").exists()

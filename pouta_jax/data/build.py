@@ -19,13 +19,14 @@ follows, checked against the official counts when the whole of MVTec AD was buil
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 
 import tensorflow_datasets as tfds
 from absl import flags
 from etils.epath import Path
 
-from pouta_jax import errors
+from pouta_jax import errors, files
 from pouta_jax.data.tfds import AnomalyConfig, AnomalyFolder, DtdTextures, MvtecAd, Visa, reader
 
 # MVTec AD's published totals (Bergmann et al.): training images, good and defective test images.
@@ -113,14 +114,36 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  if not files.is_dir(f.manual_dir, "--manual_dir") or not any(Path(f.manual_dir).iterdir()):
+    raise errors.NotFoundError(
+      f"--manual_dir={f.manual_dir!r}: not a folder holding the extracted dataset"
+    )
   data_dir = str(Path(f.data_dir).expanduser())
-  chosen = builders(f.dataset, f.categories, f.image_size, data_dir, f.name)
-  table = {}
-  for builder in chosen:
-    prepare(builder, f.manual_dir)
-    table.update(counts(builder))
-    print(f"built {builder.info.full_name} in {builder.data_dir}")
+  existing = _folders(data_dir)
+  try:
+    chosen = builders(f.dataset, f.categories, f.image_size, data_dir, f.name)
+    table = {}
+    for builder in chosen:
+      prepare(builder, f.manual_dir)
+      table.update(counts(builder))
+      print(f"built {builder.info.full_name} in {builder.data_dir}")
+  except BaseException:
+    _remove_new_folders(data_dir, existing)  # a failed build leaves no dataset folder behind
+    raise
   print(summary(table, f.dataset))
+
+
+def _folders(root: str) -> set[str]:
+  return {folder for folder, _, _ in os.walk(root)} if not files.is_remote(root) else set()
+
+
+def _remove_new_folders(root: str, existing: set[str]) -> None:
+  """Removes the folders under `root` (itself included) that were not in `existing`: what this
+  build created (tfds makes a dataset's folders and metadata before it reads a file)."""
+  new = _folders(root) - existing
+  for folder in new:
+    if os.path.dirname(folder) not in new:
+      shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

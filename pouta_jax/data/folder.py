@@ -60,17 +60,25 @@ class CategoryFolder:
 
 
 def images_in(folder: Path) -> list[Path]:
-  """Image files of `folder`, sorted; other files are skipped with a warning."""
+  """Image files of `folder`, sorted. Anything else is refused, naming it: a dataset that
+  silently lost a file (a FIFO would block its read forever) trains and scores on less than it
+  claims. Hidden files (`.DS_Store`) are skipped with a warning."""
   images = []
-  for path in sorted(folder.iterdir()):
+  try:
+    listed = files.listdir(folder)
+  except OSError as e:
+    raise DataError(f"{folder}: cannot be listed ({e.strerror})") from None
+  for path in listed:
     if path.name.startswith("."):
+      logging.warning("Skipping %s: a hidden file", path)
       continue
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-      images.append(path)
-    else:
-      logging.warning(
-        "Skipping %s: not an image file (expected one of %s).", path, ", ".join(IMAGE_SUFFIXES)
+    why = files.not_a_file(path)
+    if why or path.suffix.lower() not in IMAGE_SUFFIXES:
+      raise DataError(
+        f"{path}: {why or 'not an image file'}; expected only image files "
+        f"({', '.join(IMAGE_SUFFIXES)}) in {folder}: remove or move it"
       )
+    images.append(path)
   return images
 
 
@@ -78,14 +86,31 @@ def images_in(folder: Path) -> list[Path]:
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+# Images of more pixels than this are refused before they are decoded: Pillow's own guard against
+# decompression bombs (it only warns below twice this), about 89 megapixels, 9459 x 9459.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def _check_pixels(path, image: Image.Image) -> None:
+  width, height = image.size
+  if width * height > MAX_IMAGE_PIXELS:
+    raise DataError(
+      f"{path}: {width}x{height} = {width * height} pixels, more than the limit of "
+      f"{MAX_IMAGE_PIXELS} (pouta_jax.data.folder.MAX_IMAGE_PIXELS); resize it first"
+    )
+
+
 def check_readable(path: Path) -> None:
   try:
     with Image.open(_file(path)) as image:
+      _check_pixels(path, image)
       mode = image.mode
       if image.format in ("JPEG", "MPO"):
         image.load()  # verify() skips JPEG scan data: a truncated file would pass it
       else:
         image.verify()
+  except DataError:
+    raise
   except Exception as e:  # PIL raises many types for broken files
     raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
   if mode in WIDE_MODES:
@@ -157,7 +182,7 @@ def scan(
     raise DataError(f"{category_dir}: missing test folder")
 
   test = []
-  for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+  for defect_dir in _defect_folders(test_dir):
     defect = defect_dir.name
     for image in images_in(defect_dir):
       mask = None if defect == "good" else _find_mask(category_dir, defect, image)
@@ -165,7 +190,8 @@ def scan(
   if not test:
     raise DataError(f"{test_dir}: no test images")
   used = {s.mask for s in test}
-  for masks in sorted(p for p in (category_dir / "ground_truth").glob("*") if p.is_dir()):
+  ground_truth = category_dir / "ground_truth"
+  for masks in _defect_folders(ground_truth) if ground_truth.is_dir() else ():
     for mask in images_in(masks):
       if mask not in used:
         raise DataError(
@@ -182,6 +208,19 @@ def scan(
       with Image.open(_file(sample.image)) as image, Image.open(_file(sample.mask)) as mask:
         check_mask_size(sample.mask, mask.size, image.size)
   return folder
+
+
+def _defect_folders(folder: Path) -> list[Path]:
+  """The subfolders of test/ or ground_truth/, one per defect type; a file there is refused."""
+  found = []
+  for path in files.listdir(folder):
+    if path.name.startswith("."):
+      logging.warning("Skipping %s: a hidden file", path)
+    elif not path.is_dir():
+      raise DataError(f"{path}: expected only folders (one per defect type) in {folder}")
+    else:
+      found.append(path)
+  return found
 
 
 # The stream of data.val_seed that picks the validation images.
@@ -266,8 +305,11 @@ def open_image(path, mode: str) -> Image.Image:
   """The decoded image converted to `mode`; DataError naming the file if it cannot be read."""
   try:
     with Image.open(_file(path)) as image:
+      _check_pixels(path, image)
       image.load()
       return image.convert(mode)
+  except DataError:
+    raise
   except Exception as e:
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 

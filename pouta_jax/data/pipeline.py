@@ -21,7 +21,10 @@ import dataclasses
 import functools
 import gc
 import multiprocessing.util
+import os
 import signal
+import threading
+import time
 from typing import Sequence
 
 import grain
@@ -126,14 +129,29 @@ IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 WORKER_GRACE_S = 30
 
 
+# How often a worker checks that its parent is alive.
+PARENT_POLL_S = 0.5
+
+
+def _exit_with(parent: int) -> None:
+  """Ends this worker once `parent` is gone (kill -9, OOM): an orphan would hold its memory
+  and shared-memory batches forever, since its signals wait for a parent that never comes."""
+  while os.getppid() == parent:
+    time.sleep(PARENT_POLL_S)
+  os._exit(1)
+
+
 def leave_stopping_to_the_parent(worker_index: int, worker_count: int) -> None:
   """grain worker start-up: a worker that died on the group's signal would leave its finished
   batches in shared memory (a preempted run warned of 4-20 leaked segments). It keeps working
   until its parent, which saves first, stops it and so unlinks them; SIGALRM's default action
-  ends it if the parent is gone WORKER_GRACE_S later."""
+  ends it if the parent is gone WORKER_GRACE_S later. A parent that dies without a signal to
+  the group (kill -9) ends it within PARENT_POLL_S (a watchdog on the parent's pid: the
+  parent-death signal would follow the thread that started the worker, not the process)."""
   del worker_index, worker_count
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: signal.alarm(WORKER_GRACE_S))
+  threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
 def train_batches(

@@ -29,6 +29,9 @@ class FolderTextures:
       raise DataError(f"anomaly source folder {root} does not exist")
     base = root / "images" if (root / "images").is_dir() else root
     paths = sorted(str(p) for p in base.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in paths:  # a FIFO or a device would block the synthesis's read forever
+      if why := files.not_a_file(path):
+        raise DataError(f"{path}: {why}; expected texture image files in {base}")
     if not paths:
       raise DataError(
         f"{base}: no texture images in <class>/ subfolders (DTD layout "
