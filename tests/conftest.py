@@ -168,3 +168,31 @@ def small_disk(tmp_path):
     pytest.skip(f"cannot mount a small tmpfs here ({e}); the in-process disk-full tests remain")
   yield mount
   subprocess.run(["umount", str(mount)], check=True)
+
+
+def untrained_artifact(root, folder) -> Path:
+  """An artifact of `make_tiny_config`'s DRAEM at step 0, exported from a workdir in `folder`
+  (no training: a test that needs an artifact file, not a trained model, spends one export)."""
+  from pouta_jax import checkpoint, experiment, export, train
+
+  config = make_tiny_config("draem", root)
+  workdir = Path(folder) / "untrained"
+  with experiment.claimed_workdir(workdir, config):
+    mngr = checkpoint.manager(workdir, 1)
+    checkpoint.save(mngr, 0, train.setup(config, [8]).state, block=True)
+    mngr.close()
+  return export.export(workdir, Path(folder) / "artifact")
+
+
+def unlistable(monkeypatch, folder) -> None:
+  """`folder` cannot be listed, as without read permission (root reads every folder, so the
+  listing calls refuse it instead)."""
+  for name in ("listdir", "scandir"):
+    real = getattr(os, name)
+
+    def refuse(path=".", real=real):
+      if os.path.realpath(path) == os.path.realpath(folder):
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+      return real(path)
+
+    monkeypatch.setattr(os, name, refuse)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_tiny_config, tiny_main_command
+from pouta_jax import artifact, config as config_lib, experiment
+from tests.conftest import make_tiny_config, tiny_main_command, untrained_artifact
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(95)
@@ -51,8 +55,8 @@ def _first(folder: Path) -> Path:
   return sorted(folder.iterdir())[0]
 
 
-def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
-  """name -> (case, its own folder)."""
+def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Path]]:
+  """name -> (case, its own folder); `art`: an artifact to damage copies of."""
   cases = {}
 
   def add(name: str, make: Callable[[Path], Case]) -> None:
@@ -155,7 +159,7 @@ def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
     config.data.num_workers = 0
     config.train.num_steps = 2
     config.eval.score_filter_size = 3
-    (folder / "run").mkdir()
+    (folder / "run" / "checkpoints" / "3").mkdir(parents=True)  # a run's first checkpoint
     (folder / "run" / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     return Case(
       _tiny_main(dataset_root, folder / "run", "--config.optim.lr=0.1", "--config.train.seed=3"),
@@ -206,6 +210,212 @@ def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
       ["'marble' is not an embedded category"],
     ),
   )
+
+  # Hostile workdirs: a stored config is data. Its model name points at a Python file that
+  # would leave a file behind if it ran; the case's folder must stay as it was.
+  def hostile_workdir(folder: Path) -> Path:
+    (folder / "evil.py").write_text(
+      f"open({str(folder / 'PWNED')!r}, 'w').close()\n\ndef get_config(arg=None):\n  pass\n"
+    )
+    stored = json.loads(make_tiny_config("draem", dataset_root).to_json_best_effort())
+    stored["model"]["name"] = str(folder / "evil")
+    workdir = folder / "w2"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(stored))
+    (workdir / "metrics.json").write_text("{}")
+    return workdir
+
+  hostile = ["config.model.name=", "evil"]
+  add(
+    "predict_hostile_workdir",
+    lambda f: Case(
+      ["-m", "pouta_jax.predict", f"--workdir={hostile_workdir(f)}", f"--input={f}"]
+      + [f"--out={f / 'o'}"],
+      hostile,
+    ),
+  )
+  add(
+    "export_hostile_workdir",
+    lambda f: Case(
+      ["-m", "pouta_jax.export", f"--workdir={hostile_workdir(f)}", f"--out={f / 'art'}"], hostile
+    ),
+  )
+  add(
+    "sweep_hostile_workdir",
+    lambda f: Case(["-m", "pouta_jax.sweep", f"--root={hostile_workdir(f).parent}"], hostile),
+  )
+
+  def images(folder: Path) -> Path:
+    shutil.copytree(dataset_root / "weave" / "test" / "good", folder / "images")
+    return folder / "images"
+
+  def predict(folder: Path, *args: str, artifact: Path = art) -> list[str]:
+    return ["-m", "pouta_jax.predict", f"--artifact={artifact}", *args]
+
+  add(
+    "predict_out_is_the_input",
+    lambda f: Case(
+      predict(f, f"--input={images(f)}", f"--out={f / 'images'}", "--overwrite"),
+      ["is, holds or lies inside an input"],
+    ),
+  )
+
+  def not_ours(folder: Path) -> Case:
+    (folder / "mine").mkdir()
+    (folder / "mine" / "thesis.tex").write_text("years of work")
+    return Case(
+      predict(folder, f"--input={images(folder)}", f"--out={folder / 'mine'}", "--overwrite"),
+      [f"--out={folder / 'mine'} holds no predict.json"],
+    )
+
+  add("predict_overwrite_not_its_output", not_ours)
+
+  def a_file(folder: Path) -> Case:
+    (folder / "file").write_text("mine")
+    return Case(
+      predict(folder, f"--input={images(folder)}", f"--out={folder / 'file'}", "--overwrite"),
+      [f"--out={folder / 'file'} is a file"],
+    )
+
+  add("predict_overwrite_a_file", a_file)
+  add(
+    "predict_absurd_batch",
+    lambda f: Case(
+      predict(f, f"--input={images(f)}", f"--out={f / 'o'}", "--batch_size=100000000"),
+      ["--batch_size=100000000"],
+    ),
+  )
+
+  def nothing_readable(folder: Path) -> Case:
+    (folder / "bad").mkdir()
+    (folder / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return Case(
+      predict(folder, f"--input={folder / 'bad'}", f"--out={folder / 'o'}"),
+      ["none of its 1 images could be scored"],
+    )
+
+  add("predict_nothing_readable", nothing_readable)
+
+  def calibrate_non_image(folder: Path) -> Case:
+    good = images(folder)
+    (good / "notes.txt").write_text("not an image")
+    copy = _copy_artifact(art, folder)
+    return Case(
+      ["-m", "pouta_jax.calibrate", f"--artifact={copy}", f"--good={good}", "--fpr=0.1"],
+      [f"{good / 'notes.txt'}: not an image file"],
+    )
+
+  add("calibrate_non_image", calibrate_non_image)
+
+  # Artifacts damaged and signed again, as a forger would: every field is checked.
+  def forged(change: Callable[[dict, Path], None], named: list[str]) -> Callable[[Path], Case]:
+    def make(folder: Path) -> Case:
+      copy = _copy_artifact(art, folder)
+      manifest = json.loads((copy / "artifact.json").read_text())
+      change(manifest, copy)
+      if "manifest_sha256" in manifest:
+        manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
+      (copy / "artifact.json").write_text(json.dumps(manifest))
+      return Case(
+        predict(folder, f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
+        named,
+      )
+
+    return make
+
+  def setter(key: str, value) -> Callable[[dict, Path], None]:
+    return lambda manifest, _: manifest.__setitem__(key, value)
+
+  def nan_threshold(manifest: dict, _) -> None:
+    manifest["thresholds"]["image"] = float("nan")
+
+  def no_digest(manifest: dict, _) -> None:
+    del manifest["manifest_sha256"]
+
+  def outside_name(manifest: dict, _) -> None:
+    manifest["sha256"]["../../../../etc/passwd"] = "0" * 64
+
+  def fifo_weights(manifest: dict, copy: Path) -> None:
+    (copy / "weights.npz").unlink()
+    os.mkfifo(copy / "weights.npz")
+
+  def resigned_weights(arrays: Callable[[dict], dict]) -> Callable[[dict, Path], None]:
+    def change(manifest: dict, copy: Path) -> None:
+      with np.load(copy / "weights.npz") as stored:
+        content = arrays(dict(stored))
+      (copy / "weights.npz").write_bytes(content)
+      manifest["sha256"]["weights.npz"] = artifact.sha256(copy / "weights.npz")
+
+    return change
+
+  def bomb(arrays: dict) -> bytes:
+    key = sorted(arrays)[0]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+      for name, array in arrays.items():
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+          if name != key:
+            np.lib.format.write_array(member, array)
+            continue
+          np.lib.format.write_array_header_1_0(
+            member, {"descr": "<f4", "fortran_order": False, "shape": (1 << 30,)}
+          )
+          member.write(bytes(1 << 20))  # 4 GiB declared, deflated zeros
+    return buffer.getvalue()
+
+  def missing_weight(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **dict(sorted(arrays.items())[1:]))
+    return buffer.getvalue()
+
+  add("artifact_nan_threshold", forged(nan_threshold, ["thresholds=", "nan"]))
+  add("artifact_without_digest", forged(no_digest, ["no manifest_sha256 and sha256 digests"]))
+  add("artifact_name_outside", forged(outside_name, ["sha256 lists", "holds exactly"]))
+  add("artifact_fifo_weights", forged(fifo_weights, ["weights.npz: not a regular file"]))
+  add("artifact_negative_batch", forged(setter("batch_size", -1), ["batch_size=-1"]))
+  add("artifact_text_batch", forged(setter("batch_size", "abc"), ["batch_size='abc'"]))
+  add("artifact_text_sizes", forged(setter("image_sizes", ["x"]), ["image_sizes=['x']"]))
+  add("artifact_no_sizes", forged(setter("image_sizes", []), ["image_sizes=[]"]))
+  add("artifact_no_model", forged(lambda m, _: m.pop("model"), ["model=None"]))
+  add("artifact_bomb", forged(resigned_weights(bomb), ["is float32 (1073741824,)"]))
+  add("artifact_missing_weight", forged(resigned_weights(missing_weight), ["missing "]))
+
+  def deep_manifest(folder: Path) -> Case:
+    copy = _copy_artifact(art, folder)
+    (copy / "artifact.json").write_text("[" * 100_000 + "]" * 100_000)
+    return Case(
+      predict(folder, f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
+      ["artifact.json: not valid JSON (RecursionError"],
+    )
+
+  add("artifact_deeply_nested", deep_manifest)
+
+  def fifo(category: Path) -> Path:
+    os.mkfifo(category / "train" / "good" / "zz.png")
+    return category / "train" / "good" / "zz.png"
+
+  add("dataset_fifo", broken_data(fifo))
+  for name, flag, named in (
+    ("flag_not_a_float", "--config.optim.lr=abc", "--config.optim.lr=abc"),
+    ("flag_not_an_int", "--config.data.image_size=64.5", "--config.data.image_size=64.5"),
+    ("flag_not_a_bool", "--config.data.require_masks=maybe", "--config.data.require_masks"),
+  ):
+    add(
+      name,
+      lambda f, flag=flag, named=named: Case(_tiny_main(dataset_root, f / "run", flag), [named]),
+    )
+  add(
+    "eval_without_a_checkpoint",
+    lambda f: Case(_tiny_main(dataset_root, f / "run", mode="eval"), ["no checkpoint in"]),
+  )
+  add(
+    "build_without_the_dataset",
+    lambda f: Case(
+      ["-m", "pouta_jax.data.build", "--dataset=mvtec_ad", f"--manual_dir={f / 'none'}"]
+      + [f"--data_dir={f / 'tfds'}"],
+      [f"--manual_dir='{f / 'none'}'"],
+    ),
+  )
   add(
     "launcher_bad_sweep",
     lambda f: Case(
@@ -215,6 +425,12 @@ def _cases(dataset_root: Path, tmp: Path) -> dict[str, tuple[Case, Path]]:
     ),
   )
   return cases
+
+
+def _copy_artifact(art: Path, folder: Path) -> Path:
+  copy = folder / "art"
+  shutil.copytree(art, copy)
+  return copy
 
 
 def _has_torch() -> bool:
@@ -234,7 +450,8 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
 def results(dataset_root, tmp_path_factory):
   """name -> (case, folder, completed process, the folder's files before and after)."""
   tmp = tmp_path_factory.mktemp("bad_input")
-  cases = _cases(dataset_root, tmp)
+  art = untrained_artifact(dataset_root, tmp_path_factory.mktemp("artifact"))
+  cases = _cases(dataset_root, tmp, art)
   before = {name: _snapshot(folder) for name, (_, folder) in cases.items()}
 
   def run(name: str) -> subprocess.CompletedProcess:
@@ -279,6 +496,33 @@ CASES = [
   "build_unknown_dataset",
   "demo_unknown_category",
   "launcher_bad_sweep",
+  "predict_hostile_workdir",
+  "export_hostile_workdir",
+  "sweep_hostile_workdir",
+  "predict_out_is_the_input",
+  "predict_overwrite_not_its_output",
+  "predict_overwrite_a_file",
+  "predict_absurd_batch",
+  "predict_nothing_readable",
+  "calibrate_non_image",
+  "artifact_nan_threshold",
+  "artifact_without_digest",
+  "artifact_name_outside",
+  "artifact_fifo_weights",
+  "artifact_negative_batch",
+  "artifact_text_batch",
+  "artifact_text_sizes",
+  "artifact_no_sizes",
+  "artifact_no_model",
+  "artifact_bomb",
+  "artifact_missing_weight",
+  "artifact_deeply_nested",
+  "dataset_fifo",
+  "flag_not_a_float",
+  "flag_not_an_int",
+  "flag_not_a_bool",
+  "eval_without_a_checkpoint",
+  "build_without_the_dataset",
 ]
 
 
@@ -313,11 +557,16 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
   )
 
 
-def test_diverged_training_saves_nothing(dataset_root, tmp_path):
+def test_diverged_training_saves_nothing_and_binds_nothing(dataset_root, tmp_path):
   workdir = tmp_path / "run"
   fatal = _fatal_line(_run(_tiny_main(dataset_root, workdir, "--config.optim.lr=1e30")))
-  assert "non-finite training metrics" in fatal and "newest good checkpoint is step None" in fatal
+  assert "non-finite training metrics" in fatal and "No checkpoint was saved" in fatal
   assert not any((workdir / "checkpoints").iterdir())
+  # The corrected rerun is not refused as "a run with another config": nothing was bound.
+  corrected = make_tiny_config("draem", dataset_root)
+  with experiment.claimed_workdir(workdir, corrected):
+    pass
+  assert config_lib.from_workdir(workdir).optim.lr == corrected.optim.lr
 
 
 def test_full_disk_names_the_workdir_and_keeps_no_partial_checkpoint(dataset_root, small_disk):

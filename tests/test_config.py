@@ -176,3 +176,37 @@ def test_runs_alike_but_for_scoring_keys_train_the_same_model():
   best = identity(train__select="best_val")
   assert identity(train__select="best_val", eval__error_weight=0.5) != best
   assert identity(train__select="best_val", eval__num_heatmaps=0) == best
+
+
+@pytest.mark.parametrize("name", ["{evil}", "../tests/{stem}", 3, ["draem"], "pouta_study"])
+def test_a_stored_model_name_is_data_never_a_file_to_run(tmp_path, name):
+  """config.json names a model of the registry; a path to a Python file is never executed."""
+  evil = tmp_path / "evil.py"
+  marker = tmp_path / "PWNED"
+  evil.write_text(f"open({str(marker)!r}, 'w').close()\ndef get_config(arg=None):\n  pass\n")
+  stored = json.loads(config_lib.load("draem").to_json_best_effort())
+  if isinstance(name, str):
+    name = name.format(evil=tmp_path / "evil", stem="evil")
+  stored["model"]["name"] = name
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(errors.ConfigError, match=r"config.model.name=.* not a model of this version"):
+    config_lib.from_workdir(tmp_path)
+  with pytest.raises(errors.ConfigError, match=r"config.model.name=.*expected one of"):
+    config_lib.upgrade(stored)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+  "change",
+  [
+    lambda c: c["model"].__setitem__("base_width", "wide"),
+    lambda c: c["data"].__setitem__("image_size", -32),
+    lambda c: c.__setitem__("optim", [1, 2]),
+  ],
+)
+def test_a_stored_config_of_wrong_types_or_values_is_named(tmp_path, change):
+  stored = json.loads(config_lib.load("draem").to_json_best_effort())
+  change(stored)
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  with pytest.raises(errors.ConfigError, match=rf"{tmp_path / 'config.json'}: "):
+    config_lib.from_workdir(tmp_path)

@@ -1,8 +1,12 @@
 """PyTorch DRAEM weights -> pouta_jax: the name mapping (numpy, always run), its errors, and
 parity with anomalib's network (only with the bench extra installed: torch + anomalib)."""
 
+import io
+import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jax
@@ -10,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pouta_jax import checkpoint, config as config_lib, convert, train
+from pouta_jax import checkpoint, config as config_lib, convert, errors, train
 from pouta_jax.models.draem import DRAEM
 from tests.conftest import perturb_batch_norm
 
@@ -207,3 +211,37 @@ def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
   assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
   assert process.stderr.strip().splitlines()[-1].startswith(f"FATAL: {crafted}: refused to load")
   assert not marker.exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "legacy_tar", "non_string_keys", "fifo"])
+def test_unreadable_pytorch_files_are_named_for_what_they_are(tmp_path, kind):
+  torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[bench]'")
+  path = tmp_path / "weights.pth"
+  expected = "not a readable PyTorch file"
+  if kind == "random_bytes":  # not "pickles more than tensors": it is no pickle at all
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+  elif kind == "legacy_tar":
+    with tarfile.open(path, "w") as archive:  # torch's legacy format is a tar of pickles
+      member = tarfile.TarInfo("storages")
+      member.size = 4
+      archive.addfile(member, io.BytesIO(b"junk"))
+  elif kind == "non_string_keys":
+    torch.save({0: torch.zeros(2), 1: torch.ones(2)}, path)
+    expected = r"keys \[0, 1\] are not names"
+  else:
+    os.mkfifo(path)
+    expected = "a FIFO"
+  with pytest.raises(errors.Error, match=rf"{re.escape(str(path))}: {expected}"):
+    convert._load_torch(path)
+
+
+def test_bfloat16_and_float16_tensors_convert_to_float32_exactly(tmp_path):
+  torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[bench]'")
+  values = torch.tensor([0.5, -1.25, 3.0e-3, 65504.0])
+  path = tmp_path / "half.pth"
+  torch.save({"a": values.bfloat16(), "b": values.half(), "n": torch.tensor(3)}, path)
+  loaded = convert._load_torch(path)
+  assert loaded["a"].dtype == np.float32 and loaded["b"].dtype == np.float32
+  np.testing.assert_array_equal(loaded["a"], values.bfloat16().float().numpy())
+  np.testing.assert_array_equal(loaded["b"], values.half().float().numpy())
+  assert loaded["n"].dtype == np.int64

@@ -2,6 +2,8 @@ import os
 import re
 import shutil
 import socket
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from pouta_jax.data.folder import (
   load_test_set,
   scan,
 )
+from tests.conftest import unlistable
 
 
 @pytest.fixture
@@ -150,20 +153,6 @@ def test_a_file_that_is_not_a_regular_file_is_refused_before_it_is_opened(copy, 
     scan(copy, "weave")
 
 
-def unlistable(monkeypatch, folder) -> None:
-  """`folder` cannot be listed, as without read permission (root reads every folder, so the
-  listing calls refuse it instead)."""
-  for name in ("listdir", "scandir"):
-    real = getattr(os, name)
-
-    def refuse(path=".", real=real):
-      if os.path.realpath(path) == os.path.realpath(folder):
-        raise PermissionError(13, "Permission denied", os.fspath(path))
-      return real(path)
-
-    monkeypatch.setattr(os, name, refuse)
-
-
 def test_a_folder_that_cannot_be_listed_is_refused(copy, monkeypatch):
   folder = copy / "weave" / "train" / "good"
   unlistable(monkeypatch, folder)
@@ -203,4 +192,28 @@ def test_truncated_jpeg_is_named(copy):
   Image.fromarray(pixels).save(path)
   path.write_bytes(path.read_bytes()[:-300])  # headers intact, scan data cut
   with pytest.raises(DataError, match=r"100\.jpg: not a readable image"):
+    scan(copy, "weave")
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG that declares `width` x `height` and holds no pixels: Pillow reads its size from the
+  header without decoding."""
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+  return (
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", header)
+    + chunk(b"IDAT", zlib.compress(b""))
+    + chunk(b"IEND", b"")
+  )
+
+
+def test_an_image_over_the_pixel_limit_is_refused_stating_the_limit(copy):
+  """144 megapixels passed with only Pillow's warning (it refuses from twice its limit)."""
+  path = copy / "weave" / "train" / "good" / "000.png"
+  path.write_bytes(_png_header(12000, 12000))
+  with pytest.raises(DataError, match=r"12000x12000 = 144000000 pixels, more than the limit"):
     scan(copy, "weave")

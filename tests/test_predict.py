@@ -10,7 +10,8 @@ import pytest
 from absl import logging
 from PIL import Image
 
-from pouta_jax import errors, predict
+from pouta_jax import calibrate, errors, predict
+from tests.conftest import unlistable
 
 SIZE = 32
 
@@ -248,3 +249,24 @@ def test_threshold_sources_calibrated_first_then_the_oracle():
   for bad in ("high", "nan", "inf"):
     with pytest.raises(errors.ConfigError, match=rf"--threshold={bad}: expected calibrated, "):
       both.threshold(bad)
+
+
+def test_a_folder_that_cannot_be_listed_is_said_and_listed(tmp_path, monkeypatch):
+  _images(tmp_path / "in")
+  unlistable(monkeypatch, tmp_path / "in" / "sub")
+  summary = predict.predict(_predictor(), str(tmp_path / "in"), tmp_path / "out")
+  assert (summary["scored"], summary["unreadable"]) == (4, 1)
+  (row,) = _rows(tmp_path / "out" / "errors.csv")
+  assert row["path"].endswith("/in/sub") and "cannot be listed" in row["error"]
+
+
+def test_calibration_refuses_any_file_it_would_not_use(tmp_path, monkeypatch):
+  """A threshold set on a silently smaller set would claim a rate it was not measured on."""
+  _images(tmp_path / "in")
+  (tmp_path / "in" / "notes.txt").write_text("hello")
+  with pytest.raises(errors.DataError, match=r"notes.txt: not an image file"):
+    calibrate.good_scores(_predictor(), str(tmp_path / "in"), 4)
+  (tmp_path / "in" / "notes.txt").unlink()
+  unlistable(monkeypatch, tmp_path / "in" / "sub")
+  with pytest.raises(errors.DataError, match=r"in/sub: a folder that cannot be listed"):
+    calibrate.good_scores(_predictor(), str(tmp_path / "in"), 4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pouta_jax import files, report
+from pouta_jax import errors, files, report
 from tests.conftest import tensorboard_records
 
 
@@ -113,3 +113,16 @@ def test_score_histogram_shows_both_classes():
   png = report.histogram_png("scores", np.array([0.1, 0.2, 0.2]), np.array([0.8, 0.9]))
   colours = {tuple(c) for c in np.asarray(Image.open(io.BytesIO(png))).reshape(-1, 3)}
   assert report.IMAGE_COLOR in colours and report.PIXEL_COLOR in colours
+
+
+def test_evaluation_events_reach_a_full_disk_whole_or_not_at_all(small_disk):
+  """tensorboardX writes from a thread of its own, which died on a full disk with two tracebacks
+  and left a truncated file: the events are written whole, from the caller, or not at all."""
+  panel = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+  with pytest.raises(errors.DiskFullError, match=r"tensorboard/events.out.tfevents.*disk full"):
+    report.write_evaluation_to_tensorboard(small_disk, 7, {"pixel_ap": 0.5}, {"p": panel})
+  assert not (small_disk / "tensorboard").exists() or not list(
+    (small_disk / "tensorboard").iterdir()
+  )
+  report.write_evaluation_to_tensorboard(small_disk, 7, {"pixel_ap": 0.5}, {})
+  assert tensorboard_records(small_disk / "tensorboard") == [("eval/pixel_ap", 7, "simple_value")]

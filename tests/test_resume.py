@@ -1,5 +1,6 @@
-"""Exact resume across real process deaths: SIGTERM saves first, SIGKILL loses only the steps
-since the newest checkpoint; either way the restarted run ends bitwise equal to a straight one."""
+"""Exact resume across real process deaths: SIGTERM and Ctrl-C save first, SIGKILL loses only
+the steps since the newest checkpoint (and its grain worker ends with it); either way the
+restarted run ends bitwise equal to a straight one."""
 
 import json
 import os
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 
 from pouta_jax import checkpoint, preemption, train
+from pouta_jax.errors import INTERRUPTED_EXIT_CODE
 from tests.conftest import make_tiny_config, tiny_main_command
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(150)
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_STEPS = 30
+NUM_STEPS = 36
 
 
 def _command(root: Path, workdir: Path) -> list[str]:
@@ -65,6 +67,27 @@ def _signal_after(process: subprocess.Popen, workdir: Path, step: int, sig: int)
   return stderr
 
 
+def _children(pid: int) -> list[int]:
+  """The processes whose parent is `pid` (the grain worker, multiprocessing's helpers)."""
+  found = []
+  for stat_file in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      found.append(int(stat_file.parent.name))
+  return found
+
+
+def _alive(pid: int) -> bool:
+  """Whether `pid` runs (a zombie waiting for a parent to reap it does not)."""
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 def _final_state(config, workdir: Path) -> train.TrainState:
   template = train.setup(config, [8]).state
   mngr = checkpoint.manager(workdir, 2)
@@ -96,13 +119,35 @@ def test_sigterm_saves_and_sigkill_resumes_bitwise_equal(dataset_root, tmp_path)
   assert target <= preempted_at == _logged_steps(interrupted) < NUM_STEPS  # no step lost
   assert (interrupted / "checkpoints" / str(preempted_at) / "data").is_dir()
 
-  # SIGKILL later on: no warning; the steps since the newest checkpoint are lost and redone.
+  # Ctrl-C (SIGINT to the terminal's process group) stops it as SIGTERM does: a checkpoint of
+  # the step it was at, one line, exit 130.
+  process = _start(_command(dataset_root, interrupted), env)
+  stderr = _signal_after(process, interrupted, preempted_at + 2, signal.SIGINT)
+  assert process.returncode == INTERRUPTED_EXIT_CODE, stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+  assert len([line for line in stderr.splitlines() if "interrupted (Ctrl-C): saved" in line]) == 1
+  mngr = checkpoint.manager(interrupted, 2)
+  interrupted_at = mngr.latest_step()
+  mngr.close()
+  assert preempted_at + 2 <= interrupted_at == _logged_steps(interrupted) < NUM_STEPS
+
+  # SIGKILL of the main process alone later on: no warning; the steps since the newest
+  # checkpoint are lost and redone; its grain worker, signalled by no one, ends by itself.
   # Ten steps to spare, so the run cannot finish before the signal lands.
   process = _start(_command(dataset_root, interrupted), env)
-  _signal_after(
-    process, interrupted, int(rng.integers(preempted_at + 6, NUM_STEPS - 10)), signal.SIGKILL
-  )
+  target = int(rng.integers(interrupted_at + 6, NUM_STEPS - 10))
+  while _logged_steps(interrupted) < target:
+    assert process.poll() is None, process.stderr.read()
+    time.sleep(0.05)
+  children = _children(process.pid)
+  assert children, "no grain worker to check"
+  process.kill()
+  process.communicate(timeout=60)
   assert process.returncode == -signal.SIGKILL
+  deadline = time.monotonic() + 10
+  while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not [pid for pid in children if _alive(pid)], "a worker outlived its parent"
   subprocess.run(
     _command(dataset_root, interrupted), cwd=REPO, env=env, check=True, capture_output=True
   )

@@ -114,14 +114,14 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  if not files.is_dir(f.manual_dir, "--manual_dir") or not any(Path(f.manual_dir).iterdir()):
-    raise errors.NotFoundError(
-      f"--manual_dir={f.manual_dir!r}: not a folder holding the extracted dataset"
-    )
   data_dir = str(Path(f.data_dir).expanduser())
   existing = _folders(data_dir)
   try:
     chosen = builders(f.dataset, f.categories, f.image_size, data_dir, f.name)
+    if not files.is_dir(f.manual_dir, "--manual_dir") or not any(Path(f.manual_dir).iterdir()):
+      raise errors.NotFoundError(
+        f"--manual_dir={f.manual_dir!r}: not a folder holding the extracted dataset"
+      )
     table = {}
     for builder in chosen:
       prepare(builder, f.manual_dir)
