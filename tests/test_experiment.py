@@ -254,8 +254,14 @@ def _store(workdir, config, allow_changes=()):
     pass
 
 
+def _bind(workdir, config) -> None:
+  """Stores `config` and marks the workdir's first checkpoint, which binds it to the config."""
+  _store(workdir, config)
+  (workdir / "checkpoints" / "1").mkdir(parents=True)
+
+
 def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
-  _store(tmp_path, tiny_config)
+  _bind(tmp_path, tiny_config)
   stored = (tmp_path / "config.json").read_text()
   other = tiny_config.copy_and_resolve_references()
   other.model.base_width = 8
@@ -265,7 +271,7 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
 
 
 def test_workdir_of_an_older_version_still_resumes(tiny_config, tmp_path):
-  _store(tmp_path, tiny_config)
+  _bind(tmp_path, tiny_config)
   stored = json.loads((tmp_path / "config.json").read_text())
   del stored["data"]["categories"], stored["model"]["base_width"]  # keys it did not have yet
   (tmp_path / "config.json").write_text(json.dumps(stored))

@@ -80,6 +80,7 @@ def test_the_stack_is_part_of_the_stored_config(tmp_path):
 
   config = _stack("weave,tiny", seeds=2)
   experiment.store_config(tmp_path, config)
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # bound by its first checkpoint
   assert json.loads((tmp_path / "config.json").read_text())["stack"]["seeds"] == 2
   config.stack.seeds = 3
   with pytest.raises(errors.ConfigError, match=r"config.stack.seeds: stored 2, now 3"):

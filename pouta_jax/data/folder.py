@@ -59,10 +59,11 @@ class CategoryFolder:
     return all(s.mask is not None for s in self.test if s.label)
 
 
-def images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path, skip_others: bool = False) -> list[Path]:
   """Image files of `folder`, sorted. Anything else is refused, naming it: a dataset that
   silently lost a file (a FIFO would block its read forever) trains and scores on less than it
-  claims. Hidden files (`.DS_Store`) are skipped with a warning."""
+  claims. Hidden files (`.DS_Store`) are skipped with a warning, and so are other regular files
+  with `skip_others` (a texture source: DTD's release holds more than images)."""
   images = []
   try:
     listed = files.listdir(folder)
@@ -73,6 +74,9 @@ def images_in(folder: Path) -> list[Path]:
       logging.warning("Skipping %s: a hidden file", path)
       continue
     why = files.not_a_file(path)
+    if not why and skip_others and path.suffix.lower() not in IMAGE_SUFFIXES:
+      logging.warning("Skipping %s: not an image file", path)
+      continue
     if why or path.suffix.lower() not in IMAGE_SUFFIXES:
       raise DataError(
         f"{path}: {why or 'not an image file'}; expected only image files "

@@ -300,7 +300,12 @@ class DtdTextures(_ArrayRecordBuilder):
       raise folder_lib.DataError(
         f"{dl_manager.manual_dir}: no images/ folder (DTD's layout images/<class>/*.jpg expected)"
       )
-    paths = [p for d in sorted(images.iterdir()) if d.is_dir() for p in folder_lib.images_in(d)]
+    paths = [
+      p
+      for d in sorted(images.iterdir())
+      if d.is_dir()
+      for p in folder_lib.images_in(d, skip_others=True)
+    ]
     if not paths:
       raise folder_lib.DataError(f"{images}: no images in <class>/ subfolders")
     for path in paths:
