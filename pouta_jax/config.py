@@ -257,8 +257,10 @@ def categories_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def from_workdir(workdir: str | Path) -> ml_collections.ConfigDict:
   """The config a run stored in its workdir (`config.json`), as today's code reads it."""
   path = files.path(workdir) / "config.json"
-  if not path.is_file():
+  if not path.exists():
     raise errors.NotFoundError(f"{workdir}: no config.json; not a pouta_jax workdir")
+  if why := files.not_a_file(path):
+    raise errors.ConfigError(f"{path}: {why}; not a stored config")
   try:
     stored = json.loads(path.read_text())
     name = stored["model"]["name"]

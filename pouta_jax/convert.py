@@ -226,7 +226,7 @@ def _load_torch(path: str | Path) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise errors.Error("reading PyTorch files needs torch: pip install -e '.[bench]'") from e
   path = Path(path)
-  if not path.is_file():
+  if not path.exists():
     raise errors.NotFoundError(f"{path}: no such weights file")
   if why := files.not_a_file(path):
     raise errors.DataError(f"{path}: {why}; expected a PyTorch weights file")

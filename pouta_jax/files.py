@@ -182,7 +182,10 @@ def write_atomic(p: PathLike, data: str | bytes) -> None:
 
 
 def read_json(p: PathLike, kind: type[errors.Error] = errors.DataError, hint: str = "") -> Any:
-  """`p` parsed; a file that is not JSON raises `kind` naming it, then `hint` (what to do)."""
+  """`p` parsed; a file that is not JSON, or not a regular file (a FIFO would block the read),
+  raises `kind` naming it, then `hint` (what to do)."""
+  if (why := not_a_file(p)) and path(p).exists():
+    raise kind(f"{p}: {why}, not a JSON file{hint}")
   try:
     return json.loads(path(p).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:

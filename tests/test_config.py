@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from absl import flags
@@ -209,4 +210,10 @@ def test_a_stored_config_of_wrong_types_or_values_is_named(tmp_path, change):
   change(stored)
   (tmp_path / "config.json").write_text(json.dumps(stored))
   with pytest.raises(errors.ConfigError, match=rf"{tmp_path / 'config.json'}: "):
+    config_lib.from_workdir(tmp_path)
+
+
+def test_a_stored_config_that_is_a_fifo_is_named_without_blocking(tmp_path):
+  os.mkfifo(tmp_path / "config.json")  # reading it would wait for a writer forever
+  with pytest.raises(errors.ConfigError, match=r"config.json: a FIFO; not a stored config"):
     config_lib.from_workdir(tmp_path)

@@ -161,6 +161,8 @@ def load_weights(path: str | Path, backbone: str) -> dict:
       f"{path}: no backbone weights file (convert one with python -m "
       f"pouta_jax.convert --from=torchvision_resnet)"
     )
+  if why := files.not_a_file(path):
+    raise errors.DataError(f"{path}: {why}; expected a backbone weights file (.npz)")
   template = jax.eval_shape(lambda: init_variables(backbone))
   want = {k: v.shape for k, v in flatten(template).items()}
   with np.load(io.BytesIO(path.read_bytes())) as stored:
