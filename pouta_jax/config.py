@@ -17,6 +17,7 @@ import ml_collections
 from absl import flags
 
 from pouta_jax import errors, files, metrics, models
+from pouta_jax.data.synthesis import TEXTURE_COLORS
 from pouta_jax.models.layers import CONV_WEIGHT_GRAD_MODES
 
 # Size presets. `full` is the published setting; `tiny` trains on 2 CPU cores in about a minute.
@@ -99,6 +100,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     anomaly_prob=0.5,
     rotate_prob=0.3,
     beta_max=0.8,
+    # "rgb": the texture as it is (DRAEM's); "match": grey on grayscale images (see
+    # data/synthesis.py SynthesisConfig).
+    texture_color="rgb",
     perlin_max_scale_log2=5,
     num_augmenters=3,
     # "Seen" anomalies: this many defect images (with masks) of the test set, chosen by
@@ -375,6 +379,7 @@ STACKABLE_KEYS = frozenset(
     "data.anomaly_prob",
     "data.rotate_prob",
     "data.beta_max",
+    "data.texture_color",
     "data.perlin_max_scale_log2",
     "data.num_augmenters",
     "data.num_real_anomalies",
@@ -524,6 +529,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config, 0 <= config.data.rotate_prob <= 1, "data.rotate_prob", "a probability in [0, 1]"
   )
   errors.check(config, 0 <= config.data.beta_max <= 1, "data.beta_max", "an opacity in [0, 1]")
+  errors.check(
+    config,
+    config.data.texture_color in TEXTURE_COLORS,
+    "data.texture_color",
+    f"one of {TEXTURE_COLORS}",
+  )
   errors.check(
     config,
     0 <= config.data.perlin_max_scale_log2 <= 8,

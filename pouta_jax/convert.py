@@ -234,7 +234,9 @@ def _load_torch(path: str | Path) -> dict[str, np.ndarray]:
     loaded = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if not any(word in str(e) for word in ("Unsupported global", "Weights only load failed")):
+    # The weights-only unpickler refuses a global (code to import and call) by name; any other
+    # refusal (an unknown opcode, a bad load key) means the bytes are no pickle it can read.
+    if not any(word in str(e) for word in ("Unsupported global", "GLOBAL", "reduce")):
       raise ConversionError(f"{path}: not a readable PyTorch file ({reason})") from None
     raise ConversionError(
       f"{path}: refused to load: it pickles more than tensors and plain containers ({reason}). "

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 # One persistent XLA compilation cache for this test session, its subprocesses and xdist
 # workers included (they inherit the environment): the tests compile the same tiny programs in
@@ -196,3 +200,19 @@ def unlistable(monkeypatch, folder) -> None:
       return real(path)
 
     monkeypatch.setattr(os, name, refuse)
+
+
+def npz_bomb(arrays: dict, key: str) -> bytes:
+  """`arrays` as an .npz whose member `key` declares 2^30 float32 (4 GiB) in a few kilobytes of
+  deflated zeros: what a reader trusting the header would allocate."""
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    for name, array in arrays.items():
+      with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        if name != key:
+          np.lib.format.write_array(member, array)
+          continue
+        header = {"descr": "<f4", "fortran_order": False, "shape": (1 << 30,)}
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(bytes(1 << 20))
+  return buffer.getvalue()

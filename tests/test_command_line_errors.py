@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pouta_jax import artifact, config as config_lib, experiment
-from tests.conftest import make_tiny_config, tiny_main_command, untrained_artifact
+from tests.conftest import make_tiny_config, npz_bomb, tiny_main_command, untrained_artifact
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(95)
@@ -249,13 +248,13 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     shutil.copytree(dataset_root / "weave" / "test" / "good", folder / "images")
     return folder / "images"
 
-  def predict(folder: Path, *args: str, artifact: Path = art) -> list[str]:
+  def predict(*args: str, artifact: Path = art) -> list[str]:
     return ["-m", "pouta_jax.predict", f"--artifact={artifact}", *args]
 
   add(
     "predict_out_is_the_input",
     lambda f: Case(
-      predict(f, f"--input={images(f)}", f"--out={f / 'images'}", "--overwrite"),
+      predict(f"--input={images(f)}", f"--out={f / 'images'}", "--overwrite"),
       ["is, holds or lies inside an input"],
     ),
   )
@@ -264,7 +263,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     (folder / "mine").mkdir()
     (folder / "mine" / "thesis.tex").write_text("years of work")
     return Case(
-      predict(folder, f"--input={images(folder)}", f"--out={folder / 'mine'}", "--overwrite"),
+      predict(f"--input={images(folder)}", f"--out={folder / 'mine'}", "--overwrite"),
       [f"--out={folder / 'mine'} holds no predict.json"],
     )
 
@@ -273,7 +272,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
   def a_file(folder: Path) -> Case:
     (folder / "file").write_text("mine")
     return Case(
-      predict(folder, f"--input={images(folder)}", f"--out={folder / 'file'}", "--overwrite"),
+      predict(f"--input={images(folder)}", f"--out={folder / 'file'}", "--overwrite"),
       [f"--out={folder / 'file'} is a file"],
     )
 
@@ -281,7 +280,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
   add(
     "predict_absurd_batch",
     lambda f: Case(
-      predict(f, f"--input={images(f)}", f"--out={f / 'o'}", "--batch_size=100000000"),
+      predict(f"--input={images(f)}", f"--out={f / 'o'}", "--batch_size=100000000"),
       ["--batch_size=100000000"],
     ),
   )
@@ -290,7 +289,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     (folder / "bad").mkdir()
     (folder / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return Case(
-      predict(folder, f"--input={folder / 'bad'}", f"--out={folder / 'o'}"),
+      predict(f"--input={folder / 'bad'}", f"--out={folder / 'o'}"),
       ["none of its 1 images could be scored"],
     )
 
@@ -317,7 +316,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
         manifest["manifest_sha256"] = artifact.manifest_digest(manifest)
       (copy / "artifact.json").write_text(json.dumps(manifest))
       return Case(
-        predict(folder, f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
+        predict(f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
         named,
       )
 
@@ -349,19 +348,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     return change
 
   def bomb(arrays: dict) -> bytes:
-    key = sorted(arrays)[0]
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-      for name, array in arrays.items():
-        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-          if name != key:
-            np.lib.format.write_array(member, array)
-            continue
-          np.lib.format.write_array_header_1_0(
-            member, {"descr": "<f4", "fortran_order": False, "shape": (1 << 30,)}
-          )
-          member.write(bytes(1 << 20))  # 4 GiB declared, deflated zeros
-    return buffer.getvalue()
+    return npz_bomb(arrays, sorted(arrays)[0])
 
   def missing_weight(arrays: dict) -> bytes:
     buffer = io.BytesIO()
@@ -384,7 +371,7 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     copy = _copy_artifact(art, folder)
     (copy / "artifact.json").write_text("[" * 100_000 + "]" * 100_000)
     return Case(
-      predict(folder, f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
+      predict(f"--input={images(folder)}", f"--out={folder / 'o'}", artifact=copy),
       ["artifact.json: not valid JSON (RecursionError"],
     )
 

@@ -63,6 +63,7 @@ def test_unknown_key_is_an_error_naming_it():
     ("mesh.num_devices", -1, "0 .all devices. or a count"),
     ("data.anomaly_prob", 1.5, r"probability in \[0, 1\]"),
     ("data.categories", ("pill", "pill"), "distinct category names"),
+    ("data.texture_color", "grey", r"one of \('rgb', 'match'\)"),
   ],
 )
 def test_validate_names_the_key(key, value, message):

@@ -9,7 +9,6 @@ import re
 import stat
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import jax
@@ -30,7 +29,7 @@ from pouta_jax import (
 )
 from pouta_jax.data import DataError
 from pouta_jax.data.folder import load_image
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, npz_bomb
 
 # Scheduled by its length (see conftest).
 pytestmark = pytest.mark.heavy(85)
@@ -426,22 +425,6 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
   return buffer.getvalue()
 
 
-def _bomb(arrays: dict[str, np.ndarray], key: str) -> bytes:
-  """`arrays` as an .npz whose member `key` declares 2^30 float32 (4 GiB) in a few kilobytes of
-  deflated zeros."""
-  buffer = io.BytesIO()
-  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-    for name, array in arrays.items():
-      with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-        if name != key:
-          np.lib.format.write_array(member, array)
-          continue
-        header = {"descr": "<f4", "fortran_order": False, "shape": (1 << 30,)}
-        np.lib.format.write_array_header_1_0(member, header)
-        member.write(bytes(1 << 20))  # what a reader trusting the header allocates 4 GiB for
-  return buffer.getvalue()
-
-
 @pytest.mark.parametrize("how", ["bomb", "missing_key", "other_shape", "other_dtype"])
 def test_weights_are_checked_against_the_programs_before_they_are_read(exported, tmp_path, how):
   art = _copy(exported, tmp_path / "art")
@@ -449,7 +432,7 @@ def test_weights_are_checked_against_the_programs_before_they_are_read(exported,
     arrays = dict(stored)
   key = sorted(arrays)[0]
   if how == "bomb":
-    content = _bomb(arrays, key)
+    content = npz_bomb(arrays, key)
     expected = rf"{re.escape(key)} is float32 \(1073741824,\)"
   else:
     if how == "missing_key":

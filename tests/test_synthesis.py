@@ -84,6 +84,33 @@ def test_blend_follows_draem():
     assert sample["has_anomaly"] == float(inside.any())
 
 
+def test_a_matched_texture_is_grey_on_a_grayscale_image_and_as_it_is_on_a_colour_one():
+  rng = np.random.default_rng(4)
+  grey = np.repeat((rng.random((32, 32, 1)) * 255).astype(np.uint8), 3, axis=-1)
+  colour = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+  texture = textures.ProceduralTextures().sample(rng, 32)
+  rgb = synthesis.SynthesisConfig(anomaly_prob=1.0, rotate_prob=0.0, num_augmenters=0)
+  match = synthesis.SynthesisConfig(
+    anomaly_prob=1.0, rotate_prob=0.0, num_augmenters=0, texture_color="match"
+  )
+  for seed in range(4):
+    as_is = synthesis.synthesize(np.random.default_rng(seed), grey, texture, rgb)
+    matched = synthesis.synthesize(np.random.default_rng(seed), grey, texture, match)
+    np.testing.assert_array_equal(matched["mask"], as_is["mask"])  # the same draws
+    inside = matched["mask"] > 0
+    assert synthesis.is_grayscale(matched["augmented"])
+    assert inside.any() and not synthesis.is_grayscale(as_is["augmented"])
+    # Inside the mask: the texture's luma (Pillow's "L" weights) in place of its colours.
+    t = texture[inside].astype(np.float32) / 255.0
+    c, a = matched["image"][inside], matched["augmented"][inside]
+    luma = np.repeat(t @ synthesis.LUMA[:, None], 3, axis=-1)
+    beta = np.sum((a - luma) * (c - luma)) / np.sum((c - luma) ** 2)
+    np.testing.assert_allclose(a, (1 - beta) * luma + beta * c, atol=1e-4)
+    on_colour = synthesis.synthesize(np.random.default_rng(seed), colour, texture, match)
+    expected = synthesis.synthesize(np.random.default_rng(seed), colour, texture, rgb)
+    np.testing.assert_array_equal(on_colour["augmented"], expected["augmented"])
+
+
 def test_normal_samples_are_unchanged():
   image = np.full((32, 32, 3), 100, np.uint8)
   config = synthesis.SynthesisConfig(anomaly_prob=0.0, rotate_prob=0.0)

@@ -185,6 +185,13 @@ class SynthesisConfig:
   num_augmenters: int = 3
   # With real anomalies given: the share of anomalies pasted from them rather than synthesised.
   real_anomaly_prob: float = 0.5
+  # TEXTURE_COLORS: "rgb" blends the texture as it is (DRAEM's); "match" turns it grey on a
+  # grayscale image, whose real defects are grey too: a coloured one is told apart by its
+  # colour alone, which no real defect of such a surface has.
+  texture_color: str = "rgb"
+
+
+TEXTURE_COLORS = ("rgb", "match")
 
 
 # A border whose colours spread less than this (90th percentile of the distance to their median,
@@ -250,6 +257,17 @@ def paste_anomaly(
   return clean.astype(np.float32), pasted
 
 
+# ITU-R 601-2 luma, as Pillow's convert("L").
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+  """Whether an RGB image's three channels are equal (a grayscale image read as RGB)."""
+  return bool(
+    np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2])
+  )
+
+
 def synthesize(
   rng: np.random.Generator,
   image: np.ndarray,
@@ -289,6 +307,8 @@ def _texture_anomaly(
   """DRAEM's anomaly: an augmented texture blended into a thresholded Perlin mask."""
   mask = perlin_mask(rng, clean.shape[0], config.perlin_max_scale_log2).astype(np.float32)
   source = augment_texture(rng, texture, config.num_augmenters).astype(np.float32) / 255.0
+  if config.texture_color == "match" and is_grayscale(clean):
+    source = np.repeat(source @ LUMA[:, None], 3, axis=-1)
   beta = rng.uniform(0.0, config.beta_max)
   # clean (1 - m) + m ((1 - beta) source + beta clean), in three passes over the image.
   return clean + (np.float32(1 - beta) * mask[..., None]) * (source - clean), mask
