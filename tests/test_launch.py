@@ -221,6 +221,24 @@ def test_tpu_vm_runs_no_value_as_shell_code(tmp_path):
   assert not list(tmp_path.rglob("INJECTED*")), "a value ran as shell code"
 
 
+def test_slurm_job_lines_run_as_the_words_they_name(tmp_path):
+  """Each jobs.txt line is what srun's `bash -c "$command"` runs: its values stay words."""
+  workdir = str(tmp_path / "runs") + HOSTILE
+  lines = _dry_run(
+    "launch/slurm.py", "--categories=weave", f"--workdir={workdir}", "--python=echo",
+    f"--script_dir={tmp_path / 'slurm'}",
+  )  # fmt: skip
+  job = lines[lines.index(f"# {tmp_path / 'slurm'}/jobs.txt") + 1]
+  ran = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True)
+  assert ran.returncode == 0 and f" --workdir={workdir}/weave\n" in ran.stdout, ran.stderr
+  assert not list(tmp_path.rglob("INJECTED*")), "a value ran as shell code"
+  refused = subprocess.run(
+    [sys.executable, "launch/slurm.py", "--dry_run", "--categories=weave", f"--workdir={workdir}"],
+    cwd=REPO, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  assert refused.returncode == 1 and "which SLURM does not quote" in refused.stderr
+
+
 def test_tpu_vm_refuses_worker_logs_in_a_bucket():
   result = subprocess.run(
     [sys.executable, "launch/tpu_vm.py", "--tpu=pod", "--zone=z", "--categories=weave"]
