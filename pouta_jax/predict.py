@@ -286,7 +286,9 @@ def _within(inner: str, outer: str) -> bool:
   return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def check_out(out: Path, overwrite: bool, images: Sequence[Path], input_folder: Path | None):
+def check_out(
+  out: Path, overwrite: bool, images: Sequence[Path], input_folder: Path | None
+) -> None:
   """Refuses an `--out` that would destroy what it must not: an input (the folder scanned, an
   image, or a folder holding one), a file, or a folder predict did not write; `--overwrite`
   replaces only an earlier output of predict (its predict.json)."""
@@ -357,9 +359,8 @@ def predict(
     failures.append([str(path), why])
 
   paths, root = input_files(input_spec, not_used)
-  check_out(
-    out, overwrite, paths, files.path(input_spec) if files.path(input_spec).is_dir() else None
-  )
+  scanned = root if files.path(input_spec).is_dir() else None  # a folder searched recursively
+  check_out(out, overwrite, paths, scanned)
   suffix = ".npy" if map_format == "npy" else ".png"
   with files.atomic_folder(out, index=PREDICT_JSON, replace=overwrite) as staging:
     (staging / "maps").mkdir()
