@@ -259,24 +259,24 @@ def _cases(dataset_root: Path, tmp: Path, art: Path) -> dict[str, tuple[Case, Pa
     ),
   )
 
-  def not_ours(folder: Path) -> Case:
-    (folder / "mine").mkdir()
-    (folder / "mine" / "thesis.tex").write_text("years of work")
-    return Case(
-      predict(f"--input={images(folder)}", f"--out={folder / 'mine'}", "--overwrite"),
-      [f"--out={folder / 'mine'} holds no predict.json"],
-    )
+  def overwriting(make: Callable[[Path], None], named: str) -> Callable[[Path], Case]:
+    """predict --overwrite onto `folder/out`, made by `make` as something predict did not write."""
 
-  add("predict_overwrite_not_its_output", not_ours)
+    def case(folder: Path) -> Case:
+      make(folder / "out")
+      return Case(
+        predict(f"--input={images(folder)}", f"--out={folder / 'out'}", "--overwrite"),
+        [f"--out={folder / 'out'} {named}"],
+      )
 
-  def a_file(folder: Path) -> Case:
-    (folder / "file").write_text("mine")
-    return Case(
-      predict(f"--input={images(folder)}", f"--out={folder / 'file'}", "--overwrite"),
-      [f"--out={folder / 'file'} is a file"],
-    )
+    return case
 
-  add("predict_overwrite_a_file", a_file)
+  def thesis(out: Path) -> None:
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+
+  add("predict_overwrite_not_its_output", overwriting(thesis, "holds no predict.json"))
+  add("predict_overwrite_a_file", overwriting(lambda out: out.write_text("mine"), "is a file"))
   add(
     "predict_absurd_batch",
     lambda f: Case(

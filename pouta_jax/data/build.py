@@ -133,8 +133,18 @@ def main(argv: list[str]) -> None:
   print(summary(table, f.dataset))
 
 
+# How deep tfds lays out a dataset under its data_dir: <name>/<config>/<version>.
+DATASET_DEPTH = 3
+
+
 def _folders(root: str) -> set[str]:
-  return {folder for folder, _, _ in os.walk(root)} if not files.is_remote(root) else set()
+  """The folders under `root` down to a dataset's version folders (not the data inside)."""
+  found = set()
+  for folder, children, _ in os.walk(root) if not files.is_remote(root) else ():
+    found.add(folder)
+    if os.path.relpath(folder, root).count(os.sep) + 1 >= DATASET_DEPTH:
+      children.clear()
+  return found
 
 
 def _remove_new_folders(root: str, existing: set[str]) -> None:
